@@ -1,0 +1,55 @@
+"""The exception tree of s3xfer: one root, a few meanings, each with its CLI exit code."""
+
+from __future__ import annotations
+
+
+class S3XferError(Exception):
+    """Root of every error s3xfer raises on purpose. The message is one readable line."""
+
+    exit_code = 1
+
+
+class UsageError(S3XferError):
+    """The command line or the arguments of a call are wrong (bad URL, bad size, missing path)."""
+
+    exit_code = 2
+
+
+class SourceError(S3XferError):
+    """The local source cannot be read as asked (missing, empty, not a directory)."""
+
+    exit_code = 2
+
+
+class RemoteError(S3XferError):
+    """S3 refused or failed a request that retrying will not fix."""
+
+    exit_code = 3
+
+
+class NoSuchBucketError(RemoteError, FileNotFoundError):
+    """The bucket does not exist."""
+
+
+class NoSuchKeyError(RemoteError, FileNotFoundError):
+    """The object does not exist."""
+
+
+class AccessDeniedError(RemoteError, PermissionError):
+    """Credentials are wrong, missing, or not allowed to do this."""
+
+
+class EndpointError(RemoteError, ConnectionError):
+    """The endpoint cannot be reached."""
+
+
+class IntegrityError(S3XferError):
+    """Bytes did not match their recorded checksum, size or range: never returned to the caller."""
+
+    exit_code = 4
+
+
+class LocalS3Error(S3XferError):
+    """The embedded local S3 server could not be started."""
+
+    exit_code = 5
