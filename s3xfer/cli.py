@@ -1,0 +1,502 @@
+"""The `s3xfer` command line. Presentation only: parsing (click), progress (tqdm), tables and
+--json; every command is a library call first."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import anyio
+import click
+from tqdm import tqdm
+
+from . import __version__
+from .config import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_MAX_MEMORY,
+    DEFAULT_MULTIPART_THRESHOLD,
+    DEFAULT_PART_SIZE,
+    PriceTable,
+    TransferConfig,
+    format_size,
+    parse_size,
+)
+from .errors import S3XferError, UsageError
+from .keys import S3Url
+from .plan import FileUnit, Plan, make_plan
+from .render import human_bytes, render_survey
+from .s3 import Connection
+from .survey import Survey, survey
+from .upload import UploadReport, upload
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+class SizeType(click.ParamType):  # type: ignore[type-arg]
+    name = "SIZE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(str(value))
+        except UsageError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+SIZE = SizeType()
+_DEFAULT_PRICES = PriceTable()
+
+
+def plan_options(function: F) -> F:
+    """Options that shape a plan, shared by `plan` and `upload`."""
+    options = [
+        click.option(
+            "--concurrency",
+            "-c",
+            type=click.IntRange(1, 1024),
+            default=DEFAULT_CONCURRENCY,
+            show_default=True,
+            help="Requests in flight at once (also the connection pool size).",
+        ),
+        click.option(
+            "--max-memory",
+            type=SIZE,
+            default=format_size(DEFAULT_MAX_MEMORY),
+            show_default=True,
+            help="Hard budget for file bytes buffered in memory (e.g. 256MiB, 1GiB).",
+        ),
+        click.option(
+            "--part-size",
+            type=SIZE,
+            default=format_size(DEFAULT_PART_SIZE),
+            show_default=True,
+            help="Preferred multipart part size; raised when S3's 10,000-part limit requires it.",
+        ),
+        click.option(
+            "--multipart-threshold",
+            type=SIZE,
+            default=format_size(DEFAULT_MULTIPART_THRESHOLD),
+            show_default=True,
+            help="Files at least this large are uploaded in parallel parts.",
+        ),
+        click.option(
+            "--key-prefix",
+            type=click.Choice(["none", "hash"]),
+            default="none",
+            show_default=True,
+            help="'hash' puts a short deterministic hash in front of each key to spread "
+            "load over S3 partitions.",
+        ),
+        click.option(
+            "--price-put",
+            type=float,
+            default=_DEFAULT_PRICES.put_per_1000,
+            show_default=True,
+            help="USD per 1,000 PUT-class requests, for the estimate.",
+        ),
+        click.option(
+            "--price-storage",
+            type=float,
+            default=_DEFAULT_PRICES.storage_gb_month,
+            show_default=True,
+            help="USD per GB-month stored, for the estimate.",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def connection_options(function: F) -> F:
+    """Endpoint and credentials the way AWS users expect (AWS_* variables and ~/.aws work too)."""
+    options = [
+        click.option(
+            "--endpoint-url",
+            envvar="AWS_ENDPOINT_URL",
+            default=None,
+            help="S3-compatible endpoint, e.g. http://127.0.0.1:8333 [env AWS_ENDPOINT_URL].",
+        ),
+        click.option("--profile", default=None, help="Named profile from ~/.aws/config."),
+        click.option("--region", default=None, help="AWS region (default from the profile)."),
+        click.option(
+            "--no-verify-ssl",
+            is_flag=True,
+            help="Do not verify TLS certificates (insecure; warns).",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def make_connection(
+    endpoint_url: str | None, profile: str | None, region: str | None, no_verify_ssl: bool
+) -> Connection:
+    if endpoint_url:
+        parts = urlsplit(endpoint_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UsageError(f"bad endpoint URL {endpoint_url!r} (expected http(s)://host[:port])")
+    if no_verify_ssl:
+        click.echo("s3xfer: warning: TLS certificate verification is off", err=True)
+    return Connection(
+        endpoint_url=endpoint_url or None,
+        profile=profile,
+        region=region,
+        verify_ssl=not no_verify_ssl,
+    )
+
+
+def make_config(**options: Any) -> TransferConfig:
+    return TransferConfig(
+        concurrency=options["concurrency"],
+        max_memory=options["max_memory"],
+        part_size=options["part_size"],
+        multipart_threshold=options["multipart_threshold"],
+        key_prefix=options["key_prefix"],
+        prices=PriceTable(
+            put_per_1000=options["price_put"], storage_gb_month=options["price_storage"]
+        ),
+    )
+
+
+@contextmanager
+def survey_progress(quiet: bool) -> Iterator[Callable[[int, int], None]]:
+    bar = tqdm(
+        desc="survey", unit=" files", disable=True if quiet else None, file=sys.stderr, leave=False
+    )
+
+    def update(files: int, total_bytes: int) -> None:
+        bar.n = files
+        bar.set_postfix_str(human_bytes(total_bytes), refresh=True)
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+def run_survey(path: Path, *, quiet: bool) -> Survey:
+    with survey_progress(quiet) as progress:
+        return survey(path, on_progress=progress)
+
+
+def render_plan(plan: Plan) -> str:
+    e = plan.estimate
+    lines = [
+        f"plan: {plan.source} → {plan.dest}",
+        f"  objects           {e.objects:>12,}  ({e.single_puts:,} single PUTs, "
+        f"{e.multipart_uploads:,} multipart uploads)",
+        f"  parts             {e.parts:>12,}",
+        f"  requests          {e.requests:>12,}",
+        f"  bytes             {e.bytes:>12,}  ({human_bytes(e.bytes)})",
+        f"  request cost      ${e.request_cost_usd:>11.4f}  at ${plan.config.prices.put_per_1000}"
+        " per 1,000 PUTs",
+        f"  storage cost      ${e.storage_cost_usd_month:>11.4f}  per month at "
+        f"${plan.config.prices.storage_gb_month} per GB-month",
+        f"  settings          concurrency {plan.config.concurrency}, memory budget "
+        f"{format_size(plan.config.max_memory)}, part size {format_size(plan.config.part_size)}, "
+        f"multipart from {format_size(plan.config.multipart_threshold)}, "
+        f"key prefix {plan.config.key_prefix}",
+    ]
+    if plan.problems:
+        lines.append(
+            f"  skipped           {len(plan.problems):>12,}  unreadable paths (see survey)"
+        )
+    return "\n".join(lines)
+
+
+def render_report(report: UploadReport) -> str:
+    lines = [
+        f"uploaded {report.files_uploaded:,} files, {human_bytes(report.bytes_uploaded)} "
+        f"in {report.seconds:.1f} s ({report.mb_per_s:.1f} MB/s) to {report.dest}",
+        f"  unchanged {report.files_unchanged:,} files ({human_bytes(report.bytes_unchanged)}), "
+        f"requests {report.requests:,}, retries {report.retries:,}"
+        + (f" ({report.throttled:,} throttled)" if report.throttled else "")
+        + f", failed {report.files_failed:,}",
+    ]
+    if report.files_uploaded == 0 and report.files_failed == 0:
+        lines.append("  nothing changed since the last upload: no PUT was sent")
+    for path, reason in report.problems[:20]:
+        lines.append(f"  skipped {path}: {reason}")
+    if len(report.problems) > 20:
+        lines.append(f"  … and {len(report.problems) - 20} more skipped paths")
+    lines.extend(f"  FAILED {path}: {error}" for path, error in report.failures)
+    return "\n".join(lines)
+
+
+class UploadProgress:
+    """One bar for bytes and files, with rate and ETA; silent when not a terminal."""
+
+    def __init__(self, *, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar: tqdm[Any] | None = None
+        self.files_total = 0
+        self.files_done = 0
+
+    def start(self, todo: list[FileUnit], unchanged: list[FileUnit]) -> None:
+        self.files_total = len(todo)
+        self.bar = tqdm(
+            total=sum(u.size for u in todo),
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc="upload",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=True if self.quiet else None,
+            smoothing=0.1,
+        )
+        if unchanged and not self.quiet and sys.stderr.isatty():
+            self.bar.write(f"{len(unchanged):,} files unchanged since the last upload: skipped")
+        self._postfix()
+
+    def advance(self, nbytes: int, files: int) -> None:
+        if self.bar is None:
+            return
+        self.files_done += files
+        self.bar.update(nbytes)  # negative when a failed file's parts are taken back
+        if files:
+            self._postfix()
+
+    def _postfix(self) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(
+                f"{self.files_done:,}/{self.files_total:,} files", refresh=False
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="s3xfer")
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Fast, verified, resumable bulk transfers of datasets to and from S3.
+
+    \b
+    Typical use:
+      s3xfer survey ./dataset                       what is there
+      s3xfer plan ./dataset s3://bucket/data        what will be sent, at what cost
+      s3xfer upload ./dataset s3://bucket/data      send it, with progress
+      s3xfer local-s3                               a throwaway S3 server to try it on
+      s3xfer demo                                   all of the above, end to end
+
+    Credentials and endpoint come from the usual AWS places: AWS_* environment variables,
+    ~/.aws/config and ~/.aws/credentials, --profile, --endpoint-url.
+    """
+    ctx.obj = {"debug": debug}
+
+
+@cli.command("survey")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the survey as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress display.")
+def survey_command(path: Path, as_json: bool, quiet: bool) -> None:
+    """Walk PATH once and summarise its file sizes.
+
+    Prints the count, total bytes, min / max / mean / median / standard deviation, a log2
+    size histogram, the largest files, and every path that cannot be uploaded (permission
+    denied, broken or looping symlinks, fifos, sockets, devices) without stopping.
+    """
+    result = run_survey(path, quiet=quiet or as_json)
+    if as_json:
+        _emit_json(result.to_json())
+    else:
+        click.echo(render_survey(result))
+
+
+@cli.command("plan")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("dest")
+@plan_options
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write the plan to this file (gzip when it ends in .gz) for `upload --plan`.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the plan summary as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress display.")
+def plan_command(
+    path: Path, dest: str, output: Path | None, as_json: bool, quiet: bool, **options: Any
+) -> None:
+    """Plan the upload of PATH to DEST (s3://bucket/prefix) without sending anything.
+
+    Files at or above the multipart threshold become multipart uploads with a part size
+    fitted to S3's limits and the memory budget; the others become single PUTs. Shows the
+    objects, parts, requests, bytes and an estimated request and storage cost.
+    """
+    url = S3Url.parse(dest)
+    config = make_config(**options)
+    plan = make_plan(run_survey(path, quiet=quiet or as_json), url, config)
+    if output is not None:
+        plan.save(output)
+    if as_json:
+        summary = plan.to_json()
+        del summary["units"]
+        summary["output"] = str(output) if output else None
+        _emit_json(summary)
+    else:
+        click.echo(render_plan(plan))
+        if output is not None:
+            click.echo(f"plan written to {output}; run it with: s3xfer upload --plan {output}")
+
+
+@cli.command("upload")
+@click.argument("path", type=click.Path(path_type=Path), required=False)
+@click.argument("dest", required=False)
+@click.option(
+    "--plan",
+    "plan_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Execute a plan saved by `s3xfer plan --output` instead of PATH DEST.",
+)
+@plan_options
+@connection_options
+@click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+def upload_command(
+    path: Path | None,
+    dest: str | None,
+    plan_file: Path | None,
+    as_json: bool,
+    quiet: bool,
+    endpoint_url: str | None,
+    profile: str | None,
+    region: str | None,
+    no_verify_ssl: bool,
+    **options: Any,
+) -> None:
+    """Upload PATH to DEST (s3://bucket/prefix), or execute a saved --plan.
+
+    \b
+    - Files unchanged since the last upload to DEST (same size, mtime, mode and key in the
+      manifest at DEST/.s3xfer/manifest.json.gz) are skipped: a re-run sends no PUT.
+    - Every object and part carries a CRC32 that S3 verifies; multipart uploads also carry
+      the full-object CRC32. Failed multipart uploads are aborted.
+    - Throttling, 5xx, timeouts and connection errors are retried with backoff.
+    - Exit code 0 when every file was uploaded, 1 when any failed (each is named).
+    """
+    connection = make_connection(endpoint_url, profile, region, no_verify_ssl)
+    if plan_file is not None:
+        if path is not None or dest is not None:
+            raise UsageError("give either PATH DEST or --plan, not both")
+        plan = Plan.load(plan_file)
+    else:
+        if path is None or dest is None:
+            raise UsageError("missing PATH and DEST (or --plan FILE); see s3xfer upload --help")
+        url = S3Url.parse(dest)
+        plan = make_plan(run_survey(path, quiet=quiet or as_json), url, make_config(**options))
+    progress = UploadProgress(quiet=quiet or as_json)
+    try:
+        report = anyio.run(_upload, plan, connection, progress)
+    finally:
+        progress.close()
+    if as_json:
+        _emit_json(report.to_json())
+    elif not quiet:
+        click.echo(render_report(report))
+    if not report.ok:
+        if quiet:
+            for failed_path, error in report.failures:
+                click.echo(f"s3xfer: FAILED {failed_path}: {error}", err=True)
+        sys.exit(1)
+
+
+async def _upload(plan: Plan, connection: Connection, progress: UploadProgress) -> UploadReport:
+    return await upload(plan, connection, on_start=progress.start, on_progress=progress.advance)
+
+
+@cli.command("local-s3")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Keep the server's data here (default: a fresh temporary directory, deleted on exit).",
+)
+@click.option("--bucket", "buckets", multiple=True, help="Create this bucket (repeatable).")
+def local_s3_command(data_dir: Path | None, buckets: tuple[str, ...]) -> None:
+    """Run a throwaway S3-compatible server (SeaweedFS) on 127.0.0.1 until Ctrl-C.
+
+    Picks free ports and generates credentials, waits until the server answers, then prints
+    the endpoint and the environment variables to export in another shell.
+    """
+    from .locals3 import LocalS3, wait_until_interrupted
+
+    server = LocalS3(data_dir, buckets=buckets)
+    with server as info:
+        click.echo(f"S3 endpoint {info.endpoint_url}  (data in {info.data_dir})")
+        click.echo("In another shell:")
+        for name, value in info.env().items():
+            click.echo(f"  export {name}={value}")
+        if buckets:
+            click.echo(f"Buckets: {', '.join(buckets)}")
+        click.echo("Press Ctrl-C to stop.")
+        sys.stdout.flush()
+        wait_until_interrupted(server)
+    click.echo("stopped")
+
+
+def main() -> None:
+    """Console entry point: one clear line and an exit code for every error we expect."""
+    debug = "--debug" in sys.argv[1:]
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("s3xfer: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except S3XferError as exc:
+        if debug:
+            raise
+        click.echo(f"s3xfer: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("s3xfer: interrupted", err=True)
+        sys.exit(130)
+    except OSError as exc:
+        if debug:
+            raise
+        click.echo(f"s3xfer: error: {exc}", err=True)
+        sys.exit(1)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # an exception group from a task group, or a bug
+        if debug:
+            raise
+        leaf = _first_leaf(exc)
+        if isinstance(leaf, S3XferError):
+            click.echo(f"s3xfer: error: {leaf}", err=True)
+            sys.exit(leaf.exit_code)
+        click.echo(
+            f"s3xfer: internal error: {type(leaf).__name__}: {leaf} "
+            "(run with --debug for the traceback)",
+            err=True,
+        )
+        sys.exit(70)
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

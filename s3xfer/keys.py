@@ -1,0 +1,60 @@
+"""S3 URLs and object key naming, including deterministic hashed key prefixes."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from .errors import UsageError
+
+# Bucket names per S3 rules (lowercase, digits, dots, hyphens, 3-63 characters).
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
+
+# Where s3xfer keeps its own objects (manifest, later the catalog) under a dataset prefix.
+META_DIR = ".s3xfer"
+
+
+@dataclass(frozen=True, slots=True)
+class S3Url:
+    bucket: str
+    prefix: str  # no leading or trailing '/'; may be empty
+
+    @classmethod
+    def parse(cls, url: str) -> S3Url:
+        """Parse 's3://bucket/some/prefix' (trailing '/' optional). Raises UsageError."""
+        if not url.startswith("s3://"):
+            raise UsageError(f"not an S3 URL: {url!r} (expected s3://bucket/prefix)")
+        bucket, _, prefix = url[len("s3://") :].partition("/")
+        if not _BUCKET_RE.fullmatch(bucket) or ".." in bucket:
+            raise UsageError(f"not a valid bucket name in {url!r}: {bucket!r}")
+        prefix = prefix.strip("/")
+        if "//" in prefix or any(part in (".", "..") for part in prefix.split("/")):
+            raise UsageError(f"S3 prefix must not contain empty, '.' or '..' segments: {url!r}")
+        return cls(bucket, prefix)
+
+    def key(self, relative: str) -> str:
+        return f"{self.prefix}/{relative}" if self.prefix else relative
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+
+def hashed_prefix(relative_path: str, *, width: int = 4) -> str:
+    """A short, stable hex prefix derived from the path: same file, same key, every run.
+
+    Spreading keys over 16**width leading characters lets S3 split the load over
+    partitions instead of hammering one prefix.
+    """
+    return hashlib.blake2b(relative_path.encode("utf-8"), digest_size=8).hexdigest()[:width]
+
+
+def object_key(dest: S3Url, relative_path: str, *, style: str) -> str:
+    """Key of a file uploaded as its own object."""
+    if style == "hash":
+        return dest.key(f"{hashed_prefix(relative_path)}/{relative_path}")
+    return dest.key(relative_path)
+
+
+def manifest_key(dest: S3Url) -> str:
+    return dest.key(f"{META_DIR}/manifest.json.gz")

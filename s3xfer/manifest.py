@@ -1,0 +1,94 @@
+"""The dataset manifest: what every uploaded file became (key, size, mtime, mode, CRC32).
+
+Stored gzip-compressed as `<prefix>/.s3xfer/manifest.json.gz`. It makes re-runs incremental
+(a file whose size and mtime match its record is not sent again) and downloads verifiable.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import IntegrityError
+from .plan import FileUnit
+
+MANIFEST_FORMAT = "s3xfer-manifest"
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestRecord:
+    path: str
+    key: str
+    size: int
+    mtime_ns: int
+    mode: int
+    crc32: str  # base64 of the big-endian CRC32 of the whole file, as S3 reports it
+    part_size: int  # 0 for a single PUT; lets downloads align ranges to parts
+
+    def to_json(self) -> list[Any]:
+        return [
+            self.path,
+            self.key,
+            self.size,
+            self.mtime_ns,
+            self.mode,
+            self.crc32,
+            self.part_size,
+        ]
+
+    @classmethod
+    def from_json(cls, row: list[Any]) -> ManifestRecord:
+        path, key, size, mtime_ns, mode, crc32, part_size = row
+        return cls(
+            str(path), str(key), int(size), int(mtime_ns), int(mode), str(crc32), int(part_size)
+        )
+
+    def matches(self, unit: FileUnit) -> bool:
+        """Unchanged since it was uploaded, to the same key, in the same shape."""
+        return (
+            self.key == unit.key
+            and self.size == unit.size
+            and self.mtime_ns == unit.mtime_ns
+            and self.mode == unit.mode
+            and self.part_size == unit.part_size
+        )
+
+
+@dataclass
+class Manifest:
+    dest: str
+    records: dict[str, ManifestRecord]
+
+    def to_bytes(self) -> bytes:
+        data = {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "dest": self.dest,
+            "files": [r.to_json() for r in sorted(self.records.values(), key=lambda r: r.path)],
+        }
+        text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+        return gzip.compress(text.encode("utf-8"), mtime=0)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, *, where: str) -> Manifest:
+        try:
+            data = json.loads(gzip.decompress(raw))
+            if data.get("format") != MANIFEST_FORMAT or data.get("version") != MANIFEST_VERSION:
+                raise ValueError(f"unknown format {data.get('format')!r} v{data.get('version')}")
+            records = [ManifestRecord.from_json(row) for row in data["files"]]
+        except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise IntegrityError(f"corrupt manifest {where}: {exc}") from exc
+        return cls(dest=str(data.get("dest", "")), records={r.path: r for r in records})
+
+    def select_changed(self, units: Iterable[FileUnit]) -> tuple[list[FileUnit], list[FileUnit]]:
+        """Split units into (to upload, unchanged)."""
+        todo: list[FileUnit] = []
+        unchanged: list[FileUnit] = []
+        for unit in units:
+            record = self.records.get(unit.path)
+            (unchanged if record is not None and record.matches(unit) else todo).append(unit)
+        return todo, unchanged

@@ -1,0 +1,246 @@
+"""Pure planning: which files become single PUTs or multipart uploads, their keys and part
+sizes, and what the upload will cost. A plan is plain data: saved, read back, executed later."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from .config import MAX_PART_SIZE, MAX_PARTS, MAX_PUT_SIZE, MIN_PART_SIZE, MiB, TransferConfig
+from .config import format_size as _fmt
+from .errors import SourceError, UsageError
+from .keys import S3Url, object_key
+from .survey import FileEntry, Problem, Survey
+
+PLAN_FORMAT = "s3xfer-plan"
+PLAN_VERSION = 1
+
+
+class Kind(StrEnum):
+    PUT = "put"
+    MULTIPART = "multipart"
+    # The packing issue adds PACK here: small files streamed into tar shards.
+
+
+@dataclass(frozen=True, slots=True)
+class FileUnit:
+    """One local file uploaded as one object."""
+
+    kind: Kind
+    path: str  # relative to the plan's source root, '/'-separated
+    key: str
+    size: int
+    mtime_ns: int
+    mode: int
+    part_size: int  # 0 for a single PUT
+
+    @property
+    def part_count(self) -> int:
+        return math.ceil(self.size / self.part_size) if self.kind is Kind.MULTIPART else 1
+
+    @property
+    def request_count(self) -> int:
+        # create + parts + complete for multipart uploads.
+        return self.part_count + 2 if self.kind is Kind.MULTIPART else 1
+
+    def to_json(self) -> list[Any]:
+        return [
+            self.kind.value,
+            self.path,
+            self.key,
+            self.size,
+            self.mtime_ns,
+            self.mode,
+            self.part_size,
+        ]
+
+    @classmethod
+    def from_json(cls, row: list[Any]) -> FileUnit:
+        kind, path, key, size, mtime_ns, mode, part_size = row
+        return cls(
+            Kind(kind), str(path), str(key), int(size), int(mtime_ns), int(mode), int(part_size)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    number: int  # 1-based, as S3 numbers them
+    offset: int
+    length: int
+
+
+def parts_of(size: int, part_size: int) -> Iterator[Part]:
+    """Consecutive parts covering [0, size) exactly; an empty file has one empty part."""
+    if size == 0:
+        yield Part(1, 0, 0)
+        return
+    for index, offset in enumerate(range(0, size, part_size)):
+        yield Part(index + 1, offset, min(part_size, size - offset))
+
+
+def fit_part_size(size: int, *, preferred: int, max_memory: int) -> int:
+    """The part size for a file: the preferred one unless S3 limits force it larger.
+
+    Like s3transfer's ChunksizeAdjuster: at least 5 MiB, at most 5 GiB, few enough parts
+    (≤ 10,000); rounded up to whole MiB. One part must fit the memory budget.
+    """
+    part = max(preferred, MIN_PART_SIZE, math.ceil(size / MAX_PARTS))
+    part = min(math.ceil(part / MiB) * MiB, MAX_PART_SIZE)
+    if math.ceil(size / part) > MAX_PARTS:
+        raise UsageError(f"a file of {_fmt(size)} is larger than S3 allows (5 TiB)")
+    if part > max_memory:
+        raise UsageError(
+            f"a file of {_fmt(size)} needs parts of {_fmt(part)}, more than the memory "
+            f"budget of {_fmt(max_memory)}: raise --max-memory"
+        )
+    return part
+
+
+def classify(size: int, config: TransferConfig) -> Kind:
+    if size >= config.multipart_threshold or size > MAX_PUT_SIZE:
+        return Kind.MULTIPART
+    return Kind.PUT
+
+
+def plan_file(entry: FileEntry, dest: S3Url, config: TransferConfig) -> FileUnit:
+    kind = classify(entry.size, config)
+    part_size = (
+        fit_part_size(entry.size, preferred=config.part_size, max_memory=config.max_memory)
+        if kind is Kind.MULTIPART
+        else 0
+    )
+    return FileUnit(
+        kind=kind,
+        path=entry.path,
+        key=object_key(dest, entry.path, style=config.key_prefix),
+        size=entry.size,
+        mtime_ns=entry.mtime_ns,
+        mode=entry.mode,
+        part_size=part_size,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    objects: int
+    single_puts: int
+    multipart_uploads: int
+    parts: int
+    requests: int
+    bytes: int
+    request_cost_usd: float
+    storage_cost_usd_month: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+def estimate(units: Iterable[FileUnit], config: TransferConfig) -> Estimate:
+    objects = puts = multipart = parts = requests = total = 0
+    for unit in units:
+        objects += 1
+        total += unit.size
+        requests += unit.request_count
+        if unit.kind is Kind.MULTIPART:
+            multipart += 1
+            parts += unit.part_count
+        else:
+            puts += 1
+    requests += 2  # read the previous manifest, write the new one
+    prices = config.prices
+    return Estimate(
+        objects=objects,
+        single_puts=puts,
+        multipart_uploads=multipart,
+        parts=parts,
+        requests=requests,
+        bytes=total,
+        # Every upload request (PUT, POST, UploadPart) is billed at the PUT rate.
+        request_cost_usd=requests * prices.put_per_1000 / 1000,
+        storage_cost_usd_month=total / 1e9 * prices.storage_gb_month,
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    source: Path
+    dest: S3Url
+    config: TransferConfig
+    units: list[FileUnit]
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def estimate(self) -> Estimate:
+        return estimate(self.units, self.config)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "version": PLAN_VERSION,
+            "source": str(self.source),
+            "dest": str(self.dest),
+            "config": self.config.to_json(),
+            "estimate": self.estimate.to_json(),
+            "problems": [[p.path, p.reason] for p in self.problems],
+            "units": [unit.to_json() for unit in self.units],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Plan:
+        if data.get("format") != PLAN_FORMAT or data.get("version") != PLAN_VERSION:
+            raise UsageError(
+                f"not an s3xfer plan (version {PLAN_VERSION}): format={data.get('format')!r}"
+            )
+        try:
+            return cls(
+                source=Path(data["source"]),
+                dest=S3Url.parse(data["dest"]),
+                config=TransferConfig.from_json(data["config"]),
+                units=[FileUnit.from_json(row) for row in data["units"]],
+                problems=[Problem(path, reason) for path, reason in data.get("problems", [])],
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UsageError(f"corrupt plan file: {exc}") from exc
+
+    def save(self, path: Path) -> None:
+        """Write atomically; a name ending in .gz is gzip-compressed."""
+        text = json.dumps(self.to_json(), separators=(",", ":"), ensure_ascii=False)
+        payload = text.encode("utf-8")
+        if path.suffix == ".gz":
+            payload = gzip.compress(payload, mtime=0)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(payload)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> Plan:
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read plan {path}: {exc.strerror or exc}") from exc
+        try:
+            if raw[:2] == b"\x1f\x8b":
+                raw = gzip.decompress(raw)
+            data = json.loads(raw)
+        except (OSError, EOFError, ValueError) as exc:
+            raise UsageError(f"corrupt plan file {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise UsageError(f"corrupt plan file {path}: not a JSON object")
+        return cls.from_json(data)
+
+
+def make_plan(survey: Survey, dest: S3Url, config: TransferConfig | None = None) -> Plan:
+    """The plan for uploading a surveyed tree to `dest`. Pure: no I/O."""
+    config = config or TransferConfig()
+    if not survey.files:
+        raise SourceError(f"nothing to upload: no readable files under {survey.root}")
+    units = [plan_file(entry, dest, config) for entry in survey.files]
+    return Plan(
+        source=survey.root, dest=dest, config=config, units=units, problems=list(survey.problems)
+    )

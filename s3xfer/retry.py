@@ -1,0 +1,64 @@
+"""Retry decisions and backoff: pure functions with an injected random source and clock."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import anyio
+
+from .errors import S3XferError
+
+T = TypeVar("T")
+
+
+class TransientError(S3XferError):
+    """A request failed in a way that retrying may fix (throttling, 5xx, timeout, reset)."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, *, throttled: bool = False) -> None:
+        super().__init__(message)
+        self.throttled = throttled
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_attempts: int = 6
+    base_delay: float = 0.1
+    max_delay: float = 20.0
+
+    def delay(self, attempt: int, *, rand: Callable[[], float] = random.random) -> float:
+        """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**attempt)).
+
+        Full jitter spreads the retries of many clients hit by the same throttle instead of
+        having them return in lockstep (AWS Architecture Blog, "Exponential Backoff And Jitter").
+        """
+        return rand() * min(self.max_delay, self.base_delay * 2.0**attempt)
+
+    def should_retry(self, error: BaseException, attempt: int) -> bool:
+        """attempt counts from 1 for the attempt that just failed."""
+        return isinstance(error, TransientError) and attempt < self.max_attempts
+
+
+async def call_with_retries(
+    operation: Callable[[], Awaitable[T]],
+    *,
+    policy: RetryPolicy,
+    on_retry: Callable[[TransientError], None] | None = None,
+    sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+) -> T:
+    """Run `operation` until it succeeds, fails permanently, or runs out of attempts."""
+    attempt = 1
+    while True:
+        try:
+            return await operation()
+        except TransientError as error:
+            if not policy.should_retry(error, attempt):
+                raise
+            if on_retry is not None:
+                on_retry(error)
+            await sleep(policy.delay(attempt))
+            attempt += 1

@@ -1,0 +1,262 @@
+"""The only module that talks to aiobotocore: one client per run, errors translated here.
+
+Every botocore / aiohttp exception is mapped, in `_translate`, to s3xfer's own: permanent
+failures to RemoteError subclasses with a readable message, and retryable ones to
+TransientError. botocore's own retries are off so that retries are counted and bounded in
+one place (retry.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import botocore.exceptions as bx
+from aiobotocore.config import AioConfig
+from aiobotocore.session import AioSession
+
+from .errors import (
+    AccessDeniedError,
+    EndpointError,
+    NoSuchBucketError,
+    NoSuchKeyError,
+    RemoteError,
+    UsageError,
+)
+from .retry import TransientError
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+
+_THROTTLE_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "TooManyRequestsException",
+    "503",
+}
+_TRANSIENT_CODES = {
+    "InternalError",
+    "ServiceUnavailable",
+    "RequestTimeout",
+    "500",
+    "502",
+    "504",
+    "RequestTimeTooSkewed",
+    "OperationAborted",
+}
+_DENIED_CODES = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "403",
+    "InvalidToken",
+    "ExpiredToken",
+    "AllAccessDisabled",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """Where and how to connect; credentials come from the usual AWS chain, never from here."""
+
+    endpoint_url: str | None = None
+    profile: str | None = None
+    region: str | None = None
+    verify_ssl: bool = True
+
+
+def _where(bucket: str, key: str | None, byte_range: str | None) -> str:
+    where = f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
+    return f"{where} ({byte_range})" if byte_range else where
+
+
+def _translate(
+    exc: BaseException, *, bucket: str, key: str | None, byte_range: str | None
+) -> Exception | None:
+    where = _where(bucket, key, byte_range)
+    if isinstance(exc, bx.ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        message = error.get("Message") or code
+        if code == "NoSuchBucket":
+            return NoSuchBucketError(f"no such bucket: s3://{bucket}")
+        if code in ("NoSuchKey", "404", "NotFound") and key:
+            return NoSuchKeyError(f"no such object: {where}")
+        if code in ("404", "NotFound"):
+            return NoSuchBucketError(f"no such bucket: s3://{bucket}")
+        if code in _THROTTLE_CODES or status == 503:
+            return TransientError(f"throttled ({code}) on {where}", throttled=True)
+        if code in _TRANSIENT_CODES or status >= 500:
+            return TransientError(f"server error {code or status} on {where}: {message}")
+        if code in _DENIED_CODES:
+            return AccessDeniedError(
+                f"access denied to {where}: {code} (check the credentials and their permissions)"
+            )
+        return RemoteError(f"{code or status} on {where}: {message}")
+    if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
+        return AccessDeniedError(
+            "no AWS credentials found: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+            "use --profile, or configure ~/.aws/credentials"
+        )
+    if isinstance(exc, bx.ProfileNotFound):
+        return UsageError(f"no such AWS profile: {exc.kwargs.get('profile')}")
+    if isinstance(exc, bx.EndpointConnectionError | bx.ConnectTimeoutError):
+        return TransientError(f"cannot reach the endpoint for {where}: {exc}")
+    if isinstance(exc, bx.ReadTimeoutError | bx.ConnectionClosedError | bx.ResponseStreamingError):
+        return TransientError(f"connection failed on {where}: {exc}")
+    if isinstance(exc, bx.HTTPClientError | aiohttp.ClientError | asyncio.TimeoutError):
+        return TransientError(f"connection failed on {where}: {type(exc).__name__}: {exc}")
+    if isinstance(exc, bx.NoRegionError):
+        return UsageError("no AWS region configured: pass --region or set AWS_DEFAULT_REGION")
+    return None
+
+
+@contextmanager
+def map_errors(
+    bucket: str, key: str | None = None, byte_range: str | None = None
+) -> Iterator[None]:
+    try:
+        yield
+    except (TimeoutError, bx.BotoCoreError, bx.ClientError, aiohttp.ClientError) as exc:
+        mapped = _translate(exc, bucket=bucket, key=key, byte_range=byte_range)
+        if mapped is None:
+            where = _where(bucket, key, byte_range)
+            raise RemoteError(f"{type(exc).__name__} on {where}: {exc}") from exc
+        raise mapped from exc
+
+
+class S3:
+    """Thin async helpers over one S3 client; every call raises only s3xfer errors."""
+
+    def __init__(self, client: S3Client, *, endpoint_label: str) -> None:
+        self.client = client
+        self.endpoint_label = endpoint_label
+        self.requests = 0  # requests sent, retries included
+
+    async def check_bucket(self, bucket: str) -> None:
+        """Fail early, with one clear line, on a missing bucket, bad credentials or no endpoint."""
+        self.requests += 1
+        try:
+            with map_errors(bucket):
+                await self.client.head_bucket(Bucket=bucket)
+        except TransientError as exc:
+            if "cannot reach" in str(exc):
+                raise EndpointError(f"cannot reach S3 endpoint {self.endpoint_label}") from exc
+            raise
+
+    async def put_object(
+        self, bucket: str, key: str, body: bytes, *, crc32: str, extra: dict[str, Any] | None = None
+    ) -> str:
+        self.requests += 1
+        with map_errors(bucket, key):
+            response = await self.client.put_object(
+                Bucket=bucket, Key=key, Body=body, ChecksumCRC32=crc32, **(extra or {})
+            )
+        return response.get("ETag", "")
+
+    async def create_multipart_upload(self, bucket: str, key: str) -> str:
+        self.requests += 1
+        with map_errors(bucket, key):
+            response = await self.client.create_multipart_upload(
+                Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32", ChecksumType="FULL_OBJECT"
+            )
+        return response["UploadId"]
+
+    async def upload_part(
+        self, bucket: str, key: str, *, upload_id: str, number: int, body: bytes, crc32: str
+    ) -> str:
+        self.requests += 1
+        with map_errors(bucket, key, f"part {number}"):
+            response = await self.client.upload_part(
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=body,
+                ChecksumCRC32=crc32,
+            )
+        return response["ETag"]
+
+    async def complete_multipart_upload(
+        self,
+        bucket: str,
+        key: str,
+        *,
+        upload_id: str,
+        parts: list[tuple[int, str, str]],
+        crc32: str,
+    ) -> None:
+        """parts: (number, etag, part crc32) in order; crc32: the full-object value."""
+        self.requests += 1
+        with map_errors(bucket, key):
+            await self.client.complete_multipart_upload(
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={
+                    "Parts": [
+                        {"PartNumber": n, "ETag": etag, "ChecksumCRC32": c} for n, etag, c in parts
+                    ]
+                },
+                ChecksumCRC32=crc32,
+                ChecksumType="FULL_OBJECT",
+            )
+
+    async def abort_multipart_upload(self, bucket: str, key: str, *, upload_id: str) -> None:
+        self.requests += 1
+        with map_errors(bucket, key):
+            await self.client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+
+    async def get_object(self, bucket: str, key: str, *, byte_range: str | None = None) -> bytes:
+        self.requests += 1
+        with map_errors(bucket, key, byte_range):
+            kwargs: dict[str, Any] = {"Range": byte_range} if byte_range else {}
+            response = await self.client.get_object(Bucket=bucket, Key=key, **kwargs)
+            async with response["Body"] as stream:
+                data: bytes = await stream.read()
+                return data
+
+    async def head_object(self, bucket: str, key: str) -> dict[str, Any]:
+        self.requests += 1
+        with map_errors(bucket, key):
+            return dict(
+                await self.client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+            )
+
+
+@asynccontextmanager
+async def open_s3(connection: Connection, *, max_pool_connections: int = 32) -> AsyncIterator[S3]:
+    """One client for the whole run, its pool sized to the requests allowed in flight."""
+    try:
+        session = AioSession(profile=connection.profile)
+        config = AioConfig(
+            max_pool_connections=max_pool_connections,
+            retries={"total_max_attempts": 1},  # retry.py owns retries
+            connect_timeout=10,
+            read_timeout=120,
+            # We send our own CRC32 values; no second pass over the bytes by botocore.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            s3={"addressing_style": "path"} if connection.endpoint_url else None,
+        )
+        creator = session.create_client(
+            "s3",
+            endpoint_url=connection.endpoint_url,
+            region_name=connection.region,
+            verify=connection.verify_ssl,
+            config=config,
+        )
+    except bx.ProfileNotFound as exc:
+        raise UsageError(f"no such AWS profile: {connection.profile}") from exc
+    except ValueError as exc:
+        raise UsageError(f"bad endpoint URL {connection.endpoint_url!r}: {exc}") from exc
+    with map_errors("-"):
+        async with creator as client:
+            yield S3(client, endpoint_label=connection.endpoint_url or "AWS S3")

@@ -1,0 +1,128 @@
+"""Upload orchestration: check the bucket, skip what the manifest says is unchanged, run the
+engine, write the merged manifest, and report."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .checksums import crc32, crc32_to_base64
+from .engine import Engine, ProgressCallback
+from .errors import NoSuchKeyError
+from .keys import manifest_key
+from .manifest import Manifest
+from .plan import FileUnit, Plan
+from .retry import RetryPolicy, call_with_retries
+from .s3 import S3, Connection, open_s3
+
+
+@dataclass(frozen=True)
+class UploadReport:
+    dest: str
+    files_uploaded: int
+    bytes_uploaded: int
+    files_unchanged: int
+    bytes_unchanged: int
+    files_failed: int
+    failures: list[tuple[str, str]]
+    problems: list[tuple[str, str]]  # files the survey could not read
+    seconds: float
+    requests: int
+    retries: int
+    throttled: int
+    peak_buffered_bytes: int
+    manifest_written: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_uploaded / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.files_failed == 0
+
+    def to_json(self) -> dict[str, Any]:
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "extra"}
+        data["failures"] = [{"path": p, "error": e} for p, e in self.failures]
+        data["problems"] = [{"path": p, "reason": r} for p, r in self.problems]
+        data["mb_per_s"] = round(self.mb_per_s, 2)
+        data["seconds"] = round(self.seconds, 3)
+        return {**data, **self.extra}
+
+
+async def load_manifest(s3: S3, plan: Plan, policy: RetryPolicy) -> Manifest | None:
+    key = manifest_key(plan.dest)
+    try:
+        raw = await call_with_retries(lambda: s3.get_object(plan.dest.bucket, key), policy=policy)
+    except NoSuchKeyError:
+        return None
+    return Manifest.from_bytes(raw, where=f"s3://{plan.dest.bucket}/{key}")
+
+
+async def execute_plan(
+    s3: S3,
+    plan: Plan,
+    *,
+    on_start: Any = None,
+    on_progress: ProgressCallback | None = None,
+) -> UploadReport:
+    """Upload what changed since the last run of this plan's destination, with a client given."""
+    started = time.perf_counter()
+    policy = RetryPolicy(max_attempts=plan.config.max_attempts)
+    await s3.check_bucket(plan.dest.bucket)
+    manifest = await load_manifest(s3, plan, policy) or Manifest(str(plan.dest), {})
+    todo, unchanged = manifest.select_changed(plan.units)
+    if on_start is not None:
+        on_start(todo, unchanged)
+    engine = Engine(
+        s3, bucket=plan.dest.bucket, source=plan.source, config=plan.config, on_progress=on_progress
+    )
+    await engine.run(todo)
+    written = False
+    if engine.records:
+        for record in engine.records:
+            manifest.records[record.path] = record
+        body = manifest.to_bytes()
+        checksum = crc32_to_base64(crc32(body))
+        await call_with_retries(
+            lambda: s3.put_object(plan.dest.bucket, manifest_key(plan.dest), body, crc32=checksum),
+            policy=policy,
+        )
+        written = True
+    stats = engine.stats
+    return UploadReport(
+        dest=str(plan.dest),
+        files_uploaded=stats.files_done,
+        bytes_uploaded=stats.bytes_done,
+        files_unchanged=len(unchanged),
+        bytes_unchanged=sum(u.size for u in unchanged),
+        files_failed=stats.files_failed,
+        failures=sorted(stats.failures),
+        problems=[(p.path, p.reason) for p in plan.problems],
+        seconds=time.perf_counter() - started,
+        requests=s3.requests,
+        retries=stats.retries,
+        throttled=stats.throttled,
+        peak_buffered_bytes=engine.budget.peak,
+        manifest_written=written,
+    )
+
+
+async def upload(
+    plan: Plan,
+    connection: Connection | None = None,
+    *,
+    on_start: Any = None,
+    on_progress: ProgressCallback | None = None,
+) -> UploadReport:
+    """Execute a plan: one client, its connection pool sized to the plan's concurrency."""
+    async with open_s3(
+        connection or Connection(), max_pool_connections=plan.config.concurrency
+    ) as s3:
+        return await execute_plan(s3, plan, on_start=on_start, on_progress=on_progress)
+
+
+def pending_bytes(units: list[FileUnit]) -> int:
+    return sum(u.size for u in units)
