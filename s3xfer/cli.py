@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -225,7 +224,7 @@ def render_report(report: UploadReport) -> str:
         + (f" ({report.throttled:,} throttled)" if report.throttled else "")
         + f", failed {report.files_failed:,}",
     ]
-    if report.files_uploaded == 0 and report.files_failed == 0:
+    if report.write_requests == 0 and report.files_failed == 0:
         lines.append("  nothing changed since the last upload: no PUT was sent")
     for path, reason in report.problems[:20]:
         lines.append(f"  skipped {path}: {reason}")
@@ -495,8 +494,3 @@ def _first_leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     return exc
-
-
-if __name__ == "__main__":  # pragma: no cover
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    main()

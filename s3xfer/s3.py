@@ -9,6 +9,7 @@ one place (retry.py).
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -59,6 +60,8 @@ _DENIED_CODES = {
     "ExpiredToken",
     "AllAccessDisabled",
 }
+
+_READ_OPERATIONS = frozenset({"check_bucket", "get_object", "head_object", "list_objects"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,11 +141,20 @@ class S3:
     def __init__(self, client: S3Client, *, endpoint_label: str) -> None:
         self.client = client
         self.endpoint_label = endpoint_label
-        self.requests = 0  # requests sent, retries included
+        self.calls: Counter[str] = Counter()  # requests sent per operation, retries included
+
+    @property
+    def requests(self) -> int:
+        return sum(self.calls.values())
+
+    @property
+    def writes(self) -> int:
+        """PUT-class requests: what a re-run of an unchanged upload must not send."""
+        return sum(n for op, n in self.calls.items() if op not in _READ_OPERATIONS)
 
     async def check_bucket(self, bucket: str) -> None:
         """Fail early, with one clear line, on a missing bucket, bad credentials or no endpoint."""
-        self.requests += 1
+        self.calls["check_bucket"] += 1
         try:
             with map_errors(bucket):
                 await self.client.head_bucket(Bucket=bucket)
@@ -154,7 +166,7 @@ class S3:
     async def put_object(
         self, bucket: str, key: str, body: bytes, *, crc32: str, extra: dict[str, Any] | None = None
     ) -> str:
-        self.requests += 1
+        self.calls["put_object"] += 1
         with map_errors(bucket, key):
             response = await self.client.put_object(
                 Bucket=bucket, Key=key, Body=body, ChecksumCRC32=crc32, **(extra or {})
@@ -162,7 +174,7 @@ class S3:
         return response.get("ETag", "")
 
     async def create_multipart_upload(self, bucket: str, key: str) -> str:
-        self.requests += 1
+        self.calls["create_multipart_upload"] += 1
         with map_errors(bucket, key):
             response = await self.client.create_multipart_upload(
                 Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32", ChecksumType="FULL_OBJECT"
@@ -172,7 +184,7 @@ class S3:
     async def upload_part(
         self, bucket: str, key: str, *, upload_id: str, number: int, body: bytes, crc32: str
     ) -> str:
-        self.requests += 1
+        self.calls["upload_part"] += 1
         with map_errors(bucket, key, f"part {number}"):
             response = await self.client.upload_part(
                 Bucket=bucket,
@@ -194,7 +206,7 @@ class S3:
         crc32: str,
     ) -> None:
         """parts: (number, etag, part crc32) in order; crc32: the full-object value."""
-        self.requests += 1
+        self.calls["complete_multipart_upload"] += 1
         with map_errors(bucket, key):
             await self.client.complete_multipart_upload(
                 Bucket=bucket,
@@ -210,12 +222,12 @@ class S3:
             )
 
     async def abort_multipart_upload(self, bucket: str, key: str, *, upload_id: str) -> None:
-        self.requests += 1
+        self.calls["abort_multipart_upload"] += 1
         with map_errors(bucket, key):
             await self.client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
 
     async def get_object(self, bucket: str, key: str, *, byte_range: str | None = None) -> bytes:
-        self.requests += 1
+        self.calls["get_object"] += 1
         with map_errors(bucket, key, byte_range):
             kwargs: dict[str, Any] = {"Range": byte_range} if byte_range else {}
             response = await self.client.get_object(Bucket=bucket, Key=key, **kwargs)
@@ -224,7 +236,7 @@ class S3:
                 return data
 
     async def head_object(self, bucket: str, key: str) -> dict[str, Any]:
-        self.requests += 1
+        self.calls["head_object"] += 1
         with map_errors(bucket, key):
             return dict(
                 await self.client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")

@@ -29,6 +29,7 @@ class UploadReport:
     problems: list[tuple[str, str]]  # files the survey could not read
     seconds: float
     requests: int
+    write_requests: int
     retries: int
     throttled: int
     peak_buffered_bytes: int
@@ -103,6 +104,7 @@ async def execute_plan(
         problems=[(p.path, p.reason) for p in plan.problems],
         seconds=time.perf_counter() - started,
         requests=s3.requests,
+        write_requests=s3.writes,
         retries=stats.retries,
         throttled=stats.throttled,
         peak_buffered_bytes=engine.budget.peak,

@@ -1,0 +1,5 @@
+"""`python -m s3xfer` runs the command line."""
+
+from .cli import main
+
+main()

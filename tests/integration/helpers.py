@@ -1,0 +1,55 @@
+"""Helpers for integration tests: seeded trees, running the real CLI, reading S3 back."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from s3xfer.locals3 import LocalS3Info
+from s3xfer.s3 import Connection
+
+
+def write_tree(root: Path, files: dict[str, int], *, seed: int = 1) -> dict[str, bytes]:
+    """Create files of the given sizes with seeded random bytes; returns their contents."""
+    rng = random.Random(seed)
+    contents: dict[str, bytes] = {}
+    for rel, size in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = rng.randbytes(size)
+        path.write_bytes(data)
+        contents[rel] = data
+    return contents
+
+
+def connection(info: LocalS3Info) -> Connection:
+    return Connection(endpoint_url=info.endpoint_url, region=info.region)
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "s3xfer", *args],
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_object(client: Any, bucket: str, key: str) -> bytes:
+    body: bytes = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    return body
+
+
+def list_keys(client: Any, bucket: str, prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys.extend(obj["Key"] for obj in page.get("Contents", []))
+    return sorted(keys)

@@ -1,0 +1,82 @@
+"""The byte budget (FIFO, hard limit, cancellation-safe) and manifest change detection."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from s3xfer.engine import ByteBudget
+from s3xfer.errors import IntegrityError
+from s3xfer.manifest import Manifest, ManifestRecord
+from s3xfer.plan import FileUnit, Kind
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def test_budget_never_exceeds_capacity_and_serves_in_order() -> None:
+    budget = ByteBudget(100)
+    order: list[str] = []
+
+    async def hold(name: str, amount: int, delay: float) -> None:
+        await budget.acquire(amount)
+        order.append(name)
+        assert budget.used <= budget.capacity
+        await anyio.sleep(delay)
+        budget.release(amount)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(hold, "big-first", 80, 0.05)
+        await anyio.sleep(0.01)
+        group.start_soon(hold, "large-waits", 90, 0.0)
+        await anyio.sleep(0.01)
+        # Fits right now (80 + 10 ≤ 100) but must queue behind the 90-byte waiter.
+        group.start_soon(hold, "small-after", 10, 0.0)
+    assert order == ["big-first", "large-waits", "small-after"]
+    assert budget.peak <= 100 and budget.used == 0
+
+
+async def test_a_cancelled_waiter_gives_nothing_away() -> None:
+    budget = ByteBudget(10)
+    await budget.acquire(10)
+    with anyio.move_on_after(0.05):
+        await budget.acquire(5)
+    budget.release(10)
+    assert budget.used == 0
+    await budget.acquire(10)
+    assert budget.used == 10
+
+
+async def test_impossible_requests_fail_instead_of_waiting_forever() -> None:
+    with pytest.raises(ValueError):
+        await ByteBudget(10).acquire(11)
+
+
+def unit(path: str, size: int = 5, mtime_ns: int = 1) -> FileUnit:
+    return FileUnit(Kind.PUT, path, f"p/{path}", size, mtime_ns, 0o644, 0)
+
+
+def record(u: FileUnit) -> ManifestRecord:
+    return ManifestRecord(u.path, u.key, u.size, u.mtime_ns, u.mode, "AAAAAA==", u.part_size)
+
+
+def test_only_changed_or_new_files_are_selected() -> None:
+    same, grown, touched, new = unit("same"), unit("grown"), unit("touched"), unit("new")
+    manifest = Manifest("s3://b/p", {u.path: record(u) for u in (same, grown, touched)})
+    todo, unchanged = manifest.select_changed(
+        [same, unit("grown", size=6), unit("touched", mtime_ns=2), new]
+    )
+    assert [u.path for u in unchanged] == ["same"]
+    assert [u.path for u in todo] == ["grown", "touched", "new"]
+
+
+def test_manifest_round_trip_and_corruption() -> None:
+    manifest = Manifest("s3://b/p", {"a": record(unit("a"))})
+    again = Manifest.from_bytes(manifest.to_bytes(), where="x")
+    assert again.records == manifest.records
+    with pytest.raises(IntegrityError, match="corrupt manifest"):
+        Manifest.from_bytes(b"\x1f\x8bgarbage", where="s3://b/p/.s3xfer/manifest.json.gz")

@@ -1,0 +1,133 @@
+"""The planner is pure: properties of part sizes, classification, keys and estimates."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from s3xfer.config import (
+    MAX_PART_SIZE,
+    MAX_PARTS,
+    MIN_PART_SIZE,
+    GiB,
+    MiB,
+    TransferConfig,
+)
+from s3xfer.errors import SourceError, UsageError
+from s3xfer.keys import S3Url, hashed_prefix, object_key
+from s3xfer.plan import Kind, Plan, classify, fit_part_size, make_plan, parts_of
+from s3xfer.survey import FileEntry, SizeStats, Survey
+
+TiB = 1024 * GiB
+sizes = st.integers(min_value=0, max_value=5 * TiB)
+preferred_parts = st.integers(min_value=MIN_PART_SIZE, max_value=MAX_PART_SIZE)
+
+
+def make_survey(entries: list[FileEntry]) -> Survey:
+    stats = SizeStats()
+    for entry in entries:
+        stats.add(entry.size, entry.path)
+    return Survey(root=Path("/data"), files=entries, problems=[], stats=stats.summary())
+
+
+@given(size=sizes, preferred=preferred_parts)
+def test_part_size_respects_s3_limits(size: int, preferred: int) -> None:
+    part = fit_part_size(size, preferred=preferred, max_memory=8 * GiB)
+    assert MIN_PART_SIZE <= part <= MAX_PART_SIZE
+    assert math.ceil(size / part) <= MAX_PARTS
+    assert part >= preferred or part == MAX_PART_SIZE
+    assert part % MiB == 0
+
+
+@given(size=st.integers(min_value=0, max_value=64 * GiB), part=preferred_parts)
+def test_parts_cover_the_file_exactly(size: int, part: int) -> None:
+    parts = list(parts_of(size, part))
+    assert parts[0].offset == 0 and parts[0].number == 1
+    for previous, current in itertools.pairwise(parts):
+        assert current.offset == previous.offset + previous.length
+        assert current.number == previous.number + 1
+    assert parts[-1].offset + parts[-1].length == size
+    assert all(p.length == part for p in parts[:-1])
+    assert 0 < parts[-1].length <= part or size == 0
+
+
+def test_part_size_grows_for_huge_files() -> None:
+    # 1 TiB at 8 MiB would be 131,072 parts: the part size must grow to stay under 10,000.
+    part = fit_part_size(TiB, preferred=8 * MiB, max_memory=4 * GiB)
+    assert part == 105 * MiB
+    assert math.ceil(TiB / part) <= MAX_PARTS
+
+
+def test_part_that_cannot_fit_the_memory_budget_is_refused() -> None:
+    with pytest.raises(UsageError, match="raise --max-memory"):
+        fit_part_size(TiB, preferred=8 * MiB, max_memory=64 * MiB)
+
+
+def test_classification_at_the_threshold() -> None:
+    config = TransferConfig(multipart_threshold=16 * MiB)
+    assert classify(0, config) is Kind.PUT
+    assert classify(16 * MiB - 1, config) is Kind.PUT
+    assert classify(16 * MiB, config) is Kind.MULTIPART
+
+
+@given(path=st.text(min_size=1, max_size=200).filter(lambda p: "\x00" not in p))
+def test_hashed_keys_are_deterministic_and_keep_the_path(path: str) -> None:
+    dest = S3Url("bucket", "prefix")
+    key = object_key(dest, path, style="hash")
+    assert key == object_key(dest, path, style="hash")
+    assert key == f"prefix/{hashed_prefix(path)}/{path}"
+    assert object_key(dest, path, style="none") == f"prefix/{path}"
+
+
+def test_hashed_prefixes_spread_over_many_values() -> None:
+    prefixes = {hashed_prefix(f"images/{n:06d}.jpg") for n in range(2000)}
+    assert len(prefixes) > 1500
+
+
+def test_plan_estimate_counts_requests_and_cost() -> None:
+    entries = [
+        FileEntry("a.txt", 10, 1, 0o644),
+        FileEntry("b.bin", 100 * MiB, 2, 0o600),
+        FileEntry("c/empty", 0, 3, 0o644),
+    ]
+    config = TransferConfig(part_size=8 * MiB, multipart_threshold=16 * MiB)
+    plan = make_plan(make_survey(entries), S3Url.parse("s3://bucket/data/"), config)
+    est = plan.estimate
+    assert [u.kind for u in plan.units] == [Kind.PUT, Kind.MULTIPART, Kind.PUT]
+    assert plan.units[1].part_count == 13  # 100 MiB / 8 MiB, rounded up
+    assert est.parts == 13
+    assert est.requests == 2 + (13 + 2) + 2  # two PUTs, one multipart, manifest read + write
+    assert est.request_cost_usd == pytest.approx(est.requests * 0.005 / 1000)
+    assert est.bytes == 10 + 100 * MiB
+    assert [u.key for u in plan.units] == ["data/a.txt", "data/b.bin", "data/c/empty"]
+
+
+def test_plan_round_trips_through_json(tmp_path: Path) -> None:
+    entries = [FileEntry(f"d/{n}", n * MiB, n, 0o644) for n in range(40)]
+    plan = make_plan(make_survey(entries), S3Url.parse("s3://b-1/p"), TransferConfig())
+    for name in ("plan.json", "plan.json.gz"):
+        plan.save(tmp_path / name)
+        loaded = Plan.load(tmp_path / name)
+        assert loaded.units == plan.units
+        assert loaded.config == plan.config
+        assert loaded.dest == plan.dest
+
+
+def test_a_corrupt_plan_file_is_a_usage_error(tmp_path: Path) -> None:
+    bad = tmp_path / "plan.json"
+    bad.write_text('{"format": "s3xfer-plan", "version": 1, "units": [[1]]}')
+    with pytest.raises(UsageError, match="corrupt plan"):
+        Plan.load(bad)
+    bad.write_text("not json")
+    with pytest.raises(UsageError, match="corrupt plan"):
+        Plan.load(bad)
+
+
+def test_an_empty_tree_has_nothing_to_plan() -> None:
+    with pytest.raises(SourceError, match="nothing to upload"):
+        make_plan(make_survey([]), S3Url.parse("s3://bucket/x"))
