@@ -1,3 +1,54 @@
-"""s3xfer: fast, verified, resumable bulk transfers of datasets to and from S3."""
+"""s3xfer: fast, verified, resumable bulk transfers of datasets to and from S3.
+
+The library API, async first: `survey` a tree, `make_plan` for a destination, `upload` it.
+"""
+
+from __future__ import annotations
+
+from .config import PriceTable, TransferConfig
+from .errors import (
+    AccessDeniedError,
+    EndpointError,
+    IntegrityError,
+    NoSuchBucketError,
+    NoSuchKeyError,
+    RemoteError,
+    S3XferError,
+    SourceError,
+    UsageError,
+)
+from .keys import S3Url
+from .plan import Estimate, FileUnit, Kind, Plan, make_plan
+from .s3 import Connection
+from .survey import FileEntry, Problem, Survey, survey
+from .upload import UploadReport, upload
 
 __version__ = "0.1.0"
+
+__all__ = (
+    "AccessDeniedError",
+    "Connection",
+    "EndpointError",
+    "Estimate",
+    "FileEntry",
+    "FileUnit",
+    "IntegrityError",
+    "Kind",
+    "NoSuchBucketError",
+    "NoSuchKeyError",
+    "Plan",
+    "PriceTable",
+    "Problem",
+    "RemoteError",
+    "S3Url",
+    "S3XferError",
+    "SourceError",
+    "Survey",
+    "TransferConfig",
+    "UploadReport",
+    "UsageError",
+    "__version__",
+    "make_plan",
+    "survey",
+    "upload",
+)

@@ -29,7 +29,7 @@ from .config import (
 from .errors import S3XferError, UsageError
 from .keys import S3Url
 from .plan import FileUnit, Plan, make_plan
-from .render import human_bytes, render_survey
+from .render import human_bytes, render_plan, render_report, render_survey
 from .s3 import Connection
 from .survey import Survey, survey
 from .upload import UploadReport, upload
@@ -188,50 +188,6 @@ def survey_progress(quiet: bool) -> Iterator[Callable[[int, int], None]]:
 def run_survey(path: Path, *, quiet: bool) -> Survey:
     with survey_progress(quiet) as progress:
         return survey(path, on_progress=progress)
-
-
-def render_plan(plan: Plan) -> str:
-    e = plan.estimate
-    lines = [
-        f"plan: {plan.source} → {plan.dest}",
-        f"  objects           {e.objects:>12,}  ({e.single_puts:,} single PUTs, "
-        f"{e.multipart_uploads:,} multipart uploads)",
-        f"  parts             {e.parts:>12,}",
-        f"  requests          {e.requests:>12,}",
-        f"  bytes             {e.bytes:>12,}  ({human_bytes(e.bytes)})",
-        f"  request cost      ${e.request_cost_usd:>11.4f}  at ${plan.config.prices.put_per_1000}"
-        " per 1,000 PUTs",
-        f"  storage cost      ${e.storage_cost_usd_month:>11.4f}  per month at "
-        f"${plan.config.prices.storage_gb_month} per GB-month",
-        f"  settings          concurrency {plan.config.concurrency}, memory budget "
-        f"{format_size(plan.config.max_memory)}, part size {format_size(plan.config.part_size)}, "
-        f"multipart from {format_size(plan.config.multipart_threshold)}, "
-        f"key prefix {plan.config.key_prefix}",
-    ]
-    if plan.problems:
-        lines.append(
-            f"  skipped           {len(plan.problems):>12,}  unreadable paths (see survey)"
-        )
-    return "\n".join(lines)
-
-
-def render_report(report: UploadReport) -> str:
-    lines = [
-        f"uploaded {report.files_uploaded:,} files, {human_bytes(report.bytes_uploaded)} "
-        f"in {report.seconds:.1f} s ({report.mb_per_s:.1f} MB/s) to {report.dest}",
-        f"  unchanged {report.files_unchanged:,} files ({human_bytes(report.bytes_unchanged)}), "
-        f"requests {report.requests:,}, retries {report.retries:,}"
-        + (f" ({report.throttled:,} throttled)" if report.throttled else "")
-        + f", failed {report.files_failed:,}",
-    ]
-    if report.write_requests == 0 and report.files_failed == 0:
-        lines.append("  nothing changed since the last upload: no PUT was sent")
-    for path, reason in report.problems[:20]:
-        lines.append(f"  skipped {path}: {reason}")
-    if len(report.problems) > 20:
-        lines.append(f"  … and {len(report.problems) - 20} more skipped paths")
-    lines.extend(f"  FAILED {path}: {error}" for path, error in report.failures)
-    return "\n".join(lines)
 
 
 class UploadProgress:
@@ -418,6 +374,26 @@ def upload_command(
 
 async def _upload(plan: Plan, connection: Connection, progress: UploadProgress) -> UploadReport:
     return await upload(plan, connection, on_start=progress.start, on_progress=progress.advance)
+
+
+@cli.command("demo")
+def demo_command() -> None:
+    """Run the whole tool end to end against a throwaway local S3 server.
+
+    Starts SeaweedFS on 127.0.0.1, generates a small dataset (about 4,000 files), then:
+    survey, plan, upload with progress, a re-run that sends nothing, one file fetched with
+    a ranged GET and verified, and a short throughput probe. Everything is removed at the end.
+    """
+    from .demo import run_demo
+
+    def upload_with_progress(plan: Plan, connection: Connection) -> UploadReport:
+        progress = UploadProgress(quiet=False)
+        try:
+            return anyio.run(_upload, plan, connection, progress)
+        finally:
+            progress.close()
+
+    run_demo(click.echo, upload_with_progress=upload_with_progress)
 
 
 @cli.command("local-s3")
