@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import botocore.session
 import pytest
@@ -42,7 +43,7 @@ def test_local_s3_serves_until_interrupted(tmp_path: Path) -> None:
         output = "".join(lines)
         exports = dict(re.findall(r"export (\w+)=(\S+)", output))
         assert exports["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
-        client = botocore.session.Session().create_client(
+        client: Any = botocore.session.Session().create_client(
             "s3",
             endpoint_url=exports["AWS_ENDPOINT_URL"],
             region_name=exports.get("AWS_DEFAULT_REGION", "us-east-1"),
