@@ -6,6 +6,7 @@ to the one byte range a ranged GET needs. Pure: no S3, no files, no asyncio.
 
 from __future__ import annotations
 
+import bisect
 import json
 import zlib
 from collections.abc import Iterable, Sequence
@@ -230,7 +231,9 @@ class IndexEntry:
             "size": self.size,
             "mtime": self.mtime,
             "mode": self.mode,
-            "crc32": self.crc32,
+            # Fixed width (8 hex digits) so an index's size is known before the CRCs are:
+            # a shard's layout, the index member included, is planned from names and sizes.
+            "crc32": f"{self.crc32:08x}",
         }
 
     @classmethod
@@ -241,8 +244,14 @@ class IndexEntry:
         path = data["path"]
         if not isinstance(path, str):
             raise IntegrityError(f"shard index entry path is not a string: {path!r:.200}")
-        ints = {}
-        for field in ("header_offset", "data_offset", "size", "mtime", "mode", "crc32"):
+        crc = data["crc32"]
+        if not isinstance(crc, str) or len(crc) != 8:
+            raise IntegrityError(f"shard index entry {path!r}: crc32 is not 8 hex digits")
+        try:
+            ints = {"crc32": int(crc, 16)}
+        except ValueError as exc:
+            raise IntegrityError(f"shard index entry {path!r}: crc32 is not hex") from exc
+        for field in ("header_offset", "data_offset", "size", "mtime", "mode"):
             value = data[field]
             # bool is an int subclass, and JSON true must not pass for 1.
             if not isinstance(value, int) or isinstance(value, bool):
@@ -459,3 +468,121 @@ class ShardWriter:
         pieces.append(self._emit(END_OF_ARCHIVE))
         self._finished = True
         return b"".join(pieces)
+
+
+# ---------------------------------------------------------------------------------------------
+# Random access to a planned shard: any byte range can be produced on its own, so the parts of
+# one shard are built and uploaded in parallel, each from just the member ranges it covers.
+
+
+@dataclass(frozen=True, slots=True)
+class ShardMember:
+    path: str
+    size: int
+    mtime: int  # seconds
+    mode: int
+
+
+@dataclass(frozen=True, slots=True)
+class FixedPiece:
+    """Bytes of the shard that are not file data: headers, padding, the index, the end."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class FilePiece:
+    """A range of one member's file: member index, offset in the file, length."""
+
+    member: int
+    offset: int
+    length: int
+
+
+Piece = FixedPiece | FilePiece
+
+
+class ShardLayout:
+    """The exact byte layout of a shard planned from its members' names and sizes.
+
+    Members come first in the given order, then the index member (INDEX_MEMBER_NAME), then
+    the end-of-archive blocks. Only offsets are kept (headers are rebuilt on demand), so a
+    layout costs a few integers per member.
+    """
+
+    def __init__(self, members: Sequence[ShardMember], *, shard_key: str) -> None:
+        self.members = list(members)
+        self.shard_key = shard_key
+        self.header_offsets: list[int] = []
+        offset = 0
+        for member in self.members:
+            self.header_offsets.append(offset)
+            offset += member_footprint(member.path, member.size)
+        self.index_header_offset = offset
+        self.index_size = len(self.index_bytes([0] * len(self.members)))
+        self.index_data_offset = offset + member_header_size(INDEX_MEMBER_NAME, self.index_size)
+        self.size = self.index_data_offset + _padded(self.index_size) + len(END_OF_ARCHIVE)
+
+    def data_offset(self, member: int) -> int:
+        m = self.members[member]
+        return self.header_offsets[member] + member_header_size(m.path, m.size)
+
+    def entries(self, crcs: Sequence[int]) -> list[IndexEntry]:
+        return [
+            IndexEntry(
+                path=m.path,
+                header_offset=self.header_offsets[n],
+                data_offset=self.data_offset(n),
+                size=m.size,
+                mtime=m.mtime,
+                mode=m.mode & 0o7777,
+                crc32=crcs[n],
+            )
+            for n, m in enumerate(self.members)
+        ]
+
+    def index_bytes(self, crcs: Sequence[int]) -> bytes:
+        return index_to_bytes(self.entries(crcs), shard_key=self.shard_key)
+
+    def needs_index(self, start: int, end: int) -> bool:
+        """Whether bytes [start, end) include the index member's data."""
+        return start < self.index_data_offset + self.index_size and end > self.index_data_offset
+
+    def members_in(self, start: int, end: int) -> range:
+        """Indexes of the members whose data overlaps [start, end)."""
+        first = max(bisect.bisect_right(self.header_offsets, start) - 1, 0)
+        last = bisect.bisect_left(self.header_offsets, end)
+        return range(first, min(last, len(self.members)))
+
+    def pieces(self, start: int, end: int, *, index: bytes | None = None) -> list[Piece]:
+        """What bytes [start, end) of the shard are made of, in order. `index` (the finished
+        index, exactly index_size bytes) is needed only when the range covers it."""
+        if not 0 <= start <= end <= self.size:
+            raise ValueError(f"range [{start}, {end}) outside a shard of {self.size} bytes")
+        out: list[Piece] = []
+
+        def fixed(at: int, data: bytes) -> None:
+            lo, hi = max(start, at), min(end, at + len(data))
+            if lo < hi:
+                out.append(FixedPiece(data[lo - at : hi - at]))
+
+        for n in self.members_in(start, end):
+            m = self.members[n]
+            header = member_layout(m.path, m.size, mtime=m.mtime, mode=m.mode)
+            at = self.header_offsets[n]
+            fixed(at, header.header_bytes)
+            data_at = at + header.header_size
+            lo, hi = max(start, data_at), min(end, data_at + m.size)
+            if lo < hi:
+                out.append(FilePiece(n, lo - data_at, hi - lo))
+            fixed(data_at + m.size, header.padding)
+        if end > self.index_header_offset:
+            if self.needs_index(start, end) and (index is None or len(index) != self.index_size):
+                raise ValueError("the range covers the index: pass its final bytes")
+            tail = member_layout(
+                INDEX_MEMBER_NAME, self.index_size, mtime=0, mode=_EXTRA_MEMBER_MODE
+            )
+            fixed(self.index_header_offset, tail.header_bytes)
+            fixed(self.index_data_offset, index or bytes(self.index_size))
+            fixed(self.index_data_offset + self.index_size, tail.padding + END_OF_ARCHIVE)
+        return out
