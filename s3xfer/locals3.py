@@ -98,29 +98,27 @@ def _allocate_port_pairs(count: int) -> list[int]:
     try:
         with _reserved_lock:
             for _attempt in range(count * 200):
-                if len(ports) == count:
-                    break
                 probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 probe.bind((HOST, 0))
                 port = probe.getsockname()[1]
                 grpc = port + GRPC_PORT_OFFSET
-                if grpc > 65535 or {port, grpc} & _reserved_ports:
-                    probe.close()
-                    continue
-                grpc_sock = _port_is_free(grpc)
+                grpc_sock = None
+                if grpc <= 65535 and not {port, grpc} & _reserved_ports:
+                    grpc_sock = _port_is_free(grpc)
                 if grpc_sock is None:
                     probe.close()
                     continue
                 held += [probe, grpc_sock]
                 ports.append(port)
                 _reserved_ports.update((port, grpc))
-            else:
-                raise LocalS3Error(f"could not find {count} free port pairs on {HOST}")
+                if len(ports) == count:
+                    return ports
+            _reserved_ports.difference_update(ports + [p + GRPC_PORT_OFFSET for p in ports])
+        raise LocalS3Error(f"could not find {count} free port pairs on {HOST}")
     finally:
         # Closed only now, so one allocation never returns the same port twice.
         for sock in held:
             sock.close()
-    return ports
 
 
 def _release_ports(ports: Mapping[str, int]) -> None:
@@ -214,7 +212,10 @@ class LocalS3:
         weed = find_weed()
         if self._given_data_dir is not None:
             self._data_dir = self._given_data_dir.resolve()
-            self._data_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self._data_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise LocalS3Error(f"cannot use {self._data_dir} as the data dir: {exc}") from exc
             self._owns_data_dir = False
         else:
             self._data_dir = Path(tempfile.mkdtemp(prefix="s3xfer-locals3-"))
