@@ -20,7 +20,9 @@ from .config import (
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_MEMORY,
     DEFAULT_MULTIPART_THRESHOLD,
+    DEFAULT_PACK_THRESHOLD,
     DEFAULT_PART_SIZE,
+    DEFAULT_SHARD_SIZE,
     PriceTable,
     TransferConfig,
     format_size,
@@ -28,7 +30,7 @@ from .config import (
 )
 from .errors import S3XferError, UsageError
 from .keys import S3Url
-from .plan import FileUnit, Plan, make_plan
+from .plan import Plan, make_plan
 from .render import human_bytes, render_plan, render_report, render_survey
 from .s3 import Connection
 from .survey import Survey, survey
@@ -88,6 +90,24 @@ def plan_options(function: F) -> F:
             default=format_size(DEFAULT_MULTIPART_THRESHOLD),
             show_default=True,
             help="Files at least this large are uploaded in parallel parts.",
+        ),
+        click.option(
+            "--pack-threshold",
+            type=SIZE,
+            default=format_size(DEFAULT_PACK_THRESHOLD),
+            show_default=True,
+            help="Files smaller than this are packed into tar shards (one object per shard; "
+            "each file is still fetchable alone with one ranged GET).",
+        ),
+        click.option(
+            "--shard-size",
+            type=SIZE,
+            default=format_size(DEFAULT_SHARD_SIZE),
+            show_default=True,
+            help="Target size of a tar shard.",
+        ),
+        click.option(
+            "--no-pack", is_flag=True, help="Upload every file as its own object (no shards)."
         ),
         click.option(
             "--key-prefix",
@@ -163,6 +183,9 @@ def make_config(**options: Any) -> TransferConfig:
         part_size=options["part_size"],
         multipart_threshold=options["multipart_threshold"],
         key_prefix=options["key_prefix"],
+        pack=not options["no_pack"],
+        pack_threshold=options["pack_threshold"],
+        shard_size=options["shard_size"],
         prices=PriceTable(
             put_per_1000=options["price_put"], storage_gb_month=options["price_storage"]
         ),
@@ -199,10 +222,10 @@ class UploadProgress:
         self.files_total = 0
         self.files_done = 0
 
-    def start(self, todo: list[FileUnit], unchanged: list[FileUnit]) -> None:
-        self.files_total = len(todo)
+    def start(self, files: int, total_bytes: int, unchanged: int) -> None:
+        self.files_total = files
         self.bar = tqdm(
-            total=sum(u.size for u in todo),
+            total=total_bytes,
             unit="B",
             unit_scale=True,
             unit_divisor=1024,
@@ -213,7 +236,7 @@ class UploadProgress:
             smoothing=0.1,
         )
         if unchanged and not self.quiet and sys.stderr.isatty():
-            self.bar.write(f"{len(unchanged):,} files unchanged since the last upload: skipped")
+            self.bar.write(f"{unchanged:,} files unchanged since the last upload: skipped")
         self._postfix()
 
     def advance(self, nbytes: int, files: int) -> None:

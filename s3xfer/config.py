@@ -23,6 +23,10 @@ DEFAULT_CONCURRENCY = 32
 DEFAULT_MAX_MEMORY = 256 * MiB
 DEFAULT_PART_SIZE = 8 * MiB
 DEFAULT_MULTIPART_THRESHOLD = 16 * MiB
+# Files below the pack threshold go into tar shards: one PUT per ~shard instead of per file.
+DEFAULT_PACK_THRESHOLD = 1 * MiB
+DEFAULT_SHARD_SIZE = 256 * MiB
+MAX_SHARD_MEMBERS = 100_000  # bounds the size of one shard's index
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +54,9 @@ class TransferConfig:
     part_size: int = DEFAULT_PART_SIZE
     multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD
     key_prefix: str = "none"  # "none" | "hash"
+    pack: bool = True
+    pack_threshold: int = DEFAULT_PACK_THRESHOLD
+    shard_size: int = DEFAULT_SHARD_SIZE
     max_attempts: int = 6
     prices: PriceTable = field(default_factory=PriceTable)
 
@@ -68,6 +75,11 @@ class TransferConfig:
             raise UsageError("multipart threshold must be between 1 byte and 5 GiB")
         if self.key_prefix not in ("none", "hash"):
             raise UsageError(f"key prefix style must be 'none' or 'hash', got {self.key_prefix!r}")
+        if self.pack_threshold < 0 or self.pack_threshold > self.multipart_threshold:
+            raise UsageError("pack threshold must be between 0 and the multipart threshold")
+        if not MIN_PART_SIZE <= self.shard_size <= MAX_PARTS * self.part_size:
+            size = format_size(self.shard_size)
+            raise UsageError(f"shard size must be between 5 MiB and 10,000 parts, got {size}")
         if not 1 <= self.max_attempts <= 100:
             raise UsageError("max attempts must be between 1 and 100")
 

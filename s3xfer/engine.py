@@ -1,10 +1,14 @@
 """Executes plan units against S3: one task group, bounded requests, a hard byte budget.
 
-`concurrency` workers pull jobs (single PUTs and parts of multipart uploads) from one
-unbuffered stream, so parts of different files interleave and a slow part never stalls the
-others. Before reading any bytes a worker reserves them from the ByteBudget; the bytes are
-released once S3 has acknowledged them. Requests in flight are therefore at most
-`concurrency`, and bytes buffered at most `max_memory`.
+`concurrency` workers pull jobs (single PUTs, and parts of multipart uploads of large files
+and of tar shards) from one unbuffered stream, so parts of different objects interleave and a
+slow part never stalls the others. Before reading any bytes a worker reserves them from the
+ByteBudget; they are released once S3 has acknowledged them. Requests in flight are therefore
+at most `concurrency`, and file bytes buffered at most `max_memory`.
+
+A shard's parts are built independently from its planned layout (tarpack.ShardLayout): each
+reads just the member ranges it covers. The part that holds the shard's index waits until every
+member's CRC32 is known, then writes the index with them.
 """
 
 from __future__ import annotations
@@ -18,14 +22,15 @@ from typing import Any
 import anyio
 from anyio.abc import ObjectReceiveStream
 
-from .checksums import combine_parts, crc32_to_base64
+from .checksums import combine_parts, crc32, crc32_to_base64
 from .config import TransferConfig
 from .errors import S3XferError
-from .localfs import read_range
-from .manifest import ManifestRecord
-from .plan import FileUnit, Kind, Part, parts_of
+from .localfs import join_and_crc, read_pieces, read_range
+from .manifest import ManifestRecord, ShardRecord
+from .plan import FileUnit, Kind, Part, ShardUnit, parts_of
 from .retry import RetryPolicy, TransientError, call_with_retries
 from .s3 import S3
+from .tarpack import FilePiece, FixedPiece, ShardLayout
 
 ProgressCallback = Callable[[int, int], None]  # (bytes done, files done) increments
 
@@ -86,6 +91,7 @@ class EngineStats:
     files_done: int = 0
     bytes_done: int = 0
     files_failed: int = 0
+    shards_done: int = 0
     retries: int = 0
     throttled: int = 0
     in_flight: int = 0
@@ -93,16 +99,48 @@ class EngineStats:
     failures: list[tuple[str, str]] = field(default_factory=list)
 
 
+@dataclass(eq=False)
+class _ShardBuild:
+    """What the parts of one shard share: member CRC pieces, and the index once known."""
+
+    unit: ShardUnit
+    layout: ShardLayout
+    data_parts_left: int
+    data_ready: anyio.Event = field(default_factory=anyio.Event)
+    crc_pieces: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
+    index: bytes | None = None
+    failed: bool = False
+
+    def member_crcs(self) -> list[int]:
+        crcs = []
+        for n, member in enumerate(self.unit.members):
+            pieces = sorted(self.crc_pieces.get(n, []))
+            covered = sum(length for _offset, _crc, length in pieces)
+            if covered != member.size:
+                raise S3XferError(f"{member.path}: {covered} of {member.size} bytes read")
+            crcs.append(combine_parts((crc, length) for _offset, crc, length in pieces))
+        return crcs
+
+
 @dataclass(eq=False)  # identity semantics: kept in a set of open uploads
 class _Multipart:
-    """Shared state of one file's multipart upload while its parts are in flight."""
+    """Shared state of one object's multipart upload while its parts are in flight."""
 
-    unit: FileUnit
+    key: str
     remaining: int
+    file: FileUnit | None = None
+    shard: _ShardBuild | None = None
     upload_id: str | None = None
     error: str | None = None
     done: dict[int, tuple[str, int, int]] = field(default_factory=dict)  # number → etag, crc, len
     lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+    @property
+    def paths(self) -> list[str]:
+        if self.shard is not None:
+            return [m.path for m in self.shard.unit.members]
+        assert self.file is not None
+        return [self.file.path]
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +172,7 @@ class Engine:
         self.budget = ByteBudget(config.max_memory)
         self.stats = EngineStats()
         self.records: list[ManifestRecord] = []
+        self.shard_records: list[ShardRecord] = []
         self._policy = RetryPolicy(max_attempts=config.max_attempts)
         self._on_progress = on_progress or (lambda _b, _f: None)
         self._open_uploads: set[_Multipart] = set()
@@ -146,7 +185,7 @@ class Engine:
             f"retries={s.retries} {self.budget!r}>"
         )
 
-    async def run(self, units: Iterable[FileUnit]) -> None:
+    async def run(self, units: Iterable[FileUnit], shards: Iterable[ShardUnit] = ()) -> None:
         send, receive = anyio.create_memory_object_stream[_PutJob | _PartJob](0)
         try:
             async with anyio.create_task_group() as group:
@@ -154,10 +193,21 @@ class Engine:
                     for _ in range(self.config.concurrency):
                         group.start_soon(self._worker, receive.clone())
                 async with send:
+                    # Shards first: each is many files, and their parts keep every worker busy.
+                    for shard in shards:
+                        layout = shard.layout()
+                        parts = list(parts_of(layout.size, shard.part_size))
+                        data_parts = sum(p.offset < layout.index_header_offset for p in parts)
+                        build = _ShardBuild(shard, layout, data_parts_left=data_parts)
+                        if data_parts == 0:
+                            build.data_ready.set()
+                        upload = _Multipart(shard.key, remaining=len(parts), shard=build)
+                        for part in parts:
+                            await send.send(_PartJob(upload, part))
                     for unit in units:
                         if unit.kind is Kind.MULTIPART:
                             parts = list(parts_of(unit.size, unit.part_size))
-                            upload = _Multipart(unit, remaining=len(parts))
+                            upload = _Multipart(unit.key, remaining=len(parts), file=unit)
                             for part in parts:
                                 await send.send(_PartJob(upload, part))
                         else:
@@ -190,53 +240,85 @@ class Engine:
         finally:
             self.stats.in_flight -= 1
 
-    def _fail(self, unit: FileUnit, error: BaseException) -> None:
-        self.stats.files_failed += 1
-        self.stats.failures.append((unit.path, str(error)))
-
-    async def _read(self, unit: FileUnit, offset: int, length: int) -> tuple[bytes, int]:
-        return await read_range(
-            self.source / unit.path,
-            offset=offset,
-            length=length,
-            size=unit.size,
-            mtime_ns=unit.mtime_ns,
-        )
+    def _fail(self, paths: list[str], reason: str) -> None:
+        self.stats.files_failed += len(paths)
+        self.stats.failures.extend((path, reason) for path in paths)
 
     async def _put(self, unit: FileUnit) -> None:
         await self.budget.acquire(unit.size)
         try:
-            body, crc = await self._read(unit, 0, unit.size)
+            body, crc = await read_range(
+                self.source / unit.path,
+                offset=0,
+                length=unit.size,
+                size=unit.size,
+                mtime_ns=unit.mtime_ns,
+            )
             checksum = crc32_to_base64(crc)
-            await self._request(
+            etag = await self._request(
                 lambda: self.s3.put_object(
                     self.bucket, unit.key, body, crc32=checksum, extra=self._put_extra
                 )
             )
         except S3XferError as error:
-            self._fail(unit, error)
+            self._fail([unit.path], str(error))
             return
         finally:
             self.budget.release(unit.size)
-        self._record(unit, checksum)
+        self._record(unit, checksum, etag)
         self.stats.bytes_done += unit.size
         self.stats.files_done += 1
         self._on_progress(unit.size, 1)
 
+    async def _read_part(self, upload: _Multipart, part: Part) -> tuple[bytes, int]:
+        if upload.file is not None:
+            unit = upload.file
+            return await read_range(
+                self.source / unit.path,
+                offset=part.offset,
+                length=part.length,
+                size=unit.size,
+                mtime_ns=unit.mtime_ns,
+            )
+        build = upload.shard
+        assert build is not None
+        layout = build.layout
+        start, end = part.offset, part.offset + part.length
+        needs_index = layout.needs_index(start, end)
+        placeholder = bytes(layout.index_size) if needs_index else None
+        pieces = layout.pieces(start, end, index=placeholder)
+        file_pieces = [p for p in pieces if isinstance(p, FilePiece)]
+        read = await read_pieces(self.source, build.unit.members, file_pieces)
+        for piece, (_data, crc) in zip(file_pieces, read, strict=True):
+            build.crc_pieces.setdefault(piece.member, []).append((piece.offset, crc, piece.length))
+        if start < layout.index_header_offset:
+            build.data_parts_left -= 1
+            if build.data_parts_left == 0:
+                build.data_ready.set()
+        if needs_index:
+            await build.data_ready.wait()
+            if build.failed:
+                raise S3XferError("another part of this shard failed")
+            if build.index is None:
+                build.index = layout.index_bytes(build.member_crcs())
+            pieces = layout.pieces(start, end, index=build.index)
+        data = iter(read)
+        chunks = [p.data if isinstance(p, FixedPiece) else next(data)[0] for p in pieces]
+        return await join_and_crc(chunks)
+
     async def _upload_part(self, upload: _Multipart, part: Part) -> None:
-        unit = upload.unit
         try:
             if upload.error is None:
                 await self._ensure_created(upload)
                 await self.budget.acquire(part.length)
                 try:
-                    body, crc = await self._read(unit, part.offset, part.length)
+                    body, crc = await self._read_part(upload, part)
                     assert upload.upload_id is not None
                     upload_id = upload.upload_id
                     etag = await self._request(
                         lambda: self.s3.upload_part(
                             self.bucket,
-                            unit.key,
+                            upload.key,
                             upload_id=upload_id,
                             number=part.number,
                             body=body,
@@ -251,6 +333,9 @@ class Engine:
                 self._on_progress(part.length, 0)
         except S3XferError as error:
             upload.error = upload.error or str(error)
+            if upload.shard is not None:  # wake the part waiting to write the index
+                upload.shard.failed = True
+                upload.shard.data_ready.set()
         finally:
             upload.remaining -= 1
         if upload.remaining == 0:
@@ -260,12 +345,11 @@ class Engine:
         async with upload.lock:
             if upload.upload_id is None:
                 upload.upload_id = await self._request(
-                    lambda: self.s3.create_multipart_upload(self.bucket, upload.unit.key)
+                    lambda: self.s3.create_multipart_upload(self.bucket, upload.key)
                 )
                 self._open_uploads.add(upload)
 
     async def _finish(self, upload: _Multipart) -> None:
-        unit = upload.unit
         if upload.error is None:
             numbers = sorted(upload.done)
             full = combine_parts((upload.done[n][1], upload.done[n][2]) for n in numbers)
@@ -274,25 +358,59 @@ class Engine:
             upload_id = upload.upload_id
             checksum = crc32_to_base64(full)
             try:
-                await self._request(
+                etag = await self._request(
                     lambda: self.s3.complete_multipart_upload(
-                        self.bucket, unit.key, upload_id=upload_id, parts=parts, crc32=checksum
+                        self.bucket, upload.key, upload_id=upload_id, parts=parts, crc32=checksum
                     )
                 )
+                self._open_uploads.discard(upload)
+                if upload.shard is not None:
+                    await self._finish_shard(upload.shard, etag)
+                else:
+                    assert upload.file is not None
+                    self._record(upload.file, checksum, etag)
+                    self.stats.files_done += 1
+                    self._on_progress(0, 1)
+                return
             except S3XferError as error:
                 upload.error = str(error)
-            else:
-                self._open_uploads.discard(upload)
-                self._record(unit, checksum)
-                self.stats.files_done += 1
-                self._on_progress(0, 1)
-                return
         await self._abort(upload)
-        self._fail(unit, S3XferError(upload.error or "failed"))
+        where = f" (in shard {upload.key})" if upload.shard is not None else ""
+        self._fail(upload.paths, f"{upload.error or 'failed'}{where}")
         # Bytes of parts that were sent but will not count: take them off the progress.
         sent = sum(length for _e, _c, length in upload.done.values())
         self.stats.bytes_done -= sent
         self._on_progress(-sent, 0)
+
+    async def _finish_shard(self, build: _ShardBuild, etag: str) -> None:
+        """The shard is complete: store its index beside it and record every member."""
+        assert build.index is not None
+        index = build.index
+        index_crc = crc32_to_base64(crc32(index))
+        await self._request(
+            lambda: self.s3.put_object(self.bucket, build.unit.index_key, index, crc32=index_crc)
+        )
+        crcs = build.member_crcs()
+        for n, member in enumerate(build.unit.members):
+            self.records.append(
+                ManifestRecord(
+                    path=member.path,
+                    key=build.unit.key,
+                    size=member.size,
+                    mtime_ns=member.mtime_ns,
+                    mode=member.mode,
+                    crc32=crc32_to_base64(crcs[n]),
+                    part_size=0,
+                    offset=build.layout.data_offset(n),
+                    etag=etag,
+                )
+            )
+        self.shard_records.append(
+            ShardRecord(build.unit.key, build.layout.size, etag, len(build.unit.members))
+        )
+        self.stats.files_done += len(build.unit.members)
+        self.stats.shards_done += 1
+        self._on_progress(0, len(build.unit.members))
 
     async def _abort(self, upload: _Multipart) -> None:
         if upload.upload_id is None or upload not in self._open_uploads:
@@ -301,16 +419,14 @@ class Engine:
         upload_id = upload.upload_id
         try:
             await self._request(
-                lambda: self.s3.abort_multipart_upload(
-                    self.bucket, upload.unit.key, upload_id=upload_id
-                )
+                lambda: self.s3.abort_multipart_upload(self.bucket, upload.key, upload_id=upload_id)
             )
         except S3XferError as error:
             self.stats.failures.append(
-                (upload.unit.path, f"could not abort multipart upload {upload_id}: {error}")
+                (upload.key, f"could not abort multipart upload {upload_id}: {error}")
             )
 
-    def _record(self, unit: FileUnit, checksum: str) -> None:
+    def _record(self, unit: FileUnit, checksum: str, etag: str) -> None:
         self.records.append(
             ManifestRecord(
                 path=unit.path,
@@ -320,5 +436,6 @@ class Engine:
                 mode=unit.mode,
                 crc32=checksum,
                 part_size=unit.part_size,
+                etag=etag,
             )
         )

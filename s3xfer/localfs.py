@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
 
 from .errors import SourceError
+from .survey import FileEntry
+from .tarpack import FilePiece
 
 
 class FileChangedError(SourceError):
@@ -48,3 +51,35 @@ async def read_range(
 ) -> tuple[bytes, int]:
     """Bytes [offset, offset+length) of a file and their CRC32, checking the file is unchanged."""
     return await anyio.to_thread.run_sync(_read_range, path, offset, length, size, mtime_ns)
+
+
+def _read_pieces(
+    root: Path, members: Sequence[FileEntry], pieces: Sequence[FilePiece]
+) -> list[tuple[bytes, int]]:
+    return [
+        _read_range(
+            root / members[p.member].path,
+            p.offset,
+            p.length,
+            members[p.member].size,
+            members[p.member].mtime_ns,
+        )
+        for p in pieces
+    ]
+
+
+async def read_pieces(
+    root: Path, members: Sequence[FileEntry], pieces: Sequence[FilePiece]
+) -> list[tuple[bytes, int]]:
+    """The bytes and CRC32 of several member ranges of a shard, in one worker-thread call."""
+    return await anyio.to_thread.run_sync(_read_pieces, root, members, pieces)
+
+
+def _join_and_crc(chunks: list[bytes]) -> tuple[bytes, int]:
+    body = b"".join(chunks)
+    return body, zlib.crc32(body)
+
+
+async def join_and_crc(chunks: list[bytes]) -> tuple[bytes, int]:
+    """Assemble a part from its pieces and checksum it, off the event loop."""
+    return await anyio.to_thread.run_sync(_join_and_crc, chunks)

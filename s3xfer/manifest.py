@@ -2,6 +2,8 @@
 
 Stored gzip-compressed as `<prefix>/.s3xfer/manifest.json.gz`. It makes re-runs incremental
 (a file whose size and mtime match its record is not sent again) and downloads verifiable.
+Packed files point into their shard (offset); the shards table holds each shard's size and
+ETag so that a replaced shard is detected instead of returning wrong bytes.
 """
 
 from __future__ import annotations
@@ -9,11 +11,11 @@ from __future__ import annotations
 import gzip
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import IntegrityError
-from .plan import FileUnit
+from .plan import FileUnit, ShardUnit
 
 MANIFEST_FORMAT = "s3xfer-manifest"
 MANIFEST_VERSION = 1
@@ -28,6 +30,12 @@ class ManifestRecord:
     mode: int
     crc32: str  # base64 of the big-endian CRC32 of the whole file, as S3 reports it
     part_size: int  # 0 for a single PUT; lets downloads align ranges to parts
+    offset: int = -1  # where the file's bytes start inside its shard; -1 for its own object
+    etag: str = ""  # of the object holding the bytes (for a packed file: of the shard)
+
+    @property
+    def packed(self) -> bool:
+        return self.offset >= 0
 
     def to_json(self) -> list[Any]:
         return [
@@ -38,13 +46,23 @@ class ManifestRecord:
             self.mode,
             self.crc32,
             self.part_size,
+            self.offset,
+            self.etag,
         ]
 
     @classmethod
     def from_json(cls, row: list[Any]) -> ManifestRecord:
-        path, key, size, mtime_ns, mode, crc32, part_size = row
+        path, key, size, mtime_ns, mode, crc32, part_size, offset, etag = row
         return cls(
-            str(path), str(key), int(size), int(mtime_ns), int(mode), str(crc32), int(part_size)
+            str(path),
+            str(key),
+            int(size),
+            int(mtime_ns),
+            int(mode),
+            str(crc32),
+            int(part_size),
+            int(offset),
+            str(etag),
         )
 
     def matches(self, unit: FileUnit) -> bool:
@@ -55,13 +73,31 @@ class ManifestRecord:
             and self.mtime_ns == unit.mtime_ns
             and self.mode == unit.mode
             and self.part_size == unit.part_size
+            and not self.packed
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ShardRecord:
+    key: str
+    size: int
+    etag: str
+    members: int
+
+    def to_json(self) -> list[Any]:
+        return [self.key, self.size, self.etag, self.members]
+
+    @classmethod
+    def from_json(cls, row: list[Any]) -> ShardRecord:
+        key, size, etag, members = row
+        return cls(str(key), int(size), str(etag), int(members))
 
 
 @dataclass
 class Manifest:
     dest: str
     records: dict[str, ManifestRecord]
+    shards: dict[str, ShardRecord] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
         data = {
@@ -69,6 +105,7 @@ class Manifest:
             "version": MANIFEST_VERSION,
             "dest": self.dest,
             "files": [r.to_json() for r in sorted(self.records.values(), key=lambda r: r.path)],
+            "shards": [r.to_json() for r in sorted(self.shards.values(), key=lambda r: r.key)],
         }
         text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
         return gzip.compress(text.encode("utf-8"), mtime=0)
@@ -80,9 +117,14 @@ class Manifest:
             if data.get("format") != MANIFEST_FORMAT or data.get("version") != MANIFEST_VERSION:
                 raise ValueError(f"unknown format {data.get('format')!r} v{data.get('version')}")
             records = [ManifestRecord.from_json(row) for row in data["files"]]
+            shards = [ShardRecord.from_json(row) for row in data.get("shards", [])]
         except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise IntegrityError(f"corrupt manifest {where}: {exc}") from exc
-        return cls(dest=str(data.get("dest", "")), records={r.path: r for r in records})
+        return cls(
+            dest=str(data.get("dest", "")),
+            records={r.path: r for r in records},
+            shards={r.key: r for r in shards},
+        )
 
     def select_changed(self, units: Iterable[FileUnit]) -> tuple[list[FileUnit], list[FileUnit]]:
         """Split units into (to upload, unchanged)."""
@@ -91,4 +133,33 @@ class Manifest:
         for unit in units:
             record = self.records.get(unit.path)
             (unchanged if record is not None and record.matches(unit) else todo).append(unit)
+        return todo, unchanged
+
+    def shard_unchanged(self, shard: ShardUnit) -> bool:
+        """Every member recorded in this very shard, at its planned offset, unchanged."""
+        recorded = self.shards.get(shard.key)
+        if recorded is None or recorded.members != len(shard.members):
+            return False
+        layout = shard.layout()
+        if recorded.size != layout.size:
+            return False
+        for n, member in enumerate(shard.members):
+            record = self.records.get(member.path)
+            if record is None or (
+                record.key,
+                record.offset,
+                record.size,
+                record.mtime_ns,
+                record.mode,
+            ) != (shard.key, layout.data_offset(n), member.size, member.mtime_ns, member.mode):
+                return False
+        return True
+
+    def select_changed_shards(
+        self, shards: Iterable[ShardUnit]
+    ) -> tuple[list[ShardUnit], list[ShardUnit]]:
+        todo: list[ShardUnit] = []
+        unchanged: list[ShardUnit] = []
+        for shard in shards:
+            (unchanged if self.shard_unchanged(shard) else todo).append(shard)
         return todo, unchanged

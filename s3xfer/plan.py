@@ -4,6 +4,7 @@ sizes, and what the upload will cost. A plan is plain data: saved, read back, ex
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import math
 from collections.abc import Iterable, Iterator
@@ -12,11 +13,20 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from .config import MAX_PART_SIZE, MAX_PARTS, MAX_PUT_SIZE, MIN_PART_SIZE, MiB, TransferConfig
+from .config import (
+    MAX_PART_SIZE,
+    MAX_PARTS,
+    MAX_PUT_SIZE,
+    MAX_SHARD_MEMBERS,
+    MIN_PART_SIZE,
+    MiB,
+    TransferConfig,
+)
 from .config import format_size as _fmt
 from .errors import SourceError, UsageError
-from .keys import S3Url, object_key
+from .keys import META_DIR, S3Url, object_key
 from .survey import FileEntry, Problem, Survey
+from .tarpack import ShardLayout, ShardMember, member_footprint
 
 PLAN_FORMAT = "s3xfer-plan"
 PLAN_VERSION = 1
@@ -25,7 +35,7 @@ PLAN_VERSION = 1
 class Kind(StrEnum):
     PUT = "put"
     MULTIPART = "multipart"
-    # The packing issue adds PACK here: small files streamed into tar shards.
+    PACK = "pack"  # packed into a tar shard (see ShardUnit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +115,78 @@ def fit_part_size(size: int, *, preferred: int, max_memory: int) -> int:
 def classify(size: int, config: TransferConfig) -> Kind:
     if size >= config.multipart_threshold or size > MAX_PUT_SIZE:
         return Kind.MULTIPART
+    if config.pack and size < config.pack_threshold:
+        return Kind.PACK
     return Kind.PUT
+
+
+@dataclass(frozen=True, slots=True)
+class ShardUnit:
+    """Small files streamed into one tar shard, uploaded as one multipart object."""
+
+    key: str
+    part_size: int
+    members: list[FileEntry]
+
+    def layout(self) -> ShardLayout:
+        return ShardLayout(
+            [
+                ShardMember(m.path, m.size, m.mtime_ns // 1_000_000_000, m.mode)
+                for m in self.members
+            ],
+            shard_key=self.key,
+        )
+
+    @property
+    def index_key(self) -> str:
+        """The shard's index, also stored beside it so a reader need not touch the shard."""
+        return self.key + ".index.json"
+
+    def to_json(self) -> list[Any]:
+        return [self.key, self.part_size, [m.to_json() for m in self.members]]
+
+    @classmethod
+    def from_json(cls, row: list[Any]) -> ShardUnit:
+        key, part_size, members = row
+        return cls(str(key), int(part_size), [FileEntry.from_json(m) for m in members])
+
+
+def shard_key(dest: S3Url, first_path: str) -> str:
+    """Named after its first member: deterministic, with a hashed prefix to spread load."""
+    digest = hashlib.blake2b(first_path.encode("utf-8"), digest_size=8).hexdigest()
+    return dest.key(f"{META_DIR}/shards/{digest[:4]}/{digest}.tar")
+
+
+def _soft_cut(path: str) -> bool:
+    # One path in 16, by hash: shard boundaries fall on the same paths run after run, so adding
+    # or removing a file re-uploads its own shard, not every shard after it.
+    return hashlib.blake2b(path.encode("utf-8"), digest_size=2).digest()[0] % 16 == 0
+
+
+def group_into_shards(
+    entries: Iterable[FileEntry], dest: S3Url, config: TransferConfig
+) -> Iterator[ShardUnit]:
+    """Consecutive (sorted, so neighbouring) small files into shards of about shard_size."""
+    members: list[FileEntry] = []
+    filled = 0
+
+    def flush() -> ShardUnit:
+        size = ShardUnit("", 0, members).layout().size
+        part = fit_part_size(size, preferred=config.part_size, max_memory=config.max_memory)
+        return ShardUnit(shard_key(dest, members[0].path), part, list(members))
+
+    for entry in entries:
+        footprint = member_footprint(entry.path, entry.size)
+        full = filled + footprint > config.shard_size or len(members) >= MAX_SHARD_MEMBERS
+        soft = filled >= config.shard_size * 3 // 4 and _soft_cut(entry.path)
+        if members and (full or soft):
+            yield flush()
+            members.clear()
+            filled = 0
+        members.append(entry)
+        filled += footprint
+    if members:
+        yield flush()
 
 
 def plan_file(entry: FileEntry, dest: S3Url, config: TransferConfig) -> FileUnit:
@@ -128,7 +209,10 @@ def plan_file(entry: FileEntry, dest: S3Url, config: TransferConfig) -> FileUnit
 
 @dataclass(frozen=True, slots=True)
 class Estimate:
-    objects: int
+    objects: int  # objects written (a shard counts once)
+    files: int
+    packed_files: int
+    shards: int
     single_puts: int
     multipart_uploads: int
     parts: int
@@ -141,11 +225,25 @@ class Estimate:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
 
-def estimate(units: Iterable[FileUnit], config: TransferConfig) -> Estimate:
-    objects = puts = multipart = parts = requests = total = 0
+def estimate(
+    units: Iterable[FileUnit], shards: Iterable[ShardUnit], config: TransferConfig
+) -> Estimate:
+    objects = puts = multipart = parts = requests = total = packed = shard_count = 0
+    stored = 0
+    for shard in shards:
+        size = shard.layout().size
+        shard_parts = math.ceil(size / shard.part_size)
+        shard_count += 1
+        packed += len(shard.members)
+        total += sum(m.size for m in shard.members)
+        stored += size
+        parts += shard_parts
+        requests += shard_parts + 3  # create, parts, complete, the index beside it
+    loose_bytes = 0
     for unit in units:
         objects += 1
         total += unit.size
+        loose_bytes += unit.size
         requests += unit.request_count
         if unit.kind is Kind.MULTIPART:
             multipart += 1
@@ -155,7 +253,10 @@ def estimate(units: Iterable[FileUnit], config: TransferConfig) -> Estimate:
     requests += 2  # read the previous manifest, write the new one
     prices = config.prices
     return Estimate(
-        objects=objects,
+        objects=objects + shard_count,
+        files=objects + packed,
+        packed_files=packed,
+        shards=shard_count,
         single_puts=puts,
         multipart_uploads=multipart,
         parts=parts,
@@ -163,7 +264,7 @@ def estimate(units: Iterable[FileUnit], config: TransferConfig) -> Estimate:
         bytes=total,
         # Every upload request (PUT, POST, UploadPart) is billed at the PUT rate.
         request_cost_usd=requests * prices.put_per_1000 / 1000,
-        storage_cost_usd_month=total / 1e9 * prices.storage_gb_month,
+        storage_cost_usd_month=(stored + loose_bytes) / 1e9 * prices.storage_gb_month,
     )
 
 
@@ -173,11 +274,12 @@ class Plan:
     dest: S3Url
     config: TransferConfig
     units: list[FileUnit]
+    shards: list[ShardUnit] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
 
     @property
     def estimate(self) -> Estimate:
-        return estimate(self.units, self.config)
+        return estimate(self.units, self.shards, self.config)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -189,6 +291,7 @@ class Plan:
             "estimate": self.estimate.to_json(),
             "problems": [[p.path, p.reason] for p in self.problems],
             "units": [unit.to_json() for unit in self.units],
+            "shards": [shard.to_json() for shard in self.shards],
         }
 
     @classmethod
@@ -203,6 +306,7 @@ class Plan:
                 dest=S3Url.parse(data["dest"]),
                 config=TransferConfig.from_json(data["config"]),
                 units=[FileUnit.from_json(row) for row in data["units"]],
+                shards=[ShardUnit.from_json(row) for row in data.get("shards", [])],
                 problems=[Problem(path, reason) for path, reason in data.get("problems", [])],
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -240,7 +344,17 @@ def make_plan(survey: Survey, dest: S3Url, config: TransferConfig | None = None)
     config = config or TransferConfig()
     if not survey.files:
         raise SourceError(f"nothing to upload: no readable files under {survey.root}")
-    units = [plan_file(entry, dest, config) for entry in survey.files]
+    small = [e for e in survey.files if classify(e.size, config) is Kind.PACK]
+    units = [
+        plan_file(e, dest, config)
+        for e in survey.files
+        if classify(e.size, config) is not Kind.PACK
+    ]
     return Plan(
-        source=survey.root, dest=dest, config=config, units=units, problems=list(survey.problems)
+        source=survey.root,
+        dest=dest,
+        config=config,
+        units=units,
+        shards=list(group_into_shards(small, dest, config)),
+        problems=list(survey.problems),
     )

@@ -127,8 +127,9 @@ def render_plan(plan: Plan) -> str:
     e = plan.estimate
     lines = [
         f"plan: {plan.source} → {plan.dest}",
-        f"  objects           {e.objects:>12,}  ({e.single_puts:,} single PUTs, "
-        f"{e.multipart_uploads:,} multipart uploads)",
+        f"  files             {e.files:>12,}  ({e.packed_files:,} packed into {e.shards:,} "
+        f"tar shards, {e.single_puts:,} single PUTs, {e.multipart_uploads:,} multipart)",
+        f"  objects           {e.objects:>12,}",
         f"  parts             {e.parts:>12,}",
         f"  requests          {e.requests:>12,}",
         f"  bytes             {e.bytes:>12,}  ({human_bytes(e.bytes)})",
@@ -139,7 +140,13 @@ def render_plan(plan: Plan) -> str:
         f"  settings          concurrency {plan.config.concurrency}, memory budget "
         f"{format_size(plan.config.max_memory)}, part size {format_size(plan.config.part_size)}, "
         f"multipart from {format_size(plan.config.multipart_threshold)}, "
-        f"key prefix {plan.config.key_prefix}",
+        f"key prefix {plan.config.key_prefix}, "
+        + (
+            f"packing files under {format_size(plan.config.pack_threshold)} into "
+            f"~{format_size(plan.config.shard_size)} shards"
+            if plan.config.pack
+            else "no packing"
+        ),
     ]
     if plan.problems:
         lines.append(

@@ -204,11 +204,11 @@ class S3:
         upload_id: str,
         parts: list[tuple[int, str, str]],
         crc32: str,
-    ) -> None:
+    ) -> str:
         """parts: (number, etag, part crc32) in order; crc32: the full-object value."""
         self.calls["complete_multipart_upload"] += 1
         with map_errors(bucket, key):
-            await self.client.complete_multipart_upload(
+            response = await self.client.complete_multipart_upload(
                 Bucket=bucket,
                 Key=key,
                 UploadId=upload_id,
@@ -220,6 +220,7 @@ class S3:
                 ChecksumCRC32=crc32,
                 ChecksumType="FULL_OBJECT",
             )
+        return response.get("ETag", "")
 
     async def abort_multipart_upload(self, bucket: str, key: str, *, upload_id: str) -> None:
         self.calls["abort_multipart_upload"] += 1

@@ -4,13 +4,17 @@ engine, write the merged manifest, and report."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
+
+from . import catalog
 from .checksums import crc32, crc32_to_base64
 from .engine import Engine, ProgressCallback
 from .errors import NoSuchKeyError
-from .keys import manifest_key
+from .keys import S3Url, manifest_key
 from .manifest import Manifest
 from .plan import FileUnit, Plan
 from .retry import RetryPolicy, call_with_retries
@@ -62,43 +66,52 @@ async def load_manifest(s3: S3, plan: Plan, policy: RetryPolicy) -> Manifest | N
     return Manifest.from_bytes(raw, where=f"s3://{plan.dest.bucket}/{key}")
 
 
+StartCallback = Callable[[int, int, int], None]  # (files to send, bytes to send, unchanged)
+
+
 async def execute_plan(
     s3: S3,
     plan: Plan,
     *,
-    on_start: Any = None,
+    on_start: StartCallback | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> UploadReport:
     """Upload what changed since the last run of this plan's destination, with a client given."""
     started = time.perf_counter()
     policy = RetryPolicy(max_attempts=plan.config.max_attempts)
     await s3.check_bucket(plan.dest.bucket)
-    manifest = await load_manifest(s3, plan, policy) or Manifest(str(plan.dest), {})
+    old = await load_manifest(s3, plan, policy)
+    manifest = Manifest(str(plan.dest), dict(old.records), dict(old.shards)) if old else None
+    manifest = manifest or Manifest(str(plan.dest), {})
     todo, unchanged = manifest.select_changed(plan.units)
+    shards_todo, shards_unchanged = manifest.select_changed_shards(plan.shards)
+    unchanged_files = len(unchanged) + sum(len(s.members) for s in shards_unchanged)
+    unchanged_bytes = sum(u.size for u in unchanged) + sum(
+        m.size for s in shards_unchanged for m in s.members
+    )
     if on_start is not None:
-        on_start(todo, unchanged)
+        files = len(todo) + sum(len(s.members) for s in shards_todo)
+        total = sum(u.size for u in todo) + sum(s.layout().size for s in shards_todo)
+        on_start(files, total, unchanged_files)
     engine = Engine(
         s3, bucket=plan.dest.bucket, source=plan.source, config=plan.config, on_progress=on_progress
     )
-    await engine.run(todo)
+    await engine.run(todo, shards_todo)
     written = False
     if engine.records:
         for record in engine.records:
             manifest.records[record.path] = record
-        body = manifest.to_bytes()
-        checksum = crc32_to_base64(crc32(body))
-        await call_with_retries(
-            lambda: s3.put_object(plan.dest.bucket, manifest_key(plan.dest), body, crc32=checksum),
-            policy=policy,
-        )
+        for shard in engine.shard_records:
+            manifest.shards[shard.key] = shard
+        await save_catalog(s3, plan.dest, old, manifest, policy)
         written = True
     stats = engine.stats
     return UploadReport(
         dest=str(plan.dest),
         files_uploaded=stats.files_done,
         bytes_uploaded=stats.bytes_done,
-        files_unchanged=len(unchanged),
-        bytes_unchanged=sum(u.size for u in unchanged),
+        files_unchanged=unchanged_files,
+        bytes_unchanged=unchanged_bytes,
         files_failed=stats.files_failed,
         failures=sorted(stats.failures),
         problems=[(p.path, p.reason) for p in plan.problems],
@@ -109,14 +122,34 @@ async def execute_plan(
         throttled=stats.throttled,
         peak_buffered_bytes=engine.budget.peak,
         manifest_written=written,
+        extra={"shards_uploaded": stats.shards_done},
     )
+
+
+async def save_catalog(
+    s3: S3, dest: S3Url, old: Manifest | None, new: Manifest, policy: RetryPolicy
+) -> None:
+    """Write the changed catalog pieces, then the root and the manifest (readers start there)."""
+
+    async def put(key: str, body: bytes) -> None:
+        checksum = crc32_to_base64(crc32(body))
+        await call_with_retries(
+            lambda: s3.put_object(dest.bucket, key, body, crc32=checksum), policy=policy
+        )
+
+    async with anyio.create_task_group() as group:
+        for key, body in catalog.changed_pieces(old, new, dest).items():
+            group.start_soon(put, key, body)
+    root, _ = catalog.build(new, dest)
+    await put(catalog.root_key(dest), root.to_bytes())
+    await put(manifest_key(dest), new.to_bytes())
 
 
 async def upload(
     plan: Plan,
     connection: Connection | None = None,
     *,
-    on_start: Any = None,
+    on_start: StartCallback | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> UploadReport:
     """Execute a plan: one client, its connection pool sized to the plan's concurrency."""

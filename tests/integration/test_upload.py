@@ -24,7 +24,7 @@ from .helpers import connection, list_keys, read_object, run_cli, write_tree
 
 # A small multipart threshold so that multipart uploads stay cheap in tests.
 SMALL = TransferConfig(
-    concurrency=8, max_memory=32 * MiB, part_size=5 * MiB, multipart_threshold=6 * MiB
+    concurrency=8, max_memory=32 * MiB, part_size=5 * MiB, multipart_threshold=6 * MiB, pack=False
 )
 
 MIXED_TREE = {
@@ -75,7 +75,12 @@ def test_mixed_tree_uploads_byte_for_byte_with_verified_checksums(
     assert kinds["at-threshold.bin"] is Kind.MULTIPART
     assert kinds["just-below-threshold.bin"] is Kind.PUT
 
-    expected_keys = sorted([f"ds/{p}" for p in MIXED_TREE] + ["ds/.s3xfer/manifest.json.gz"])
+    meta = [
+        "ds/.s3xfer/catalog.json",
+        "ds/.s3xfer/catalog/1/0.json.gz",
+        "ds/.s3xfer/manifest.json.gz",
+    ]
+    expected_keys = sorted([f"ds/{p}" for p in MIXED_TREE] + meta)
     assert list_keys(sync_s3_client, bucket, "ds/") == expected_keys
     records = {row[0]: row for row in manifest(sync_s3_client, bucket, "ds")["files"]}
     for rel, data in contents.items():
@@ -84,8 +89,9 @@ def test_mixed_tree_uploads_byte_for_byte_with_verified_checksums(
         head = sync_s3_client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
         # S3 stored (and verified on receipt) the CRC32 of the whole object, multipart or not.
         assert head["ChecksumCRC32"].split("-")[0] == s3_crc32(data), rel
-        _path, rkey, size, mtime_ns, mode, crc, _part = records[rel]
-        assert (rkey, size, crc) == (key, len(data), s3_crc32(data))
+        _path, rkey, size, mtime_ns, mode, crc, _part, offset, etag = records[rel]
+        assert (rkey, size, crc, offset) == (key, len(data), s3_crc32(data), -1)
+        assert etag == head["ETag"]
         st = os.stat(tmp_path / "src" / rel)
         assert (mtime_ns, mode) == (st.st_mtime_ns, st.st_mode & 0o7777)
 
@@ -122,7 +128,7 @@ def test_hashed_key_prefix_is_deterministic(
     tmp_path: Path, s3_env: LocalS3Info, bucket: str, sync_s3_client: Any
 ) -> None:
     write_tree(tmp_path / "src", {"x/1.jpg": 5, "x/2.jpg": 6})
-    config = TransferConfig(key_prefix="hash")
+    config = TransferConfig(key_prefix="hash", pack=False)
     do_upload(tmp_path / "src", f"s3://{bucket}/h", s3_env, config)
     expected = {f"h/{hashed_prefix(p)}/{p}" for p in ("x/1.jpg", "x/2.jpg")}
     assert expected <= set(list_keys(sync_s3_client, bucket, "h/"))
@@ -146,7 +152,8 @@ def test_a_file_that_changes_after_planning_fails_alone_and_leaves_no_upload(
     assert not report.ok
     assert {path for path, _ in report.failures} == {"big.bin", "gone"}
     assert report.files_uploaded == 1
-    assert list_keys(sync_s3_client, bucket, "c/") == ["c/.s3xfer/manifest.json.gz", "c/fine"]
+    data_keys = [k for k in list_keys(sync_s3_client, bucket, "c/") if "/.s3xfer/" not in k]
+    assert data_keys == ["c/fine"]
     # The failed multipart upload was aborted, not left behind to be billed.
     assert sync_s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
 
@@ -156,7 +163,9 @@ def test_cli_upload_with_saved_plan_and_json_report(
 ) -> None:
     write_tree(tmp_path / "src", {"a.txt": 100, "b/c.txt": 200})
     plan_path = tmp_path / "plan.json"
-    planned = run_cli("plan", str(tmp_path / "src"), f"s3://{bucket}/saved", "-o", str(plan_path))
+    planned = run_cli(
+        "plan", str(tmp_path / "src"), f"s3://{bucket}/saved", "-o", str(plan_path), "--no-pack"
+    )
     assert planned.returncode == 0, planned.stderr
     assert "objects" in planned.stdout and "request cost" in planned.stdout
     result = run_cli("upload", "--plan", str(plan_path), "--json")
@@ -167,7 +176,7 @@ def test_cli_upload_with_saved_plan_and_json_report(
         read_object(sync_s3_client, bucket, "saved/b/c.txt")
         == (tmp_path / "src/b/c.txt").read_bytes()
     )
-    again = run_cli("upload", str(tmp_path / "src"), f"s3://{bucket}/saved")
+    again = run_cli("upload", str(tmp_path / "src"), f"s3://{bucket}/saved", "--no-pack")
     assert again.returncode == 0
     assert "no PUT was sent" in again.stdout
 
@@ -179,7 +188,7 @@ def test_unreadable_entries_are_skipped_and_listed(
     write_tree(src, {"good.txt": 10})
     (src / "dangling").symlink_to(src / "missing")
     os.mkfifo(src / "pipe")
-    result = run_cli("upload", str(src), f"s3://{bucket}/s", "--json")
+    result = run_cli("upload", str(src), f"s3://{bucket}/s", "--json", "--no-pack")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert {(p["path"], p["reason"]) for p in report["problems"]} == {

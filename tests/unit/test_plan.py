@@ -69,7 +69,7 @@ def test_part_that_cannot_fit_the_memory_budget_is_refused() -> None:
 
 
 def test_classification_at_the_threshold() -> None:
-    config = TransferConfig(multipart_threshold=16 * MiB)
+    config = TransferConfig(multipart_threshold=16 * MiB, pack=False)
     assert classify(0, config) is Kind.PUT
     assert classify(16 * MiB - 1, config) is Kind.PUT
     assert classify(16 * MiB, config) is Kind.MULTIPART
@@ -95,7 +95,7 @@ def test_plan_estimate_counts_requests_and_cost() -> None:
         FileEntry("b.bin", 100 * MiB, 2, 0o600),
         FileEntry("c/empty", 0, 3, 0o644),
     ]
-    config = TransferConfig(part_size=8 * MiB, multipart_threshold=16 * MiB)
+    config = TransferConfig(part_size=8 * MiB, multipart_threshold=16 * MiB, pack=False)
     plan = make_plan(make_survey(entries), S3Url.parse("s3://bucket/data/"), config)
     est = plan.estimate
     assert [u.kind for u in plan.units] == [Kind.PUT, Kind.MULTIPART, Kind.PUT]

@@ -1,0 +1,157 @@
+"""The dataset catalog: where is path P? Answered with one small GET (or none, when cached).
+
+The manifest lists every file and is what uploads read; for lookups it is split into pieces
+by a hash of the path, so finding one file among millions fetches one small piece:
+
+    <prefix>/.s3xfer/catalog.json                     root: fan-out, shards (size, ETag), totals
+    <prefix>/.s3xfer/catalog/<fanout>/<bucket>.json.gz   the records whose path hashes there
+
+The fan-out is a power of two chosen so a piece holds about 2,048 files at most. Records carry
+the ETag of the object holding the bytes, so a replaced object or shard is detected instead of
+returning wrong bytes (reads send If-Match).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import IntegrityError
+from .keys import META_DIR, S3Url
+from .manifest import Manifest, ManifestRecord, ShardRecord
+
+CATALOG_FORMAT = "s3xfer-catalog"
+PIECE_FORMAT = "s3xfer-catalog-piece"
+CATALOG_VERSION = 1
+FILES_PER_PIECE = 2048
+
+
+def root_key(dest: S3Url) -> str:
+    return dest.key(f"{META_DIR}/catalog.json")
+
+
+def piece_key(dest: S3Url, fanout: int, bucket: int) -> str:
+    width = max(1, math.ceil(math.log2(fanout) / 4)) if fanout > 1 else 1
+    return dest.key(f"{META_DIR}/catalog/{fanout}/{bucket:0{width}x}.json.gz")
+
+
+def fanout_for(files: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, math.ceil(files / FILES_PER_PIECE)))))
+
+
+def bucket_of(path: str, fanout: int) -> int:
+    digest = hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=4).digest()
+    return int.from_bytes(digest, "big") % fanout
+
+
+@dataclass(frozen=True)
+class CatalogRoot:
+    dest: str
+    fanout: int
+    files: int
+    total_bytes: int
+    shards: dict[str, ShardRecord]
+
+    def to_bytes(self) -> bytes:
+        data = {
+            "format": CATALOG_FORMAT,
+            "version": CATALOG_VERSION,
+            "dest": self.dest,
+            "fanout": self.fanout,
+            "files": self.files,
+            "bytes": self.total_bytes,
+            "shards": [r.to_json() for r in sorted(self.shards.values(), key=lambda r: r.key)],
+        }
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, *, where: str) -> CatalogRoot:
+        try:
+            data = json.loads(raw)
+            if data.get("format") != CATALOG_FORMAT or data.get("version") != CATALOG_VERSION:
+                raise ValueError(f"unknown format {data.get('format')!r} v{data.get('version')}")
+            fanout = int(data["fanout"])
+            if fanout < 1 or fanout & (fanout - 1):
+                raise ValueError(f"fan-out {fanout} is not a power of two")
+            shards = [ShardRecord.from_json(row) for row in data["shards"]]
+            return cls(
+                str(data["dest"]),
+                fanout,
+                int(data["files"]),
+                int(data["bytes"]),
+                {s.key: s for s in shards},
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise IntegrityError(f"corrupt catalog {where}: {exc}") from exc
+
+
+def piece_bytes(records: list[ManifestRecord], *, fanout: int, bucket: int) -> bytes:
+    data = {
+        "format": PIECE_FORMAT,
+        "version": CATALOG_VERSION,
+        "fanout": fanout,
+        "bucket": bucket,
+        "files": [r.to_json() for r in sorted(records, key=lambda r: r.path)],
+    }
+    text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return gzip.compress(text.encode("utf-8"), mtime=0)
+
+
+def parse_piece(raw: bytes, *, fanout: int, bucket: int, where: str) -> dict[str, ManifestRecord]:
+    try:
+        data = json.loads(gzip.decompress(raw))
+        if data.get("format") != PIECE_FORMAT or data.get("version") != CATALOG_VERSION:
+            raise ValueError(f"unknown format {data.get('format')!r} v{data.get('version')}")
+        if (data.get("fanout"), data.get("bucket")) != (fanout, bucket):
+            raise ValueError("piece belongs to another fan-out or bucket")
+        records = [ManifestRecord.from_json(row) for row in data["files"]]
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise IntegrityError(f"corrupt catalog piece {where}: {exc}") from exc
+    return {r.path: r for r in records}
+
+
+def build(manifest: Manifest, dest: S3Url) -> tuple[CatalogRoot, dict[str, bytes]]:
+    """The catalog of a manifest: its root and every piece, by key. Pure."""
+    fanout = fanout_for(len(manifest.records))
+    buckets: dict[int, list[ManifestRecord]] = {b: [] for b in range(fanout)}
+    for record in manifest.records.values():
+        buckets[bucket_of(record.path, fanout)].append(record)
+    pieces = {
+        piece_key(dest, fanout, b): piece_bytes(records, fanout=fanout, bucket=b)
+        for b, records in buckets.items()
+    }
+    root = CatalogRoot(
+        dest=str(dest),
+        fanout=fanout,
+        files=len(manifest.records),
+        total_bytes=sum(r.size for r in manifest.records.values()),
+        shards=dict(manifest.shards),
+    )
+    return root, pieces
+
+
+def changed_pieces(old: Manifest | None, new: Manifest, dest: S3Url) -> dict[str, bytes]:
+    """Pieces of the new catalog that differ from the old one's: the only ones to write."""
+    _, new_pieces = build(new, dest)
+    if old is None:
+        return new_pieces
+    _, old_pieces = build(old, dest)
+    return {key: raw for key, raw in new_pieces.items() if old_pieces.get(key) != raw}
+
+
+def to_json(record: ManifestRecord) -> dict[str, Any]:
+    """A record as `ls --json` shows it."""
+    return {
+        "path": record.path,
+        "size": record.size,
+        "mtime_ns": record.mtime_ns,
+        "mode": record.mode,
+        "crc32": record.crc32,
+        "key": record.key,
+        "offset": record.offset if record.packed else None,
+        "stored": "shard" if record.packed else "object",
+    }
