@@ -53,3 +53,9 @@ class LocalS3Error(S3XferError):
     """The embedded local S3 server could not be started."""
 
     exit_code = 5
+
+
+class NotInDatasetError(S3XferError, FileNotFoundError):
+    """A path asked for is not in the dataset's catalog, or the prefix holds no dataset."""
+
+    exit_code = 2

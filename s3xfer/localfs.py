@@ -11,6 +11,7 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
+import aiofiles
 import anyio
 
 from .errors import SourceError
@@ -83,3 +84,39 @@ def _join_and_crc(chunks: list[bytes]) -> tuple[bytes, int]:
 async def join_and_crc(chunks: list[bytes]) -> tuple[bytes, int]:
     """Assemble a part from its pieces and checksum it, off the event loop."""
     return await anyio.to_thread.run_sync(_join_and_crc, chunks)
+
+
+def safe_destination(root: Path, relative: str) -> Path:
+    """`root / relative`, refusing anything that would land outside root: absolute paths,
+    '..' components, drive letters, backslashes, and symlinks already inside root that point
+    out of it."""
+    parts = relative.split("/")
+    if (
+        not relative
+        or relative.startswith("/")
+        or "\\" in relative
+        or "\x00" in relative
+        or any(part in ("", ".", "..") for part in parts)
+        or (len(parts[0]) >= 2 and parts[0][1] == ":")
+    ):
+        raise SourceError(f"refusing unsafe path {relative!r}: it would leave the destination")
+    base = root.resolve()
+    target = (base / relative).resolve()
+    if target != base and base not in target.parents:
+        raise SourceError(f"refusing {relative!r}: it resolves outside the destination")
+    return base / relative
+
+
+async def write_file(path: Path, data: bytes, *, mtime_ns: int, mode: int) -> None:
+    """Write a whole file atomically (a temporary name, then rename) with its mtime and mode."""
+    await anyio.to_thread.run_sync(lambda: path.parent.mkdir(parents=True, exist_ok=True))
+    tmp = path.with_name(f".{path.name}.s3xfer-tmp")
+    async with aiofiles.open(tmp, "wb") as out:
+        await out.write(data)
+    await anyio.to_thread.run_sync(_finish_write, tmp, path, mtime_ns, mode)
+
+
+def _finish_write(tmp: Path, path: Path, mtime_ns: int, mode: int) -> None:
+    os.chmod(tmp, mode & 0o7777)
+    os.utime(tmp, ns=(mtime_ns, mtime_ns))
+    os.replace(tmp, path)

@@ -23,6 +23,7 @@ from aiobotocore.session import AioSession
 from .errors import (
     AccessDeniedError,
     EndpointError,
+    IntegrityError,
     NoSuchBucketError,
     NoSuchKeyError,
     RemoteError,
@@ -94,6 +95,10 @@ def _translate(
             return NoSuchKeyError(f"no such object: {where}")
         if code in ("404", "NotFound"):
             return NoSuchBucketError(f"no such bucket: s3://{bucket}")
+        if code in ("PreconditionFailed", "412") or status == 412:
+            return IntegrityError(
+                f"{where} was replaced after it was catalogued (ETag no longer matches)"
+            )
         if code in _THROTTLE_CODES or status == 503:
             return TransientError(f"throttled ({code}) on {where}", throttled=True)
         if code in _TRANSIENT_CODES or status >= 500:
@@ -235,6 +240,26 @@ class S3:
             async with response["Body"] as stream:
                 data: bytes = await stream.read()
                 return data
+
+    async def get_range(
+        self, bucket: str, key: str, *, byte_range: str | None, if_match: str | None = None
+    ) -> tuple[bytes, int, str | None]:
+        """One GET (of one range, or the whole object): body, HTTP status, Content-Range.
+
+        With if_match, an object replaced since its ETag was recorded is refused by S3 (412)
+        instead of returning other bytes."""
+        self.calls["get_object"] += 1
+        kwargs: dict[str, Any] = {}
+        if byte_range:
+            kwargs["Range"] = byte_range
+        if if_match:
+            kwargs["IfMatch"] = if_match
+        with map_errors(bucket, key, byte_range):
+            response = await self.client.get_object(Bucket=bucket, Key=key, **kwargs)
+            async with response["Body"] as stream:
+                body: bytes = await stream.read()
+        status = int(response["ResponseMetadata"]["HTTPStatusCode"])
+        return body, status, response.get("ContentRange")
 
     async def head_object(self, bucket: str, key: str) -> dict[str, Any]:
         self.calls["head_object"] += 1

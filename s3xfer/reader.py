@@ -1,0 +1,329 @@
+"""Reading files out of an s3xfer dataset: any file, packed or not, with one ranged GET,
+verified against its catalogued CRC32; many files with nearby ranges merged into one GET.
+
+    async with Dataset("s3://bucket/data") as ds:
+        image = await ds.read("images/07/img_00742.jpg")
+        batch = await ds.read_many(paths)          # coalesced, concurrent
+
+    with SyncDataset("s3://bucket/data") as ds:    # the same from synchronous code
+        image = ds.read("images/07/img_00742.jpg")
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+from collections.abc import Iterable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+from . import catalog
+from .checksums import crc32, crc32_to_base64
+from .errors import IntegrityError, NoSuchKeyError, NotInDatasetError, S3XferError
+from .keys import S3Url, manifest_key
+from .localfs import safe_destination, write_file
+from .manifest import Manifest, ManifestRecord
+from .ranges import DEFAULT_GAP, RangeGet, Wanted, check_ranged_response, coalesce
+from .retry import RetryPolicy, TransientError, call_with_retries
+from .s3 import S3, Connection, open_s3
+
+
+@dataclass
+class ReadStats:
+    gets: int = 0  # data GETs (catalog reads not included)
+    bytes_fetched: int = 0
+    files: int = 0
+    retries: int = 0
+
+
+@dataclass(frozen=True)
+class GetReport:
+    files: int
+    bytes: int
+    gets: int
+    catalog_requests: int
+    seconds: float
+    written: list[str] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "files": self.files,
+            "bytes": self.bytes,
+            "gets": self.gets,
+            "catalog_requests": self.catalog_requests,
+            "seconds": round(self.seconds, 3),
+            "failures": [{"path": p, "error": e} for p, e in self.failures],
+        }
+
+
+class Dataset:
+    """An uploaded dataset, opened for reading. Use as `async with Dataset(url) as ds`."""
+
+    def __init__(
+        self,
+        url: str | S3Url,
+        *,
+        connection: Connection | None = None,
+        concurrency: int = 16,
+        gap: int = DEFAULT_GAP,
+        max_attempts: int = 6,
+    ) -> None:
+        self.url = S3Url.parse(url) if isinstance(url, str) else url
+        self.connection = connection or Connection()
+        self.concurrency = concurrency
+        self.gap = gap
+        self.stats = ReadStats()
+        self._policy = RetryPolicy(max_attempts=max_attempts)
+        self._stack = AsyncExitStack()
+        self._s3: S3 | None = None
+        self._root: catalog.CatalogRoot | None = None
+        self._pieces: dict[int, dict[str, ManifestRecord]] = {}
+        self._piece_locks: dict[int, anyio.Lock] = {}
+        self._limiter = anyio.CapacityLimiter(concurrency)
+
+    def __repr__(self) -> str:
+        return f"<Dataset {self.url} pieces_cached={len(self._pieces)} gets={self.stats.gets}>"
+
+    async def __aenter__(self) -> Self:
+        self._s3 = await self._stack.enter_async_context(
+            open_s3(self.connection, max_pool_connections=self.concurrency)
+        )
+        await self._load_root()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._stack.aclose()
+
+    @property
+    def s3(self) -> S3:
+        if self._s3 is None:
+            raise S3XferError("the dataset is not open: use `async with Dataset(...)`")
+        return self._s3
+
+    @property
+    def catalog_requests(self) -> int:
+        return self.s3.requests - self.stats.gets
+
+    async def _get(self, key: str) -> bytes:
+        return await call_with_retries(
+            lambda: self.s3.get_object(self.url.bucket, key), policy=self._policy
+        )
+
+    async def _load_root(self) -> catalog.CatalogRoot:
+        key = catalog.root_key(self.url)
+        try:
+            raw = await self._get(key)
+        except NoSuchKeyError as exc:
+            raise NotInDatasetError(
+                f"no s3xfer dataset at {self.url} (no catalog at s3://{self.url.bucket}/{key})"
+            ) from exc
+        self._root = catalog.CatalogRoot.from_bytes(raw, where=f"s3://{self.url.bucket}/{key}")
+        self._pieces.clear()
+        return self._root
+
+    async def _piece(self, bucket: int) -> dict[str, ManifestRecord]:
+        lock = self._piece_locks.setdefault(bucket, anyio.Lock())
+        async with lock:
+            if bucket not in self._pieces:
+                assert self._root is not None
+                key = catalog.piece_key(self.url, self._root.fanout, bucket)
+                raw = await self._get(key)
+                self._pieces[bucket] = catalog.parse_piece(
+                    raw,
+                    fanout=self._root.fanout,
+                    bucket=bucket,
+                    where=f"s3://{self.url.bucket}/{key}",
+                )
+            return self._pieces[bucket]
+
+    async def stat(self, path: str) -> ManifestRecord:
+        """Where a file's bytes are: its catalog record. One small GET when not cached."""
+        assert self._root is not None
+        record = (await self._piece(catalog.bucket_of(path, self._root.fanout))).get(path)
+        if record is None:
+            raise NotInDatasetError(f"{path!r} is not in the dataset {self.url}")
+        return record
+
+    async def ls(self, pattern: str | None = None) -> list[ManifestRecord]:
+        """Every file of the dataset (matching a glob, if given), sorted by path."""
+        key = manifest_key(self.url)
+        manifest = Manifest.from_bytes(await self._get(key), where=f"s3://{self.url.bucket}/{key}")
+        records = sorted(manifest.records.values(), key=lambda r: r.path)
+        if pattern is not None:
+            records = [r for r in records if fnmatch.fnmatchcase(r.path, pattern)]
+        return records
+
+    async def read(self, path: str) -> bytes:
+        """One file's bytes: one ranged GET (when the catalog piece is cached), verified."""
+        return (await self._fetch([await self.stat(path)]))[path]
+
+    async def read_many(self, paths: Sequence[str]) -> dict[str, bytes]:
+        """Many files at once: nearby ranges of a shard merged into one GET, GETs concurrent."""
+        records: dict[str, ManifestRecord] = {}
+
+        async def find(path: str) -> None:
+            records[path] = await self.stat(path)
+
+        async with anyio.create_task_group() as group:
+            for path in dict.fromkeys(paths):
+                group.start_soon(find, path)
+        return await self._fetch([records[p] for p in dict.fromkeys(paths)])
+
+    async def open(self, path: str) -> io.BytesIO:
+        """A file-like object over one file's (verified) bytes."""
+        return io.BytesIO(await self.read(path))
+
+    async def _fetch(self, records: Iterable[ManifestRecord]) -> dict[str, bytes]:
+        by_path = {r.path: r for r in records}
+        wanted = [
+            Wanted(r.path, r.key, r.offset if r.packed else 0, r.size) for r in by_path.values()
+        ]
+        out: dict[str, bytes] = {r.path: b"" for r in by_path.values() if r.size == 0}
+
+        async def run(get: RangeGet) -> None:
+            async with self._limiter:
+                body = await self._range_get(get, by_path)
+            for member in get.members:
+                data = get.slice_of(body, member)
+                record = by_path[member.path]
+                if crc32_to_base64(crc32(data)) != record.crc32:
+                    raise IntegrityError(
+                        f"{member.path}: checksum mismatch in s3://{self.url.bucket}/{get.key} "
+                        f"({get.header}): the stored bytes are not the catalogued ones"
+                    )
+                out[member.path] = data
+                self.stats.files += 1
+
+        async with anyio.create_task_group() as group:
+            for get in coalesce(wanted, gap=self.gap):
+                group.start_soon(run, get)
+        return out
+
+    async def _range_get(self, get: RangeGet, by_path: dict[str, ManifestRecord]) -> bytes:
+        first = by_path[get.members[0].path]
+        whole_object = not first.packed
+        where = f"s3://{self.url.bucket}/{get.key}"
+
+        async def attempt() -> bytes:
+            self.stats.gets += 1
+            body, status, content_range = await self.s3.get_range(
+                self.url.bucket,
+                get.key,
+                byte_range=None if whole_object else get.header,
+                if_match=first.etag or None,
+            )
+            if len(body) < get.end - get.start:
+                raise TransientError(
+                    f"{where}: truncated response, {len(body)} of {get.end - get.start} bytes"
+                )
+            if whole_object:
+                if len(body) != first.size:
+                    raise IntegrityError(f"{where}: {len(body)} bytes, catalogued {first.size}")
+            else:
+                check_ranged_response(
+                    get,
+                    status=status,
+                    content_range=content_range,
+                    body_length=len(body),
+                    where=where,
+                )
+            self.stats.bytes_fetched += len(body)
+            return body
+
+        def count(_error: TransientError) -> None:
+            self.stats.retries += 1
+
+        return await call_with_retries(attempt, policy=self._policy, on_retry=count)
+
+    async def get(
+        self, patterns: Sequence[str], dest: Path, *, overwrite: bool = False
+    ) -> GetReport:
+        """Fetch every file matching any glob into dest (created), with its mtime and mode."""
+        started = anyio.current_time()
+        matched: dict[str, ManifestRecord] = {}
+        for record in await self.ls():
+            if any(fnmatch.fnmatchcase(record.path, p) for p in patterns):
+                matched[record.path] = record
+        if not matched:
+            raise NotInDatasetError(f"no file of {self.url} matches {' '.join(patterns)}")
+        failures: list[tuple[str, str]] = []
+        targets: dict[str, Path] = {}
+        for path in list(matched):
+            try:
+                target = safe_destination(dest, path)
+                if target.exists() and not overwrite:
+                    raise S3XferError(f"{target} exists (use --overwrite)")
+                targets[path] = target
+            except S3XferError as error:
+                failures.append((path, str(error)))
+                del matched[path]
+        data = await self._fetch(matched.values())
+        for path, record in matched.items():
+            await write_file(targets[path], data[path], mtime_ns=record.mtime_ns, mode=record.mode)
+        return GetReport(
+            files=len(matched),
+            bytes=sum(r.size for r in matched.values()),
+            gets=self.stats.gets,
+            catalog_requests=self.catalog_requests,
+            seconds=anyio.current_time() - started,
+            written=sorted(matched),
+            failures=failures,
+        )
+
+
+class SyncDataset:
+    """Dataset for synchronous code (a training loop, a notebook): runs an event loop in a
+    background thread. Create one per process (e.g. per DataLoader worker)."""
+
+    def __init__(self, url: str | S3Url, **options: Any) -> None:
+        self._portal_cm = start_blocking_portal("asyncio")
+        self._portal: BlockingPortal = self._portal_cm.__enter__()
+        try:
+            self._dataset = Dataset(url, **options)
+            self._portal.call(self._dataset.__aenter__)
+        except BaseException:
+            self._portal_cm.__exit__(None, None, None)
+            raise
+
+    def read(self, path: str) -> bytes:
+        return self._portal.call(self._dataset.read, path)
+
+    def read_many(self, paths: Sequence[str]) -> dict[str, bytes]:
+        return self._portal.call(self._dataset.read_many, paths)
+
+    def open(self, path: str) -> io.BytesIO:
+        return self._portal.call(self._dataset.open, path)
+
+    def ls(self, pattern: str | None = None) -> list[ManifestRecord]:
+        return self._portal.call(self._dataset.ls, pattern)
+
+    def stat(self, path: str) -> ManifestRecord:
+        return self._portal.call(self._dataset.stat, path)
+
+    @property
+    def stats(self) -> ReadStats:
+        return self._dataset.stats
+
+    def close(self) -> None:
+        try:
+            self._portal.call(self._dataset.__aexit__, None, None, None)
+        finally:
+            self._portal_cm.__exit__(None, None, None)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
