@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import fnmatch
 import io
-from collections.abc import Iterable, Sequence
-from contextlib import AsyncExitStack
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -176,9 +176,10 @@ class Dataset:
         async def find(path: str) -> None:
             records[path] = await self.stat(path)
 
-        async with anyio.create_task_group() as group:
-            for path in dict.fromkeys(paths):
-                group.start_soon(find, path)
+        with _first_error():
+            async with anyio.create_task_group() as group:
+                for path in dict.fromkeys(paths):
+                    group.start_soon(find, path)
         return await self._fetch([records[p] for p in dict.fromkeys(paths)])
 
     async def open(self, path: str) -> io.BytesIO:
@@ -206,9 +207,10 @@ class Dataset:
                 out[member.path] = data
                 self.stats.files += 1
 
-        async with anyio.create_task_group() as group:
-            for get in coalesce(wanted, gap=self.gap):
-                group.start_soon(run, get)
+        with _first_error():
+            async with anyio.create_task_group() as group:
+                for get in coalesce(wanted, gap=self.gap):
+                    group.start_soon(run, get)
         return out
 
     async def _range_get(self, get: RangeGet, by_path: dict[str, ManifestRecord]) -> bytes:
@@ -281,6 +283,18 @@ class Dataset:
             written=sorted(matched),
             failures=failures,
         )
+
+
+@contextmanager
+def _first_error() -> Iterator[None]:
+    """Concurrent reads fail like one read: with the first error, not an exception group."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaf: BaseException = group
+        while isinstance(leaf, BaseExceptionGroup) and leaf.exceptions:
+            leaf = leaf.exceptions[0]
+        raise leaf from None
 
 
 class SyncDataset:

@@ -12,7 +12,7 @@ import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -67,12 +67,15 @@ _READ_OPERATIONS = frozenset({"check_bucket", "get_object", "head_object", "list
 
 @dataclass(frozen=True, slots=True)
 class Connection:
-    """Where and how to connect; credentials come from the usual AWS chain, never from here."""
+    """Where and how to connect. Credentials come from the usual AWS chain unless given here
+    (they are then kept out of repr, and so out of logs and reports)."""
 
     endpoint_url: str | None = None
     profile: str | None = None
     region: str | None = None
     verify_ssl: bool = True
+    access_key: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)
 
 
 def _where(bucket: str, key: str | None, byte_range: str | None) -> str:
@@ -289,6 +292,8 @@ async def open_s3(connection: Connection, *, max_pool_connections: int = 32) -> 
             endpoint_url=connection.endpoint_url,
             region_name=connection.region,
             verify=connection.verify_ssl,
+            aws_access_key_id=connection.access_key,
+            aws_secret_access_key=connection.secret_key,
             config=config,
         )
     except bx.ProfileNotFound as exc:

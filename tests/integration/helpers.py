@@ -27,7 +27,12 @@ def write_tree(root: Path, files: dict[str, int], *, seed: int = 1) -> dict[str,
 
 
 def connection(info: LocalS3Info) -> Connection:
-    return Connection(endpoint_url=info.endpoint_url, region=info.region)
+    return Connection(
+        endpoint_url=info.endpoint_url,
+        region=info.region,
+        access_key=info.access_key,
+        secret_key=info.secret_key,
+    )
 
 
 def run_cli(
