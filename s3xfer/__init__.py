@@ -1,6 +1,7 @@
 """s3xfer: fast, verified, resumable bulk transfers of datasets to and from S3.
 
-The library API, async first: `survey` a tree, `make_plan` for a destination, `upload` it.
+The library API, async first: `survey` a tree, `make_plan` for a destination, `upload` it,
+and read files back with `Dataset` (or `SyncDataset` from synchronous code).
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ from .errors import (
     IntegrityError,
     NoSuchBucketError,
     NoSuchKeyError,
+    NotInDatasetError,
     RemoteError,
     S3XferError,
     SourceError,
     UsageError,
 )
 from .keys import S3Url
-from .plan import Estimate, FileUnit, Kind, Plan, make_plan
+from .plan import Estimate, FileUnit, Kind, Plan, ShardUnit, make_plan
+from .reader import Dataset, SyncDataset
 from .s3 import Connection
 from .survey import FileEntry, Problem, Survey, survey
 from .upload import UploadReport, upload
@@ -28,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = (
     "AccessDeniedError",
     "Connection",
+    "Dataset",
     "EndpointError",
     "Estimate",
     "FileEntry",
@@ -36,14 +40,17 @@ __all__ = (
     "Kind",
     "NoSuchBucketError",
     "NoSuchKeyError",
+    "NotInDatasetError",
     "Plan",
     "PriceTable",
     "Problem",
     "RemoteError",
     "S3Url",
     "S3XferError",
+    "ShardUnit",
     "SourceError",
     "Survey",
+    "SyncDataset",
     "TransferConfig",
     "UploadReport",
     "UsageError",
