@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,63 @@ def test_a_corrupt_plan_file_is_a_usage_error(tmp_path: Path) -> None:
 def test_an_empty_tree_has_nothing_to_plan() -> None:
     with pytest.raises(SourceError, match="nothing to upload"):
         make_plan(make_survey([]), S3Url.parse("s3://bucket/x"))
+
+
+def many_small(n: int, *, size: int = 16 * 1024, prefix: str = "img") -> list[FileEntry]:
+    return [FileEntry(f"{prefix}/{i:06d}.jpg", size, i, 0o644) for i in range(n)]
+
+
+def test_small_files_are_packed_into_shards_near_the_target_size() -> None:
+    config = TransferConfig(shard_size=8 * MiB, part_size=5 * MiB)
+    plan = make_plan(make_survey(many_small(3000)), S3Url.parse("s3://bkt/p"), config)
+    assert plan.units == []
+    sizes = [shard.layout().size for shard in plan.shards]
+    assert all(size <= 8 * MiB + 64 * 1024 for size in sizes)  # + the index and end blocks
+    assert all(size >= 6 * MiB for size in sizes[:-1])  # cut no earlier than 3/4 full
+    members = [m.path for shard in plan.shards for m in shard.members]
+    assert members == [e.path for e in many_small(3000)]  # every file once, neighbours together
+    est = plan.estimate
+    assert (est.files, est.packed_files, est.shards) == (3000, 3000, len(plan.shards))
+    assert est.requests < 3000 // 50  # versus 3,000 PUTs unpacked
+
+
+def test_shard_keys_are_deterministic_and_hashed() -> None:
+    config = TransferConfig(shard_size=8 * MiB)
+    dest = S3Url.parse("s3://bkt/p")
+    first = make_plan(make_survey(many_small(2000)), dest, config)
+    again = make_plan(make_survey(many_small(2000)), dest, config)
+    assert [s.key for s in first.shards] == [s.key for s in again.shards]
+    assert all(
+        re.fullmatch(r"p/\.s3xfer/shards/[0-9a-f]{4}/[0-9a-f]{16}\.tar", s.key)
+        for s in first.shards
+    )
+
+
+def test_adding_a_file_moves_few_shard_boundaries() -> None:
+    config = TransferConfig(shard_size=5 * MiB)
+    dest = S3Url.parse("s3://bkt/p")
+    files = many_small(4000)
+    before = make_plan(make_survey(files), dest, config).shards
+    inserted = [*files[:100], FileEntry("img/000099x.jpg", 16 * 1024, 1, 0o644), *files[100:]]
+    after = make_plan(make_survey(inserted), dest, config).shards
+    unchanged = {tuple(m.path for m in s.members) for s in before} & {
+        tuple(m.path for m in s.members) for s in after
+    }
+    assert len(unchanged) >= len(before) - 2  # only the shard around the new file changes
+
+
+def test_no_pack_and_thresholds() -> None:
+    entries = [FileEntry("a", 10, 0, 0o644), FileEntry("b", 2 * MiB, 0, 0o644)]
+    dest = S3Url.parse("s3://bkt/p")
+    packed = make_plan(make_survey(entries), dest, TransferConfig())
+    assert [m.path for s in packed.shards for m in s.members] == ["a"]
+    assert [u.path for u in packed.units] == ["b"]
+    loose = make_plan(make_survey(entries), dest, TransferConfig(pack=False))
+    assert loose.shards == [] and [u.path for u in loose.units] == ["a", "b"]
+
+
+def test_packed_plan_round_trips(tmp_path: Path) -> None:
+    plan = make_plan(make_survey(many_small(500)), S3Url.parse("s3://bkt/p"), TransferConfig())
+    plan.save(tmp_path / "plan.json.gz")
+    loaded = Plan.load(tmp_path / "plan.json.gz")
+    assert loaded.shards == plan.shards
