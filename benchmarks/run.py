@@ -1,0 +1,1172 @@
+"""Upload benchmarks: s3xfer against awscli, s5cmd and rclone on one local SeaweedFS server.
+
+    .venv/bin/python benchmarks/run.py            # full run, fills docs/benchmarks.md
+    .venv/bin/python benchmarks/run.py --quick    # scaled-down smoke run, prints the table
+
+Each tool uploads each seeded dataset to a fresh prefix of one bucket on a server bound to
+127.0.0.1. A run counts only if the objects under its prefix then match the dataset (keys
+and sizes), so a tool that fails quietly cannot post a fast time. Wall seconds include the
+tool's start-up; peak RSS is the sum over the tool's process tree, sampled every 20 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from s3xfer.locals3 import LocalS3, LocalS3Info
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_WORK = REPO / "benchmarks" / ".work"
+DEFAULT_DOCS = REPO / "docs" / "benchmarks.md"
+VENV_BIN = Path(sys.executable).parent
+BUCKET = "bench"
+KIB = 1024
+MIB = 1024 * KIB
+SEED = 20240611
+SAMPLE_INTERVAL_S = 0.02
+# Re-list the process tree every this many RSS samples: listing scans /proc, reading is cheap.
+TREE_REFRESH_SAMPLES = 5
+RUN_TIMEOUT_S = 1800.0
+WRITE_CHUNK = 8 * MIB
+# What s3xfer keeps next to the data (its manifest); not part of the uploaded dataset.
+S3XFER_META_DIR = ".s3xfer/"
+
+START_MARKER = "<!-- upload-benchmarks:start -->"
+END_MARKER = "<!-- upload-benchmarks:end -->"
+DOCS_SKELETON = f"""# Benchmarks
+
+{START_MARKER}
+{END_MARKER}
+
+## Survey of 1,000,000 files
+
+(filled in by benchmarks/survey_million.py)
+"""
+
+ALL_TOOLS = ("s3xfer", "s3xfer-nopack", "awscli", "s5cmd", "rclone")
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A seeded dataset: `kind` decides the shape, the numbers its size."""
+
+    name: str
+    kind: str  # "uniform" (count files of file_size) or "lognormal"
+    count: int
+    file_size: int = 0  # uniform only
+    target_bytes: int = 0  # lognormal only: sizes are scaled so they sum to this
+    mu: float = 0.0
+    sigma: float = 0.0
+    max_depth: int = 0  # lognormal only: files sit 1..max_depth directories deep
+    seed: int = SEED
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+def dataset_specs(*, quick: bool) -> list[DatasetSpec]:
+    # Log-normal sizes with median e^mu ≈ 38 KB and sigma 2 have a mean of
+    # e^(mu + sigma²/2) ≈ 280 KB, so ~5,000 files come to ≈1.4 GB: many small files and
+    # a long tail of multi-MB ones (the largest cross the 16 MiB multipart threshold).
+    # The seeded draw is then scaled to hit the target exactly.
+    scale = 10 if quick else 1
+    return [
+        DatasetSpec("small", "uniform", count=10_000 // scale, file_size=16 * KIB),
+        DatasetSpec("large", "uniform", count=2, file_size=(64 if quick else 512) * MIB),
+        DatasetSpec(
+            "mixed",
+            "lognormal",
+            count=5_000 // scale,
+            target_bytes=1_400_000_000 // scale,
+            mu=10.54,
+            sigma=2.0,
+            max_depth=3,
+        ),
+    ]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    spec: DatasetSpec
+    root: Path
+    files: dict[str, int]  # relative posix path -> size
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.files.values())
+
+    @property
+    def count(self) -> int:
+        return len(self.files)
+
+
+def layout(spec: DatasetSpec) -> dict[str, int]:
+    """The dataset's files and sizes, a pure function of the spec."""
+    rng = random.Random(f"{spec.seed}-{spec.name}-layout")
+    if spec.kind == "uniform":
+        width = len(str(spec.count - 1))
+        return {f"{spec.name}-{i:0{width}d}.bin": spec.file_size for i in range(spec.count)}
+    if spec.kind != "lognormal":
+        raise ValueError(f"unknown dataset kind {spec.kind!r}")
+    raw = [rng.lognormvariate(spec.mu, spec.sigma) for _ in range(spec.count)]
+    factor = spec.target_bytes / sum(raw)
+    sizes = [max(1, round(x * factor)) for x in raw]
+    sizes[-1] += spec.target_bytes - sum(sizes)  # rounding remainder; keeps the total exact
+    if sizes[-1] < 1:
+        raise ValueError("lognormal parameters leave no room for the last file")
+    files: dict[str, int] = {}
+    for index, size in enumerate(sizes):
+        depth = rng.randint(1, spec.max_depth)
+        parts = [f"{'abcdefgh'[level]}{rng.randrange(6)}" for level in range(depth)]
+        files["/".join([*parts, f"file-{index:05d}.dat"])] = size
+    return files
+
+
+def dataset_digest(spec: DatasetSpec) -> str:
+    return hashlib.sha256(json.dumps(spec.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def ensure_dataset(spec: DatasetSpec, work: Path) -> Dataset:
+    """Generate the dataset under `work/datasets` unless an identical one is already there."""
+    files = layout(spec)
+    digest = dataset_digest(spec)
+    root = work / "datasets" / f"{spec.name}-{digest}"
+    marker = root.with_name(root.name + ".complete")
+    if marker.exists() and root.is_dir():
+        return Dataset(spec, root, files)
+    if root.exists():
+        shutil.rmtree(root)
+    marker.unlink(missing_ok=True)
+    log(
+        f"generating dataset {spec.name}: {len(files):,} files, {sum(files.values()) / 1e6:,.0f} MB"
+    )
+    started = time.perf_counter()
+    rng = random.Random(f"{spec.seed}-{spec.name}-content")
+    for relative, size in files.items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as out:
+            left = size
+            while left:
+                chunk = min(left, WRITE_CHUNK)
+                out.write(rng.randbytes(chunk))
+                left -= chunk
+    marker.write_text(json.dumps(spec.to_json(), indent=2))
+    log(f"  generated in {time.perf_counter() - started:.1f} s")
+    return Dataset(spec, root, files)
+
+
+def remove_stale_datasets(work: Path) -> None:
+    """Drop cached datasets no current spec (quick or full) produces: disk is finite."""
+    specs = [*dataset_specs(quick=False), *dataset_specs(quick=True)]
+    current = {f"{spec.name}-{dataset_digest(spec)}" for spec in specs}
+    for entry in (work / "datasets").iterdir():
+        if entry.name.removesuffix(".complete") in current:
+            continue
+        log(f"removing stale dataset {entry}")
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def warm_page_cache(dataset: Dataset) -> None:
+    """Read every file once so no tool pays for a cold cache the others do not."""
+    for relative in dataset.files:
+        with (dataset.root / relative).open("rb") as f:
+            while f.read(WRITE_CHUNK):
+                pass
+
+
+# --------------------------------------------------------------------------- tools
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one run goes, and everything a tool needs to get there."""
+
+    info: LocalS3Info
+    bucket: str
+    prefix: str  # no trailing slash
+    env: Mapping[str, str]
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    binary: Path | None
+    upload: Callable[[Path, Path, Target], list[str]]  # (binary, source dir, target) -> argv
+    download: Callable[[Path, Path, Target], list[str]] | None = None  # (binary, dest dir, ..)
+    version_args: tuple[str, ...] = ("--version",)
+
+    def version(self) -> str:
+        if self.binary is None:
+            return "not installed"
+        try:
+            done = subprocess.run(
+                [str(self.binary), *self.version_args],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"unknown ({exc})"
+        text = (done.stdout.strip() or done.stderr.strip()).splitlines()
+        return text[0].strip() if text else "unknown"
+
+
+def find_binary(name: str) -> Path | None:
+    beside = shutil.which(name, path=str(VENV_BIN))
+    found = beside or shutil.which(name)
+    return Path(found) if found else None
+
+
+def s3xfer_upload(binary: Path, source: Path, target: Target) -> list[str]:
+    return [str(binary), "upload", str(source), target.url, "--quiet", "--json"]
+
+
+def s3xfer_upload_no_pack(binary: Path, source: Path, target: Target) -> list[str]:
+    return [*s3xfer_upload(binary, source, target), "--no-pack"]
+
+
+def awscli_upload(binary: Path, source: Path, target: Target) -> list[str]:
+    return [
+        str(binary),
+        "s3",
+        "cp",
+        "--recursive",
+        str(source),
+        target.url + "/",
+        "--endpoint-url",
+        target.info.endpoint_url,
+        "--only-show-errors",
+    ]
+
+
+def awscli_download(binary: Path, dest: Path, target: Target) -> list[str]:
+    return [
+        str(binary),
+        "s3",
+        "cp",
+        "--recursive",
+        target.url + "/",
+        str(dest),
+        "--endpoint-url",
+        target.info.endpoint_url,
+        "--only-show-errors",
+    ]
+
+
+def s5cmd_upload(binary: Path, source: Path, target: Target) -> list[str]:
+    # `cp dir/ s3://bucket/prefix/` is s5cmd's documented recursive upload; keys keep the
+    # paths relative to dir.
+    return [
+        str(binary),
+        "--endpoint-url",
+        target.info.endpoint_url,
+        "cp",
+        str(source) + "/",
+        target.url + "/",
+    ]
+
+
+def s5cmd_download(binary: Path, dest: Path, target: Target) -> list[str]:
+    return [
+        str(binary),
+        "--endpoint-url",
+        target.info.endpoint_url,
+        "cp",
+        target.url + "/*",
+        str(dest) + "/",
+    ]
+
+
+def rclone_upload(binary: Path, source: Path, target: Target) -> list[str]:
+    # Backend settings (endpoint, keys) come from RCLONE_S3_* variables, see tool_env().
+    return [str(binary), "copy", str(source), f":s3:{target.bucket}/{target.prefix}"]
+
+
+def rclone_download(binary: Path, dest: Path, target: Target) -> list[str]:
+    return [str(binary), "copy", f":s3:{target.bucket}/{target.prefix}", str(dest)]
+
+
+def make_tools() -> dict[str, Tool]:
+    return {
+        "s3xfer": Tool("s3xfer", find_binary("s3xfer"), s3xfer_upload),
+        # Every file its own object, as the peers do: the loose-object path, without packing.
+        "s3xfer-nopack": Tool("s3xfer-nopack", find_binary("s3xfer"), s3xfer_upload_no_pack),
+        "awscli": Tool("awscli", find_binary("aws"), awscli_upload, awscli_download),
+        "s5cmd": Tool("s5cmd", find_binary("s5cmd"), s5cmd_upload, s5cmd_download, ("version",)),
+        "rclone": Tool(
+            "rclone", find_binary("rclone"), rclone_upload, rclone_download, ("version",)
+        ),
+    }
+
+
+def tool_env(info: LocalS3Info, work: Path) -> dict[str, str]:
+    """The environment every tool runs with: the local server's credentials and nothing of
+    the user's own AWS or rclone configuration, so each tool runs at its defaults."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RCLONE_", "S3_"))}
+    env.update(info.env())
+    missing = work / "no-such-config"
+    env["AWS_CONFIG_FILE"] = str(missing / "aws-config")
+    env["AWS_SHARED_CREDENTIALS_FILE"] = str(missing / "aws-credentials")
+    env["RCLONE_CONFIG"] = str(missing / "rclone.conf")
+    env["RCLONE_S3_PROVIDER"] = "Other"
+    env["RCLONE_S3_ENDPOINT"] = info.endpoint_url
+    env["RCLONE_S3_ACCESS_KEY_ID"] = info.access_key
+    env["RCLONE_S3_SECRET_ACCESS_KEY"] = info.secret_key
+    env["RCLONE_S3_REGION"] = info.region
+    return env
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+class TreeRssSampler:
+    """Polls the summed RSS of a process and all its descendants until stopped."""
+
+    def __init__(self, pid: int) -> None:
+        self._root = psutil.Process(pid)
+        self.peak_bytes = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def __enter__(self) -> TreeRssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        procs: list[Any] = [self._root]
+        while not self._stop.is_set():
+            if self.samples % TREE_REFRESH_SAMPLES == 0:
+                try:
+                    procs = [self._root, *self._root.children(recursive=True)]
+                except psutil.Error:
+                    return  # the root is gone
+            total = 0
+            for proc in procs:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    continue  # exited between listing and reading
+            self.peak_bytes = max(self.peak_bytes, total)
+            self.samples += 1
+            self._stop.wait(SAMPLE_INTERVAL_S)
+
+
+@dataclass(frozen=True)
+class Measured:
+    seconds: float
+    peak_rss_bytes: int
+    cpu_seconds: float
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_measured(argv: Sequence[str], *, env: Mapping[str, str], log_dir: Path) -> Measured:
+    """Run argv to completion; wall seconds, peak tree RSS, and its output (kept in files,
+    so a chatty tool never blocks on a full pipe)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    out_path, err_path = log_dir / "stdout.txt", log_dir / "stderr.txt"
+    with out_path.open("wb") as out, err_path.open("wb") as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=dict(env)
+        )
+        timeout = threading.Timer(RUN_TIMEOUT_S, kill_tree, [proc.pid])
+        timeout.start()
+        with TreeRssSampler(proc.pid) as sampler:
+            # wait4 rather than proc.wait(): it also returns the CPU time the tool (and any
+            # children it waited for) used.
+            _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - started
+        timeout.cancel()
+        proc.returncode = code = os.waitstatus_to_exitcode(status)
+    return Measured(
+        seconds=seconds,
+        peak_rss_bytes=sampler.peak_bytes,
+        cpu_seconds=usage.ru_utime + usage.ru_stime,
+        returncode=code,
+        stdout=out_path.read_text(errors="replace"),
+        stderr=err_path.read_text(errors="replace"),
+    )
+
+
+def kill_tree(pid: int) -> None:
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.Error:
+        return
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.Error:
+            continue
+
+
+# --------------------------------------------------------------------------- verifying
+
+
+def s3_client(info: LocalS3Info) -> Any:
+    import botocore.config
+    import botocore.session
+
+    return botocore.session.Session().create_client(
+        "s3",
+        region_name=info.region,
+        endpoint_url=info.endpoint_url,
+        aws_access_key_id=info.access_key,
+        aws_secret_access_key=info.secret_key,
+        config=botocore.config.Config(s3={"addressing_style": "path"}),
+    )
+
+
+def listed_objects(client: Any, bucket: str, prefix: str) -> dict[str, int]:
+    """Keys (relative to prefix/) and sizes, without s3xfer's own metadata objects."""
+    found: dict[str, int] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=prefix + "/"
+    ):
+        for item in page.get("Contents", []):
+            relative = item["Key"][len(prefix) + 1 :]
+            if not relative.startswith(S3XFER_META_DIR):
+                found[relative] = item["Size"]
+    return found
+
+
+def verify_s3xfer(client: Any, dataset: Dataset, prefix: str) -> str | None:
+    """s3xfer packs small files into tar shards, so the object listing is not the file list:
+    check its manifest names every file at its size, and that each loose object and each
+    shard it points to is there at the recorded size."""
+    from s3xfer.errors import IntegrityError
+    from s3xfer.keys import S3Url, manifest_key
+    from s3xfer.manifest import Manifest
+
+    dest = S3Url.parse(f"s3://{BUCKET}/{prefix}")
+    objects: dict[str, int] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(
+        Bucket=BUCKET, Prefix=prefix + "/"
+    ):
+        objects.update((item["Key"], item["Size"]) for item in page.get("Contents", []))
+    key = manifest_key(dest)
+    if key not in objects:
+        return f"no manifest at {key}"
+    raw = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    try:
+        manifest = Manifest.from_bytes(raw, where=key)
+    except IntegrityError as exc:
+        return str(exc)
+    problem = compare(dataset.files, {p: r.size for p, r in manifest.records.items()})
+    if problem:
+        return f"manifest: {problem}"
+    for record in manifest.records.values():
+        if record.packed:
+            shard = manifest.shards.get(record.key)
+            if shard is None or objects.get(record.key) != shard.size:
+                return f"shard {record.key} of {record.path} missing or of the wrong size"
+            if record.offset + record.size > shard.size:
+                return f"{record.path} lies beyond the end of its shard {record.key}"
+        elif objects.get(record.key) != record.size:
+            return f"object {record.key} of {record.path} missing or of the wrong size"
+    return None
+
+
+def local_files(root: Path) -> dict[str, int]:
+    return {
+        path.relative_to(root).as_posix(): path.stat().st_size
+        for path in root.rglob("*")
+        if path.is_file() and not path.relative_to(root).as_posix().startswith(S3XFER_META_DIR)
+    }
+
+
+def compare(expected: Mapping[str, int], found: Mapping[str, int]) -> str | None:
+    """None when found matches expected, else a one-line description of the difference."""
+    if found == expected:
+        return None
+    missing = expected.keys() - found.keys()
+    extra = found.keys() - expected.keys()
+    wrong = [k for k in expected.keys() & found.keys() if expected[k] != found[k]]
+    parts = [f"{len(found):,} objects / {sum(found.values()):,} B"]
+    parts.append(f"expected {len(expected):,} / {sum(expected.values()):,} B")
+    if missing:
+        parts.append(f"{len(missing):,} missing (e.g. {min(missing)})")
+    if extra:
+        parts.append(f"{len(extra):,} unexpected (e.g. {min(extra)})")
+    if wrong:
+        parts.append(f"{len(wrong):,} with wrong size (e.g. {min(wrong)})")
+    return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass
+class Attempt:
+    seconds: float
+    peak_rss_bytes: int
+    cpu_seconds: float
+    server_cpu_seconds: float
+    error: str | None = None
+    report: dict[str, Any] | None = None  # s3xfer's --json report
+
+
+@dataclass
+class Row:
+    dataset: str
+    direction: str  # "upload" or "download"
+    tool: str
+    objects: int
+    total_bytes: int
+    attempts: list[Attempt] = field(default_factory=list)
+    skipped: str | None = None
+
+    @property
+    def good(self) -> list[Attempt]:
+        return [a for a in self.attempts if a.error is None]
+
+    @property
+    def seconds(self) -> float | None:
+        good = self.good
+        return statistics.median(a.seconds for a in good) if good else None
+
+    @property
+    def peak_rss_bytes(self) -> int | None:
+        good = self.good
+        return max(a.peak_rss_bytes for a in good) if good else None
+
+    @property
+    def cpu_seconds(self) -> float | None:
+        good = self.good
+        return statistics.median(a.cpu_seconds for a in good) if good else None
+
+    @property
+    def server_cpu_seconds(self) -> float | None:
+        good = self.good
+        return statistics.median(a.server_cpu_seconds for a in good) if good else None
+
+    @property
+    def mb_per_s(self) -> float | None:
+        s = self.seconds
+        return self.total_bytes / 1e6 / s if s else None
+
+    @property
+    def objects_per_s(self) -> float | None:
+        s = self.seconds
+        return self.objects / s if s else None
+
+    @property
+    def errors(self) -> list[str]:
+        return [a.error for a in self.attempts if a.error is not None]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "direction": self.direction,
+            "tool": self.tool,
+            "objects": self.objects,
+            "total_bytes": self.total_bytes,
+            "skipped": self.skipped,
+            "seconds": self.seconds,
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "cpu_seconds": self.cpu_seconds,
+            "server_cpu_seconds": self.server_cpu_seconds,
+            "attempts": [a.__dict__ for a in self.attempts],
+        }
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def error_summary(measured: Measured) -> str:
+    tail = (measured.stderr.strip() or measured.stdout.strip()).splitlines()[-3:]
+    return f"exit {measured.returncode}: " + " | ".join(line.strip() for line in tail)[:300]
+
+
+@dataclass(frozen=True)
+class Session:
+    """One benchmark run against one server: what every measured command needs."""
+
+    info: LocalS3Info
+    env: Mapping[str, str]
+    client: Any  # botocore S3 client, for verification
+    server: Any  # psutil.Process of the server, for its CPU time
+    work: Path
+    logs: Path
+
+    def server_cpu_seconds(self) -> float:
+        try:
+            times = self.server.cpu_times()
+        except psutil.Error:
+            return math.nan
+        return float(times.user + times.system + times.children_user + times.children_system)
+
+    def measure(self, argv: Sequence[str], *, log_name: str) -> tuple[Measured, Attempt]:
+        server_before = self.server_cpu_seconds()
+        measured = run_measured(argv, env=self.env, log_dir=self.logs / log_name)
+        attempt = Attempt(
+            measured.seconds,
+            measured.peak_rss_bytes,
+            measured.cpu_seconds,
+            self.server_cpu_seconds() - server_before,
+        )
+        if measured.returncode != 0:
+            attempt.error = error_summary(measured)
+        return measured, attempt
+
+
+def upload_once(
+    session: Session, tool: Tool, dataset: Dataset, *, prefix: str, log_name: str
+) -> Attempt:
+    assert tool.binary is not None
+    target = Target(session.info, BUCKET, prefix, session.env)
+    measured, attempt = session.measure(
+        tool.upload(tool.binary, dataset.root, target), log_name=log_name
+    )
+    is_s3xfer = tool.name.startswith("s3xfer")
+    if is_s3xfer:
+        try:
+            attempt.report = json.loads(measured.stdout)
+        except json.JSONDecodeError:
+            attempt.report = None
+    if attempt.error is None:
+        if is_s3xfer:
+            attempt.error = verify_s3xfer(session.client, dataset, prefix)
+        else:
+            attempt.error = compare(dataset.files, listed_objects(session.client, BUCKET, prefix))
+    return attempt
+
+
+def download_once(
+    session: Session,
+    tool: Tool,
+    dataset: Dataset,
+    *,
+    source_prefix: str,
+    dest: Path,
+    log_name: str,
+) -> Attempt:
+    assert tool.binary is not None and tool.download is not None
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    target = Target(session.info, BUCKET, source_prefix, session.env)
+    _, attempt = session.measure(tool.download(tool.binary, dest, target), log_name=log_name)
+    if attempt.error is None:
+        attempt.error = compare(dataset.files, local_files(dest))
+    shutil.rmtree(dest, ignore_errors=True)
+    return attempt
+
+
+def describe_attempt(tool: str, attempt: Attempt) -> str:
+    if attempt.error:
+        return f"    {tool}: FAILED after {attempt.seconds:.2f} s: {attempt.error}"
+    rss = attempt.peak_rss_bytes / 1e6
+    line = (
+        f"    {tool}: {attempt.seconds:.2f} s, CPU {attempt.cpu_seconds:.2f} s, "
+        f"server CPU {attempt.server_cpu_seconds:.2f} s, peak RSS {rss:.0f} MB"
+    )
+    if attempt.report:
+        r = attempt.report
+        line += (
+            f" (requests {r.get('requests')}, retries {r.get('retries')}, "
+            f"peak buffered {int(r.get('peak_buffered_bytes', 0)) / 1e6:.0f} MB)"
+        )
+    return line
+
+
+def rotated(items: Sequence[Tool], shift: int) -> list[Tool]:
+    """The tools in a different order on each repeat, so none always runs first or last."""
+    shift %= max(len(items), 1)
+    return [*items[shift:], *items[:shift]]
+
+
+def run_benchmarks(
+    datasets: Sequence[Dataset],
+    tools: Mapping[str, Tool],
+    *,
+    work: Path,
+    repeat: int,
+    downloads: bool,
+) -> tuple[list[Row], str]:
+    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    rows: list[Row] = []
+    # The server's data lives in the work dir's filesystem, removed when it stops.
+    server_dir = Path(tempfile.mkdtemp(prefix="seaweedfs-", dir=work))
+    server = LocalS3(server_dir / "data", buckets=[BUCKET])
+    try:
+        with server as info:
+            session = Session(
+                info=info,
+                env=tool_env(info, work),
+                client=s3_client(info),
+                server=psutil.Process(server.pid),
+                work=work,
+                logs=work / "logs" / run_id,
+            )
+            for dataset in datasets:
+                rows += run_dataset(
+                    session, dataset, tools, repeat=repeat, downloads=downloads, run_id=run_id
+                )
+    finally:
+        shutil.rmtree(server_dir, ignore_errors=True)
+        shutil.rmtree(work / "downloads", ignore_errors=True)
+    return rows, run_id
+
+
+def run_dataset(
+    session: Session,
+    dataset: Dataset,
+    tools: Mapping[str, Tool],
+    *,
+    repeat: int,
+    downloads: bool,
+    run_id: str,
+) -> list[Row]:
+    name = dataset.spec.name
+    log(f"dataset {name}: {dataset.count:,} files, {dataset.total_bytes / 1e6:,.1f} MB")
+    warm_page_cache(dataset)
+    uploads = {t: Row(name, "upload", t, dataset.count, dataset.total_bytes) for t in tools}
+    installed = [tool for tool in tools.values() if tool.binary is not None]
+    for tool in tools.values():
+        if tool.binary is None:
+            uploads[tool.name].skipped = "not installed"
+            log(f"    {tool.name}: skipped (not installed)")
+    uploaded: dict[str, str] = {}  # tool -> a verified prefix
+    for n in range(repeat):
+        for tool in rotated(installed, n):
+            prefix = f"{run_id}/{name}/{tool.name}/{n}"
+            attempt = upload_once(
+                session, tool, dataset, prefix=prefix, log_name=f"{name}-upload-{tool.name}-{n}"
+            )
+            uploads[tool.name].attempts.append(attempt)
+            log(describe_attempt(tool.name, attempt))
+            if attempt.error is None:
+                uploaded.setdefault(tool.name, prefix)
+    rows = list(uploads.values())
+    if not (downloads and name == "small" and uploaded):
+        return rows
+    # A peer's upload: s3xfer's prefix also holds its .s3xfer/ manifest.
+    peers = [p for t, p in uploaded.items() if t != "s3xfer"]
+    source = peers[0] if peers else uploaded["s3xfer"]
+    can_download = [tool for tool in installed if tool.download is not None]
+    downloads_rows = {
+        t.name: Row(name, "download", t.name, dataset.count, dataset.total_bytes)
+        for t in can_download
+    }
+    for n in range(repeat):
+        for tool in rotated(can_download, n):
+            attempt = download_once(
+                session,
+                tool,
+                dataset,
+                source_prefix=source,
+                dest=session.work / "downloads" / tool.name,
+                log_name=f"{name}-download-{tool.name}-{n}",
+            )
+            downloads_rows[tool.name].attempts.append(attempt)
+            log(describe_attempt(tool.name + " (download)", attempt))
+    return rows + list(downloads_rows.values())
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None else f"{value:,.{digits}f}"
+
+
+def results_table(rows: Sequence[Row]) -> list[str]:
+    lines = [
+        "| dataset | direction | tool | seconds | MB/s | files/s | peak RSS (MB) "
+        "| CPU s | server CPU s | time vs s3xfer |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    s3xfer_seconds = {(r.dataset, r.direction): r.seconds for r in rows if r.tool == "s3xfer"}
+    for row in rows:
+        label = [row.dataset, row.direction, row.tool]
+        if row.skipped:
+            lines.append(
+                "| "
+                + " | ".join([*label, f"skipped: {row.skipped}", "", "", "", "", "", ""])
+                + " |"
+            )
+            continue
+        seconds = row.seconds
+        if seconds is None:
+            lines.append(
+                "| " + " | ".join([*label, "FAILED (see below)", "", "", "", "", "", ""]) + " |"
+            )
+            continue
+        base = s3xfer_seconds.get((row.dataset, row.direction))
+        ratio = f"{seconds / base:.2f}×" if base else "—"
+        rss = row.peak_rss_bytes
+        cells = [
+            fmt(seconds, 2),
+            fmt(row.mb_per_s),
+            fmt(row.objects_per_s, 0 if (row.objects_per_s or 0) >= 10 else 1),
+            fmt(rss / 1e6 if rss is not None else None, 0),
+            fmt(row.cpu_seconds, 1),
+            fmt(row.server_cpu_seconds, 1),
+            ratio,
+        ]
+        lines.append("| " + " | ".join([*label, *cells]) + " |")
+    return lines
+
+
+def check_targets(rows: Sequence[Row]) -> list[str]:
+    """One line per dataset: the target, the numbers, and whether it holds."""
+    uploads = {(r.dataset, r.tool): r for r in rows if r.direction == "upload"}
+    lines: list[str] = []
+
+    def verdict(ok: bool | None) -> str:
+        return {True: "**met**", False: "**not met**", None: "**not measured**"}[ok]
+
+    ours = uploads.get(("large", "s3xfer"))
+    others = [
+        r.mb_per_s
+        for (d, t), r in uploads.items()
+        if d == "large" and t != "s3xfer" and r.mb_per_s is not None
+    ]
+    if ours is not None and ours.mb_per_s is not None and others:
+        ok: bool | None = ours.mb_per_s >= max(others)
+        detail = f"s3xfer {ours.mb_per_s:,.0f} MB/s, best other {max(others):,.0f} MB/s"
+    else:
+        ok, detail = None, "s3xfer or every peer missing"
+    lines.append(f"- large files, s3xfer MB/s ≥ best of the others: {verdict(ok)} ({detail})")
+
+    ours = uploads.get(("small", "s3xfer"))
+    peer = uploads.get(("small", "s5cmd"))
+    if (
+        ours is not None
+        and ours.objects_per_s is not None
+        and peer is not None
+        and peer.objects_per_s is not None
+    ):
+        ok = ours.objects_per_s >= 0.5 * peer.objects_per_s
+        detail = (
+            f"s3xfer {ours.objects_per_s:,.0f} files/s, "
+            f"half of s5cmd's {0.5 * peer.objects_per_s:,.0f}"
+        )
+        loose = uploads.get(("small", "s3xfer-nopack"))
+        if loose is not None and loose.objects_per_s is not None:
+            detail += f"; without packing s3xfer does {loose.objects_per_s:,.0f} files/s"
+    else:
+        ok, detail = None, "s3xfer or s5cmd missing"
+    lines.append(f"- small files, s3xfer files/s ≥ 0.5 × s5cmd's: {verdict(ok)} ({detail})")
+
+    ours = uploads.get(("mixed", "s3xfer"))
+    if ours is not None and ours.peak_rss_bytes is not None:
+        ok = ours.peak_rss_bytes < 300e6
+        detail = f"s3xfer peak RSS {ours.peak_rss_bytes / 1e6:,.0f} MB"
+    else:
+        ok, detail = None, "s3xfer missing"
+    lines.append(f"- mixed tree, s3xfer peak RSS < 300 MB: {verdict(ok)} ({detail})")
+    return lines
+
+
+def s3xfer_details(rows: Sequence[Row]) -> list[str]:
+    lines: list[str] = []
+    for row in rows:
+        for attempt in row.attempts:
+            if not row.tool.startswith("s3xfer") or attempt.report is None:
+                continue
+            r = attempt.report
+            lines.append(
+                f"- {row.dataset}, {row.tool}: {r.get('requests')} requests "
+                f"({r.get('write_requests')} writes), {r.get('retries')} retries, "
+                f"{r.get('throttled')} throttled, peak buffered "
+                f"{int(r.get('peak_buffered_bytes', 0)) / MIB:,.1f} MiB, "
+                f"{r.get('files_failed')} failed, self-reported {r.get('mb_per_s')} MB/s "
+                f"in {r.get('seconds')} s, {r.get('shards_uploaded', 0)} shards"
+            )
+    return lines
+
+
+def failures(rows: Sequence[Row]) -> list[str]:
+    return [f"- {r.dataset} {r.direction} {r.tool}: {e}" for r in rows for e in r.errors]
+
+
+def machine_lines(tools: Mapping[str, Tool]) -> list[str]:
+    cpu_model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from importlib.metadata import version
+
+    weed = find_binary("weed")
+    weed_version = Tool("weed", weed, s3xfer_upload, version_args=("version",)).version()
+    lines = [
+        f"- CPU: {os.cpu_count()} cores, {cpu_model}",
+        f"- RAM: {psutil.virtual_memory().total / 2**30:.1f} GiB",
+        f"- OS: {platform.system()} {platform.release()}",
+        f"- Python: {platform.python_version()}",
+        f"- s3xfer: {version('s3xfer')}",
+    ]
+    lines += [
+        f"- {name}: {tool.version()}"
+        for name, tool in tools.items()
+        if not name.startswith("s3xfer")
+    ]
+    lines.append(f"- SeaweedFS: {weed_version}")
+    return lines
+
+
+def commands_lines() -> list[str]:
+    return [
+        "```sh",
+        "s3xfer upload SRC s3://bench/PREFIX --quiet --json [--no-pack]",
+        "aws s3 cp --recursive SRC s3://bench/PREFIX/ --endpoint-url URL --only-show-errors",
+        "s5cmd --endpoint-url URL cp SRC/ s3://bench/PREFIX/",
+        "rclone copy SRC :s3:bench/PREFIX   # RCLONE_S3_PROVIDER=Other, RCLONE_S3_ENDPOINT=URL, "
+        "RCLONE_S3_ACCESS_KEY_ID/SECRET_ACCESS_KEY/REGION from the environment",
+        "```",
+        "",
+        "Downloads of `small` (peers only: s3xfer has no download command yet):",
+        "",
+        "```sh",
+        "aws s3 cp --recursive s3://bench/PREFIX/ DEST --endpoint-url URL --only-show-errors",
+        "s5cmd --endpoint-url URL cp 's3://bench/PREFIX/*' DEST/",
+        "rclone copy :s3:bench/PREFIX DEST",
+        "```",
+    ]
+
+
+def human_size(size: int) -> str:
+    for unit, factor in (("GiB", 2**30), ("MiB", MIB), ("KiB", KIB)):
+        if size >= factor:
+            return f"{size / factor:g} {unit}"
+    return f"{size} B"
+
+
+def dataset_lines(datasets: Sequence[Dataset]) -> list[str]:
+    lines = []
+    for d in datasets:
+        sizes = sorted(d.files.values())
+        shape = (
+            f"{d.count:,} files × {human_size(d.spec.file_size)}"
+            if d.spec.kind == "uniform"
+            else f"{d.count:,} files, log-normal sizes (μ={d.spec.mu}, σ={d.spec.sigma}, "
+            f"median {statistics.median(sizes) / 1e3:,.0f} KB, "
+            f"largest {sizes[-1] / 1e6:,.1f} MB), 1–{d.spec.max_depth} directories deep"
+        )
+        lines.append(f"- `{d.spec.name}`: {shape}; {d.total_bytes / 1e6:,.1f} MB in total")
+    return lines
+
+
+def render_section(
+    rows: Sequence[Row],
+    datasets: Sequence[Dataset],
+    tools: Mapping[str, Tool],
+    *,
+    quick: bool,
+    repeat: int,
+    run_id: str,
+) -> str:
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        "## Upload benchmarks",
+        "",
+        "Each tool uploads each dataset, at its default settings, to a fresh prefix of one "
+        "bucket on a local SeaweedFS server (`weed mini` on 127.0.0.1, started by "
+        "`s3xfer.locals3.LocalS3`). A run counts only if the objects under the prefix then "
+        "match the dataset exactly (keys and sizes; s3xfer's own `.s3xfer/` manifest is "
+        "ignored). Seconds are wall time including each tool's start-up; peak RSS is the "
+        "summed resident memory of the tool's whole process tree, sampled every 20 ms; CPU "
+        "is the tool's user + system seconds, server CPU the SeaweedFS process's over the "
+        "same run (both share the 2 cores). Seconds and CPU are medians over the runs; "
+        "with several runs the tools take turns going first. "
+        "The datasets are read once before the runs, so every tool sees a warm page cache. "
+        "The ratio is the tool's seconds over s3xfer's: above 1 means s3xfer is faster. "
+        "At its defaults s3xfer packs files under 1 MiB into tar shards (each file stays "
+        "fetchable with one ranged GET), so it writes far fewer objects than the peers; "
+        "files/s counts dataset files, whatever objects carry them. The `s3xfer-nopack` "
+        "row (`--no-pack`) uploads every file as its own object, like the peers. s3xfer "
+        "runs are verified through its manifest: every file recorded at its size, and "
+        "every loose object and shard it points to present at the recorded size. "
+        "Client, server and disk share one machine, so compare tools within one run, "
+        "as ratios, not with numbers from elsewhere.",
+        "",
+        "Reproduce with `make bench` (`python benchmarks/run.py`; about 10 minutes, "
+        "≈2.6 GB of cached datasets in `benchmarks/.work/`) or the smoke run "
+        "`python benchmarks/run.py --quick` (datasets scaled down 10×). Other options: "
+        "`--only NAME`, `--tools s3xfer,s5cmd`, `--repeat N` (median seconds, highest RSS), "
+        "`--work DIR`.",
+        "",
+        f"Run {run_id}, {when}"
+        + (" — **quick run, scaled-down datasets**" if quick else "")
+        + f", {repeat} run(s) per tool and dataset.",
+        "",
+        "### Machine",
+        "",
+        *machine_lines(tools),
+        "",
+        "### Datasets (seeded, generated once)",
+        "",
+        *dataset_lines(datasets),
+        "",
+        "### Results",
+        "",
+        *results_table(rows),
+        "",
+        "### Targets",
+        "",
+        *check_targets(rows),
+    ]
+    details = s3xfer_details(rows)
+    if details:
+        lines += ["", "### s3xfer's own reports", "", *details]
+    failed = failures(rows)
+    if failed:
+        lines += ["", "### Failed runs", "", *failed]
+    lines += ["", "### Commands", "", *commands_lines()]
+    return "\n".join(lines)
+
+
+def write_docs(path: Path, section: str) -> None:
+    """Replace the text between the markers; the rest of the file is left as it is."""
+    text = path.read_text() if path.exists() else DOCS_SKELETON
+    if START_MARKER not in text or END_MARKER not in text:
+        text = text.rstrip("\n") + f"\n\n{START_MARKER}\n{END_MARKER}\n"
+    head, rest = text.split(START_MARKER, 1)
+    _, tail = rest.split(END_MARKER, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{head}{START_MARKER}\n{section}\n{END_MARKER}{tail}")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Benchmark uploads by s3xfer, awscli, s5cmd and rclone on a local S3 server."
+    )
+    parser.add_argument("--quick", action="store_true", help="datasets scaled down 10×")
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="NAME",
+        help="run only this dataset (small, large, mixed); repeatable",
+    )
+    parser.add_argument(
+        "--tools", default=",".join(ALL_TOOLS), help="comma-separated tools (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=DEFAULT_WORK,
+        help="datasets, logs and results (default: %(default)s)",
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="runs per tool and dataset")
+    parser.add_argument(
+        "--no-downloads",
+        action="store_true",
+        help="skip the peers' download runs of the small dataset",
+    )
+    parser.add_argument(
+        "--docs",
+        type=Path,
+        default=DEFAULT_DOCS,
+        help="markdown file to update (default: %(default)s)",
+    )
+    docs = parser.add_mutually_exclusive_group()
+    docs.add_argument(
+        "--write-docs",
+        dest="write_docs",
+        action="store_true",
+        default=None,
+        help="update --docs (default only for a full run of everything)",
+    )
+    docs.add_argument("--no-write-docs", dest="write_docs", action="store_false")
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    names = [t.strip() for t in args.tools.split(",") if t.strip()]
+    unknown = set(names) - set(ALL_TOOLS)
+    if unknown:
+        parser.error(f"unknown tools: {', '.join(sorted(unknown))} (known: {', '.join(ALL_TOOLS)})")
+    args.tools = names
+    known = {s.name for s in dataset_specs(quick=False)}
+    if args.only and set(args.only) - known:
+        parser.error(f"unknown datasets: {', '.join(sorted(set(args.only) - known))}")
+    if args.write_docs is None:
+        args.write_docs = not args.quick and not args.only and set(names) == set(ALL_TOOLS)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    work: Path = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    specs = [s for s in dataset_specs(quick=args.quick) if not args.only or s.name in args.only]
+    datasets = [ensure_dataset(spec, work) for spec in specs]
+    remove_stale_datasets(work)
+    all_tools = make_tools()
+    tools = {name: all_tools[name] for name in args.tools}
+    for tool in tools.values():
+        if tool.binary is None:
+            log(f"note: {tool.name} is not installed; its rows are skipped")
+
+    rows, run_id = run_benchmarks(
+        datasets, tools, work=work, repeat=args.repeat, downloads=not args.no_downloads
+    )
+    section = render_section(
+        rows, datasets, tools, quick=args.quick, repeat=args.repeat, run_id=run_id
+    )
+    results = work / "results" / f"{run_id}.json"
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(
+        json.dumps(
+            {"run_id": run_id, "quick": args.quick, "rows": [r.to_json() for r in rows]}, indent=2
+        )
+    )
+    print(section)
+    if args.write_docs:
+        write_docs(args.docs, section)
+        log(f"updated {args.docs}")
+    log(f"raw results: {results}")
+    return 0 if all(r.seconds is not None or r.skipped for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
