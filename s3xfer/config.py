@@ -20,7 +20,7 @@ MAX_PUT_SIZE = 5 * GiB
 MAX_OBJECT_SIZE = 5 * 1024 * GiB
 
 DEFAULT_CONCURRENCY = 32
-DEFAULT_MAX_MEMORY = 256 * MiB
+DEFAULT_MAX_MEMORY = 128 * MiB
 DEFAULT_PART_SIZE = 8 * MiB
 DEFAULT_MULTIPART_THRESHOLD = 16 * MiB
 # Files below the pack threshold go into tar shards: one PUT per ~shard instead of per file.

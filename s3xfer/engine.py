@@ -26,6 +26,7 @@ from .checksums import combine_parts, crc32, crc32_to_base64
 from .config import TransferConfig
 from .errors import S3XferError
 from .localfs import join_and_crc, read_pieces, read_range
+from .malloc import return_large_buffers_promptly
 from .manifest import ManifestRecord, ShardRecord
 from .plan import FileUnit, Kind, Part, ShardUnit, parts_of
 from .retry import RetryPolicy, TransientError, call_with_retries
@@ -165,6 +166,7 @@ class Engine:
         on_progress: ProgressCallback | None = None,
         put_extra: dict[str, Any] | None = None,
     ) -> None:
+        return_large_buffers_promptly()
         self.s3 = s3
         self.bucket = bucket
         self.source = source

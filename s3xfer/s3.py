@@ -9,6 +9,7 @@ one place (retry.py).
 from __future__ import annotations
 
 import asyncio
+import io
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -63,6 +64,22 @@ _DENIED_CODES = {
 }
 
 _READ_OPERATIONS = frozenset({"check_bucket", "get_object", "head_object", "list_objects"})
+
+
+class _SharedBytesIO(io.BytesIO):
+    """A body for botocore that never copies the bytes it wraps.
+
+    botocore turns a bytes body into io.BytesIO, and aiohttp then calls getbuffer() on it,
+    which makes BytesIO copy its (until then shared) buffer: one more full copy of every part
+    in flight. Exporting the original bytes instead keeps memory at the budget.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self._shared = data
+
+    def getbuffer(self) -> memoryview:
+        return memoryview(self._shared)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +194,11 @@ class S3:
         self.calls["put_object"] += 1
         with map_errors(bucket, key):
             response = await self.client.put_object(
-                Bucket=bucket, Key=key, Body=body, ChecksumCRC32=crc32, **(extra or {})
+                Bucket=bucket,
+                Key=key,
+                Body=_SharedBytesIO(body),
+                ChecksumCRC32=crc32,
+                **(extra or {}),
             )
         return response.get("ETag", "")
 
@@ -199,7 +220,7 @@ class S3:
                 Key=key,
                 UploadId=upload_id,
                 PartNumber=number,
-                Body=body,
+                Body=_SharedBytesIO(body),
                 ChecksumCRC32=crc32,
             )
         return response["ETag"]
