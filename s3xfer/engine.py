@@ -109,6 +109,7 @@ class _ShardBuild:
     data_parts_left: int
     data_ready: anyio.Event = field(default_factory=anyio.Event)
     crc_pieces: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
+    crcs: list[int] = field(default_factory=list)  # of every member, once all are read
     index: bytes | None = None
     failed: bool = False
 
@@ -302,7 +303,8 @@ class Engine:
             if build.failed:
                 raise S3XferError("another part of this shard failed")
             if build.index is None:
-                build.index = layout.index_bytes(build.member_crcs())
+                build.crcs = build.member_crcs()
+                build.index = layout.index_bytes(build.crcs)
             pieces = layout.pieces(start, end, index=build.index)
         data = iter(read)
         chunks = [p.data if isinstance(p, FixedPiece) else next(data)[0] for p in pieces]
@@ -392,7 +394,7 @@ class Engine:
         await self._request(
             lambda: self.s3.put_object(self.bucket, build.unit.index_key, index, crc32=index_crc)
         )
-        crcs = build.member_crcs()
+        crcs = build.crcs
         for n, member in enumerate(build.unit.members):
             self.records.append(
                 ManifestRecord(
