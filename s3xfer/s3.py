@@ -301,6 +301,7 @@ async def open_s3(connection: Connection, *, max_pool_connections: int = 32) -> 
         config = AioConfig(
             max_pool_connections=max_pool_connections,
             retries={"total_max_attempts": 1},  # retry.py owns retries
+            parameter_validation=False,
             connect_timeout=10,
             read_timeout=120,
             # We send our own CRC32 values; no second pass over the bytes by botocore.
