@@ -1,4 +1,5 @@
-"""The only module that talks to aiobotocore: one client per run, errors translated here.
+"""The only module that talks to S3 (aiobotocore, plus lean single PUTs over aiohttp): one
+client per run, errors translated here.
 
 Every botocore / aiohttp exception is mapped, in `_translate`, to s3xfer's own: permanent
 failures to RemoteError subclasses with a readable message, and retryable ones to
@@ -9,10 +10,12 @@ one place (retry.py).
 from __future__ import annotations
 
 import asyncio
+import datetime
 import io
+import re
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +24,7 @@ import botocore.exceptions as bx
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 
+from . import sigv4
 from .errors import (
     AccessDeniedError,
     EndpointError,
@@ -163,9 +167,12 @@ def map_errors(
 class S3:
     """Thin async helpers over one S3 client; every call raises only s3xfer errors."""
 
-    def __init__(self, client: S3Client, *, endpoint_label: str) -> None:
+    def __init__(
+        self, client: S3Client, *, endpoint_label: str, lean: _LeanPut | None = None
+    ) -> None:
         self.client = client
         self.endpoint_label = endpoint_label
+        self.lean = lean
         self.calls: Counter[str] = Counter()  # requests sent per operation, retries included
 
     @property
@@ -182,7 +189,9 @@ class S3:
         self.calls["check_bucket"] += 1
         try:
             with map_errors(bucket):
-                await self.client.head_bucket(Bucket=bucket)
+                response = await self.client.head_bucket(Bucket=bucket)
+            if self.lean is not None:
+                self.lean.learn_region(bucket, response.get("BucketRegion"))
         except TransientError as exc:
             if "cannot reach" in str(exc):
                 raise EndpointError(f"cannot reach S3 endpoint {self.endpoint_label}") from exc
@@ -192,6 +201,9 @@ class S3:
         self, bucket: str, key: str, body: bytes, *, crc32: str, extra: dict[str, Any] | None = None
     ) -> str:
         self.calls["put_object"] += 1
+        if self.lean is not None and not extra and self.lean.can_put(bucket):
+            with map_errors(bucket, key):
+                return await self.lean.put(bucket, key, body, crc32=crc32)
         with map_errors(bucket, key):
             response = await self.client.put_object(
                 Bucket=bucket,
@@ -293,6 +305,109 @@ class S3:
             )
 
 
+class _LeanPut:
+    """Single PUTs without botocore's per-request machinery: signed by sigv4.py, sent with
+    aiohttp on a pool of its own. Used only where addressing is certain (a given endpoint, or
+    an AWS bucket whose region head_bucket reported); everything else goes through botocore."""
+
+    def __init__(
+        self,
+        http: aiohttp.ClientSession,
+        *,
+        endpoint_url: str | None,
+        region: str,
+        credentials: Callable[[], Awaitable[sigv4.Credentials | None]],
+    ) -> None:
+        self.http = http
+        self.endpoint_url = endpoint_url.rstrip("/") if endpoint_url else None
+        self.region = region
+        self.credentials = credentials
+        self._regions: dict[str, str] = {}
+
+    def learn_region(self, bucket: str, region: str | None) -> None:
+        if region:
+            self._regions[bucket] = region
+
+    def can_put(self, bucket: str) -> bool:
+        # Virtual-hosted AWS URLs need a known region, and dotted names break TLS host checks.
+        return self.endpoint_url is not None or (bucket in self._regions and "." not in bucket)
+
+    def _url(self, bucket: str, key: str) -> tuple[str, str]:
+        if self.endpoint_url is not None:
+            return f"{self.endpoint_url}/{bucket}/{sigv4.quote_key(key)}", self.region
+        region = self._regions[bucket]
+        return f"https://{bucket}.s3.{region}.amazonaws.com/{sigv4.quote_key(key)}", region
+
+    async def put(self, bucket: str, key: str, body: bytes, *, crc32: str) -> str:
+        credentials = await self.credentials()
+        if credentials is None:
+            raise bx.NoCredentialsError()
+        url, region = self._url(bucket, key)
+        headers = sigv4.sign(
+            "PUT",
+            url,
+            {"x-amz-checksum-crc32": crc32, "content-length": str(len(body))},
+            credentials=credentials,
+            region=region,
+            now=datetime.datetime.now(datetime.UTC),
+        )
+        # Large bodies as a (non-copying) file object: aiohttp then writes them in chunks.
+        data = body if len(body) <= 1024 * 1024 else _SharedBytesIO(body)
+        async with self.http.put(url, data=data, headers=headers) as response:
+            if response.status == 200:
+                await response.read()
+                return response.headers.get("ETag", "")
+            text = await response.text(errors="replace")
+        code = re.search(r"<Code>([^<]*)</Code>", text)
+        message = re.search(r"<Message>([^<]*)</Message>", text)
+        error: Any = {
+            "Error": {
+                "Code": code.group(1) if code else str(response.status),
+                "Message": message.group(1) if message else text[:200],
+            },
+            "ResponseMetadata": {"HTTPStatusCode": response.status},
+        }
+        raise bx.ClientError(error, "PutObject")
+
+
+async def _lean_put(
+    stack: AsyncExitStack,
+    session: AioSession,
+    client: S3Client,
+    connection: Connection,
+    pool: int,
+) -> _LeanPut:
+    if connection.access_key and connection.secret_key:
+        given = sigv4.Credentials(connection.access_key, connection.secret_key)
+
+        async def credentials() -> sigv4.Credentials | None:
+            return given
+    else:
+        source = await session.get_credentials()
+
+        async def credentials() -> sigv4.Credentials | None:
+            if source is None:
+                return None
+            frozen = await source.get_frozen_credentials()  # refreshed when near expiry
+            if not frozen.access_key or not frozen.secret_key:
+                return None
+            return sigv4.Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+
+    http = await stack.enter_async_context(
+        aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=pool, ssl=bool(connection.verify_ssl)),
+            timeout=aiohttp.ClientTimeout(sock_connect=10, sock_read=120),
+            skip_auto_headers=("Content-Type",),
+        )
+    )
+    return _LeanPut(
+        http,
+        endpoint_url=connection.endpoint_url,
+        region=client.meta.region_name or "us-east-1",
+        credentials=credentials,
+    )
+
+
 @asynccontextmanager
 async def open_s3(connection: Connection, *, max_pool_connections: int = 32) -> AsyncIterator[S3]:
     """One client for the whole run, its pool sized to the requests allowed in flight."""
@@ -323,5 +438,7 @@ async def open_s3(connection: Connection, *, max_pool_connections: int = 32) -> 
     except ValueError as exc:
         raise UsageError(f"bad endpoint URL {connection.endpoint_url!r}: {exc}") from exc
     with map_errors("-"):
-        async with creator as client:
-            yield S3(client, endpoint_label=connection.endpoint_url or "AWS S3")
+        async with AsyncExitStack() as stack:
+            client = await stack.enter_async_context(creator)
+            lean = await _lean_put(stack, session, client, connection, max_pool_connections)
+            yield S3(client, endpoint_label=connection.endpoint_url or "AWS S3", lean=lean)
