@@ -25,7 +25,7 @@ from anyio.abc import ObjectReceiveStream
 from .checksums import combine_parts, crc32, crc32_to_base64
 from .config import TransferConfig
 from .errors import S3XferError
-from .localfs import join_and_crc, read_pieces, read_range
+from .localfs import fill_part, freeze, read_range
 from .malloc import return_large_buffers_promptly
 from .manifest import ManifestRecord, ShardRecord
 from .plan import FileUnit, Kind, Part, ShardUnit, parts_of
@@ -290,9 +290,9 @@ class Engine:
         needs_index = layout.needs_index(start, end)
         placeholder = bytes(layout.index_size) if needs_index else None
         pieces = layout.pieces(start, end, index=placeholder)
+        buffer, crcs = await fill_part(self.source, build.unit.members, pieces)
         file_pieces = [p for p in pieces if isinstance(p, FilePiece)]
-        read = await read_pieces(self.source, build.unit.members, file_pieces)
-        for piece, (_data, crc) in zip(file_pieces, read, strict=True):
+        for piece, crc in zip(file_pieces, crcs, strict=True):
             build.crc_pieces.setdefault(piece.member, []).append((piece.offset, crc, piece.length))
         if start < layout.index_header_offset:
             build.data_parts_left -= 1
@@ -305,10 +305,15 @@ class Engine:
             if build.index is None:
                 build.crcs = build.member_crcs()
                 build.index = layout.index_bytes(build.crcs)
-            pieces = layout.pieces(start, end, index=build.index)
-        data = iter(read)
-        chunks = [p.data if isinstance(p, FixedPiece) else next(data)[0] for p in pieces]
-        return await join_and_crc(chunks)
+            # Write the finished index over its placeholder (fixed bytes only; data unchanged).
+            position = 0
+            for final in layout.pieces(start, end, index=build.index):
+                if isinstance(final, FixedPiece):
+                    buffer[position : position + len(final.data)] = final.data
+                    position += len(final.data)
+                else:
+                    position += final.length
+        return await freeze(buffer)
 
     async def _upload_part(self, upload: _Multipart, part: Part) -> None:
         try:

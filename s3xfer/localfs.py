@@ -16,7 +16,7 @@ import anyio
 
 from .errors import SourceError
 from .survey import FileEntry
-from .tarpack import FilePiece
+from .tarpack import FilePiece, FixedPiece
 
 
 class FileChangedError(SourceError):
@@ -54,36 +54,63 @@ async def read_range(
     return await anyio.to_thread.run_sync(_read_range, path, offset, length, size, mtime_ns)
 
 
-def _read_pieces(
-    root: Path, members: Sequence[FileEntry], pieces: Sequence[FilePiece]
-) -> list[tuple[bytes, int]]:
-    return [
-        _read_range(
-            root / members[p.member].path,
-            p.offset,
-            p.length,
-            members[p.member].size,
-            members[p.member].mtime_ns,
-        )
-        for p in pieces
-    ]
+def _fill_part(
+    root: Path, members: Sequence[FileEntry], pieces: Sequence[FixedPiece | FilePiece]
+) -> tuple[bytearray, list[int]]:
+    buffer = bytearray(sum(len(p.data) if isinstance(p, FixedPiece) else p.length for p in pieces))
+    view = memoryview(buffer)
+    crcs: list[int] = []
+    position = 0
+    for piece in pieces:
+        if isinstance(piece, FixedPiece):
+            view[position : position + len(piece.data)] = piece.data
+            position += len(piece.data)
+            continue
+        member = members[piece.member]
+        target = view[position : position + piece.length]
+        _read_into(root / member.path, target, piece.offset, member.size, member.mtime_ns)
+        crcs.append(zlib.crc32(target))
+        position += piece.length
+    return buffer, crcs
 
 
-async def read_pieces(
-    root: Path, members: Sequence[FileEntry], pieces: Sequence[FilePiece]
-) -> list[tuple[bytes, int]]:
-    """The bytes and CRC32 of several member ranges of a shard, in one worker-thread call."""
-    return await anyio.to_thread.run_sync(_read_pieces, root, members, pieces)
+def _read_into(path: Path, target: memoryview, offset: int, size: int, mtime_ns: int) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError as exc:
+        raise FileChangedError(f"{path}: vanished after it was planned") from exc
+    except OSError as exc:
+        raise SourceError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        before = os.fstat(fd)
+        if before.st_size != size or before.st_mtime_ns != mtime_ns:
+            raise FileChangedError(f"{path}: changed since it was planned (size or mtime differ)")
+        got = os.preadv(fd, [target], offset) if len(target) else 0
+        after = os.fstat(fd)
+    except OSError as exc:
+        raise SourceError(f"cannot read {path}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+    if got != len(target) or after.st_size != size or after.st_mtime_ns != mtime_ns:
+        raise FileChangedError(f"{path}: changed while it was read")
 
 
-def _join_and_crc(chunks: list[bytes]) -> tuple[bytes, int]:
-    body = b"".join(chunks)
+async def fill_part(
+    root: Path, members: Sequence[FileEntry], pieces: Sequence[FixedPiece | FilePiece]
+) -> tuple[bytearray, list[int]]:
+    """A shard part built in one buffer, member ranges read straight into it (one allocation,
+    no small chunks), with the CRC32 of each FilePiece in order. One worker-thread call."""
+    return await anyio.to_thread.run_sync(_fill_part, root, members, pieces)
+
+
+def _freeze(buffer: bytearray) -> tuple[bytes, int]:
+    body = bytes(buffer)
     return body, zlib.crc32(body)
 
 
-async def join_and_crc(chunks: list[bytes]) -> tuple[bytes, int]:
-    """Assemble a part from its pieces and checksum it, off the event loop."""
-    return await anyio.to_thread.run_sync(_join_and_crc, chunks)
+async def freeze(buffer: bytearray) -> tuple[bytes, int]:
+    """The finished part as bytes, and its CRC32, off the event loop."""
+    return await anyio.to_thread.run_sync(_freeze, buffer)
 
 
 def safe_destination(root: Path, relative: str) -> Path:

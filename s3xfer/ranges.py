@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from .errors import IntegrityError
 
 DEFAULT_GAP = 256 * 1024  # reading this many unwanted bytes costs less than another request
-DEFAULT_MAX_SPAN = 64 * 1024 * 1024  # no single GET larger than this
+DEFAULT_MAX_SPAN = 8 * 1024 * 1024  # larger reads go as several GETs, fetched in parallel
 
 
 @dataclass(frozen=True, slots=True)

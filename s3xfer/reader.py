@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import fnmatch
 import io
-from collections.abc import Iterable, Iterator, Sequence
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,7 +163,8 @@ class Dataset:
         manifest = Manifest.from_bytes(await self._get(key), where=f"s3://{self.url.bucket}/{key}")
         records = sorted(manifest.records.values(), key=lambda r: r.path)
         if pattern is not None:
-            records = [r for r in records if fnmatch.fnmatchcase(r.path, pattern)]
+            matches = path_matcher([pattern])
+            records = [r for r in records if matches(r.path)]
         return records
 
     async def read(self, path: str) -> bytes:
@@ -254,10 +256,8 @@ class Dataset:
     ) -> GetReport:
         """Fetch every file matching any glob into dest (created), with its mtime and mode."""
         started = anyio.current_time()
-        matched: dict[str, ManifestRecord] = {}
-        for record in await self.ls():
-            if any(fnmatch.fnmatchcase(record.path, p) for p in patterns):
-                matched[record.path] = record
+        matches = path_matcher(patterns)
+        matched = {r.path: r for r in await self.ls() if matches(r.path)}
         if not matched:
             raise NotInDatasetError(f"no file of {self.url} matches {' '.join(patterns)}")
         failures: list[tuple[str, str]] = []
@@ -283,6 +283,15 @@ class Dataset:
             written=sorted(matched),
             failures=failures,
         )
+
+
+def path_matcher(patterns: Sequence[str]) -> Callable[[str], bool]:
+    """A predicate for "matches any of these globs": literal paths by set lookup, the globs as
+    one compiled regular expression (1,000 paths against 1,000,000 files stays cheap)."""
+    literal = {p for p in patterns if not any(c in p for c in "*?[")}
+    globs = [p for p in patterns if p not in literal]
+    regex = re.compile("|".join(fnmatch.translate(g) for g in globs)) if globs else None
+    return lambda path: path in literal or (regex is not None and regex.match(path) is not None)
 
 
 @contextmanager
