@@ -31,7 +31,7 @@ from .manifest import ManifestRecord, ShardRecord
 from .plan import FileUnit, Kind, Part, ShardUnit, parts_of
 from .retry import RetryPolicy, TransientError, call_with_retries
 from .s3 import S3
-from .tarpack import FilePiece, FixedPiece, ShardLayout
+from .tarpack import FixedPiece, ShardLayout
 
 ProgressCallback = Callable[[int, int], None]  # (bytes done, files done) increments
 
@@ -289,9 +289,9 @@ class Engine:
         start, end = part.offset, part.offset + part.length
         needs_index = layout.needs_index(start, end)
         placeholder = bytes(layout.index_size) if needs_index else None
-        pieces = layout.pieces(start, end, index=placeholder)
-        buffer, crcs = await fill_part(self.source, build.unit.members, pieces)
-        file_pieces = [p for p in pieces if isinstance(p, FilePiece)]
+        buffer, file_pieces, crcs = await fill_part(
+            self.source, build.unit.members, lambda: layout.pieces(start, end, index=placeholder)
+        )
         for piece, crc in zip(file_pieces, crcs, strict=True):
             build.crc_pieces.setdefault(piece.member, []).append((piece.offset, crc, piece.length))
         if start < layout.index_header_offset:

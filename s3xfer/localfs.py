@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import aiofiles
@@ -55,8 +55,11 @@ async def read_range(
 
 
 def _fill_part(
-    root: Path, members: Sequence[FileEntry], pieces: Sequence[FixedPiece | FilePiece]
-) -> tuple[bytearray, list[int]]:
+    root: Path,
+    members: Sequence[FileEntry],
+    make_pieces: Callable[[], Sequence[FixedPiece | FilePiece]],
+) -> tuple[bytearray, list[FilePiece], list[int]]:
+    pieces = make_pieces()
     buffer = bytearray(sum(len(p.data) if isinstance(p, FixedPiece) else p.length for p in pieces))
     view = memoryview(buffer)
     crcs: list[int] = []
@@ -71,7 +74,7 @@ def _fill_part(
         _read_into(root / member.path, target, piece.offset, member.size, member.mtime_ns)
         crcs.append(zlib.crc32(target))
         position += piece.length
-    return buffer, crcs
+    return buffer, [p for p in pieces if isinstance(p, FilePiece)], crcs
 
 
 def _read_into(path: Path, target: memoryview, offset: int, size: int, mtime_ns: int) -> None:
@@ -96,11 +99,14 @@ def _read_into(path: Path, target: memoryview, offset: int, size: int, mtime_ns:
 
 
 async def fill_part(
-    root: Path, members: Sequence[FileEntry], pieces: Sequence[FixedPiece | FilePiece]
-) -> tuple[bytearray, list[int]]:
+    root: Path,
+    members: Sequence[FileEntry],
+    make_pieces: Callable[[], Sequence[FixedPiece | FilePiece]],
+) -> tuple[bytearray, list[FilePiece], list[int]]:
     """A shard part built in one buffer, member ranges read straight into it (one allocation,
-    no small chunks), with the CRC32 of each FilePiece in order. One worker-thread call."""
-    return await anyio.to_thread.run_sync(_fill_part, root, members, pieces)
+    no small chunks): the buffer, its FilePieces and their CRC32s. Laying out the pieces
+    (tar headers) happens in the same worker-thread call, off the event loop."""
+    return await anyio.to_thread.run_sync(_fill_part, root, members, make_pieces)
 
 
 def _freeze(buffer: bytearray) -> tuple[bytes, int]:

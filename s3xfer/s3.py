@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import botocore.exceptions as bx
+import yarl
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 
@@ -226,6 +227,10 @@ class S3:
         self, bucket: str, key: str, *, upload_id: str, number: int, body: bytes, crc32: str
     ) -> str:
         self.calls["upload_part"] += 1
+        if self.lean is not None and self.lean.can_put(bucket):
+            query = {"partNumber": str(number), "uploadId": upload_id}
+            with map_errors(bucket, key, f"part {number}"):
+                return await self.lean.put(bucket, key, body, crc32=crc32, query=query)
         with map_errors(bucket, key, f"part {number}"):
             response = await self.client.upload_part(
                 Bucket=bucket,
@@ -332,17 +337,21 @@ class _LeanPut:
         # Virtual-hosted AWS URLs need a known region, and dotted names break TLS host checks.
         return self.endpoint_url is not None or (bucket in self._regions and "." not in bucket)
 
-    def _url(self, bucket: str, key: str) -> tuple[str, str]:
+    def _url(self, bucket: str, key: str, query: dict[str, str]) -> tuple[str, str]:
+        suffix = sigv4.quote_key(key) + sigv4.canonical_query(query)
         if self.endpoint_url is not None:
-            return f"{self.endpoint_url}/{bucket}/{sigv4.quote_key(key)}", self.region
+            return f"{self.endpoint_url}/{bucket}/{suffix}", self.region
         region = self._regions[bucket]
-        return f"https://{bucket}.s3.{region}.amazonaws.com/{sigv4.quote_key(key)}", region
+        return f"https://{bucket}.s3.{region}.amazonaws.com/{suffix}", region
 
-    async def put(self, bucket: str, key: str, body: bytes, *, crc32: str) -> str:
+    async def put(
+        self, bucket: str, key: str, body: bytes, *, crc32: str, query: dict[str, str] | None = None
+    ) -> str:
+        """PutObject, or UploadPart when query holds partNumber and uploadId."""
         credentials = await self.credentials()
         if credentials is None:
             raise bx.NoCredentialsError()
-        url, region = self._url(bucket, key)
+        url, region = self._url(bucket, key, query or {})
         headers = sigv4.sign(
             "PUT",
             url,
@@ -353,7 +362,9 @@ class _LeanPut:
         )
         # Large bodies as a (non-copying) file object: aiohttp then writes them in chunks.
         data = body if len(body) <= 1024 * 1024 else _SharedBytesIO(body)
-        async with self.http.put(url, data=data, headers=headers) as response:
+        async with self.http.put(
+            yarl.URL(url, encoded=True), data=data, headers=headers
+        ) as response:
             if response.status == 200:
                 await response.read()
                 return response.headers.get("ETag", "")

@@ -42,6 +42,15 @@ def quote_key(key: str) -> str:
     return quote(key, safe="/~")
 
 
+def canonical_query(query: Mapping[str, str]) -> str:
+    """'?a=1&b=x%2Fy' with keys sorted and everything encoded as SigV4 wants; '' when empty."""
+    if not query:
+        return ""
+    return "?" + "&".join(
+        f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in sorted(query.items())
+    )
+
+
 def sign(
     method: str,
     url: str,
@@ -52,7 +61,8 @@ def sign(
     now: datetime.datetime,
 ) -> dict[str, str]:
     """The headers to send: the given ones plus x-amz-date, x-amz-content-sha256, the security
-    token if any, and Authorization. `url` must already be percent-encoded; no query string."""
+    token if any, and Authorization. `url` must already be percent-encoded, with its query (if
+    any) made by canonical_query."""
     parts = urlsplit(url)
     amz_date = now.strftime("%Y%m%dT%H%M%SZ")
     datestamp = amz_date[:8]

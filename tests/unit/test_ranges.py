@@ -76,3 +76,12 @@ def test_ranged_responses_are_checked() -> None:
         check_ranged_response(
             get, status=206, content_range="bytes 100-199/5000", body_length=42, where="k"
         )
+
+
+def test_path_matcher_mixes_literal_paths_and_globs() -> None:
+    from s3xfer.reader import path_matcher
+
+    matches = path_matcher(["img/00/a.jpg", "labels/*.json", "x?.txt"])
+    assert matches("img/00/a.jpg") and matches("labels/1.json") and matches("x1.txt")
+    assert not matches("img/00/b.jpg") and not matches("labels/1.txt") and not matches("x12.txt")
+    assert matches("labels/sub/2.json")  # like fnmatch, '*' also crosses '/'

@@ -55,3 +55,21 @@ def test_signature_matches_botocore(key: str, token: str | None) -> None:
 def test_credentials_keep_secrets_out_of_repr() -> None:
     text = repr(Credentials("AKID", "very-secret", "token-secret"))
     assert "very-secret" not in text and "token-secret" not in text
+
+
+def test_signature_with_a_query_matches_botocore() -> None:
+    from s3xfer.sigv4 import canonical_query
+
+    query = canonical_query({"uploadId": "2~a/b+c=", "partNumber": "7"})
+    assert query == "?partNumber=7&uploadId=2~a%2Fb%2Bc%3D"
+    url = "https://bucket.s3.eu-west-3.amazonaws.com/" + quote_key("big file.bin") + query
+    ours = sign(
+        "PUT",
+        url,
+        {"x-amz-checksum-crc32": "DUoRhQ=="},
+        credentials=Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG"),
+        region="eu-west-3",
+        now=NOW,
+    )
+    expected = botocore_signature(url, {"x-amz-checksum-crc32": "DUoRhQ=="}, None)
+    assert ours["authorization"].endswith("Signature=" + expected)
