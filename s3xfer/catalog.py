@@ -3,12 +3,14 @@
 The manifest lists every file and is what uploads read; for lookups it is split into pieces
 by a hash of the path, so finding one file among millions fetches one small piece:
 
-    <prefix>/.s3xfer/catalog.json                     root: fan-out, shards (size, ETag), totals
-    <prefix>/.s3xfer/catalog/<fanout>/<bucket>.json.gz   the records whose path hashes there
+    <prefix>/.s3xfer/catalog.json            root: totals and shards (size, ETag), for `ls`
+    <prefix>/.s3xfer/catalog/<bb>.json.gz    the records whose path hashes to bucket bb
 
-The fan-out is a power of two chosen so a piece holds about 2,048 files at most. Records carry
-the ETag of the object holding the bytes, so a replaced object or shard is detected instead of
-returning wrong bytes (reads send If-Match).
+The fan-out is fixed (256), so a reader finds a path's piece without reading anything first:
+a cold lookup is one small GET, then the data GET. Only non-empty pieces are written (a small
+dataset has as many pieces as files at most); a missing piece means the path is not there.
+Records carry the ETag of the object holding the bytes, so a replaced object or shard is
+detected instead of returning wrong bytes (reads send If-Match).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,23 +28,19 @@ from .manifest import Manifest, ManifestRecord, ShardRecord
 CATALOG_FORMAT = "s3xfer-catalog"
 PIECE_FORMAT = "s3xfer-catalog-piece"
 CATALOG_VERSION = 1
-FILES_PER_PIECE = 2048
+# 1,000,000 files make pieces of about 4,000 records (~100 KB compressed): still one small GET.
+FANOUT = 256
 
 
 def root_key(dest: S3Url) -> str:
     return dest.key(f"{META_DIR}/catalog.json")
 
 
-def piece_key(dest: S3Url, fanout: int, bucket: int) -> str:
-    width = max(1, math.ceil(math.log2(fanout) / 4)) if fanout > 1 else 1
-    return dest.key(f"{META_DIR}/catalog/{fanout}/{bucket:0{width}x}.json.gz")
+def piece_key(dest: S3Url, bucket: int) -> str:
+    return dest.key(f"{META_DIR}/catalog/{bucket:02x}.json.gz")
 
 
-def fanout_for(files: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(1, math.ceil(files / FILES_PER_PIECE)))))
-
-
-def bucket_of(path: str, fanout: int) -> int:
+def bucket_of(path: str, fanout: int = FANOUT) -> int:
     digest = hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=4).digest()
     return int.from_bytes(digest, "big") % fanout
 
@@ -75,8 +72,8 @@ class CatalogRoot:
             if data.get("format") != CATALOG_FORMAT or data.get("version") != CATALOG_VERSION:
                 raise ValueError(f"unknown format {data.get('format')!r} v{data.get('version')}")
             fanout = int(data["fanout"])
-            if fanout < 1 or fanout & (fanout - 1):
-                raise ValueError(f"fan-out {fanout} is not a power of two")
+            if fanout != FANOUT:
+                raise ValueError(f"fan-out {fanout}, expected {FANOUT}")
             shards = [ShardRecord.from_json(row) for row in data["shards"]]
             return cls(
                 str(data["dest"]),
@@ -115,18 +112,17 @@ def parse_piece(raw: bytes, *, fanout: int, bucket: int, where: str) -> dict[str
 
 
 def build(manifest: Manifest, dest: S3Url) -> tuple[CatalogRoot, dict[str, bytes]]:
-    """The catalog of a manifest: its root and every piece, by key. Pure."""
-    fanout = fanout_for(len(manifest.records))
-    buckets: dict[int, list[ManifestRecord]] = {b: [] for b in range(fanout)}
+    """The catalog of a manifest: its root and every non-empty piece, by key. Pure."""
+    buckets: dict[int, list[ManifestRecord]] = {}
     for record in manifest.records.values():
-        buckets[bucket_of(record.path, fanout)].append(record)
+        buckets.setdefault(bucket_of(record.path), []).append(record)
     pieces = {
-        piece_key(dest, fanout, b): piece_bytes(records, fanout=fanout, bucket=b)
+        piece_key(dest, b): piece_bytes(records, fanout=FANOUT, bucket=b)
         for b, records in buckets.items()
     }
     root = CatalogRoot(
         dest=str(dest),
-        fanout=fanout,
+        fanout=FANOUT,
         files=len(manifest.records),
         total_bytes=sum(r.size for r in manifest.records.values()),
         shards=dict(manifest.shards),

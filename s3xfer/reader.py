@@ -93,10 +93,10 @@ class Dataset:
         return f"<Dataset {self.url} pieces_cached={len(self._pieces)} gets={self.stats.gets}>"
 
     async def __aenter__(self) -> Self:
+        # No request yet: a path's catalog piece is found from the path alone.
         self._s3 = await self._stack.enter_async_context(
             open_s3(self.connection, max_pool_connections=self.concurrency)
         )
-        await self._load_root()
         return self
 
     async def __aexit__(
@@ -122,37 +122,41 @@ class Dataset:
             lambda: self.s3.get_object(self.url.bucket, key), policy=self._policy
         )
 
-    async def _load_root(self) -> catalog.CatalogRoot:
-        key = catalog.root_key(self.url)
-        try:
-            raw = await self._get(key)
-        except NoSuchKeyError as exc:
-            raise NotInDatasetError(
-                f"no s3xfer dataset at {self.url} (no catalog at s3://{self.url.bucket}/{key})"
-            ) from exc
-        self._root = catalog.CatalogRoot.from_bytes(raw, where=f"s3://{self.url.bucket}/{key}")
-        self._pieces.clear()
+    async def root(self) -> catalog.CatalogRoot:
+        """The catalog root (totals, shards): one small GET, cached."""
+        if self._root is None:
+            key = catalog.root_key(self.url)
+            try:
+                raw = await self._get(key)
+            except NoSuchKeyError as exc:
+                raise NotInDatasetError(
+                    f"no s3xfer dataset at {self.url} (no catalog at s3://{self.url.bucket}/{key})"
+                ) from exc
+            self._root = catalog.CatalogRoot.from_bytes(raw, where=f"s3://{self.url.bucket}/{key}")
         return self._root
 
     async def _piece(self, bucket: int) -> dict[str, ManifestRecord]:
         lock = self._piece_locks.setdefault(bucket, anyio.Lock())
         async with lock:
             if bucket not in self._pieces:
-                assert self._root is not None
-                key = catalog.piece_key(self.url, self._root.fanout, bucket)
-                raw = await self._get(key)
-                self._pieces[bucket] = catalog.parse_piece(
-                    raw,
-                    fanout=self._root.fanout,
-                    bucket=bucket,
-                    where=f"s3://{self.url.bucket}/{key}",
-                )
+                key = catalog.piece_key(self.url, bucket)
+                try:
+                    raw = await self._get(key)
+                except NoSuchKeyError:
+                    await self.root()  # no dataset at all: say so, rather than "no such path"
+                    self._pieces[bucket] = {}
+                else:
+                    self._pieces[bucket] = catalog.parse_piece(
+                        raw,
+                        fanout=catalog.FANOUT,
+                        bucket=bucket,
+                        where=f"s3://{self.url.bucket}/{key}",
+                    )
             return self._pieces[bucket]
 
     async def stat(self, path: str) -> ManifestRecord:
         """Where a file's bytes are: its catalog record. One small GET when not cached."""
-        assert self._root is not None
-        record = (await self._piece(catalog.bucket_of(path, self._root.fanout))).get(path)
+        record = (await self._piece(catalog.bucket_of(path))).get(path)
         if record is None:
             raise NotInDatasetError(f"{path!r} is not in the dataset {self.url}")
         return record
@@ -160,7 +164,13 @@ class Dataset:
     async def ls(self, pattern: str | None = None) -> list[ManifestRecord]:
         """Every file of the dataset (matching a glob, if given), sorted by path."""
         key = manifest_key(self.url)
-        manifest = Manifest.from_bytes(await self._get(key), where=f"s3://{self.url.bucket}/{key}")
+        try:
+            raw = await self._get(key)
+        except NoSuchKeyError as exc:
+            raise NotInDatasetError(
+                f"no s3xfer dataset at {self.url} (no manifest at s3://{self.url.bucket}/{key})"
+            ) from exc
+        manifest = Manifest.from_bytes(raw, where=f"s3://{self.url.bucket}/{key}")
         records = sorted(manifest.records.values(), key=lambda r: r.path)
         if pattern is not None:
             matches = path_matcher([pattern])
