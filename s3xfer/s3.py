@@ -302,6 +302,22 @@ class S3:
         status = int(response["ResponseMetadata"]["HTTPStatusCode"])
         return body, status, response.get("ContentRange")
 
+    async def list_objects(self, bucket: str, prefix: str) -> AsyncIterator[dict[str, Any]]:
+        """Every object under a prefix, page by page (1,000 keys per request)."""
+        token: str | None = None
+        while True:
+            self.calls["list_objects"] += 1
+            kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+            if token:
+                kwargs["ContinuationToken"] = token
+            with map_errors(bucket, prefix or None):
+                page = await self.client.list_objects_v2(**kwargs)
+            for item in page.get("Contents", []):
+                yield dict(item)
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+
     async def head_object(self, bucket: str, key: str) -> dict[str, Any]:
         self.calls["head_object"] += 1
         with map_errors(bucket, key):
