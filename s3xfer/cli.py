@@ -9,7 +9,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import anyio
@@ -34,6 +34,9 @@ from .keys import S3Url
 from .manifest import ManifestRecord
 from .plan import Plan, make_plan
 from .reader import Dataset, GetReport
+
+if TYPE_CHECKING:
+    from .download import DownloadReport
 from .render import human_bytes, render_plan, render_report, render_survey
 from .s3 import Connection
 from .survey import Survey, survey
@@ -537,6 +540,159 @@ def get_command(
         for path, error in report.failures:
             click.echo(f"  FAILED {path}: {error}")
     if report.failures:
+        sys.exit(1)
+
+
+class DownloadProgress:
+    """One bar for bytes and files, like the upload's."""
+
+    def __init__(self, *, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar: tqdm[Any] | None = None
+        self.files_total = 0
+        self.files_done = 0
+
+    def start(self, files: int, total_bytes: int, skipped: int) -> None:
+        self.files_total = files
+        self.bar = tqdm(
+            total=total_bytes,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc="download",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=True if self.quiet else None,
+            smoothing=0.1,
+        )
+        if skipped and not self.quiet and sys.stderr.isatty():
+            self.bar.write(f"{skipped:,} files already present and identical: skipped")
+
+    def advance(self, nbytes: int, files: int) -> None:
+        if self.bar is not None:
+            self.files_done += files
+            self.bar.update(nbytes)
+            if files:
+                self.bar.set_postfix_str(
+                    f"{self.files_done:,}/{self.files_total:,} files", refresh=False
+                )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@cli.command("download")
+@click.argument("url")
+@click.argument("dest", type=click.Path(path_type=Path, file_okay=False))
+@click.option(
+    "--include",
+    multiple=True,
+    metavar="GLOB",
+    help="Restore only files matching this glob (repeatable).",
+)
+@click.option(
+    "--exclude", multiple=True, metavar="GLOB", help="Skip files matching this glob (repeatable)."
+)
+@click.option("--overwrite", is_flag=True, help="Replace existing files that differ.")
+@click.option(
+    "--concurrency",
+    "-c",
+    type=click.IntRange(1, 1024),
+    default=16,
+    show_default=True,
+    help="GETs in flight at once.",
+)
+@click.option(
+    "--max-memory",
+    type=SIZE,
+    default=format_size(DEFAULT_MAX_MEMORY),
+    show_default=True,
+    help="Hard budget for bytes held in memory.",
+)
+@click.option(
+    "--range-size",
+    type=SIZE,
+    default="8MiB",
+    show_default=True,
+    help="Size of the ranged GETs of large objects and shards.",
+)
+@connection_options
+@click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+def download_command(
+    url: str,
+    dest: Path,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    overwrite: bool,
+    concurrency: int,
+    max_memory: int,
+    range_size: int,
+    as_json: bool,
+    quiet: bool,
+    endpoint_url: str | None,
+    profile: str | None,
+    region: str | None,
+    no_verify_ssl: bool,
+) -> None:
+    """Download URL (s3://bucket/prefix) into DEST, verified.
+
+    \b
+    - An s3xfer dataset is restored exactly: every file, from its own object or from its tar
+      shard (large sequential ranged GETs split into files as they arrive), with its mtime
+      and mode, each checked against its catalogued CRC32.
+    - Any other prefix is downloaded like `aws s3 cp --recursive`, checking the checksums S3
+      stored where there are any.
+    - Large objects come as parallel ranged GETs into a temporary file, renamed into place
+      only when complete and verified; an interrupted download resumes where it stopped.
+    - Files already present and identical are skipped; others that exist are kept unless
+      --overwrite. Nothing is ever written outside DEST: unsafe names are refused and listed.
+    """
+    from .download import download
+
+    connection = make_connection(endpoint_url, profile, region, no_verify_ssl)
+    progress = DownloadProgress(quiet=quiet or as_json)
+
+    async def run() -> DownloadReport:
+        return await download(
+            S3Url.parse(url),
+            dest,
+            connection=connection,
+            include=include,
+            exclude=exclude,
+            overwrite=overwrite,
+            concurrency=concurrency,
+            max_memory=max_memory,
+            range_size=range_size,
+            on_start=progress.start,
+            on_progress=progress.advance,
+        )
+
+    try:
+        report = run_async(run)
+    finally:
+        progress.close()
+    if as_json:
+        _emit_json(report.to_json())
+    elif not quiet:
+        click.echo(
+            f"downloaded {report.files_downloaded:,} files, "
+            f"{human_bytes(report.bytes_downloaded)} in {report.seconds:.1f} s "
+            f"({report.mb_per_s:.1f} MB/s) from {report.source} ({report.kind}) into {dest}"
+        )
+        click.echo(
+            f"  skipped {report.files_skipped:,} identical files, requests "
+            f"{report.requests:,}, retries {report.retries:,}, failed "
+            f"{report.files_failed:,}, refused {len(report.refused):,}"
+        )
+        if report.files_downloaded == 0 and report.ok:
+            click.echo("  everything was already here: nothing transferred")
+    for path, reason in report.refused:
+        click.echo(f"s3xfer: REFUSED {path!r}: {reason}", err=True)
+    for path, error in report.failures:
+        click.echo(f"s3xfer: FAILED {path}: {error}", err=True)
+    if not report.ok:
         sys.exit(1)
 
 

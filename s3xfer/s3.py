@@ -133,6 +133,8 @@ def _translate(
                 f"access denied to {where}: {code} (check the credentials and their permissions)"
             )
         return RemoteError(f"{code or status} on {where}: {message}")
+    if isinstance(exc, bx.FlexibleChecksumError):
+        return IntegrityError(f"{where}: the body does not match the checksum S3 stored: {exc}")
     if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
         return AccessDeniedError(
             "no AWS credentials found: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
@@ -283,16 +285,25 @@ class S3:
                 return data
 
     async def get_range(
-        self, bucket: str, key: str, *, byte_range: str | None, if_match: str | None = None
+        self,
+        bucket: str,
+        key: str,
+        *,
+        byte_range: str | None,
+        if_match: str | None = None,
+        verify_checksum: bool = False,
     ) -> tuple[bytes, int, str | None]:
         """One GET (of one range, or the whole object): body, HTTP status, Content-Range.
 
         With if_match, an object replaced since its ETag was recorded is refused by S3 (412)
-        instead of returning other bytes."""
+        instead of returning other bytes. With verify_checksum (whole objects only), botocore
+        checks the body against the checksum S3 stored with it, when there is one."""
         self.calls["get_object"] += 1
         kwargs: dict[str, Any] = {}
         if byte_range:
             kwargs["Range"] = byte_range
+        elif verify_checksum:
+            kwargs["ChecksumMode"] = "ENABLED"
         if if_match:
             kwargs["IfMatch"] = if_match
         with map_errors(bucket, key, byte_range):

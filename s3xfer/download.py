@@ -1,0 +1,410 @@
+"""Download: restore an s3xfer dataset (loose objects and tar shards) or any plain prefix into
+a local directory, verified, resumable, never writing outside it.
+
+For a dataset, the manifest says where every file is: packed files are restored from large
+sequential ranged GETs of their shard (nearby members merged, each GET split into files as it
+arrives); large objects come in parallel ranged GETs aligned to their upload parts
+(rangedl.py); every file is checked against its catalogued CRC32 and gets its mtime and mode
+back. For a plain prefix (no manifest), every object is downloaded like `aws s3 cp
+--recursive`, with the checksum S3 stored checked where there is one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import ObjectReceiveStream
+
+from .checksums import crc32, crc32_to_base64
+from .config import DEFAULT_MAX_MEMORY, MiB
+from .engine import ByteBudget
+from .errors import IntegrityError, NoSuchKeyError, S3XferError, SourceError
+from .keys import META_DIR, S3Url, manifest_key
+from .localfs import safe_destination, write_file
+from .malloc import return_large_buffers_promptly
+from .manifest import Manifest
+from .rangedl import RangedDownload, download_ranges
+from .ranges import DEFAULT_GAP, RangeGet, Wanted, check_ranged_response, coalesce
+from .reader import path_matcher
+from .retry import RetryPolicy, TransientError, call_with_retries
+from .s3 import S3, Connection, open_s3
+
+DEFAULT_RANGE_SIZE = 8 * MiB
+ProgressCallback = Callable[[int, int], None]  # (bytes, files) increments
+StartCallback = Callable[[int, int, int], None]  # (files to fetch, bytes to fetch, skipped)
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One file to restore: where its bytes are, and what it must look like."""
+
+    path: str
+    key: str
+    size: int
+    offset: int  # in its shard; -1 for its own object
+    etag: str
+    crc32: str | None  # base64, when known
+    mtime_ns: int | None
+    mode: int | None
+    part_size: int  # of the upload, for aligned ranges; 0 when unknown
+
+
+@dataclass(frozen=True)
+class DownloadReport:
+    source: str
+    dest: str
+    kind: str  # "dataset" or "prefix"
+    files_downloaded: int
+    bytes_downloaded: int
+    files_skipped: int  # already present and identical
+    files_failed: int
+    failures: list[tuple[str, str]]
+    refused: list[tuple[str, str]]  # unsafe paths, never written
+    seconds: float
+    requests: int
+    retries: int
+    peak_buffered_bytes: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and not self.refused
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_downloaded / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "extra"}
+        data["failures"] = [{"path": p, "error": e} for p, e in self.failures]
+        data["refused"] = [{"path": p, "reason": r} for p, r in self.refused]
+        data["seconds"] = round(self.seconds, 3)
+        data["mb_per_s"] = round(self.mb_per_s, 2)
+        return {**data, **self.extra}
+
+
+def select(items: Sequence[Item], include: Sequence[str], exclude: Sequence[str]) -> list[Item]:
+    """Items matching any include glob (all when none given) and no exclude glob."""
+    wanted = path_matcher(include) if include else (lambda _path: True)
+    unwanted = path_matcher(exclude) if exclude else (lambda _path: False)
+    return [i for i in items if wanted(i.path) and not unwanted(i.path)]
+
+
+def dataset_items(manifest: Manifest) -> list[Item]:
+    return [
+        Item(
+            r.path,
+            r.key,
+            r.size,
+            r.offset,
+            r.etag,
+            r.crc32 or None,
+            r.mtime_ns,
+            r.mode,
+            r.part_size,
+        )
+        for r in sorted(manifest.records.values(), key=lambda r: r.path)
+    ]
+
+
+def prefix_item(url: S3Url, listed: dict[str, Any]) -> Item:
+    key = str(listed["Key"])
+    relative = key[len(url.prefix) + 1 :] if url.prefix else key
+    modified = listed.get("LastModified")
+    mtime_ns = int(modified.timestamp() * 1e9) if isinstance(modified, datetime.datetime) else None
+    return Item(
+        relative, key, int(listed["Size"]), -1, str(listed.get("ETag", "")), None, mtime_ns, None, 0
+    )
+
+
+def _local_crc32(path: Path) -> str:
+    value = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(1024 * 1024):
+            value = zlib.crc32(chunk, value)
+    return crc32_to_base64(value)
+
+
+def _identical(target: Path, item: Item) -> bool:
+    """Already there: same size, and the same CRC32 (or, with none known, the same mtime)."""
+    try:
+        stat = target.stat()
+    except OSError:
+        return False
+    if not target.is_file() or stat.st_size != item.size:
+        return False
+    if item.crc32 is not None:
+        return _local_crc32(target) == item.crc32
+    return item.mtime_ns is not None and stat.st_mtime_ns == item.mtime_ns
+
+
+@dataclass
+class _Counters:
+    files: int = 0
+    bytes: int = 0
+    retries: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+class _Restorer:
+    def __init__(
+        self,
+        s3: S3,
+        url: S3Url,
+        dest: Path,
+        *,
+        concurrency: int,
+        max_memory: int,
+        range_size: int,
+        gap: int,
+        on_progress: ProgressCallback,
+    ) -> None:
+        self.s3 = s3
+        self.url = url
+        self.dest = dest
+        self.concurrency = concurrency
+        self.range_size = range_size
+        self.gap = gap
+        self.budget = ByteBudget(max(max_memory, range_size))
+        self.limiter = anyio.CapacityLimiter(concurrency)
+        self.counters = _Counters()
+        self.on_progress = on_progress
+        self.policy = RetryPolicy()
+        self.targets: dict[str, Path] = {}
+
+    def _count_retry(self, _error: TransientError) -> None:
+        self.counters.retries += 1
+
+    def _done(self, item: Item, nbytes: int) -> None:
+        self.counters.files += 1
+        self.counters.bytes += nbytes
+        self.on_progress(nbytes, 1)
+
+    async def run(self, items: list[Item]) -> None:
+        packed = [i for i in items if i.offset >= 0]
+        small = [i for i in items if i.offset < 0 and i.size <= self.range_size]
+        large = [i for i in items if i.offset < 0 and i.size > self.range_size]
+        by_path = {i.path: i for i in packed}
+        gets = coalesce(
+            (Wanted(i.path, i.key, i.offset, i.size) for i in packed),
+            gap=self.gap,
+            max_span=self.range_size,
+        )
+        for empty in (i for i in packed if i.size == 0):
+            await self._write(empty, b"")
+        send, receive = anyio.create_memory_object_stream[Callable[[], Any]](0)
+        async with anyio.create_task_group() as group:
+            async with receive:
+                for _ in range(self.concurrency):
+                    group.start_soon(self._worker, receive.clone())
+            async with send:
+                for get in gets:
+                    await send.send(functools.partial(self._shard_range, get, by_path))
+                for item in small:
+                    await send.send(functools.partial(self._object, item))
+            # Large objects run their own parallel ranges, within the same limiter and budget.
+            for item in large:
+                group.start_soon(self._large, item)
+
+    async def _worker(self, jobs: ObjectReceiveStream[Callable[[], Any]]) -> None:
+        async with jobs:
+            async for job in jobs:
+                await job()
+
+    async def _get(
+        self, key: str, byte_range: str | None, etag: str, *, verify: bool = False
+    ) -> tuple[bytes, int, str | None]:
+        async def attempt() -> tuple[bytes, int, str | None]:
+            async with self.limiter:
+                return await self.s3.get_range(
+                    self.url.bucket,
+                    key,
+                    byte_range=byte_range,
+                    if_match=etag or None,
+                    verify_checksum=verify,
+                )
+
+        return await call_with_retries(attempt, policy=self.policy, on_retry=self._count_retry)
+
+    async def _shard_range(self, get: RangeGet, by_path: dict[str, Item]) -> None:
+        """One sequential ranged GET of a shard, split into its member files as it arrives."""
+        size = get.end - get.start
+        etag = by_path[get.members[0].path].etag
+        where = f"s3://{self.url.bucket}/{get.key}"
+        try:
+            await self.budget.acquire(size)
+            try:
+                body, status, content_range = await self._get(get.key, get.header, etag)
+                check_ranged_response(
+                    get,
+                    status=status,
+                    content_range=content_range,
+                    body_length=len(body),
+                    where=where,
+                )
+                for member in get.members:
+                    item = by_path[member.path]
+                    data = get.slice_of(body, member)
+                    if item.crc32 is not None and crc32_to_base64(crc32(data)) != item.crc32:
+                        raise IntegrityError(f"{item.path}: checksum mismatch in {where}")
+                    await self._write(item, data)
+            finally:
+                self.budget.release(size)
+        except S3XferError as error:
+            self.counters.failures.extend((m.path, str(error)) for m in get.members)
+
+    async def _object(self, item: Item) -> None:
+        where = f"s3://{self.url.bucket}/{item.key}"
+        try:
+            await self.budget.acquire(item.size)
+            try:
+                body, _status, _range = await self._get(item.key, None, item.etag, verify=True)
+                if len(body) != item.size:
+                    raise IntegrityError(f"{where}: {len(body)} bytes, expected {item.size}")
+                if item.crc32 is not None and crc32_to_base64(crc32(body)) != item.crc32:
+                    raise IntegrityError(f"{item.path}: checksum mismatch in {where}")
+                await self._write(item, body)
+            finally:
+                self.budget.release(item.size)
+        except S3XferError as error:
+            self.counters.failures.append((item.path, str(error)))
+
+    async def _large(self, item: Item) -> None:
+        job = RangedDownload(
+            bucket=self.url.bucket,
+            key=item.key,
+            size=item.size,
+            etag=item.etag,
+            dest=self.targets[item.path],
+            mtime_ns=item.mtime_ns,
+            mode=item.mode,
+            expected_crc32=item.crc32,
+        )
+        range_size = item.part_size or self.range_size
+        if range_size > self.budget.capacity:
+            range_size = self.range_size
+        try:
+            result = await download_ranges(
+                self.s3,
+                job,
+                range_size=range_size,
+                limiter=self.limiter,
+                budget=self.budget,
+                on_progress=lambda n: self.on_progress(n, 0),
+                policy=self.policy,
+            )
+        except S3XferError as error:
+            self.counters.failures.append((item.path, str(error)))
+            return
+        self.counters.files += 1
+        self.counters.bytes += result.bytes_fetched
+        self.on_progress(0, 1)
+
+    async def _write(self, item: Item, data: bytes) -> None:
+        mode = item.mode if item.mode is not None else 0o644
+        mtime = item.mtime_ns if item.mtime_ns is not None else time.time_ns()
+        try:
+            await write_file(self.targets[item.path], data, mtime_ns=mtime, mode=mode)
+        except OSError as exc:
+            raise SourceError(f"cannot write {self.targets[item.path]}: {exc.strerror}") from exc
+        self._done(item, len(data))
+
+
+async def download(
+    url: S3Url,
+    dest: Path,
+    *,
+    connection: Connection | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    overwrite: bool = False,
+    concurrency: int = 16,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    range_size: int = DEFAULT_RANGE_SIZE,
+    gap: int = DEFAULT_GAP,
+    on_start: StartCallback | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> DownloadReport:
+    """Restore `url` (an s3xfer dataset, or any prefix) into `dest`. Files already present and
+    identical are skipped, so running it again after it finished transfers nothing."""
+    return_large_buffers_promptly()
+    started = time.perf_counter()
+    async with open_s3(connection or Connection(), max_pool_connections=concurrency) as s3:
+        await s3.check_bucket(url.bucket)
+        try:
+            raw = await call_with_retries(
+                lambda: s3.get_object(url.bucket, manifest_key(url)), policy=RetryPolicy()
+            )
+        except NoSuchKeyError:
+            kind = "prefix"
+            listing_prefix = f"{url.prefix}/" if url.prefix else ""
+            items = [
+                prefix_item(url, listed)
+                async for listed in s3.list_objects(url.bucket, listing_prefix)
+                if not str(listed["Key"]).endswith("/")
+            ]
+        else:
+            kind = "dataset"
+            where = f"s3://{url.bucket}/{manifest_key(url)}"
+            items = dataset_items(Manifest.from_bytes(raw, where=where))
+        items = [i for i in items if not i.path.startswith(f"{META_DIR}/")]
+        items = select(items, include, exclude)
+
+        refused: list[tuple[str, str]] = []
+        failures: list[tuple[str, str]] = []
+        todo: list[Item] = []
+        skipped = 0
+        targets: dict[str, Path] = {}
+        for item in items:
+            try:
+                target = safe_destination(dest, item.path)
+            except SourceError as error:
+                refused.append((item.path, str(error)))
+                continue
+            if target.exists() or target.is_symlink():
+                if await anyio.to_thread.run_sync(_identical, target, item):
+                    skipped += 1
+                    continue
+                if not overwrite:
+                    failures.append((item.path, f"{target} exists and differs (use --overwrite)"))
+                    continue
+            targets[item.path] = target
+            todo.append(item)
+        if on_start is not None:
+            on_start(len(todo), sum(i.size for i in todo), skipped)
+        restorer = _Restorer(
+            s3,
+            url,
+            dest,
+            concurrency=concurrency,
+            max_memory=max_memory,
+            range_size=range_size,
+            gap=gap,
+            on_progress=on_progress or (lambda _b, _f: None),
+        )
+        restorer.targets = targets
+        await restorer.run(todo)
+        counters = restorer.counters
+        return DownloadReport(
+            source=str(url),
+            dest=str(dest),
+            kind=kind,
+            files_downloaded=counters.files,
+            bytes_downloaded=counters.bytes,
+            files_skipped=skipped,
+            files_failed=len(failures) + len(counters.failures),
+            failures=sorted(failures + counters.failures),
+            refused=refused,
+            seconds=time.perf_counter() - started,
+            requests=s3.requests,
+            retries=counters.retries,
+            peak_buffered_bytes=restorer.budget.peak,
+        )

@@ -1,0 +1,453 @@
+"""Downloading one large object: parallel ranged GETs written at their offsets into a
+preallocated temporary file beside the destination, resumable after a kill, and renamed into
+place only when complete and verified.
+
+Beside `dest` live, while a download is unfinished, `.<name>.s3xfer-part` (the data) and
+`.<name>.s3xfer-part.json` (which ranges of it are written, and their CRC32s). The sidecar is
+replaced atomically after each range, and only ever lists ranges whose bytes were written
+before, so a process killed at any moment leaves a state the next call can continue from.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio
+
+from .checksums import combine_parts, crc32_from_base64, crc32_to_base64
+from .engine import ByteBudget
+from .errors import IntegrityError, S3XferError, UsageError
+from .ranges import RangeGet, check_ranged_response
+from .retry import RetryPolicy, TransientError, call_with_retries
+
+SIDECAR_VERSION = 1
+PARTIAL_SUFFIX = ".s3xfer-part"
+SIDECAR_SUFFIX = ".s3xfer-part.json"
+_VERIFY_CHUNK = 1024 * 1024  # reading back reused ranges: bounded memory, not budgeted
+
+
+class DestinationError(S3XferError):
+    """The destination cannot be written (no space, no permission, not a directory)."""
+
+    exit_code = 1
+
+
+class RangeSource(Protocol):
+    """What this module needs from S3 (s3.S3 provides it; tests may hand in a fake)."""
+
+    async def get_range(
+        self, bucket: str, key: str, *, byte_range: str | None, if_match: str | None = None
+    ) -> tuple[bytes, int, str | None]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RangedDownload:
+    """One object to fetch into `dest`."""
+
+    bucket: str
+    key: str
+    size: int
+    etag: str  # sent as If-Match on every GET: a replaced object fails instead of mixing bytes
+    dest: Path  # final path, written only by an atomic rename once complete and verified
+    mtime_ns: int | None  # set on the final file when given
+    mode: int | None
+    # Base64 big-endian whole-object CRC32 (s3xfer manifest, or S3's FULL_OBJECT ChecksumCRC32);
+    # None when no checksum is known: the computed value is still returned.
+    expected_crc32: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadResult:
+    bytes_fetched: int  # bytes received in this call (reused ranges excluded)
+    ranges_fetched: int
+    ranges_reused: int  # ranges a previous, interrupted call had already written
+    crc32: str  # base64 whole-object CRC32 of the final file
+    retries: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ByteRange:
+    """Range number `index` of an object: bytes [start, end)."""
+
+    index: int
+    start: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    @property
+    def header(self) -> str:
+        return f"bytes={self.start}-{self.end - 1}"
+
+
+def split_ranges(size: int, *, range_size: int) -> list[ByteRange]:
+    """Consecutive ranges covering [0, size), each starting at a multiple of range_size.
+
+    Aligned to the upload's part size, each GET is served from a single stored part.
+    """
+    if range_size <= 0:
+        raise UsageError(f"range size must be positive, got {range_size}")
+    if size < 0:
+        raise UsageError(f"object size must not be negative, got {size}")
+    return [
+        ByteRange(index, start, min(start + range_size, size))
+        for index, start in enumerate(range(0, size, range_size))
+    ]
+
+
+def partial_path(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}{PARTIAL_SUFFIX}")
+
+
+def sidecar_path(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}{SIDECAR_SUFFIX}")
+
+
+def _sidecar_temp_path(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}{SIDECAR_SUFFIX}.tmp")
+
+
+@dataclass(frozen=True, slots=True)
+class PartialState:
+    """What the sidecar records: which object, cut how, and the CRC32 of each written range."""
+
+    bucket: str
+    key: str
+    etag: str
+    size: int
+    range_size: int
+    crcs: Mapping[int, int] = field(default_factory=dict)
+
+    @property
+    def done(self) -> frozenset[int]:
+        return frozenset(self.crcs)
+
+    @classmethod
+    def start(cls, job: RangedDownload, *, range_size: int) -> PartialState:
+        return cls(job.bucket, job.key, job.etag, job.size, range_size, {})
+
+    def continues(self, job: RangedDownload, *, range_size: int) -> bool:
+        """Whether the recorded ranges are bytes of this very object, cut the same way."""
+        return (self.bucket, self.key, self.etag, self.size, self.range_size) == (
+            job.bucket,
+            job.key,
+            job.etag,
+            job.size,
+            range_size,
+        )
+
+    def with_range(self, index: int, crc: int) -> PartialState:
+        return PartialState(
+            self.bucket, self.key, self.etag, self.size, self.range_size, {**self.crcs, index: crc}
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "version": SIDECAR_VERSION,
+                "bucket": self.bucket,
+                "key": self.key,
+                "etag": self.etag,
+                "size": self.size,
+                "range_size": self.range_size,
+                "done": sorted(self.crcs),
+                "crcs": {str(index): self.crcs[index] for index in sorted(self.crcs)},
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> PartialState:
+        """Raises ValueError on anything but a sidecar this version wrote."""
+        try:
+            raw: Any = json.loads(text)
+            if not isinstance(raw, dict) or raw.get("version") != SIDECAR_VERSION:
+                raise ValueError("not an s3xfer sidecar of a known version")
+            strings = [raw["bucket"], raw["key"], raw["etag"]]
+            numbers = [raw["size"], raw["range_size"]]
+            if not all(isinstance(s, str) for s in strings) or not all(
+                isinstance(n, int) and n >= 0 for n in numbers
+            ):
+                raise ValueError("malformed sidecar fields")
+            crcs = {int(index): int(crc) for index, crc in raw["crcs"].items()}
+            done = raw["done"]
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"malformed sidecar: {exc}") from exc
+        # "done" is redundant with the CRC keys; a disagreement means the file is not ours.
+        if not isinstance(done, list) or sorted(done) != sorted(crcs):
+            raise ValueError("sidecar done list and CRCs disagree")
+        return cls(raw["bucket"], raw["key"], raw["etag"], raw["size"], raw["range_size"], crcs)
+
+
+def clean_partial(dest: Path) -> None:
+    """Remove the temporary file and sidecar of an unfinished download of dest, if any."""
+    for path in (sidecar_path(dest), _sidecar_temp_path(dest), partial_path(dest)):
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def _local_errors(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise DestinationError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _write_sidecar(dest: Path, state: PartialState) -> None:
+    temp = _sidecar_temp_path(dest)
+    with _local_errors(temp):
+        temp.write_text(state.to_json(), encoding="utf-8")
+        os.replace(temp, sidecar_path(dest))
+
+
+def _read_sidecar(dest: Path) -> PartialState | None:
+    try:
+        return PartialState.from_json(sidecar_path(dest).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None  # missing or unreadable: nothing to resume
+
+
+def _crc_of_file_range(fd: int, start: int, length: int) -> int | None:
+    value = 0
+    position = start
+    while position < start + length:
+        chunk = os.pread(fd, min(_VERIFY_CHUNK, start + length - position), position)
+        if not chunk:
+            return None
+        value = zlib.crc32(chunk, value)
+        position += len(chunk)
+    return value
+
+
+def _preallocate(fd: int, size: int) -> None:
+    os.ftruncate(fd, size)
+    if size and hasattr(os, "posix_fallocate"):
+        # Reserving the blocks now makes a full disk fail here rather than mid-download.
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+
+
+def _open_partial(
+    job: RangedDownload, ranges: list[ByteRange], *, range_size: int, verify_reused: bool
+) -> tuple[int, PartialState]:
+    """Open the temporary file, continuing a matching earlier download or starting afresh."""
+    temp = partial_path(job.dest)
+    state = _read_sidecar(job.dest)
+    if state is not None and state.continues(job, range_size=range_size):
+        try:
+            fd = os.open(temp, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            fd = -1
+        if fd >= 0 and os.fstat(fd).st_size == job.size:
+            crcs = {i: c for i, c in state.crcs.items() if 0 <= i < len(ranges)}
+            if verify_reused:
+                # The sidecar outlives a power loss that the page cache may not: re-read what
+                # it claims, so the whole-file check never vouches for bytes that are not there.
+                crcs = {
+                    i: c
+                    for i, c in crcs.items()
+                    if _crc_of_file_range(fd, ranges[i].start, ranges[i].length) == c
+                }
+            return fd, PartialState(job.bucket, job.key, job.etag, job.size, range_size, crcs)
+        if fd >= 0:
+            os.close(fd)
+    with _local_errors(temp):
+        # Sidecar first: from here on no stale record can describe the new file.
+        clean_partial(job.dest)
+        job.dest.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        try:
+            _preallocate(fd, job.size)
+        except BaseException:
+            os.close(fd)
+            raise
+    fresh = PartialState.start(job, range_size=range_size)
+    _write_sidecar(job.dest, fresh)
+    return fd, fresh
+
+
+def _write_at(fd: int, data: bytes, offset: int, path: Path) -> int:
+    """pwrite all of data at offset (a regular file may still take it in pieces); its CRC32."""
+    view = memoryview(data)
+    with _local_errors(path):
+        while view:
+            written = os.pwrite(fd, view, offset)
+            view = view[written:]
+            offset += written
+    return zlib.crc32(data)
+
+
+def _finish(job: RangedDownload) -> None:
+    temp = partial_path(job.dest)
+    with _local_errors(job.dest):
+        if job.mode is not None:
+            os.chmod(temp, job.mode & 0o7777)
+        if job.mtime_ns is not None:
+            os.utime(temp, ns=(job.mtime_ns, job.mtime_ns))
+        os.replace(temp, job.dest)
+        # A kill right here leaves a sidecar without its data file: the next call starts over.
+        sidecar_path(job.dest).unlink(missing_ok=True)
+
+
+class _Journal:
+    """The in-memory sidecar state and its persistence: one write at a time, newest wins,
+    and a write already covered by a newer one is skipped."""
+
+    def __init__(self, dest: Path, state: PartialState) -> None:
+        self.dest = dest
+        self.state = state
+        self._version = 0
+        self._persisted = 0
+        self._lock = anyio.Lock()
+
+    async def record(self, index: int, crc: int) -> None:
+        self.state = self.state.with_range(index, crc)
+        self._version += 1
+        wanted = self._version
+        async with self._lock:
+            if self._persisted >= wanted:
+                return
+            snapshot, version = self.state, self._version
+            await anyio.to_thread.run_sync(_write_sidecar, self.dest, snapshot)
+            self._persisted = version
+
+
+@contextmanager
+def _single_error() -> Iterator[None]:
+    """Parallel ranges fail like one download: with the first error, not an exception group."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaf: BaseException = group
+        while isinstance(leaf, BaseExceptionGroup) and leaf.exceptions:
+            leaf = leaf.exceptions[0]
+        raise leaf from None
+
+
+async def download_ranges(
+    s3: RangeSource,
+    job: RangedDownload,
+    *,
+    range_size: int,
+    limiter: anyio.CapacityLimiter,
+    budget: ByteBudget,
+    on_progress: Callable[[int], None] | None = None,
+    policy: RetryPolicy,
+    on_retry: Callable[[TransientError], None] | None = None,
+    verify_reused: bool = True,
+) -> DownloadResult:
+    """Fetch job's object into job.dest, continuing an interrupted download of the same object.
+
+    `limiter` bounds GETs in flight, `budget` the bytes held between a GET and its write.
+    on_progress receives byte counts as ranges land on disk (ranges reused from an earlier
+    call are reported once, at the start). An existing dest is replaced. On IntegrityError
+    (checksum mismatch, object replaced, wrong range served) the partial files are removed;
+    on any other failure they are kept for the next call to continue.
+    """
+    ranges = split_ranges(job.size, range_size=range_size)
+    if ranges and max(r.length for r in ranges) > budget.capacity:
+        raise UsageError(
+            f"range size {range_size} does not fit the memory budget of {budget.capacity} bytes"
+        )
+    expected: int | None = None
+    if job.expected_crc32 is not None:
+        try:
+            expected = crc32_from_base64(job.expected_crc32)
+        except ValueError as exc:
+            raise UsageError(f"s3://{job.bucket}/{job.key}: {exc}") from exc
+    where = f"s3://{job.bucket}/{job.key}"
+    temp = partial_path(job.dest)
+    fd, state = await anyio.to_thread.run_sync(
+        lambda: _open_partial(job, ranges, range_size=range_size, verify_reused=verify_reused)
+    )
+    journal = _Journal(job.dest, state)
+    reused = state.done
+    todo = [r for r in ranges if r.index not in reused]
+    fetched_bytes = 0
+    retries = 0
+
+    def count_retry(error: TransientError) -> None:
+        nonlocal retries
+        retries += 1
+        if on_retry is not None:
+            on_retry(error)
+
+    async def get(piece: ByteRange) -> bytes:
+        body, status, content_range = await s3.get_range(
+            job.bucket, job.key, byte_range=piece.header, if_match=job.etag
+        )
+        if len(body) < piece.length:  # a connection cut short: worth another try
+            raise TransientError(
+                f"{where} ({piece.header}): truncated response, {len(body)} of {piece.length} bytes"
+            )
+        check_ranged_response(
+            RangeGet(job.key, piece.start, piece.end, ()),
+            status=status,
+            content_range=content_range,
+            body_length=len(body),
+            where=where,
+        )
+        return body
+
+    async def fetch(piece: ByteRange) -> None:
+        nonlocal fetched_bytes
+        try:
+            async with limiter:
+                body = await call_with_retries(
+                    lambda: get(piece), policy=policy, on_retry=count_retry
+                )
+            crc = await anyio.to_thread.run_sync(_write_at, fd, body, piece.start, temp)
+            del body
+        finally:
+            budget.release(piece.length)
+        await journal.record(piece.index, crc)
+        fetched_bytes += piece.length
+        if on_progress is not None:
+            on_progress(piece.length)
+
+    try:
+        try:
+            if on_progress is not None and reused:
+                on_progress(sum(ranges[i].length for i in reused))
+            with _single_error():
+                async with anyio.create_task_group() as group:
+                    for piece in todo:
+                        # Taken here, in order: at most budget/range_size tasks exist at once.
+                        await budget.acquire(piece.length)
+                        group.start_soon(fetch, piece)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(os.close, fd)
+        crcs = journal.state.crcs
+        whole = combine_parts((crcs[r.index], r.length) for r in ranges)
+        if expected is not None and whole != expected:
+            raise IntegrityError(
+                f"{where}: checksum mismatch, downloaded bytes have CRC32 "
+                f"{crc32_to_base64(whole)}, expected {job.expected_crc32}"
+            )
+        await anyio.to_thread.run_sync(_finish, job)
+    except IntegrityError:
+        # The partial bytes are of an object that no longer matches: nothing worth resuming.
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(clean_partial, job.dest)
+        raise
+    return DownloadResult(
+        bytes_fetched=fetched_bytes,
+        ranges_fetched=len(todo),
+        ranges_reused=len(reused),
+        crc32=crc32_to_base64(whole),
+        retries=retries,
+    )

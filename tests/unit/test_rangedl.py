@@ -1,0 +1,311 @@
+"""Ranged downloads: ranges cover the object exactly and aligned, the sidecar round-trips, and
+against a scripted in-memory S3 the download verifies, retries, resumes and cleans up."""
+
+from __future__ import annotations
+
+import random
+import re
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import anyio
+import anyio.lowlevel
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from s3xfer.checksums import crc32_to_base64
+from s3xfer.engine import ByteBudget
+from s3xfer.errors import IntegrityError, UsageError
+from s3xfer.rangedl import (
+    DownloadResult,
+    PartialState,
+    RangedDownload,
+    download_ranges,
+    partial_path,
+    sidecar_path,
+    split_ranges,
+)
+from s3xfer.retry import RetryPolicy, TransientError
+
+FAST_RETRIES = RetryPolicy(max_attempts=3, base_delay=0.0, max_delay=0.0)
+
+
+@given(size=st.integers(0, 10**9), range_size=st.integers(1, 10**8))
+def test_ranges_cover_the_object_exactly_and_start_on_range_size_multiples(
+    size: int, range_size: int
+) -> None:
+    if size // range_size > 20_000:  # keep each example cheap; the property does not need more
+        range_size = size // 20_000 + 1
+    ranges = split_ranges(size, range_size=range_size)
+    assert [r.index for r in ranges] == list(range(len(ranges)))
+    assert len(ranges) == -(-size // range_size)
+    position = 0
+    for r in ranges:
+        assert r.start == position
+        assert r.start % range_size == 0
+        assert 0 < r.length <= range_size
+        assert r.header == f"bytes={r.start}-{r.end - 1}"
+        position = r.end
+    assert position == size
+
+
+def test_a_range_size_that_is_not_positive_is_refused() -> None:
+    with pytest.raises(UsageError):
+        split_ranges(10, range_size=0)
+
+
+states = st.builds(
+    PartialState,
+    bucket=st.text(min_size=1, max_size=20),
+    key=st.text(min_size=1, max_size=60),
+    etag=st.text(max_size=40),
+    size=st.integers(0, 2**50),
+    range_size=st.integers(1, 2**33),
+    crcs=st.dictionaries(st.integers(0, 10_000), st.integers(0, 2**32 - 1), max_size=50),
+)
+
+
+@given(state=states)
+def test_sidecar_round_trips(state: PartialState) -> None:
+    assert PartialState.from_json(state.to_json()) == state
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "[]",
+        '{"version": 99}',
+        '{"version":1,"bucket":"b","key":"k","etag":"e","size":1,"range_size":1,'
+        '"done":[0,1],"crcs":{"0":5}}',
+        '{"version":1,"bucket":"b","key":"k","etag":"e","size":-1,"range_size":1,'
+        '"done":[],"crcs":{}}',
+    ],
+)
+def test_anything_but_a_well_formed_sidecar_is_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        PartialState.from_json(text)
+
+
+class ScriptedS3:
+    """An in-memory object behind get_range, with faults to inject per range."""
+
+    def __init__(self, data: bytes, etag: str = '"e1"') -> None:
+        self.data = data
+        self.etag = etag
+        self.gets: Counter[str] = Counter()
+        self.short_once: set[str] = set()  # ranges answered once with a truncated body
+        self.wrong_range: set[str] = set()  # ranges answered with other bytes' Content-Range
+        self.in_flight = 0
+        self.peak_in_flight = 0
+
+    async def get_range(
+        self, bucket: str, key: str, *, byte_range: str | None, if_match: str | None = None
+    ) -> tuple[bytes, int, str | None]:
+        assert byte_range is not None
+        self.gets[byte_range] += 1
+        if if_match != self.etag:
+            raise IntegrityError(f"s3://{bucket}/{key} was replaced (ETag no longer matches)")
+        match = re.fullmatch(r"bytes=(\d+)-(\d+)", byte_range)
+        assert match
+        start, last = int(match.group(1)), int(match.group(2))
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            await anyio.lowlevel.checkpoint()  # let other ranges start: exercises the limiter
+        finally:
+            self.in_flight -= 1
+        body = self.data[start : last + 1]
+        if byte_range in self.short_once:
+            self.short_once.discard(byte_range)
+            body = body[:-1]
+        if byte_range in self.wrong_range:
+            start, last = start + 1, last + 1
+        return body, 206, f"bytes {start}-{last}/{len(self.data)}"
+
+
+def job_for(
+    data: bytes, dest: Path, *, crc: str | None = "auto", etag: str = '"e1"'
+) -> RangedDownload:
+    return RangedDownload(
+        bucket="b",
+        key="big.bin",
+        size=len(data),
+        etag=etag,
+        dest=dest,
+        mtime_ns=1_600_000_000_123_456_789,
+        mode=0o640,
+        expected_crc32=crc32_to_base64(zlib.crc32(data)) if crc == "auto" else crc,
+    )
+
+
+def run(
+    s3: ScriptedS3,
+    job: RangedDownload,
+    *,
+    range_size: int = 1000,
+    limit: int = 3,
+    budget: ByteBudget | None = None,
+    progress: list[int] | None = None,
+) -> DownloadResult:
+    async def main() -> DownloadResult:
+        return await download_ranges(
+            s3,
+            job,
+            range_size=range_size,
+            limiter=anyio.CapacityLimiter(limit),
+            budget=budget or ByteBudget(4 * range_size),
+            on_progress=None if progress is None else progress.append,
+            policy=FAST_RETRIES,
+        )
+
+    return anyio.run(main)
+
+
+DATA = random.Random(7).randbytes(10_500)
+
+
+def test_download_writes_verified_bytes_with_mtime_and_mode_and_leaves_no_partial_files(
+    tmp_path: Path,
+) -> None:
+    s3 = ScriptedS3(DATA)
+    dest = tmp_path / "out" / "big.bin"
+    budget = ByteBudget(3000)
+    progress: list[int] = []
+    result = run(s3, job_for(DATA, dest), budget=budget, progress=progress)
+    assert dest.read_bytes() == DATA
+    assert dest.stat().st_mtime_ns == 1_600_000_000_123_456_789
+    assert dest.stat().st_mode & 0o7777 == 0o640
+    assert result == DownloadResult(
+        bytes_fetched=len(DATA),
+        ranges_fetched=11,
+        ranges_reused=0,
+        crc32=crc32_to_base64(zlib.crc32(DATA)),
+        retries=0,
+    )
+    assert sum(progress) == len(DATA)
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["big.bin"]
+    assert budget.peak <= 3000 and budget.used == 0
+    assert 1 < s3.peak_in_flight <= 3
+
+
+def test_a_truncated_body_is_retried_and_counted(tmp_path: Path) -> None:
+    s3 = ScriptedS3(DATA)
+    s3.short_once.add("bytes=2000-2999")
+    result = run(s3, job_for(DATA, tmp_path / "big.bin"))
+    assert (tmp_path / "big.bin").read_bytes() == DATA
+    assert result.retries == 1 and s3.gets["bytes=2000-2999"] == 2
+
+
+def test_a_wrong_content_range_fails_and_removes_the_partial_files(tmp_path: Path) -> None:
+    s3 = ScriptedS3(DATA)
+    s3.wrong_range.add("bytes=3000-3999")
+    dest = tmp_path / "big.bin"
+    with pytest.raises(IntegrityError, match=r"big\.bin.*bytes=3000-3999"):
+        run(s3, job_for(DATA, dest))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checksum_mismatch_names_the_key_and_leaves_nothing(tmp_path: Path) -> None:
+    dest = tmp_path / "big.bin"
+    dest.write_bytes(b"previous version")
+    wrong = crc32_to_base64(zlib.crc32(DATA) ^ 1)
+    with pytest.raises(IntegrityError, match=r"s3://b/big\.bin: checksum mismatch"):
+        run(ScriptedS3(DATA), job_for(DATA, dest, crc=wrong))
+    assert dest.read_bytes() == b"previous version"  # an old file is not replaced by bad bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.bin"]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_after(ranges: int) -> list[int]:
+    """A progress list that raises once `ranges` ranges have landed: a crash mid-download."""
+
+    class Tripwire(list[int]):
+        def append(self, value: int) -> None:
+            super().append(value)
+            if len(self) >= ranges:
+                raise Interrupted
+
+    return Tripwire()
+
+
+def test_an_interrupted_download_continues_from_the_ranges_already_written(
+    tmp_path: Path,
+) -> None:
+    s3 = ScriptedS3(DATA)
+    dest = tmp_path / "big.bin"
+    with pytest.raises(Interrupted):
+        run(s3, job_for(DATA, dest), limit=1, progress=interrupt_after(3))
+    assert not dest.exists()
+    recorded = PartialState.from_json(sidecar_path(dest).read_text())
+    assert len(recorded.done) >= 3
+    s3.gets.clear()
+    progress: list[int] = []
+    result = run(s3, job_for(DATA, dest), progress=progress)
+    assert dest.read_bytes() == DATA
+    assert result.ranges_reused == len(recorded.done)
+    assert result.ranges_fetched == 11 - len(recorded.done)
+    assert sum(s3.gets.values()) == result.ranges_fetched
+    assert sum(progress) == len(DATA)  # reused bytes count as progress too
+    assert result.crc32 == crc32_to_base64(zlib.crc32(DATA))
+
+
+def test_a_reused_range_whose_bytes_are_not_on_disk_is_fetched_again(tmp_path: Path) -> None:
+    s3 = ScriptedS3(DATA)
+    dest = tmp_path / "big.bin"
+    with pytest.raises(Interrupted):
+        run(s3, job_for(DATA, dest), limit=1, progress=interrupt_after(2))
+    recorded = PartialState.from_json(sidecar_path(dest).read_text())
+    lost = min(recorded.done)
+    # As after a power loss: the sidecar says this range is written, the disk holds zeros.
+    with partial_path(dest).open("r+b") as partial:
+        partial.seek(lost * 1000)
+        partial.write(bytes(1000))
+    result = run(s3, job_for(DATA, dest))
+    assert dest.read_bytes() == DATA
+    assert result.ranges_reused == len(recorded.done) - 1
+    assert result.ranges_fetched == 11 - result.ranges_reused
+
+
+def test_a_partial_download_of_another_version_is_started_over(tmp_path: Path) -> None:
+    dest = tmp_path / "big.bin"
+    with pytest.raises(Interrupted):
+        run(ScriptedS3(DATA), job_for(DATA, dest), limit=1, progress=interrupt_after(2))
+    new = DATA[::-1]
+    result = run(ScriptedS3(new, etag='"e2"'), job_for(new, dest, etag='"e2"'))
+    assert dest.read_bytes() == new
+    assert result.ranges_reused == 0 and result.ranges_fetched == 11
+
+
+def test_an_empty_object_needs_no_request(tmp_path: Path) -> None:
+    s3 = ScriptedS3(b"")
+    result = run(s3, job_for(b"", tmp_path / "empty"))
+    assert (tmp_path / "empty").read_bytes() == b""
+    assert result.crc32 == "AAAAAA==" and not s3.gets
+
+
+def test_a_range_larger_than_the_memory_budget_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="memory budget"):
+        run(ScriptedS3(DATA), job_for(DATA, tmp_path / "x"), budget=ByteBudget(999))
+
+
+def test_transient_errors_are_not_swallowed_past_the_retry_limit(tmp_path: Path) -> None:
+    class AlwaysShort(ScriptedS3):
+        async def get_range(
+            self, bucket: str, key: str, *, byte_range: str | None, if_match: str | None = None
+        ) -> tuple[bytes, int, str | None]:
+            body, status, content_range = await super().get_range(
+                bucket, key, byte_range=byte_range, if_match=if_match
+            )
+            return body[:1], status, content_range
+
+    dest = tmp_path / "big.bin"
+    with pytest.raises(TransientError, match="truncated"):
+        run(AlwaysShort(DATA), job_for(DATA, dest))
+    # Not an integrity problem: the partial files stay for the next call to continue.
+    assert partial_path(dest).exists() and sidecar_path(dest).exists()
