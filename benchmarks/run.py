@@ -9,7 +9,12 @@ Each tool uploads each seeded dataset to a fresh prefix of one bucket on a serve
 and sizes), so a tool that fails quietly cannot post a fast time. Wall seconds include the
 tool's start-up; peak RSS is the sum over the tool's process tree, sampled every 20 ms.
 
-Then, on the `small` dataset, each tool fetches the same 1,000 seeded-random files from its
+Then, on `small` and `large`, each tool downloads all of the dataset from its own upload
+into an empty directory: s3xfer restores its dataset (`s3xfer download`, from shards, and
+from loose objects for `s3xfer-nopack`), the peers download the objects; a download counts
+only if every file arrives byte-identical (SHA-256), and for s3xfer with its mtime and mode.
+
+Last, on the `small` dataset, each tool fetches the same 1,000 seeded-random files from its
 own upload: s3xfer through its catalog (`s3xfer get`, default --gap and --gap 0), s5cmd and
 rclone as objects; a fetch counts only if every file arrives byte-identical (SHA-256).
 """
@@ -38,6 +43,7 @@ from typing import Any, TypeVar
 
 import psutil
 
+from s3xfer.config import DEFAULT_MAX_MEMORY, DEFAULT_PACK_THRESHOLD
 from s3xfer.locals3 import LocalS3, LocalS3Info
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,6 +69,10 @@ FETCH_FILES = 1_000
 # Room left for s3xfer's argv of literal paths: a quarter of ARG_MAX (the environment and the
 # other arguments share it). 1,000 paths of `small` take ~15 kB, far below.
 ARGV_BUDGET = os.sysconf("SC_ARG_MAX") // 4
+# The datasets every tool downloads in full, each from its own upload.
+DOWNLOAD_DATASETS = ("small", "large")
+# s3xfer downloads at its defaults: this is the memory budget its RSS target allows for.
+S3XFER_MAX_MEMORY = DEFAULT_MAX_MEMORY
 
 START_MARKER = "<!-- upload-benchmarks:start -->"
 END_MARKER = "<!-- upload-benchmarks:end -->"
@@ -273,6 +283,12 @@ def s3xfer_upload_no_pack(binary: Path, source: Path, target: Target) -> list[st
     return [*s3xfer_upload(binary, source, target), "--no-pack"]
 
 
+def s3xfer_download(binary: Path, dest: Path, target: Target) -> list[str]:
+    # Restores the dataset at target (its manifest says where each file is: a shard or an
+    # object of its own).
+    return [str(binary), "download", target.url, str(dest), "--quiet", "--json"]
+
+
 def awscli_upload(binary: Path, source: Path, target: Target) -> list[str]:
     return [
         str(binary),
@@ -336,9 +352,11 @@ def rclone_download(binary: Path, dest: Path, target: Target) -> list[str]:
 
 def make_tools() -> dict[str, Tool]:
     return {
-        "s3xfer": Tool("s3xfer", find_binary("s3xfer"), s3xfer_upload),
+        "s3xfer": Tool("s3xfer", find_binary("s3xfer"), s3xfer_upload, s3xfer_download),
         # Every file its own object, as the peers do: the loose-object path, without packing.
-        "s3xfer-nopack": Tool("s3xfer-nopack", find_binary("s3xfer"), s3xfer_upload_no_pack),
+        "s3xfer-nopack": Tool(
+            "s3xfer-nopack", find_binary("s3xfer"), s3xfer_upload_no_pack, s3xfer_download
+        ),
         "awscli": Tool("awscli", find_binary("aws"), awscli_upload, awscli_download),
         "s5cmd": Tool("s5cmd", find_binary("s5cmd"), s5cmd_upload, s5cmd_download, ("version",)),
         "rclone": Tool(
@@ -571,7 +589,10 @@ class Row:
     total_bytes: int
     attempts: list[Attempt] = field(default_factory=list)
     skipped: str | None = None
-    source: str | None = None  # fetch rows: whose upload the tool reads from
+    source: str | None = None  # fetch and download rows: whose upload the tool reads from
+    # s3xfer download rows: peak RSS of `s3xfer download` of an empty prefix (interpreter,
+    # libraries and client, no data), the base its RSS target adds the memory budget to.
+    baseline_rss_bytes: int | None = None
 
     @property
     def good(self) -> list[Attempt]:
@@ -620,6 +641,7 @@ class Row:
             "total_bytes": self.total_bytes,
             "skipped": self.skipped,
             "source": self.source,
+            "baseline_rss_bytes": self.baseline_rss_bytes,
             "seconds": self.seconds,
             "peak_rss_bytes": self.peak_rss_bytes,
             "cpu_seconds": self.cpu_seconds,
@@ -696,20 +718,90 @@ def download_once(
     tool: Tool,
     dataset: Dataset,
     *,
+    expected: Mapping[str, tuple[int, str]],
     source_prefix: str,
     dest: Path,
     log_name: str,
 ) -> Attempt:
+    """Download all of source_prefix into an empty dest. Counts only if dest then holds
+    exactly the dataset's files, byte-identical (SHA-256); s3xfer's restores must also carry
+    the source files' mtime and mode, and its --json report must account for every file."""
     assert tool.binary is not None and tool.download is not None
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
+    # Write back the previous run's files now, not during this run's timing.
+    os.sync()
     target = Target(session.info, BUCKET, source_prefix, session.env)
-    _, attempt = session.measure(tool.download(tool.binary, dest, target), log_name=log_name)
+    measured, attempt = session.measure(tool.download(tool.binary, dest, target), log_name=log_name)
+    if tool.name.startswith("s3xfer"):
+        try:
+            attempt.report = json.loads(measured.stdout)
+        except json.JSONDecodeError:
+            if attempt.error is None:
+                attempt.error = "no JSON report on stdout"
+        if attempt.error is None and attempt.report is not None:
+            attempt.error = check_download_report(attempt.report, dataset)
     if attempt.error is None:
-        attempt.error = compare(dataset.files, local_files(dest))
+        attempt.error = verify_fetched(dest, expected)
+    if attempt.error is None and tool.name.startswith("s3xfer"):
+        attempt.error = verify_metadata(dataset, dest)
     shutil.rmtree(dest, ignore_errors=True)
     return attempt
+
+
+def check_download_report(report: Mapping[str, Any], dataset: Dataset) -> str | None:
+    """s3xfer's own account of a full restore into an empty directory."""
+    if report.get("kind") != "dataset":
+        return f"s3xfer read the prefix as {report.get('kind')!r}, not as its dataset"
+    if report.get("failures") or report.get("files_failed"):
+        failed = report.get("failures") or []
+        first = f": {failed[0]}" if failed else ""
+        return f"s3xfer reports {report.get('files_failed')} failed files{first}"
+    if report.get("refused"):
+        return f"s3xfer refused {len(report['refused'])} names (e.g. {report['refused'][0]})"
+    got = (report.get("files_downloaded"), report.get("bytes_downloaded"))
+    if got != (dataset.count, dataset.total_bytes) or report.get("files_skipped"):
+        return (
+            f"s3xfer reports {got[0]} files / {got[1]} B downloaded and "
+            f"{report.get('files_skipped')} skipped, expected {dataset.count} / "
+            f"{dataset.total_bytes} B and none skipped"
+        )
+    return None
+
+
+def verify_metadata(dataset: Dataset, dest: Path) -> str | None:
+    """A restored s3xfer dataset keeps each file's mtime (to the nanosecond) and mode."""
+    wrong_mtime: list[str] = []
+    wrong_mode: list[str] = []
+    for relative in dataset.files:
+        source, restored = (dataset.root / relative).stat(), (dest / relative).stat()
+        if source.st_mtime_ns != restored.st_mtime_ns:
+            wrong_mtime.append(relative)
+        if source.st_mode != restored.st_mode:
+            wrong_mode.append(relative)
+    problems = []
+    if wrong_mtime:
+        problems.append(f"{len(wrong_mtime):,} files with another mtime (e.g. {wrong_mtime[0]})")
+    if wrong_mode:
+        problems.append(f"{len(wrong_mode):,} files with another mode (e.g. {wrong_mode[0]})")
+    return "; ".join(problems) or None
+
+
+def baseline_rss(session: Session, binary: Path, *, run_id: str, log_name: str) -> int | None:
+    """Peak RSS of `s3xfer download` of an empty prefix: start-up, imports and client, no
+    data: what s3xfer's download RSS is over and above its buffers."""
+    dest = session.work / "downloads" / "baseline"
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    target = Target(session.info, BUCKET, f"{run_id}/empty", session.env)
+    _, attempt = session.measure(s3xfer_download(binary, dest, target), log_name=log_name)
+    shutil.rmtree(dest, ignore_errors=True)
+    if attempt.error is not None:
+        log(f"    s3xfer baseline (empty prefix) failed: {attempt.error}")
+        return None
+    return attempt.peak_rss_bytes
 
 
 # --------------------------------------------------------------------------- fetching
@@ -1034,11 +1126,9 @@ def run_dataset(
             if attempt.error is None:
                 uploaded.setdefault(tool.name, prefix)
     rows = list(uploads.values())
-    if name != "small" or not uploaded:
-        return rows
-    if downloads:
-        rows += run_downloads(session, dataset, installed, uploaded, repeat=repeat)
-    if fetch_files > 0:
+    if downloads and name in DOWNLOAD_DATASETS:
+        rows += run_downloads(session, dataset, installed, uploaded, repeat=repeat, run_id=run_id)
+    if name == "small" and fetch_files > 0:
         rows += run_fetches(
             session, dataset, make_fetch_tools(tools), uploaded, count=fetch_files, repeat=repeat
         )
@@ -1052,30 +1142,59 @@ def run_downloads(
     uploaded: Mapping[str, str],
     *,
     repeat: int,
+    run_id: str,
 ) -> list[Row]:
-    """The peers download all of the dataset from one peer's upload."""
+    """Each tool downloads all of the dataset from its own upload: s3xfer restores its
+    dataset (from shards; `s3xfer-nopack` from loose objects), the peers download objects.
+    A peer whose own upload failed reads another peer's; s3xfer needs its own."""
     name = dataset.spec.name
-    # A peer's upload: s3xfer's prefix also holds its .s3xfer/ manifest.
-    peers = [p for t, p in uploaded.items() if t != "s3xfer"]
-    source = peers[0] if peers else uploaded["s3xfer"]
-    can_download = [tool for tool in installed if tool.download is not None]
-    downloads_rows = {
-        t.name: Row(name, "download", t.name, dataset.count, dataset.total_bytes)
-        for t in can_download
-    }
+    peer_uploads = [t for t in uploaded if not t.startswith("s3xfer")]
+    rows: dict[str, Row] = {}
+    runnable: list[tuple[Tool, str]] = []  # (tool, the prefix it reads)
+    for tool in installed:
+        if tool.download is None:
+            continue
+        row = Row(name, "download", tool.name, dataset.count, dataset.total_bytes)
+        rows[tool.name] = row
+        source = tool.name if tool.name in uploaded else None
+        if source is None and not tool.name.startswith("s3xfer") and peer_uploads:
+            source = peer_uploads[0]
+        if tool.name == "s3xfer-nopack" and min(dataset.files.values()) >= DEFAULT_PACK_THRESHOLD:
+            row.skipped = (
+                "same loose objects as s3xfer's upload (no file is under the pack threshold)"
+            )
+        elif source is None:
+            row.skipped = f"no verified {tool.name} upload to read"
+        else:
+            row.source = source
+            runnable.append((tool, uploaded[source]))
+            continue
+        log(f"    {tool.name} (download): skipped ({row.skipped})")
+    if not runnable:
+        return list(rows.values())
+    expected = file_digests(dataset.root, list(dataset.files))
+    s3xfer_binary = next((t.binary for t, _ in runnable if t.name.startswith("s3xfer")), None)
+    if s3xfer_binary is not None:
+        base = baseline_rss(
+            session, s3xfer_binary, run_id=run_id, log_name=f"{name}-download-s3xfer-baseline"
+        )
+        for tool, _ in runnable:
+            if tool.name.startswith("s3xfer"):
+                rows[tool.name].baseline_rss_bytes = base
     for n in range(repeat):
-        for tool in rotated(can_download, n):
+        for tool, prefix in rotated(runnable, n):
             attempt = download_once(
                 session,
                 tool,
                 dataset,
-                source_prefix=source,
+                expected=expected,
+                source_prefix=prefix,
                 dest=session.work / "downloads" / tool.name,
                 log_name=f"{name}-download-{tool.name}-{n}",
             )
-            downloads_rows[tool.name].attempts.append(attempt)
+            rows[tool.name].attempts.append(attempt)
             log(describe_attempt(tool.name + " (download)", attempt))
-    return list(downloads_rows.values())
+    return list(rows.values())
 
 
 # --------------------------------------------------------------------------- reporting
@@ -1096,6 +1215,8 @@ def results_table(rows: Sequence[Row]) -> list[str]:
         if row.direction == "fetch":
             continue  # their own table, with request counts
         label = [row.dataset, row.direction, row.tool]
+        if row.direction == "download" and row.source and row.source != row.tool:
+            label[2] += f" (from {row.source}'s upload)"
         if row.skipped:
             lines.append(
                 "| "
@@ -1211,7 +1332,7 @@ def check_targets(rows: Sequence[Row]) -> list[str]:
     others = [
         r.mb_per_s
         for (d, t), r in uploads.items()
-        if d == "large" and t != "s3xfer" and r.mb_per_s is not None
+        if d == "large" and not t.startswith("s3xfer") and r.mb_per_s is not None
     ]
     if ours is not None and ours.mb_per_s is not None and others:
         ok: bool | None = ours.mb_per_s >= max(others)
@@ -1220,25 +1341,28 @@ def check_targets(rows: Sequence[Row]) -> list[str]:
         ok, detail = None, "s3xfer or every peer missing"
     lines.append(f"- large files, s3xfer MB/s ≥ best of the others: {verdict(ok)} ({detail})")
 
-    ours = uploads.get(("small", "s3xfer"))
+    # The core issue's target is about loose objects (one PUT per file): s3xfer --no-pack.
+    loose = uploads.get(("small", "s3xfer-nopack"))
     peer = uploads.get(("small", "s5cmd"))
     if (
-        ours is not None
-        and ours.objects_per_s is not None
+        loose is not None
+        and loose.objects_per_s is not None
         and peer is not None
         and peer.objects_per_s is not None
     ):
-        ok = ours.objects_per_s >= 0.5 * peer.objects_per_s
+        ok = loose.objects_per_s >= 0.5 * peer.objects_per_s
         detail = (
-            f"s3xfer {ours.objects_per_s:,.0f} files/s, "
+            f"s3xfer --no-pack {loose.objects_per_s:,.0f} files/s, "
             f"half of s5cmd's {0.5 * peer.objects_per_s:,.0f}"
         )
-        loose = uploads.get(("small", "s3xfer-nopack"))
-        if loose is not None and loose.objects_per_s is not None:
-            detail += f"; without packing s3xfer does {loose.objects_per_s:,.0f} files/s"
+        packed = uploads.get(("small", "s3xfer"))
+        if packed is not None and packed.objects_per_s is not None:
+            detail += f"; packed (the default) s3xfer does {packed.objects_per_s:,.0f} files/s"
     else:
-        ok, detail = None, "s3xfer or s5cmd missing"
-    lines.append(f"- small files, s3xfer files/s ≥ 0.5 × s5cmd's: {verdict(ok)} ({detail})")
+        ok, detail = None, "s3xfer --no-pack or s5cmd missing"
+    lines.append(
+        f"- 10,000 loose small files, s3xfer files/s ≥ 0.5 × s5cmd's: {verdict(ok)} ({detail})"
+    )
 
     # Same runs as above, stated as the packing issue asks: s5cmd's seconds over s3xfer's.
     # s3xfer's seconds include writing its shards, manifest and catalog.
@@ -1256,6 +1380,8 @@ def check_targets(rows: Sequence[Row]) -> list[str]:
         "- small files, packed upload at least 4× faster than s5cmd end to end "
         f"(catalog included): {verdict(ok)} ({detail})"
     )
+
+    lines += download_targets(rows, verdict)
 
     fetches = {r.tool: r for r in rows if r.direction == "fetch"}
     count = fetch_count(rows)
@@ -1289,17 +1415,111 @@ def check_targets(rows: Sequence[Row]) -> list[str]:
     return lines
 
 
+def download_targets(rows: Sequence[Row], verdict: Callable[[bool | None], str]) -> list[str]:
+    """The download issue's targets: large objects as fast as s5cmd, the small dataset from
+    shards 2× as fast as s5cmd's objects, s3xfer's RSS within its memory budget."""
+    downloads = {(r.dataset, r.tool): r for r in rows if r.direction == "download"}
+    lines: list[str] = []
+    ok: bool | None
+
+    ours, peer = downloads.get(("large", "s3xfer")), downloads.get(("large", "s5cmd"))
+    if ours is not None and ours.seconds and peer is not None and peer.seconds:
+        ok = ours.seconds <= peer.seconds
+        detail = (
+            f"s3xfer {fmt(ours.mb_per_s, 0)} MB/s in {ours.seconds:.2f} s, "
+            f"s5cmd {fmt(peer.mb_per_s, 0)} MB/s in {peer.seconds:.2f} s: "
+            f"s3xfer is {peer.seconds / ours.seconds:.2f}× as fast"
+        )
+    else:
+        ok, detail = None, "s3xfer or s5cmd download of large missing"
+    lines.append(f"- large objects download at least as fast as s5cmd: {verdict(ok)} ({detail})")
+
+    ours, peer = downloads.get(("small", "s3xfer")), downloads.get(("small", "s5cmd"))
+    count = next((r.objects for (d, _), r in downloads.items() if d == "small"), None)
+    files = f"{count:,} files" if count is not None else "files"
+    if ours is not None and ours.seconds and peer is not None and peer.seconds:
+        speedup = peer.seconds / ours.seconds
+        ok = speedup >= 2
+        detail = (
+            f"s3xfer restores them from shards in {ours.seconds:.2f} s, s5cmd downloads them "
+            f"as objects in {peer.seconds:.2f} s: s3xfer is {speedup:.2f}× as fast"
+        )
+        loose = downloads.get(("small", "s3xfer-nopack"))
+        if loose is not None and loose.seconds:
+            detail += (
+                f"; from loose objects (`--no-pack` upload) s3xfer takes {loose.seconds:.2f} s"
+            )
+    else:
+        ok, detail = None, "s3xfer or s5cmd download of small missing"
+    lines.append(
+        f"- `small` ({files}) restored from shards at least 2× faster than s5cmd "
+        f"downloading the same {files} as objects: {verdict(ok)} ({detail})"
+    )
+
+    ours_rows = [
+        r for r in rows if r.direction == "download" and r.tool.startswith("s3xfer") and r.good
+    ]
+    parts: list[str] = []
+    checks: list[bool | None] = []
+    for row in ours_rows:
+        rss = row.peak_rss_bytes or 0
+        buffered = report_max(row, "peak_buffered_bytes")
+        part = f"{row.dataset} {row.tool}: peak RSS {rss / 1e6:,.0f} MB"
+        if row.baseline_rss_bytes is None:
+            checks.append(None)
+            part += " (no empty-download baseline)"
+        else:
+            limit = S3XFER_MAX_MEMORY + row.baseline_rss_bytes
+            checks.append(rss <= limit and (buffered or 0) <= S3XFER_MAX_MEMORY)
+            part += (
+                f" of at most {limit / 1e6:,.0f} MB "
+                f"(start-up alone {row.baseline_rss_bytes / 1e6:,.0f} MB)"
+            )
+        part += f", peak buffered {fmt(buffered / MIB if buffered is not None else None)} MiB"
+        parts.append(part)
+    if not checks:
+        ok = None
+        parts = ["no s3xfer download"]
+    elif None in checks:
+        ok = None if all(c is not False for c in checks) else False
+    else:
+        ok = all(checks)
+    lines.append(
+        "- s3xfer download peak RSS within the memory budget "
+        f"({human_size(S3XFER_MAX_MEMORY)}, peak buffered bytes too) + interpreter "
+        f"(the peak RSS of `s3xfer download` of an empty prefix): {verdict(ok)} "
+        f"({'; '.join(parts)})"
+    )
+    return lines
+
+
+def report_max(row: Row, key: str) -> int | None:
+    values = [int(a.report[key]) for a in row.good if a.report and key in a.report]
+    return max(values) if values else None
+
+
 def s3xfer_details(rows: Sequence[Row]) -> list[str]:
     lines: list[str] = []
     for row in rows:
         for attempt in row.attempts:
             if (
                 not row.tool.startswith("s3xfer")
-                or row.direction != "upload"
+                or row.direction not in ("upload", "download")
                 or attempt.report is None
             ):
                 continue
             r = attempt.report
+            if row.direction == "download":
+                lines.append(
+                    f"- {row.dataset}, {row.tool} download ({r.get('kind')}): "
+                    f"{r.get('files_downloaded')} files, {r.get('requests')} requests, "
+                    f"{r.get('retries')} retries, peak buffered "
+                    f"{int(r.get('peak_buffered_bytes', 0)) / MIB:,.1f} MiB, "
+                    f"{r.get('files_skipped')} skipped, {r.get('files_failed')} failed, "
+                    f"{len(r.get('refused') or [])} refused, self-reported "
+                    f"{r.get('mb_per_s')} MB/s in {r.get('seconds')} s"
+                )
+                continue
             lines.append(
                 f"- {row.dataset}, {row.tool}: {r.get('requests')} requests "
                 f"({r.get('write_requests')} writes), {r.get('retries')} retries, "
@@ -1354,10 +1574,10 @@ def commands_lines() -> list[str]:
         "RCLONE_S3_ACCESS_KEY_ID/SECRET_ACCESS_KEY/REGION from the environment",
         "```",
         "",
-        "Downloads of all of `small` from one peer's upload (peers only; s3xfer's `get` is "
-        "measured by the fetch benchmark):",
+        "Downloads of all of `small` and `large`, each from the tool's own upload:",
         "",
         "```sh",
+        "s3xfer download s3://bench/PREFIX DEST --quiet --json",
         "aws s3 cp --recursive s3://bench/PREFIX/ DEST --endpoint-url URL --only-show-errors",
         "s5cmd --endpoint-url URL cp 's3://bench/PREFIX/*' DEST/",
         "rclone copy :s3:bench/PREFIX DEST",
@@ -1407,7 +1627,7 @@ def render_section(
 ) -> str:
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        "## Upload and fetch benchmarks",
+        "## Upload, download and fetch benchmarks",
         "",
         "Each tool uploads each dataset, at its default settings, to a fresh prefix of one "
         "bucket on a local SeaweedFS server (`weed mini` on 127.0.0.1, started by "
@@ -1429,11 +1649,27 @@ def render_section(
         "Client, server and disk share one machine, so compare tools within one run, "
         "as ratios, not with numbers from elsewhere.",
         "",
+        "Downloads (`small` and `large`): each tool then downloads all of the dataset from "
+        "its own upload above into an empty directory, at its defaults. s3xfer restores its "
+        "dataset with `s3xfer download`: from its packed upload the small files come out of "
+        "the tar shards (large sequential ranged GETs split into files as they stream), from "
+        "its `--no-pack` upload (`s3xfer-nopack`) each file is one GET; large files are "
+        "parallel ranged GETs either way, so `s3xfer-nopack` has no `large` download row. "
+        "The peers download their objects; a peer whose own upload failed reads another "
+        "peer's (shown in the row). A download counts only if the directory then holds "
+        "exactly the dataset's files, each byte-identical to its source (size and SHA-256); "
+        "s3xfer's must also carry each source file's mtime and mode, and its `--json` report "
+        "must count every file downloaded, none skipped, failed or refused. Dirty pages are "
+        "flushed (`sync`) before each download, outside its timing. s3xfer's download RSS "
+        f"target allows its memory budget (`--max-memory`, {human_size(S3XFER_MAX_MEMORY)} "
+        "by default) on top of the peak RSS of an `s3xfer download` of an empty prefix "
+        "(interpreter, libraries and client, measured in the same run).",
+        "",
         "Reproduce with `make bench` (`python benchmarks/run.py`; about 10 minutes, "
         "≈2.6 GB of cached datasets in `benchmarks/.work/`) or the smoke run "
         "`python benchmarks/run.py --quick` (datasets scaled down 10×). Other options: "
         "`--only NAME`, `--tools s3xfer,s5cmd`, `--repeat N` (median seconds, highest RSS), "
-        "`--no-downloads`, `--no-fetch`, `--work DIR`.",
+        "`--no-downloads` (no download rows), `--no-fetch`, `--work DIR`.",
         "",
         f"Run {run_id}, {when}"
         + (" — **quick run, scaled-down datasets**" if quick else "")
@@ -1486,8 +1722,8 @@ def write_docs(path: Path, section: str) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Benchmark uploads (and fetches of a random sample) by s3xfer, awscli, "
-        "s5cmd and rclone on a local S3 server."
+        description="Benchmark uploads, downloads (and fetches of a random sample) by s3xfer, "
+        "awscli, s5cmd and rclone on a local S3 server."
     )
     parser.add_argument("--quick", action="store_true", help="datasets scaled down 10×")
     parser.add_argument(
@@ -1509,7 +1745,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-downloads",
         action="store_true",
-        help="skip the peers' download runs of the small dataset",
+        help="skip every download row (all tools, small and large)",
     )
     parser.add_argument(
         "--no-fetch",
