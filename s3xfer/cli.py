@@ -613,7 +613,7 @@ class DownloadProgress:
 @click.option(
     "--range-size",
     type=SIZE,
-    default="8MiB",
+    default="16MiB",
     show_default=True,
     help="Size of the ranged GETs of large objects and shards.",
 )

@@ -43,9 +43,9 @@ class DestinationError(S3XferError):
 class RangeSource(Protocol):
     """What this module needs from S3 (s3.S3 provides it; tests may hand in a fake)."""
 
-    async def get_range(
+    async def get_range_chunks(
         self, bucket: str, key: str, *, byte_range: str | None, if_match: str | None = None
-    ) -> tuple[bytes, int, str | None]: ...
+    ) -> tuple[list[bytes], int, str | None]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,15 +279,23 @@ def _open_partial(
     return fd, fresh
 
 
-def _write_at(fd: int, data: bytes, offset: int, path: Path) -> int:
-    """pwrite all of data at offset (a regular file may still take it in pieces); its CRC32."""
-    view = memoryview(data)
+def _write_at(fd: int, chunks: list[bytes], offset: int, path: Path) -> int:
+    """Write the chunks back to back at offset (one vectored write, repeated if the file takes
+    them in pieces); their CRC32."""
+    crc = 0
+    for chunk in chunks:
+        crc = zlib.crc32(chunk, crc)
+    views = [memoryview(chunk) for chunk in chunks if chunk]
     with _local_errors(path):
-        while view:
-            written = os.pwrite(fd, view, offset)
-            view = view[written:]
+        while views:
+            written = os.pwritev(fd, views, offset)
             offset += written
-    return zlib.crc32(data)
+            while views and written >= len(views[0]):
+                written -= len(views[0])
+                views.pop(0)
+            if views and written:
+                views[0] = views[0][written:]
+    return crc
 
 
 def _finish(job: RangedDownload) -> None:
@@ -385,19 +393,21 @@ async def download_ranges(
         if on_retry is not None:
             on_retry(error)
 
-    async def get(piece: ByteRange) -> bytes:
-        body, status, content_range = await s3.get_range(
+    async def get(piece: ByteRange) -> list[bytes]:
+        # The body stays in the chunks it arrived in: written with one vectored pwrite.
+        body, status, content_range = await s3.get_range_chunks(
             job.bucket, job.key, byte_range=piece.header, if_match=job.etag
         )
-        if len(body) < piece.length:  # a connection cut short: worth another try
+        length = sum(len(chunk) for chunk in body)
+        if length < piece.length:  # a connection cut short: worth another try
             raise TransientError(
-                f"{where} ({piece.header}): truncated response, {len(body)} of {piece.length} bytes"
+                f"{where} ({piece.header}): truncated response, {length} of {piece.length} bytes"
             )
         check_ranged_response(
             RangeGet(job.key, piece.start, piece.end, ()),
             status=status,
             content_range=content_range,
-            body_length=len(body),
+            body_length=length,
             where=where,
         )
         return body

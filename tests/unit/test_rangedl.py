@@ -101,9 +101,9 @@ class ScriptedS3:
         self.in_flight = 0
         self.peak_in_flight = 0
 
-    async def get_range(
+    async def get_range_chunks(
         self, bucket: str, key: str, *, byte_range: str | None, if_match: str | None = None
-    ) -> tuple[bytes, int, str | None]:
+    ) -> tuple[list[bytes], int, str | None]:
         assert byte_range is not None
         self.gets[byte_range] += 1
         if if_match != self.etag:
@@ -123,7 +123,9 @@ class ScriptedS3:
             body = body[:-1]
         if byte_range in self.wrong_range:
             start, last = start + 1, last + 1
-        return body, 206, f"bytes {start}-{last}/{len(self.data)}"
+        # Split in uneven chunks, as a socket delivers them: the writer must reassemble them.
+        chunks = [body[i : i + 70_001] for i in range(0, len(body), 70_001)] or [b""]
+        return chunks, 206, f"bytes {start}-{last}/{len(self.data)}"
 
 
 def job_for(
@@ -296,13 +298,13 @@ def test_a_range_larger_than_the_memory_budget_is_refused(tmp_path: Path) -> Non
 
 def test_transient_errors_are_not_swallowed_past_the_retry_limit(tmp_path: Path) -> None:
     class AlwaysShort(ScriptedS3):
-        async def get_range(
+        async def get_range_chunks(
             self, bucket: str, key: str, *, byte_range: str | None, if_match: str | None = None
-        ) -> tuple[bytes, int, str | None]:
-            body, status, content_range = await super().get_range(
+        ) -> tuple[list[bytes], int, str | None]:
+            body, status, content_range = await super().get_range_chunks(
                 bucket, key, byte_range=byte_range, if_match=if_match
             )
-            return body[:1], status, content_range
+            return [b"".join(body)[:1]], status, content_range
 
     dest = tmp_path / "big.bin"
     with pytest.raises(TransientError, match="truncated"):
