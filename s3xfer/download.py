@@ -28,7 +28,7 @@ from .config import DEFAULT_MAX_MEMORY, MiB
 from .engine import ByteBudget
 from .errors import IntegrityError, NoSuchKeyError, S3XferError, SourceError
 from .keys import META_DIR, S3Url, manifest_key
-from .localfs import safe_destination, write_file
+from .localfs import SafeDestination, write_file, write_files
 from .malloc import return_large_buffers_promptly
 from .manifest import Manifest
 from .rangedl import RangedDownload, download_ranges
@@ -250,12 +250,14 @@ class _Restorer:
                     body_length=len(body),
                     where=where,
                 )
+                files = []
                 for member in get.members:
                     item = by_path[member.path]
                     data = get.slice_of(body, member)
                     if item.crc32 is not None and crc32_to_base64(crc32(data)) != item.crc32:
                         raise IntegrityError(f"{item.path}: checksum mismatch in {where}")
-                    await self._write(item, data)
+                    files.append((item, data))
+                await self._write_many(files)
             finally:
                 self.budget.release(size)
         except S3XferError as error:
@@ -307,6 +309,23 @@ class _Restorer:
         self.counters.files += 1
         self.counters.bytes += result.bytes_fetched
         self.on_progress(0, 1)
+
+    async def _write_many(self, files: list[tuple[Item, bytes]]) -> None:
+        batch = [
+            (
+                self.targets[item.path],
+                data,
+                item.mtime_ns if item.mtime_ns is not None else time.time_ns(),
+                item.mode if item.mode is not None else 0o644,
+            )
+            for item, data in files
+        ]
+        try:
+            await write_files(batch)
+        except OSError as exc:
+            raise SourceError(f"cannot write under {self.dest}: {exc}") from exc
+        for item, data in files:
+            self._done(item, len(data))
 
     async def _write(self, item: Item, data: bytes) -> None:
         mode = item.mode if item.mode is not None else 0o644
@@ -363,9 +382,10 @@ async def download(
         todo: list[Item] = []
         skipped = 0
         targets: dict[str, Path] = {}
+        safe = SafeDestination(dest)
         for item in items:
             try:
-                target = safe_destination(dest, item.path)
+                target = safe(item.path)
             except SourceError as error:
                 refused.append((item.path, str(error)))
                 continue
