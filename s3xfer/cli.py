@@ -106,6 +106,13 @@ def plan_options(function: F) -> F:
             help="Files at least this large are uploaded in parallel parts.",
         ),
         click.option(
+            "--bench-profile",
+            metavar="NAME",
+            default=None,
+            help="Take concurrency and part size from a profile saved by `s3xfer bench --save "
+            "NAME` (options given explicitly still win); the plan then estimates the time.",
+        ),
+        click.option(
             "--pack-threshold",
             type=SIZE,
             default=format_size(DEFAULT_PACK_THRESHOLD),
@@ -188,6 +195,26 @@ def make_connection(
         region=region,
         verify_ssl=not no_verify_ssl,
     )
+
+
+def apply_bench_profile(options: dict[str, Any], *, command: str) -> float | None:
+    """Fill options the user did not give from `--bench-profile`; the measured MB/s for the
+    plan's time estimate (None without a profile)."""
+    name = options.get("bench_profile")
+    if not name:
+        return None
+    from .bench import load_profile, settings_for
+
+    recommendation = load_profile(name)
+    context = click.get_current_context()
+    for option, value in settings_for(recommendation, command=command).items():
+        if option in options and (
+            context.get_parameter_source(option) is click.core.ParameterSource.DEFAULT
+        ):
+            options[option] = value
+    ops = ("put", "multipart") if command in ("upload", "plan") else ("get", "range")
+    rates = [k.mb_per_s for k in recommendation.knees if k.op in ops]
+    return max(rates) if rates else None
 
 
 def make_config(**options: Any) -> TransferConfig:
@@ -333,17 +360,26 @@ def plan_command(
     objects, parts, requests, bytes and an estimated request and storage cost.
     """
     url = S3Url.parse(dest)
+    rate = apply_bench_profile(options, command="plan")
     config = make_config(**options)
     plan = make_plan(run_survey(path, quiet=quiet or as_json), url, config)
+    seconds = plan.estimate.bytes / (rate * 1e6) if rate else None
     if output is not None:
         plan.save(output)
     if as_json:
         summary = plan.to_json()
         del summary["units"]
+        del summary["shards"]
         summary["output"] = str(output) if output else None
+        summary["estimated_seconds"] = round(seconds, 1) if seconds is not None else None
         _emit_json(summary)
     else:
         click.echo(render_plan(plan))
+        if seconds is not None:
+            click.echo(
+                f"  estimated time    {seconds:>11.1f} s at {rate:.0f} MB/s "
+                f"(bench profile {options['bench_profile']})"
+            )
         if output is not None:
             click.echo(f"plan written to {output}; run it with: s3xfer upload --plan {output}")
 
@@ -392,6 +428,7 @@ def upload_command(
         if path is None or dest is None:
             raise UsageError("missing PATH and DEST (or --plan FILE); see s3xfer upload --help")
         url = S3Url.parse(dest)
+        apply_bench_profile(options, command="upload")
         plan = make_plan(run_survey(path, quiet=quiet or as_json), url, make_config(**options))
     progress = UploadProgress(quiet=quiet or as_json)
     try:
@@ -497,6 +534,12 @@ def cat_command(
     help="GETs in flight at once.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace files that already exist in DEST.")
+@click.option(
+    "--bench-profile",
+    metavar="NAME",
+    default=None,
+    help="Take concurrency (and range size) from a `s3xfer bench --save NAME` profile.",
+)
 @connection_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def get_command(
@@ -505,6 +548,7 @@ def get_command(
     gap: int,
     concurrency: int,
     overwrite: bool,
+    bench_profile: str | None,
     as_json: bool,
     endpoint_url: str | None,
     profile: str | None,
@@ -522,6 +566,9 @@ def get_command(
     """
     if len(args) < 2:
         raise UsageError("give at least one GLOB and a DEST directory")
+    tuned: dict[str, Any] = {"concurrency": concurrency, "bench_profile": bench_profile}
+    apply_bench_profile(tuned, command="get")
+    concurrency = tuned["concurrency"]
     *patterns, dest = args
     connection = make_connection(endpoint_url, profile, region, no_verify_ssl)
 
@@ -617,6 +664,12 @@ class DownloadProgress:
     show_default=True,
     help="Size of the ranged GETs of large objects and shards.",
 )
+@click.option(
+    "--bench-profile",
+    metavar="NAME",
+    default=None,
+    help="Take concurrency (and range size) from a `s3xfer bench --save NAME` profile.",
+)
 @connection_options
 @click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
@@ -629,6 +682,7 @@ def download_command(
     concurrency: int,
     max_memory: int,
     range_size: int,
+    bench_profile: str | None,
     as_json: bool,
     quiet: bool,
     endpoint_url: str | None,
@@ -651,6 +705,13 @@ def download_command(
     """
     from .download import download
 
+    tuned: dict[str, Any] = {
+        "concurrency": concurrency,
+        "range_size": range_size,
+        "bench_profile": bench_profile,
+    }
+    apply_bench_profile(tuned, command="download")
+    concurrency, range_size = tuned["concurrency"], tuned["range_size"]
     connection = make_connection(endpoint_url, profile, region, no_verify_ssl)
     progress = DownloadProgress(quiet=quiet or as_json)
 
@@ -790,3 +851,9 @@ def _first_leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     return exc
+
+
+# Registered last: benchcli builds its command from the option helpers defined above.
+from .benchcli import bench_command  # noqa: E402
+
+cli.add_command(bench_command)

@@ -6,6 +6,7 @@ Only the proxy's own event loop and sockets live here; nothing reads a real netw
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections import deque
@@ -314,7 +315,8 @@ class PathEmulator:
             async with anyio.create_task_group() as pump:
                 pump.start_soon(self._read_into, source, line)
                 pump.start_soon(self._send_from, line, sink, direction)
-        except* (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        except* (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, RuntimeError):
+            # RuntimeError: uvloop's "handler is closed" for a transport that went away.
             connection.cancel_scope.cancel()
 
     async def _read_into(self, source: anyio.abc.SocketStream, line: _DelayLine) -> None:
@@ -347,8 +349,12 @@ class PathEmulator:
                 await anyio.sleep(wait)
             await sink.send(data)
             self._bytes[direction] += len(data)
-        # Half-close, so request/response protocols that read to EOF still work.
-        await sink.send_eof()
+        # Half-close, so request/response protocols that read to EOF still work. The far side
+        # may be gone already; uvloop then raises RuntimeError where asyncio raises OSError.
+        with contextlib.suppress(
+            anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, RuntimeError
+        ):
+            await sink.send_eof()
 
 
 # --------------------------------------------------------------------------- thread helper
