@@ -1,6 +1,6 @@
 """The end-to-end demo: a throwaway local S3, a generated dataset, survey → plan → upload,
 a re-run that sends nothing, one file fetched out of its tar shard by one ranged GET, and a
-short throughput probe.
+short benchmark of the (emulated) network path.
 
 Every step is a library call; this module only prints what each one returns.
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import anyio
 
+from .bench import BenchResult, BenchSettings, EmulatedPath, bench
 from .config import MiB, TransferConfig
 from .keys import S3Url
 from .locals3 import LocalS3
@@ -24,7 +25,7 @@ from .reader import Dataset
 from .render import render_plan, render_report, render_survey
 from .s3 import Connection
 from .survey import survey
-from .upload import UploadReport, upload
+from .upload import UploadReport
 
 BUCKET = "demo"
 
@@ -55,23 +56,18 @@ async def fetch_one(connection: Connection, dest: S3Url, path: str) -> tuple[byt
         return data, where, ds.s3.requests
 
 
-async def throughput_probe(
-    connection: Connection, dest: S3Url, workdir: Path, print_line: Callable[[str], None]
-) -> None:
-    """PUT 1 MiB objects at growing concurrency: the shape of the curve `s3xfer bench` measures."""
-    src = workdir / "probe"
-    src.mkdir()
-    for n in range(48):
-        (src / f"obj{n:03d}").write_bytes(random.Random(n).randbytes(MiB))
-    for concurrency in (1, 4, 16):
-        config = TransferConfig(concurrency=concurrency)
-        plan = make_plan(survey(src), S3Url(dest.bucket, f"{dest.prefix}/c{concurrency}"), config)
-        report = await upload(plan, connection)
-        rate = report.bytes_uploaded / 1e6 / report.seconds
-        print_line(
-            f"  concurrency {concurrency:>2}: {rate:7.1f} MB/s "
-            f"({report.files_uploaded / report.seconds:6.0f} objects/s)"
-        )
+async def short_bench(connection: Connection, dest: S3Url) -> BenchResult:
+    """A short `s3xfer bench`: 1 MiB PUTs and GETs at growing concurrency, behind a 20 ms
+    emulated round trip so the curve has the shape a real path gives."""
+    settings = BenchSettings(
+        url=dest,
+        ops=("put", "get"),
+        sizes=(MiB,),
+        concurrencies=(1, 4, 16),
+        point_seconds=1.0,
+        max_seconds=30,
+    )
+    return await bench(connection, settings, emulate=EmulatedPath(rtt=0.020))
 
 
 def run_demo(
@@ -121,6 +117,19 @@ def run_demo(
                 f"identical to the source: {same}"
             )
 
-            print_line("\n7. a short throughput probe (1 MiB PUTs)")
-            anyio.run(throughput_probe, connection, S3Url(BUCKET, "probe"), workdir, print_line)
+            print_line("\n7. a short benchmark of the path (20 ms emulated round trip)")
+            measured_path = anyio.run(short_bench, connection, S3Url(BUCKET, "bench"))
+            for measured in measured_path.points:
+                point = measured.point
+                print_line(
+                    f"   {point.op:<4} 1 MiB  concurrency {point.concurrency:>2}: "
+                    f"{point.mb_per_s:7.1f} MB/s, p50 {point.latency.p50 * 1000:5.1f} ms, "
+                    f"p99 {point.latency.p99 * 1000:5.1f} ms"
+                )
+            if measured_path.recommendation is not None:
+                knees = measured_path.recommendation.concurrency
+                print_line(
+                    f"   knee (recommended concurrency): {knees}  — "
+                    "`s3xfer bench --save NAME` keeps it for --bench-profile"
+                )
             print_line("\ndone: the server and its data are removed.")
