@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import select
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -54,7 +56,23 @@ def run_async(function: Callable[..., Awaitable[T]], *args: Any) -> T:
 
 
 def _emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+    emit((json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def emit(data: bytes) -> None:
+    """Bytes to standard output, all of them (see write_all); through sys.stdout when it is
+    not a real file (tests that capture it)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        buffer = getattr(sys.stdout, "buffer", None)
+        if buffer is not None:
+            buffer.write(data)
+        else:
+            sys.stdout.write(data.decode("utf-8", "replace"))
+        sys.stdout.flush()
+        return
+    write_all(fd, data)
 
 
 class SizeType(click.ParamType):  # type: ignore[type-arg]
@@ -482,8 +500,8 @@ def ls_command(
     if as_json:
         _emit_json([catalog.to_json(r) for r in records])
         return
-    for r in records:
-        click.echo(f"{r.size:>14,}  {'shard ' if r.packed else 'object'}  {r.path}")
+    lines = (f"{r.size:>14,}  {'shard ' if r.packed else 'object'}  {r.path}\n" for r in records)
+    emit("".join(lines).encode())
     click.echo(f"{len(records):,} files, {human_bytes(sum(r.size for r in records))}", err=True)
 
 
@@ -511,8 +529,24 @@ def cat_command(
             return await ds.read(path)
 
     data = run_async(run)
-    sys.stdout.buffer.write(data)
-    sys.stdout.buffer.flush()
+    try:
+        emit(data)
+    except BrokenPipeError:  # `s3xfer cat ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Every byte to fd, even when it is a non-blocking pipe: the event loop can leave stdout
+    non-blocking, and a buffered write would then silently stop at the pipe's capacity."""
+    sys.stdout.flush()
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except BlockingIOError:
+            select.select([], [fd], [])
+            continue
+        view = view[written:]
 
 
 @cli.command("get")

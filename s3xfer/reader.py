@@ -28,11 +28,13 @@ from . import catalog
 from .checksums import crc32, crc32_to_base64
 from .errors import IntegrityError, NoSuchKeyError, NotInDatasetError, S3XferError
 from .keys import S3Url, manifest_key
-from .localfs import safe_destination, write_file
+from .localfs import SafeDestination, write_files
 from .manifest import Manifest, ManifestRecord
 from .ranges import DEFAULT_GAP, RangeGet, Wanted, check_ranged_response, coalesce
 from .retry import RetryPolicy, TransientError, call_with_retries
 from .s3 import S3, Connection, open_s3
+
+GET_BATCH_BYTES = 64 * 1024 * 1024  # `get` fetches and writes this much at a time
 
 
 @dataclass
@@ -272,18 +274,28 @@ class Dataset:
             raise NotInDatasetError(f"no file of {self.url} matches {' '.join(patterns)}")
         failures: list[tuple[str, str]] = []
         targets: dict[str, Path] = {}
+        safe = SafeDestination(dest)
         for path in list(matched):
             try:
-                target = safe_destination(dest, path)
+                target = safe(path)
                 if target.exists() and not overwrite:
                     raise S3XferError(f"{target} exists (use --overwrite)")
                 targets[path] = target
             except S3XferError as error:
                 failures.append((path, str(error)))
                 del matched[path]
-        data = await self._fetch(matched.values())
-        for path, record in matched.items():
-            await write_file(targets[path], data[path], mtime_ns=record.mtime_ns, mode=record.mode)
+        # In batches of about 64 MiB, in storage order: memory stays bounded whatever the glob
+        # matched, and each batch's files are written in one worker-thread call.
+        ordered = sorted(matched.values(), key=lambda r: (r.key, r.offset))
+        batch: list[ManifestRecord] = []
+        for index, record in enumerate(ordered):
+            batch.append(record)
+            if index + 1 == len(ordered) or sum(r.size for r in batch) >= GET_BATCH_BYTES:
+                data = await self._fetch(batch)
+                await write_files(
+                    [(targets[r.path], data[r.path], r.mtime_ns, r.mode) for r in batch]
+                )
+                batch = []
         return GetReport(
             files=len(matched),
             bytes=sum(r.size for r in matched.values()),

@@ -134,7 +134,21 @@ def test_cat_fetches_one_file_with_one_ranged_get(
             timeout=60,
         )
         assert result.returncode == 0, result.stderr
-        assert result.stdout == contents[path], path
+        if result.stdout != contents[path]:
+            src_bytes = (packed_dataset[0] / path).read_bytes()
+            first = next(
+                (
+                    i
+                    for i, (a, b) in enumerate(zip(result.stdout, contents[path], strict=False))
+                    if a != b
+                ),
+                None,
+            )
+            raise AssertionError(
+                f"{path}: {len(result.stdout)} bytes vs {len(contents[path])}, first diff at "
+                f"{first}, on disk now equal to expected: {src_bytes == contents[path]}, "
+                f"equal to cat: {src_bytes == result.stdout}; stderr {result.stderr[-300:]!r}"
+            )
 
 
 def test_dataset_reads_count_requests(
