@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 _CRC32_POLY_REVERSED = 0xEDB88320
 
 
-def crc32(data: bytes, value: int = 0) -> int:
+def crc32(data: bytes | memoryview, value: int = 0) -> int:
     return zlib.crc32(data, value)
 
 

@@ -234,15 +234,30 @@ class _Restorer:
 
         return await call_with_retries(attempt, policy=self.policy, on_retry=self._count_retry)
 
+    async def _get_chunks(
+        self, key: str, byte_range: str, etag: str
+    ) -> tuple[list[bytes], int, str | None]:
+        async def attempt() -> tuple[list[bytes], int, str | None]:
+            async with self.limiter:
+                return await self.s3.get_range_chunks(
+                    self.url.bucket, key, byte_range=byte_range, if_match=etag or None
+                )
+
+        return await call_with_retries(attempt, policy=self.policy, on_retry=self._count_retry)
+
     async def _shard_range(self, get: RangeGet, by_path: dict[str, Item]) -> None:
         """One sequential ranged GET of a shard, split into its member files as it arrives."""
         size = get.end - get.start
         etag = by_path[get.members[0].path].etag
         where = f"s3://{self.url.bucket}/{get.key}"
+        # Twice the range: its chunks and their joined copy coexist for a moment.
+        held = min(2 * size, self.budget.capacity)
         try:
-            await self.budget.acquire(size)
+            await self.budget.acquire(held)
             try:
-                body, status, content_range = await self._get(get.key, get.header, etag)
+                chunks, status, content_range = await self._get_chunks(get.key, get.header, etag)
+                body = await anyio.to_thread.run_sync(b"".join, chunks)
+                del chunks
                 check_ranged_response(
                     get,
                     status=status,
@@ -250,16 +265,18 @@ class _Restorer:
                     body_length=len(body),
                     where=where,
                 )
-                files = []
+                view = memoryview(body)  # members are views of the range: no copy per file
+                files: list[tuple[Item, bytes | memoryview]] = []
                 for member in get.members:
                     item = by_path[member.path]
-                    data = get.slice_of(body, member)
+                    start = member.offset - get.start
+                    data = view[start : start + member.size]
                     if item.crc32 is not None and crc32_to_base64(crc32(data)) != item.crc32:
                         raise IntegrityError(f"{item.path}: checksum mismatch in {where}")
                     files.append((item, data))
                 await self._write_many(files)
             finally:
-                self.budget.release(size)
+                self.budget.release(held)
         except S3XferError as error:
             self.counters.failures.extend((m.path, str(error)) for m in get.members)
 
@@ -310,7 +327,7 @@ class _Restorer:
         self.counters.bytes += result.bytes_fetched
         self.on_progress(0, 1)
 
-    async def _write_many(self, files: list[tuple[Item, bytes]]) -> None:
+    async def _write_many(self, files: list[tuple[Item, bytes | memoryview]]) -> None:
         batch = [
             (
                 self.targets[item.path],

@@ -169,7 +169,7 @@ async def write_file(path: Path, data: bytes, *, mtime_ns: int, mode: int) -> No
     await anyio.to_thread.run_sync(_finish_write, tmp, path, mtime_ns, mode)
 
 
-def _write_files(files: Sequence[tuple[Path, bytes, int, int]]) -> None:
+def _write_files(files: Sequence[tuple[Path, bytes | memoryview, int, int]]) -> None:
     for path, data, mtime_ns, mode in files:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.s3xfer-tmp")
@@ -178,7 +178,7 @@ def _write_files(files: Sequence[tuple[Path, bytes, int, int]]) -> None:
         _finish_write(tmp, path, mtime_ns, mode)
 
 
-async def write_files(files: Sequence[tuple[Path, bytes, int, int]]) -> None:
+async def write_files(files: Sequence[tuple[Path, bytes | memoryview, int, int]]) -> None:
     """Write many small files (path, data, mtime_ns, mode), each atomically, in one
     worker-thread call: restoring a shard range is hundreds of files, and a thread hop per
     file operation would cost more than the writes."""
