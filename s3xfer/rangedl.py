@@ -279,6 +279,9 @@ def _open_partial(
     return fd, fresh
 
 
+_IOV_BATCH = 512
+
+
 def _write_at(fd: int, chunks: list[bytes], offset: int, path: Path) -> int:
     """Write the chunks back to back at offset (one vectored write, repeated if the file takes
     them in pieces); their CRC32."""
@@ -288,7 +291,8 @@ def _write_at(fd: int, chunks: list[bytes], offset: int, path: Path) -> int:
     views = [memoryview(chunk) for chunk in chunks if chunk]
     with _local_errors(path):
         while views:
-            written = os.pwritev(fd, views, offset)
+            # At most _IOV_BATCH buffers per call: the kernel refuses more than IOV_MAX.
+            written = os.pwritev(fd, views[:_IOV_BATCH], offset)
             offset += written
             while views and written >= len(views[0]):
                 written -= len(views[0])

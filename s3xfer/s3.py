@@ -442,7 +442,8 @@ class _LeanPut:
             yarl.URL(url, encoded=True), headers=headers, auto_decompress=False
         ) as response:
             if response.status in (200, 206):
-                chunks = [chunk async for chunk in response.content.iter_chunked(1024 * 1024)]
+                # As received: asking for fixed-size chunks would join them on the event loop.
+                chunks = [chunk async for chunk in response.content.iter_any()]
                 return chunks, response.status, response.headers.get("Content-Range")
             text = await response.text(errors="replace")
         raise _client_error(response.status, text, "GetObject")

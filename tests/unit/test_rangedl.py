@@ -3,6 +3,7 @@ against a scripted in-memory S3 the download verifies, retries, resumes and clea
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import zlib
@@ -311,3 +312,19 @@ def test_transient_errors_are_not_swallowed_past_the_retry_limit(tmp_path: Path)
         run(AlwaysShort(DATA), job_for(DATA, dest))
     # Not an integrity problem: the partial files stay for the next call to continue.
     assert partial_path(dest).exists() and sidecar_path(dest).exists()
+
+
+def test_many_small_chunks_are_written_in_order(tmp_path: Path) -> None:
+    # More buffers than one vectored write may take (IOV_MAX): written in batches, in order.
+    from s3xfer.rangedl import _write_at
+
+    chunks = [bytes([n % 251]) * (n % 7 + 1) for n in range(3000)]
+    path = tmp_path / "out.bin"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        crc = _write_at(fd, chunks, 10, path)
+    finally:
+        os.close(fd)
+    expected = b"".join(chunks)
+    assert path.read_bytes()[10:] == expected
+    assert crc == zlib.crc32(expected)
