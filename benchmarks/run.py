@@ -44,7 +44,7 @@ from typing import Any, TypeVar
 import psutil
 
 from s3xfer.config import DEFAULT_MAX_MEMORY, DEFAULT_PACK_THRESHOLD
-from s3xfer.locals3 import LocalS3, LocalS3Info
+from s3xfer.locals3 import LocalS3, LocalS3Info, sync_client
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_WORK = REPO / "benchmarks" / ".work"
@@ -478,17 +478,7 @@ def kill_tree(pid: int) -> None:
 
 
 def s3_client(info: LocalS3Info) -> Any:
-    import botocore.config
-    import botocore.session
-
-    return botocore.session.Session().create_client(
-        "s3",
-        region_name=info.region,
-        endpoint_url=info.endpoint_url,
-        aws_access_key_id=info.access_key,
-        aws_secret_access_key=info.secret_key,
-        config=botocore.config.Config(s3={"addressing_style": "path"}),
-    )
+    return sync_client(info, max_attempts=3)
 
 
 def listed_objects(client: Any, bucket: str, prefix: str) -> dict[str, int]:

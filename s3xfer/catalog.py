@@ -111,14 +111,24 @@ def parse_piece(raw: bytes, *, fanout: int, bucket: int, where: str) -> dict[str
     return {r.path: r for r in records}
 
 
-def build(manifest: Manifest, dest: S3Url) -> tuple[CatalogRoot, dict[str, bytes]]:
-    """The catalog of a manifest: its root and every non-empty piece, by key. Pure."""
+def _buckets(manifest: Manifest) -> dict[int, list[ManifestRecord]]:
     buckets: dict[int, list[ManifestRecord]] = {}
     for record in manifest.records.values():
         buckets.setdefault(bucket_of(record.path), []).append(record)
+    return buckets
+
+
+def build(
+    manifest: Manifest, dest: S3Url, *, previous: Manifest | None = None
+) -> tuple[CatalogRoot, dict[str, bytes]]:
+    """The catalog of a manifest: its root and its non-empty pieces, by key. With `previous`
+    (the manifest the catalog was last written from), only the pieces whose records changed:
+    the only ones to write. Pure."""
+    old = _buckets(previous) if previous is not None else {}
     pieces = {
         piece_key(dest, b): piece_bytes(records, fanout=FANOUT, bucket=b)
-        for b, records in buckets.items()
+        for b, records in _buckets(manifest).items()
+        if sorted(records, key=lambda r: r.path) != sorted(old.get(b, []), key=lambda r: r.path)
     }
     root = CatalogRoot(
         dest=str(dest),
@@ -128,15 +138,6 @@ def build(manifest: Manifest, dest: S3Url) -> tuple[CatalogRoot, dict[str, bytes
         shards=dict(manifest.shards),
     )
     return root, pieces
-
-
-def changed_pieces(old: Manifest | None, new: Manifest, dest: S3Url) -> dict[str, bytes]:
-    """Pieces of the new catalog that differ from the old one's: the only ones to write."""
-    _, new_pieces = build(new, dest)
-    if old is None:
-        return new_pieces
-    _, old_pieces = build(old, dest)
-    return {key: raw for key, raw in new_pieces.items() if old_pieces.get(key) != raw}
 
 
 def to_json(record: ManifestRecord) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from .config import (
     format_size,
     parse_size,
 )
-from .errors import S3XferError, UsageError
+from .errors import S3XferError, UsageError, first_leaf
 from .keys import S3Url
 from .manifest import ManifestRecord
 from .plan import Plan, make_plan
@@ -272,30 +272,33 @@ def run_survey(path: Path, *, quiet: bool) -> Survey:
         return survey(path, on_progress=progress)
 
 
-class UploadProgress:
-    """One bar for bytes and files, with rate and ETA; silent when not a terminal."""
+class TransferProgress:
+    """One bar for bytes and files, with rate and ETA; silent when not a terminal. The same
+    for uploads and downloads: `skipped_note` says what the files left alone were."""
 
-    def __init__(self, *, quiet: bool) -> None:
+    def __init__(self, *, quiet: bool, desc: str, skipped_note: str) -> None:
         self.quiet = quiet
+        self.desc = desc
+        self.skipped_note = skipped_note
         self.bar: tqdm[Any] | None = None
         self.files_total = 0
         self.files_done = 0
 
-    def start(self, files: int, total_bytes: int, unchanged: int) -> None:
+    def start(self, files: int, total_bytes: int, skipped: int) -> None:
         self.files_total = files
         self.bar = tqdm(
             total=total_bytes,
             unit="B",
             unit_scale=True,
             unit_divisor=1024,
-            desc="upload",
+            desc=self.desc,
             file=sys.stderr,
             dynamic_ncols=True,
             disable=True if self.quiet else None,
             smoothing=0.1,
         )
-        if unchanged and not self.quiet and sys.stderr.isatty():
-            self.bar.write(f"{unchanged:,} files unchanged since the last upload: skipped")
+        if skipped and not self.quiet and sys.stderr.isatty():
+            self.bar.write(f"{skipped:,} files {self.skipped_note}: skipped")
         self._postfix()
 
     def advance(self, nbytes: int, files: int) -> None:
@@ -315,6 +318,12 @@ class UploadProgress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def upload_progress(*, quiet: bool) -> TransferProgress:
+    return TransferProgress(
+        quiet=quiet, desc="upload", skipped_note="unchanged since the last upload"
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -448,7 +457,7 @@ def upload_command(
         url = S3Url.parse(dest)
         apply_bench_profile(options, command="upload")
         plan = make_plan(run_survey(path, quiet=quiet or as_json), url, make_config(**options))
-    progress = UploadProgress(quiet=quiet or as_json)
+    progress = upload_progress(quiet=quiet or as_json)
     try:
         report = run_async(_upload, plan, connection, progress)
     finally:
@@ -464,7 +473,7 @@ def upload_command(
         sys.exit(1)
 
 
-async def _upload(plan: Plan, connection: Connection, progress: UploadProgress) -> UploadReport:
+async def _upload(plan: Plan, connection: Connection, progress: TransferProgress) -> UploadReport:
     return await upload(plan, connection, on_start=progress.start, on_progress=progress.advance)
 
 
@@ -624,45 +633,6 @@ def get_command(
         sys.exit(1)
 
 
-class DownloadProgress:
-    """One bar for bytes and files, like the upload's."""
-
-    def __init__(self, *, quiet: bool) -> None:
-        self.quiet = quiet
-        self.bar: tqdm[Any] | None = None
-        self.files_total = 0
-        self.files_done = 0
-
-    def start(self, files: int, total_bytes: int, skipped: int) -> None:
-        self.files_total = files
-        self.bar = tqdm(
-            total=total_bytes,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc="download",
-            file=sys.stderr,
-            dynamic_ncols=True,
-            disable=True if self.quiet else None,
-            smoothing=0.1,
-        )
-        if skipped and not self.quiet and sys.stderr.isatty():
-            self.bar.write(f"{skipped:,} files already present and identical: skipped")
-
-    def advance(self, nbytes: int, files: int) -> None:
-        if self.bar is not None:
-            self.files_done += files
-            self.bar.update(nbytes)
-            if files:
-                self.bar.set_postfix_str(
-                    f"{self.files_done:,}/{self.files_total:,} files", refresh=False
-                )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 @cli.command("download")
 @click.argument("url")
 @click.argument("dest", type=click.Path(path_type=Path, file_okay=False))
@@ -747,7 +717,9 @@ def download_command(
     apply_bench_profile(tuned, command="download")
     concurrency, range_size = tuned["concurrency"], tuned["range_size"]
     connection = make_connection(endpoint_url, profile, region, no_verify_ssl)
-    progress = DownloadProgress(quiet=quiet or as_json)
+    progress = TransferProgress(
+        quiet=quiet or as_json, desc="download", skipped_note="already present and identical"
+    )
 
     async def run() -> DownloadReport:
         return await download(
@@ -802,7 +774,7 @@ def demo_command() -> None:
     from .demo import run_demo
 
     def upload_with_progress(plan: Plan, connection: Connection) -> UploadReport:
-        progress = UploadProgress(quiet=False)
+        progress = upload_progress(quiet=False)
         try:
             return run_async(_upload, plan, connection, progress)
         finally:
@@ -869,7 +841,7 @@ def main() -> None:
     except BaseException as exc:  # an exception group from a task group, or a bug
         if debug:
             raise
-        leaf = _first_leaf(exc)
+        leaf = first_leaf(exc)
         if isinstance(leaf, S3XferError):
             click.echo(f"s3xfer: error: {leaf}", err=True)
             sys.exit(leaf.exit_code)
@@ -879,12 +851,6 @@ def main() -> None:
             err=True,
         )
         sys.exit(70)
-
-
-def _first_leaf(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
 
 
 # Registered last: benchcli builds its command from the option helpers defined above.

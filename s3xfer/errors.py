@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class S3XferError(Exception):
     """Root of every error s3xfer raises on purpose. The message is one readable line."""
@@ -59,3 +62,19 @@ class NotInDatasetError(S3XferError, FileNotFoundError):
     """A path asked for is not in the dataset's catalog, or the prefix holds no dataset."""
 
     exit_code = 2
+
+
+def first_leaf(error: BaseException) -> BaseException:
+    """The first non-group exception inside (nested) exception groups."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return error
+
+
+@contextmanager
+def first_error() -> Iterator[None]:
+    """Concurrent work fails like one call: with its first error, not an exception group."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        raise first_leaf(group) from None

@@ -23,9 +23,9 @@ class FileChangedError(SourceError):
     """The file is not the one that was planned: it changed size or mtime, or vanished."""
 
 
-def _read_range(
-    path: Path, offset: int, length: int, size: int, mtime_ns: int
-) -> tuple[bytes, int]:
+def _read_unchanged(path: Path, size: int, mtime_ns: int, read: Callable[[int], bool]) -> None:
+    """Open path, check it is still the planned file, `read(fd)` (True when it got every byte
+    it wanted), and check the file did not change meanwhile. The one place reads are checked."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError as exc:
@@ -36,14 +36,27 @@ def _read_range(
         before = os.fstat(fd)
         if before.st_size != size or before.st_mtime_ns != mtime_ns:
             raise FileChangedError(f"{path}: changed since it was planned (size or mtime differ)")
-        data = os.pread(fd, length, offset)
+        complete = read(fd)
         after = os.fstat(fd)
     except OSError as exc:
         raise SourceError(f"cannot read {path}: {exc.strerror}") from exc
     finally:
         os.close(fd)
-    if len(data) != length or after.st_size != size or after.st_mtime_ns != mtime_ns:
+    if not complete or after.st_size != size or after.st_mtime_ns != mtime_ns:
         raise FileChangedError(f"{path}: changed while it was read")
+
+
+def _read_range(
+    path: Path, offset: int, length: int, size: int, mtime_ns: int
+) -> tuple[bytes, int]:
+    data = b""
+
+    def read(fd: int) -> bool:
+        nonlocal data
+        data = os.pread(fd, length, offset)
+        return len(data) == length
+
+    _read_unchanged(path, size, mtime_ns, read)
     return data, zlib.crc32(data)
 
 
@@ -78,24 +91,10 @@ def _fill_part(
 
 
 def _read_into(path: Path, target: memoryview, offset: int, size: int, mtime_ns: int) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError as exc:
-        raise FileChangedError(f"{path}: vanished after it was planned") from exc
-    except OSError as exc:
-        raise SourceError(f"cannot read {path}: {exc.strerror}") from exc
-    try:
-        before = os.fstat(fd)
-        if before.st_size != size or before.st_mtime_ns != mtime_ns:
-            raise FileChangedError(f"{path}: changed since it was planned (size or mtime differ)")
-        got = os.preadv(fd, [target], offset) if len(target) else 0
-        after = os.fstat(fd)
-    except OSError as exc:
-        raise SourceError(f"cannot read {path}: {exc.strerror}") from exc
-    finally:
-        os.close(fd)
-    if got != len(target) or after.st_size != size or after.st_mtime_ns != mtime_ns:
-        raise FileChangedError(f"{path}: changed while it was read")
+    def read(fd: int) -> bool:
+        return (os.preadv(fd, [target], offset) if len(target) else 0) == len(target)
+
+    _read_unchanged(path, size, mtime_ns, read)
 
 
 async def fill_part(
@@ -153,11 +152,6 @@ class SafeDestination:
             if self.root not in resolved.parents:
                 raise SourceError(f"refusing {relative!r}: it is a link out of the destination")
         return target
-
-
-def safe_destination(root: Path, relative: str) -> Path:
-    """`root / relative`, or SourceError when it would land outside root (see SafeDestination)."""
-    return SafeDestination(root)(relative)
 
 
 async def write_file(path: Path, data: bytes, *, mtime_ns: int, mode: int) -> None:

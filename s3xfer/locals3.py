@@ -335,7 +335,7 @@ class LocalS3:
     def _wait_until_ready(self, info: LocalS3Info) -> None:
         import botocore.exceptions
 
-        client = _sync_client(info, timeout=2.0)
+        client = sync_client(info, timeout=2.0)
         deadline = time.monotonic() + self._startup_timeout
         last_problem = "no answer yet"
         while True:
@@ -358,7 +358,7 @@ class LocalS3:
     def _create_buckets(self, info: LocalS3Info) -> None:
         import botocore.exceptions
 
-        client = _sync_client(info, timeout=10.0)
+        client = sync_client(info, timeout=10.0)
         for bucket in self._buckets:
             try:
                 client.create_bucket(Bucket=bucket)
@@ -387,11 +387,15 @@ class LocalS3:
             self._owns_data_dir = False
 
 
-def _sync_client(info: LocalS3Info, *, timeout: float) -> Any:
-    """A plain botocore client for readiness and bucket creation (no retries, short timeouts)."""
+def sync_client(info: LocalS3Info, *, timeout: float | None = None, max_attempts: int = 1) -> Any:
+    """A plain (synchronous) botocore client on this server: for readiness checks and bucket
+    creation here, and for tests and benchmarks to set up and read back objects."""
     import botocore.config
     import botocore.session
 
+    timeouts: dict[str, Any] = {}
+    if timeout is not None:
+        timeouts = {"connect_timeout": timeout, "read_timeout": timeout}
     return botocore.session.Session().create_client(
         "s3",
         region_name=info.region,
@@ -399,10 +403,9 @@ def _sync_client(info: LocalS3Info, *, timeout: float) -> Any:
         aws_access_key_id=info.access_key,
         aws_secret_access_key=info.secret_key,
         config=botocore.config.Config(
-            connect_timeout=timeout,
-            read_timeout=timeout,
-            retries={"max_attempts": 1, "mode": "standard"},
+            retries={"max_attempts": max_attempts, "mode": "standard"},
             s3={"addressing_style": "path"},
+            **timeouts,
         ),
     )
 

@@ -120,7 +120,7 @@ def classify(size: int, config: TransferConfig) -> Kind:
     return Kind.PUT
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # no slots: the layout is cached on the instance
 class ShardUnit:
     """Small files streamed into one tar shard, uploaded as one multipart object."""
 
@@ -129,13 +129,19 @@ class ShardUnit:
     members: list[FileEntry]
 
     def layout(self) -> ShardLayout:
-        return ShardLayout(
-            [
-                ShardMember(m.path, m.size, m.mtime_ns // 1_000_000_000, m.mode)
-                for m in self.members
-            ],
-            shard_key=self.key,
-        )
+        """The shard's byte layout, computed once: planning, change detection, progress and
+        the engine all ask for it, and it costs a header size per member."""
+        cached: ShardLayout | None = self.__dict__.get("_layout")
+        if cached is None:
+            cached = ShardLayout(
+                [
+                    ShardMember(m.path, m.size, m.mtime_ns // 1_000_000_000, m.mode)
+                    for m in self.members
+                ],
+                shard_key=self.key,
+            )
+            object.__setattr__(self, "_layout", cached)  # frozen: set once, never changed
+        return cached
 
     @property
     def index_key(self) -> str:

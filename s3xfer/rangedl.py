@@ -24,7 +24,7 @@ import anyio
 
 from .checksums import combine_parts, crc32_from_base64, crc32_to_base64
 from .engine import ByteBudget
-from .errors import IntegrityError, S3XferError, UsageError
+from .errors import IntegrityError, S3XferError, UsageError, first_error
 from .ranges import RangeGet, check_ranged_response
 from .retry import RetryPolicy, TransientError, call_with_retries
 
@@ -337,18 +337,6 @@ class _Journal:
             self._persisted = version
 
 
-@contextmanager
-def _single_error() -> Iterator[None]:
-    """Parallel ranges fail like one download: with the first error, not an exception group."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        leaf: BaseException = group
-        while isinstance(leaf, BaseExceptionGroup) and leaf.exceptions:
-            leaf = leaf.exceptions[0]
-        raise leaf from None
-
-
 async def download_ranges(
     s3: RangeSource,
     job: RangedDownload,
@@ -436,7 +424,7 @@ async def download_ranges(
         try:
             if on_progress is not None and reused:
                 on_progress(sum(ranges[i].length for i in reused))
-            with _single_error():
+            with first_error():
                 async with anyio.create_task_group() as group:
                     for piece in todo:
                         # Taken here, in order: at most budget/range_size tasks exist at once.

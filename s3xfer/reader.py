@@ -14,8 +14,8 @@ from __future__ import annotations
 import fnmatch
 import io
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AsyncExitStack, contextmanager
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -26,7 +26,13 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from . import catalog
 from .checksums import crc32, crc32_to_base64
-from .errors import IntegrityError, NoSuchKeyError, NotInDatasetError, S3XferError
+from .errors import (
+    IntegrityError,
+    NoSuchKeyError,
+    NotInDatasetError,
+    S3XferError,
+    first_error,
+)
 from .keys import S3Url, manifest_key
 from .localfs import SafeDestination, write_files
 from .manifest import Manifest, ManifestRecord
@@ -190,7 +196,7 @@ class Dataset:
         async def find(path: str) -> None:
             records[path] = await self.stat(path)
 
-        with _first_error():
+        with first_error():
             async with anyio.create_task_group() as group:
                 for path in dict.fromkeys(paths):
                     group.start_soon(find, path)
@@ -221,7 +227,7 @@ class Dataset:
                 out[member.path] = data
                 self.stats.files += 1
 
-        with _first_error():
+        with first_error():
             async with anyio.create_task_group() as group:
                 for get in coalesce(wanted, gap=self.gap):
                     group.start_soon(run, get)
@@ -314,18 +320,6 @@ def path_matcher(patterns: Sequence[str]) -> Callable[[str], bool]:
     globs = [p for p in patterns if p not in literal]
     regex = re.compile("|".join(fnmatch.translate(g) for g in globs)) if globs else None
     return lambda path: path in literal or (regex is not None and regex.match(path) is not None)
-
-
-@contextmanager
-def _first_error() -> Iterator[None]:
-    """Concurrent reads fail like one read: with the first error, not an exception group."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        leaf: BaseException = group
-        while isinstance(leaf, BaseExceptionGroup) and leaf.exceptions:
-            leaf = leaf.exceptions[0]
-        raise leaf from None
 
 
 class SyncDataset:

@@ -16,7 +16,7 @@ from .engine import Engine, ProgressCallback
 from .errors import NoSuchKeyError
 from .keys import S3Url, manifest_key
 from .manifest import Manifest
-from .plan import FileUnit, Plan
+from .plan import Plan
 from .retry import RetryPolicy, call_with_retries
 from .s3 import S3, Connection, open_s3
 
@@ -137,10 +137,10 @@ async def save_catalog(
             lambda: s3.put_object(dest.bucket, key, body, crc32=checksum), policy=policy
         )
 
+    root, changed = catalog.build(new, dest, previous=old)
     async with anyio.create_task_group() as group:
-        for key, body in catalog.changed_pieces(old, new, dest).items():
+        for key, body in changed.items():
             group.start_soon(put, key, body)
-    root, _ = catalog.build(new, dest)
     await put(catalog.root_key(dest), root.to_bytes())
     await put(manifest_key(dest), new.to_bytes())
 
@@ -157,7 +157,3 @@ async def upload(
         connection or Connection(), max_pool_connections=plan.config.concurrency
     ) as s3:
         return await execute_plan(s3, plan, on_start=on_start, on_progress=on_progress)
-
-
-def pending_bytes(units: list[FileUnit]) -> int:
-    return sum(u.size for u in units)

@@ -11,12 +11,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import botocore.config
-import botocore.session
 import pytest
 
 from s3xfer.errors import LocalS3Error
-from s3xfer.locals3 import LocalS3, LocalS3Info
+from s3xfer.locals3 import LocalS3, LocalS3Info, sync_client
 
 S3_FIXTURES = frozenset({"local_s3", "bucket", "s3_env", "sync_s3_client"})
 
@@ -29,17 +27,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def make_sync_client(info: LocalS3Info) -> Any:
     """A plain botocore S3 client for the given server, independent of the code under test."""
-    return botocore.session.Session().create_client(
-        "s3",
-        region_name=info.region,
-        endpoint_url=info.endpoint_url,
-        aws_access_key_id=info.access_key,
-        aws_secret_access_key=info.secret_key,
-        config=botocore.config.Config(
-            s3={"addressing_style": "path"},
-            retries={"max_attempts": 2, "mode": "standard"},
-        ),
-    )
+    return sync_client(info, max_attempts=2)
 
 
 def unique_bucket_name(prefix: str = "t") -> str:
