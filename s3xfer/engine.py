@@ -13,6 +13,7 @@ member's CRC32 is known, then writes the index with them.
 
 from __future__ import annotations
 
+import hashlib
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ from anyio.abc import ObjectReceiveStream
 
 from .checksums import combine_parts, crc32, crc32_to_base64
 from .config import TransferConfig
-from .errors import S3XferError
+from .errors import NoSuchUploadError, S3XferError
+from .journal import Journal
 from .localfs import fill_part, freeze, read_range
 from .malloc import return_large_buffers_promptly
 from .manifest import ManifestRecord, ShardRecord
@@ -90,7 +92,10 @@ class EngineStats:
     """Live counters, read by progress displays, reports and tests."""
 
     files_done: int = 0
-    bytes_done: int = 0
+    bytes_done: int = 0  # sent and acknowledged
+    bytes_reused: int = 0  # parts found already uploaded by an interrupted run, not sent again
+    uploads_resumed: int = 0
+    uploads_kept: int = 0  # multipart uploads left open on interruption, for the next run
     files_failed: int = 0
     shards_done: int = 0
     retries: int = 0
@@ -135,6 +140,8 @@ class _Multipart:
     upload_id: str | None = None
     error: str | None = None
     done: dict[int, tuple[str, int, int]] = field(default_factory=dict)  # number → etag, crc, len
+    reused: set[int] = field(default_factory=set)  # parts that were already there (not sent)
+    listed: dict[int, dict[str, Any]] = field(default_factory=dict)  # parts S3 has, on resume
     lock: anyio.Lock = field(default_factory=anyio.Lock)
 
     @property
@@ -166,6 +173,7 @@ class Engine:
         config: TransferConfig,
         on_progress: ProgressCallback | None = None,
         put_extra: dict[str, Any] | None = None,
+        journal: Journal | None = None,
     ) -> None:
         return_large_buffers_promptly()
         self.s3 = s3
@@ -180,6 +188,7 @@ class Engine:
         self._on_progress = on_progress or (lambda _b, _f: None)
         self._open_uploads: set[_Multipart] = set()
         self._put_extra = put_extra or {}
+        self.journal = journal
 
     def __repr__(self) -> str:
         s = self.stats
@@ -189,6 +198,8 @@ class Engine:
         )
 
     async def run(self, units: Iterable[FileUnit], shards: Iterable[ShardUnit] = ()) -> None:
+        units = list(units)
+        await self._abort_stale_uploads(units)
         send, receive = anyio.create_memory_object_stream[_PutJob | _PartJob](0)
         try:
             async with anyio.create_task_group() as group:
@@ -216,10 +227,59 @@ class Engine:
                         else:
                             await send.send(_PutJob(unit))
         finally:
-            # Interrupted or crashed: never leave multipart uploads behind to be billed.
+            # Interrupted or crashed: leave no multipart upload behind to be billed, except
+            # the journaled uploads of large files, which the next run resumes.
             with anyio.CancelScope(shield=True), anyio.move_on_after(30):
                 for upload in list(self._open_uploads):
-                    await self._abort(upload)
+                    if self.journal is not None and upload.file is not None:
+                        self.stats.uploads_kept += 1
+                    else:
+                        await self._abort(upload)
+
+    async def _abort_stale_uploads(self, units: list[FileUnit]) -> None:
+        """Abort the journaled uploads this run will not resume: those of shards (a shard in
+        flight is rebuilt) and of files that changed or need no upload any more."""
+        if self.journal is None:
+            return
+        state = self.journal.state
+        resumable = {
+            id(found)
+            for unit in units
+            if unit.kind is Kind.MULTIPART
+            and (
+                found := state.open_upload_for(
+                    unit.path,
+                    key=unit.key,
+                    size=unit.size,
+                    mtime_ns=unit.mtime_ns,
+                    part_size=unit.part_size,
+                )
+            )
+        }
+        stale = [u for u in state.uploads.values() if id(u) not in resumable]
+        limiter = anyio.CapacityLimiter(self.config.concurrency)
+
+        async def abort(key: str, upload_id: str) -> None:
+            async with limiter:
+                try:
+                    await self._request(
+                        lambda: self.s3.abort_multipart_upload(
+                            self.bucket, key, upload_id=upload_id
+                        )
+                    )
+                except NoSuchUploadError:
+                    pass  # completed or aborted already
+                except S3XferError as error:
+                    self.stats.failures.append(
+                        (key, f"could not abort multipart upload {upload_id}: {error}")
+                    )
+                    return
+                assert self.journal is not None
+                self.journal.multipart_closed(upload_id)
+
+        async with anyio.create_task_group() as group:
+            for upload in stale:
+                group.start_soon(abort, upload.key, upload.upload_id)
 
     async def _worker(self, jobs: ObjectReceiveStream[_PutJob | _PartJob]) -> None:
         async with jobs:
@@ -324,21 +384,37 @@ class Engine:
                     body, crc = await self._read_part(upload, part)
                     assert upload.upload_id is not None
                     upload_id = upload.upload_id
-                    etag = await self._request(
-                        lambda: self.s3.upload_part(
-                            self.bucket,
-                            upload.key,
-                            upload_id=upload_id,
-                            number=part.number,
-                            body=body,
-                            crc32=crc32_to_base64(crc),
+                    listed = upload.listed.get(part.number)
+                    if listed is not None and await _already_uploaded(listed, body, crc):
+                        etag = str(listed["ETag"])
+                        upload.reused.add(part.number)
+                    else:
+                        etag = await self._request(
+                            lambda: self.s3.upload_part(
+                                self.bucket,
+                                upload.key,
+                                upload_id=upload_id,
+                                number=part.number,
+                                body=body,
+                                crc32=crc32_to_base64(crc),
+                            )
                         )
-                    )
                     del body
                 finally:
                     self.budget.release(part.length)
                 upload.done[part.number] = (etag, crc, part.length)
-                self.stats.bytes_done += part.length
+                if part.number in upload.reused:
+                    self.stats.bytes_reused += part.length
+                else:
+                    self.stats.bytes_done += part.length
+                    if self.journal is not None and upload.file is not None:
+                        self.journal.part_done(
+                            upload_id=upload_id,
+                            number=part.number,
+                            etag=etag,
+                            crc=crc,
+                            length=part.length,
+                        )
                 self._on_progress(part.length, 0)
         except S3XferError as error:
             upload.error = upload.error or str(error)
@@ -352,11 +428,53 @@ class Engine:
 
     async def _ensure_created(self, upload: _Multipart) -> None:
         async with upload.lock:
-            if upload.upload_id is None:
-                upload.upload_id = await self._request(
-                    lambda: self.s3.create_multipart_upload(self.bucket, upload.key)
-                )
+            if upload.upload_id is not None:
+                return
+            if await self._resume(upload):
                 self._open_uploads.add(upload)
+                return
+            upload.upload_id = await self._request(
+                lambda: self.s3.create_multipart_upload(self.bucket, upload.key)
+            )
+            self._open_uploads.add(upload)
+            if self.journal is not None:
+                unit = upload.file
+                self.journal.multipart_created(
+                    key=upload.key,
+                    upload_id=upload.upload_id,
+                    path=unit.path if unit is not None else None,
+                    size=unit.size if unit is not None else 0,
+                    mtime_ns=unit.mtime_ns if unit is not None else 0,
+                    part_size=unit.part_size if unit is not None else 0,
+                )
+
+    async def _resume(self, upload: _Multipart) -> bool:
+        """Take over the journaled upload of this very file version, if S3 still has it; its
+        parts are then checked against the file's bytes as they are read (see _upload_part)."""
+        unit = upload.file
+        if self.journal is None or unit is None:
+            return False
+        found = self.journal.state.open_upload_for(
+            unit.path,
+            key=unit.key,
+            size=unit.size,
+            mtime_ns=unit.mtime_ns,
+            part_size=unit.part_size,
+        )
+        if found is None:
+            return False
+        upload_id = found.upload_id
+        try:
+            parts = await self._request(
+                lambda: self.s3.list_parts(self.bucket, unit.key, upload_id=upload_id)
+            )
+        except NoSuchUploadError:
+            self.journal.multipart_closed(upload_id)
+            return False
+        upload.upload_id = upload_id
+        upload.listed = {int(p["PartNumber"]): p for p in parts}
+        self.stats.uploads_resumed += 1
+        return True
 
     async def _finish(self, upload: _Multipart) -> None:
         if upload.error is None:
@@ -373,6 +491,8 @@ class Engine:
                     )
                 )
                 self._open_uploads.discard(upload)
+                if self.journal is not None:
+                    self.journal.multipart_closed(upload_id)
                 if upload.shard is not None:
                     await self._finish_shard(upload.shard, etag)
                 else:
@@ -387,9 +507,11 @@ class Engine:
         where = f" (in shard {upload.key})" if upload.shard is not None else ""
         self._fail(upload.paths, f"{upload.error or 'failed'}{where}")
         # Bytes of parts that were sent but will not count: take them off the progress.
-        sent = sum(length for _e, _c, length in upload.done.values())
+        sent = sum(upload.done[n][2] for n in upload.done if n not in upload.reused)
+        reused = sum(upload.done[n][2] for n in upload.reused)
         self.stats.bytes_done -= sent
-        self._on_progress(-sent, 0)
+        self.stats.bytes_reused -= reused
+        self._on_progress(-sent - reused, 0)
 
     async def _finish_shard(self, build: _ShardBuild, etag: str) -> None:
         """The shard is complete: store its index beside it and record every member."""
@@ -400,23 +522,25 @@ class Engine:
             lambda: self.s3.put_object(self.bucket, build.unit.index_key, index, crc32=index_crc)
         )
         crcs = build.crcs
-        for n, member in enumerate(build.unit.members):
-            self.records.append(
-                ManifestRecord(
-                    path=member.path,
-                    key=build.unit.key,
-                    size=member.size,
-                    mtime_ns=member.mtime_ns,
-                    mode=member.mode,
-                    crc32=crc32_to_base64(crcs[n]),
-                    part_size=0,
-                    offset=build.layout.data_offset(n),
-                    etag=etag,
-                )
+        members = [
+            ManifestRecord(
+                path=member.path,
+                key=build.unit.key,
+                size=member.size,
+                mtime_ns=member.mtime_ns,
+                mode=member.mode,
+                crc32=crc32_to_base64(crcs[n]),
+                part_size=0,
+                offset=build.layout.data_offset(n),
+                etag=etag,
             )
-        self.shard_records.append(
-            ShardRecord(build.unit.key, build.layout.size, etag, len(build.unit.members))
-        )
+            for n, member in enumerate(build.unit.members)
+        ]
+        shard = ShardRecord(build.unit.key, build.layout.size, etag, len(members))
+        self.records.extend(members)
+        self.shard_records.append(shard)
+        if self.journal is not None:
+            self.journal.shard_done(shard, members)
         self.stats.files_done += len(build.unit.members)
         self.stats.shards_done += 1
         self._on_progress(0, len(build.unit.members))
@@ -430,21 +554,38 @@ class Engine:
             await self._request(
                 lambda: self.s3.abort_multipart_upload(self.bucket, upload.key, upload_id=upload_id)
             )
+        except NoSuchUploadError:
+            pass
         except S3XferError as error:
             self.stats.failures.append(
                 (upload.key, f"could not abort multipart upload {upload_id}: {error}")
             )
+            return
+        if self.journal is not None:
+            self.journal.multipart_closed(upload_id)
 
     def _record(self, unit: FileUnit, checksum: str, etag: str) -> None:
-        self.records.append(
-            ManifestRecord(
-                path=unit.path,
-                key=unit.key,
-                size=unit.size,
-                mtime_ns=unit.mtime_ns,
-                mode=unit.mode,
-                crc32=checksum,
-                part_size=unit.part_size,
-                etag=etag,
-            )
+        record = ManifestRecord(
+            path=unit.path,
+            key=unit.key,
+            size=unit.size,
+            mtime_ns=unit.mtime_ns,
+            mode=unit.mode,
+            crc32=checksum,
+            part_size=unit.part_size,
+            etag=etag,
         )
+        self.records.append(record)
+        if self.journal is not None:
+            self.journal.file_done(record)
+
+
+async def _already_uploaded(listed: dict[str, Any], body: bytes, crc: int) -> bool:
+    """Whether a part S3 already has holds exactly these bytes: by the CRC32 S3 stored with it
+    when it lists one, else by its ETag (the MD5 of the part, without SSE-KMS)."""
+    if int(listed.get("Size", -1)) != len(body):
+        return False
+    if listed.get("ChecksumCRC32"):
+        return bool(listed["ChecksumCRC32"] == crc32_to_base64(crc))
+    md5 = await anyio.to_thread.run_sync(lambda: hashlib.md5(body).hexdigest())
+    return bool(str(listed.get("ETag", "")).strip('"') == md5)

@@ -1,11 +1,12 @@
-"""Upload orchestration: check the bucket, skip what the manifest says is unchanged, run the
-engine, write the merged manifest, and report."""
+"""Upload orchestration: check the bucket, skip what the manifest (and the journal of an
+interrupted run) says is done, run the engine, write the merged manifest, and report."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -14,6 +15,7 @@ from . import catalog
 from .checksums import crc32, crc32_to_base64
 from .engine import Engine, ProgressCallback
 from .errors import NoSuchKeyError
+from .journal import Journal, journal_path
 from .keys import S3Url, manifest_key
 from .manifest import Manifest
 from .plan import Plan
@@ -39,6 +41,12 @@ class UploadReport:
     peak_buffered_bytes: int
     manifest_written: bool
     extra: dict[str, Any] = field(default_factory=dict)
+    # Resuming an interrupted run (see journal.py).
+    files_from_journal: int = 0  # finished by the interrupted run: not sent again
+    bytes_reused: int = 0  # parts of its multipart uploads found in S3 and verified: not sent
+    uploads_resumed: int = 0
+    uploads_kept: int = 0  # left open by this run's interruption, for the next run
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def mb_per_s(self) -> float:
@@ -75,14 +83,21 @@ async def execute_plan(
     *,
     on_start: StartCallback | None = None,
     on_progress: ProgressCallback | None = None,
+    journal: Journal | None = None,
 ) -> UploadReport:
-    """Upload what changed since the last run of this plan's destination, with a client given."""
+    """Upload what changed since the last run of this plan's destination, with a client given.
+    With a journal, what an interrupted run finished counts as uploaded, and its multipart
+    uploads are resumed."""
     started = time.perf_counter()
     policy = RetryPolicy(max_attempts=plan.config.max_attempts)
     await s3.check_bucket(plan.dest.bucket)
     old = await load_manifest(s3, plan, policy)
     manifest = Manifest(str(plan.dest), dict(old.records), dict(old.shards)) if old else None
     manifest = manifest or Manifest(str(plan.dest), {})
+    journaled = journal.state.records if journal is not None else {}
+    if journal is not None:
+        manifest.records.update(journaled)
+        manifest.shards.update(journal.state.shards)
     todo, unchanged = manifest.select_changed(plan.units)
     shards_todo, shards_unchanged = manifest.select_changed_shards(plan.shards)
     unchanged_files = len(unchanged) + sum(len(s.members) for s in shards_unchanged)
@@ -94,11 +109,16 @@ async def execute_plan(
         total = sum(u.size for u in todo) + sum(s.layout().size for s in shards_todo)
         on_start(files, total, unchanged_files)
     engine = Engine(
-        s3, bucket=plan.dest.bucket, source=plan.source, config=plan.config, on_progress=on_progress
+        s3,
+        bucket=plan.dest.bucket,
+        source=plan.source,
+        config=plan.config,
+        on_progress=on_progress,
+        journal=journal,
     )
     await engine.run(todo, shards_todo)
     written = False
-    if engine.records:
+    if engine.records or journaled:
         for record in engine.records:
             manifest.records[record.path] = record
         for shard in engine.shard_records:
@@ -123,6 +143,12 @@ async def execute_plan(
         peak_buffered_bytes=engine.budget.peak,
         manifest_written=written,
         extra={"shards_uploaded": stats.shards_done},
+        files_from_journal=sum(u.path in journaled for u in unchanged)
+        + sum(m.path in journaled for s in shards_unchanged for m in s.members),
+        bytes_reused=stats.bytes_reused,
+        uploads_resumed=stats.uploads_resumed,
+        uploads_kept=stats.uploads_kept,
+        warnings=list(journal.warnings) if journal is not None else [],
     )
 
 
@@ -151,9 +177,27 @@ async def upload(
     *,
     on_start: StartCallback | None = None,
     on_progress: ProgressCallback | None = None,
+    resume: bool = True,
+    state_dir: Path | None = None,
 ) -> UploadReport:
-    """Execute a plan: one client, its connection pool sized to the plan's concurrency."""
-    async with open_s3(
-        connection or Connection(), max_pool_connections=plan.config.concurrency
-    ) as s3:
-        return await execute_plan(s3, plan, on_start=on_start, on_progress=on_progress)
+    """Execute a plan: one client, its connection pool sized to the plan's concurrency.
+
+    With `resume` (the default) progress is journaled under the state directory, and a run
+    interrupted at any point is resumed by running the same upload again."""
+    journal = None
+    if resume:
+        where = journal_path(plan.source, str(plan.dest), state_dir=state_dir)
+        journal = Journal.open(where, source=plan.source, dest=str(plan.dest))
+    finished = False
+    try:
+        async with open_s3(
+            connection or Connection(), max_pool_connections=plan.config.concurrency
+        ) as s3:
+            report = await execute_plan(
+                s3, plan, on_start=on_start, on_progress=on_progress, journal=journal
+            )
+        finished = report.uploads_kept == 0
+        return report
+    finally:
+        if journal is not None:
+            journal.close(remove=finished)

@@ -34,6 +34,14 @@ def unique_bucket_name(prefix: str = "t") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:16]}"
 
 
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Upload journals of each test in its own directory, never the developer's."""
+    path = tmp_path / "s3xfer-state"
+    monkeypatch.setenv("S3XFER_STATE_DIR", str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def local_s3() -> Iterator[LocalS3Info]:
     """The session's local S3 server. Never skipped: a server that cannot start is a failure."""
