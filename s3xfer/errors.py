@@ -38,6 +38,10 @@ class NoSuchKeyError(RemoteError, FileNotFoundError):
     """The object does not exist."""
 
 
+class NoSuchUploadError(RemoteError, FileNotFoundError):
+    """The multipart upload does not exist: aborted, completed, or never created."""
+
+
 class AccessDeniedError(RemoteError, PermissionError):
     """Credentials are wrong, missing, or not allowed to do this."""
 

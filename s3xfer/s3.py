@@ -1,5 +1,6 @@
 """The only module that talks to S3 (aiobotocore, plus lean single PUTs over aiohttp): one
-client per run, errors translated here.
+client per run, errors translated here, and the options every request carries (expected bucket
+owner, server-side encryption) added here.
 
 Every botocore / aiohttp exception is mapped, in `_translate`, to s3xfer's own: permanent
 failures to RemoteError subclasses with a readable message, and retryable ones to
@@ -14,7 +15,7 @@ import datetime
 import io
 import re
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -32,12 +33,14 @@ from .errors import (
     IntegrityError,
     NoSuchBucketError,
     NoSuchKeyError,
+    NoSuchUploadError,
     RemoteError,
     UsageError,
 )
 from .retry import TransientError
 
 if TYPE_CHECKING:
+    from botocore.model import OperationModel
     from types_aiobotocore_s3 import S3Client
 
 _THROTTLE_CODES = {
@@ -68,7 +71,19 @@ _DENIED_CODES = {
     "AllAccessDisabled",
 }
 
-_READ_OPERATIONS = frozenset({"check_bucket", "get_object", "head_object", "list_objects"})
+_READ_OPERATIONS = frozenset(
+    {
+        "check_bucket",
+        "get_object",
+        "head_object",
+        "list_objects",
+        "list_multipart_uploads",
+        "list_parts",
+    }
+)
+
+SSE_ALGORITHMS = ("AES256", "aws:kms")
+_ACCOUNT_ID = re.compile(r"[0-9]{12}")
 
 
 class _SharedBytesIO(io.BytesIO):
@@ -98,6 +113,23 @@ class Connection:
     verify_ssl: bool = True
     access_key: str | None = field(default=None, repr=False)
     secret_key: str | None = field(default=None, repr=False)
+    # Server-side encryption of the objects written (PutObject, CreateMultipartUpload).
+    sse: str | None = None
+    sse_kms_key_id: str | None = None
+    # Every request then fails (403) unless the bucket belongs to this account: a bucket name
+    # deleted and re-created by someone else does not silently receive the data.
+    expected_bucket_owner: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.sse is not None and self.sse not in SSE_ALGORITHMS:
+            raise UsageError(
+                f"unknown server-side encryption {self.sse!r} (use {' or '.join(SSE_ALGORITHMS)})"
+            )
+        if self.sse_kms_key_id and self.sse != "aws:kms":
+            raise UsageError("a KMS key id needs server-side encryption aws:kms (--sse aws:kms)")
+        owner = self.expected_bucket_owner
+        if owner is not None and not _ACCOUNT_ID.fullmatch(owner):
+            raise UsageError(f"expected bucket owner must be a 12-digit AWS account id: {owner!r}")
 
 
 def _where(bucket: str, key: str | None, byte_range: str | None) -> str:
@@ -116,6 +148,10 @@ def _translate(
         message = error.get("Message") or code
         if code == "NoSuchBucket":
             return NoSuchBucketError(f"no such bucket: s3://{bucket}")
+        if code == "NoSuchUpload":
+            return NoSuchUploadError(
+                f"no such multipart upload: {where}: aborted, completed, or never created"
+            )
         if code in ("NoSuchKey", "404", "NotFound") and key:
             return NoSuchKeyError(f"no such object: {where}")
         if code in ("404", "NotFound"):
@@ -167,16 +203,57 @@ def map_errors(
         raise mapped from exc
 
 
+def _expect_bucket_owner(owner: str) -> Callable[..., None]:
+    """A botocore hook giving ExpectedBucketOwner to every operation that accepts it: added
+    to the client once, it cannot be forgotten by a call (or by a module using the client)."""
+
+    def add(params: dict[str, Any], model: OperationModel, **_: Any) -> None:
+        shape = model.input_shape
+        if shape is not None and "ExpectedBucketOwner" in shape.members:
+            params.setdefault("ExpectedBucketOwner", owner)
+
+    return add
+
+
 class S3:
-    """Thin async helpers over one S3 client; every call raises only s3xfer errors."""
+    """Thin async helpers over one S3 client; every call raises only s3xfer errors.
+
+    With expected_bucket_owner, every request carries it (botocore through a client hook, the
+    lean path as a signed header). With sse, every object written is encrypted: PutObject and
+    CreateMultipartUpload carry it, UploadPart must not (S3 refuses SSE-S3/KMS headers there:
+    the parts inherit the upload's encryption)."""
 
     def __init__(
-        self, client: S3Client, *, endpoint_label: str, lean: _LeanPut | None = None
+        self,
+        client: S3Client,
+        *,
+        endpoint_label: str,
+        lean: _LeanPut | None = None,
+        sse: str | None = None,
+        sse_kms_key_id: str | None = None,
+        expected_bucket_owner: str | None = None,
     ) -> None:
         self.client = client
         self.endpoint_label = endpoint_label
         self.lean = lean
         self.calls: Counter[str] = Counter()  # requests sent per operation, retries included
+        # botocore parameters of the writes that create objects
+        self._encryption: dict[str, Any] = {}
+        # the same as headers, for the lean path: every request, and PutObject's own
+        self._lean_headers: dict[str, str] = {}
+        self._lean_put_headers: dict[str, str] = {}
+        if sse:
+            self._encryption["ServerSideEncryption"] = sse
+            self._lean_put_headers["x-amz-server-side-encryption"] = sse
+        if sse_kms_key_id:
+            self._encryption["SSEKMSKeyId"] = sse_kms_key_id
+            self._lean_put_headers["x-amz-server-side-encryption-aws-kms-key-id"] = sse_kms_key_id
+        if expected_bucket_owner:
+            client.meta.events.register(
+                "before-parameter-build.s3", _expect_bucket_owner(expected_bucket_owner)
+            )
+            self._lean_headers["x-amz-expected-bucket-owner"] = expected_bucket_owner
+        self._lean_put_headers.update(self._lean_headers)
 
     @property
     def requests(self) -> int:
@@ -206,13 +283,16 @@ class S3:
         self.calls["put_object"] += 1
         if self.lean is not None and not extra and self.lean.can_put(bucket):
             with map_errors(bucket, key):
-                return await self.lean.put(bucket, key, body, crc32=crc32)
+                return await self.lean.put(
+                    bucket, key, body, crc32=crc32, headers=self._lean_put_headers
+                )
         with map_errors(bucket, key):
             response = await self.client.put_object(
                 Bucket=bucket,
                 Key=key,
                 Body=_SharedBytesIO(body),
                 ChecksumCRC32=crc32,
+                **self._encryption,
                 **(extra or {}),
             )
         return response.get("ETag", "")
@@ -221,7 +301,11 @@ class S3:
         self.calls["create_multipart_upload"] += 1
         with map_errors(bucket, key):
             response = await self.client.create_multipart_upload(
-                Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32", ChecksumType="FULL_OBJECT"
+                Bucket=bucket,
+                Key=key,
+                ChecksumAlgorithm="CRC32",
+                ChecksumType="FULL_OBJECT",
+                **self._encryption,
             )
         return response["UploadId"]
 
@@ -232,7 +316,9 @@ class S3:
         if self.lean is not None and self.lean.can_put(bucket):
             query = {"partNumber": str(number), "uploadId": upload_id}
             with map_errors(bucket, key, f"part {number}"):
-                return await self.lean.put(bucket, key, body, crc32=crc32, query=query)
+                return await self.lean.put(
+                    bucket, key, body, crc32=crc32, query=query, headers=self._lean_headers
+                )
         with map_errors(bucket, key, f"part {number}"):
             response = await self.client.upload_part(
                 Bucket=bucket,
@@ -272,8 +358,70 @@ class S3:
 
     async def abort_multipart_upload(self, bucket: str, key: str, *, upload_id: str) -> None:
         self.calls["abort_multipart_upload"] += 1
-        with map_errors(bucket, key):
+        with map_errors(bucket, key, f"upload id {upload_id}"):
             await self.client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+
+    async def list_multipart_uploads(
+        self, bucket: str, prefix: str, *, page_size: int = 1000
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every incomplete multipart upload under a prefix (whoever started it), page by page:
+        dicts with at least Key, UploadId and Initiated (a timezone-aware datetime).
+
+        A page continues from NextKeyMarker and NextUploadIdMarker. SeaweedFS sends only the
+        upload id marker (it pages by upload id), so a missing key marker is sent as none."""
+        key_marker = upload_id_marker = ""
+        while True:
+            self.calls["list_multipart_uploads"] += 1
+            kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxUploads": page_size}
+            if key_marker:
+                kwargs["KeyMarker"] = key_marker
+            if upload_id_marker:
+                kwargs["UploadIdMarker"] = upload_id_marker
+            with map_errors(bucket, prefix or None):
+                page = await self.client.list_multipart_uploads(**kwargs)
+            for upload in page.get("Uploads", []):
+                yield dict(upload)
+            if not page.get("IsTruncated"):
+                return
+            markers = (page.get("NextKeyMarker") or "", page.get("NextUploadIdMarker") or "")
+            if markers in ((key_marker, upload_id_marker), ("", "")):
+                raise RemoteError(
+                    f"the listing of incomplete uploads in {_where(bucket, prefix, None)} "
+                    "does not advance (a truncated page without a new marker)"
+                )
+            key_marker, upload_id_marker = markers
+
+    async def list_parts(
+        self, bucket: str, key: str, *, upload_id: str, page_size: int = 1000
+    ) -> list[dict[str, Any]]:
+        """Every part already uploaded, sorted by PartNumber: dicts with PartNumber, Size, ETag
+        and ChecksumCRC32 when the server returns it. NoSuchUploadError when the upload is gone.
+        """
+        parts: dict[int, dict[str, Any]] = {}
+        marker = 0
+        while True:
+            self.calls["list_parts"] += 1
+            kwargs: dict[str, Any] = {
+                "Bucket": bucket,
+                "Key": key,
+                "UploadId": upload_id,
+                "MaxParts": page_size,
+            }
+            if marker:
+                kwargs["PartNumberMarker"] = marker
+            with map_errors(bucket, key, f"upload id {upload_id}"):
+                page = await self.client.list_parts(**kwargs)
+            for part in page.get("Parts", []):
+                parts[int(part["PartNumber"])] = dict(part)
+            if not page.get("IsTruncated"):
+                return [parts[number] for number in sorted(parts)]
+            next_marker = int(page.get("NextPartNumberMarker") or 0)
+            if next_marker <= marker:
+                raise RemoteError(
+                    f"the listing of parts of {_where(bucket, key, f'upload id {upload_id}')} "
+                    "does not advance (a truncated page without a new marker)"
+                )
+            marker = next_marker
 
     async def get_object(self, bucket: str, key: str, *, byte_range: str | None = None) -> bytes:
         self.calls["get_object"] += 1
@@ -322,7 +470,11 @@ class S3:
         if self.lean is not None and self.lean.can_put(bucket):
             with map_errors(bucket, key, byte_range):
                 return await self.lean.get_chunks(
-                    bucket, key, byte_range=byte_range, if_match=if_match
+                    bucket,
+                    key,
+                    byte_range=byte_range,
+                    if_match=if_match,
+                    headers=self._lean_headers,
                 )
         kwargs: dict[str, Any] = {"Range": byte_range} if byte_range else {}
         if if_match:
@@ -393,17 +545,25 @@ class _LeanPut:
         return f"https://{bucket}.s3.{region}.amazonaws.com/{suffix}", region
 
     async def put(
-        self, bucket: str, key: str, body: bytes, *, crc32: str, query: dict[str, str] | None = None
+        self,
+        bucket: str,
+        key: str,
+        body: bytes,
+        *,
+        crc32: str,
+        query: dict[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> str:
-        """PutObject, or UploadPart when query holds partNumber and uploadId."""
+        """PutObject, or UploadPart when query holds partNumber and uploadId; headers (lower
+        case) are sent and signed too."""
         credentials = await self.credentials()
         if credentials is None:
             raise bx.NoCredentialsError()
         url, region = self._url(bucket, key, query or {})
-        headers = sigv4.sign(
+        signed = sigv4.sign(
             "PUT",
             url,
-            {"x-amz-checksum-crc32": crc32, "content-length": str(len(body))},
+            {**(headers or {}), "x-amz-checksum-crc32": crc32, "content-length": str(len(body))},
             credentials=credentials,
             region=region,
             now=datetime.datetime.now(datetime.UTC),
@@ -411,7 +571,7 @@ class _LeanPut:
         # Large bodies as a (non-copying) file object: aiohttp then writes them in chunks.
         data = body if len(body) <= 1024 * 1024 else _SharedBytesIO(body)
         async with self.http.put(
-            yarl.URL(url, encoded=True), data=data, headers=headers
+            yarl.URL(url, encoded=True), data=data, headers=signed
         ) as response:
             if response.status == 200:
                 await response.read()
@@ -420,17 +580,25 @@ class _LeanPut:
         raise _client_error(response.status, text, "PutObject")
 
     async def get_chunks(
-        self, bucket: str, key: str, *, byte_range: str | None, if_match: str | None
+        self,
+        bucket: str,
+        key: str,
+        *,
+        byte_range: str | None,
+        if_match: str | None,
+        headers: Mapping[str, str] | None = None,
     ) -> tuple[list[bytes], int, str | None]:
         """GetObject (of one range), the body in the chunks it arrived in."""
         credentials = await self.credentials()
         if credentials is None:
             raise bx.NoCredentialsError()
         url, region = self._url(bucket, key, {})
-        wanted = {"range": byte_range} if byte_range else {}
+        wanted = dict(headers or {})
+        if byte_range:
+            wanted["range"] = byte_range
         if if_match:
             wanted["if-match"] = if_match
-        headers = sigv4.sign(
+        signed = sigv4.sign(
             "GET",
             url,
             wanted,
@@ -439,7 +607,7 @@ class _LeanPut:
             now=datetime.datetime.now(datetime.UTC),
         )
         async with self.http.get(
-            yarl.URL(url, encoded=True), headers=headers, auto_decompress=False
+            yarl.URL(url, encoded=True), headers=signed, auto_decompress=False
         ) as response:
             if response.status in (200, 206):
                 # As received: asking for fixed-size chunks would join them on the event loop.
@@ -534,4 +702,11 @@ async def open_s3(connection: Connection, *, max_pool_connections: int = 32) -> 
         async with AsyncExitStack() as stack:
             client = await stack.enter_async_context(creator)
             lean = await _lean_put(stack, session, client, connection, max_pool_connections)
-            yield S3(client, endpoint_label=connection.endpoint_url or "AWS S3", lean=lean)
+            yield S3(
+                client,
+                endpoint_label=connection.endpoint_url or "AWS S3",
+                lean=lean,
+                sse=connection.sse,
+                sse_kms_key_id=connection.sse_kms_key_id,
+                expected_bucket_owner=connection.expected_bucket_owner,
+            )
