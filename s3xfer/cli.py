@@ -38,9 +38,10 @@ from .plan import Plan, make_plan
 from .reader import Dataset, GetReport
 
 if TYPE_CHECKING:
+    from .cleanup import CleanupReport
     from .download import DownloadReport
-from .render import human_bytes, render_plan, render_report, render_survey
-from .s3 import Connection
+from .render import _printable, human_bytes, render_plan, render_report, render_survey
+from .s3 import SSE_ALGORITHMS, Connection, open_s3
 from .survey import Survey, survey
 from .upload import UploadReport, upload
 
@@ -176,8 +177,18 @@ def plan_options(function: F) -> F:
     return function
 
 
+_OWNER_META = "s3xfer.expected_bucket_owner"
+
+
+def _remember_owner(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    ctx.meta[_OWNER_META] = value
+
+
 def connection_options(function: F) -> F:
-    """Endpoint and credentials the way AWS users expect (AWS_* variables and ~/.aws work too)."""
+    """Endpoint and credentials the way AWS users expect (AWS_* variables and ~/.aws work too).
+
+    --expected-bucket-owner is not passed to the command: make_connection reads it from the
+    click context, so every command built on these options (bench too) sends it."""
     options = [
         click.option(
             "--endpoint-url",
@@ -192,6 +203,38 @@ def connection_options(function: F) -> F:
             is_flag=True,
             help="Do not verify TLS certificates (insecure; warns).",
         ),
+        click.option(
+            "--expected-bucket-owner",
+            metavar="ACCOUNT_ID",
+            default=None,
+            expose_value=False,
+            callback=_remember_owner,
+            help="Send this AWS account id with every request: S3 refuses (403) any request to "
+            "a bucket owned by another account, e.g. a deleted bucket's name taken over.",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def encryption_options(function: F) -> F:
+    """Server-side encryption of the objects written (upload)."""
+    options = [
+        click.option(
+            "--sse",
+            type=click.Choice(SSE_ALGORITHMS),
+            default=None,
+            help="Server-side encryption of every object written: AES256 (S3-managed keys) or "
+            "aws:kms (with --sse-kms-key-id, or the account's default KMS key). With aws:kms, "
+            "ETags are not MD5 digests; s3xfer checks CRC32 checksums instead.",
+        ),
+        click.option(
+            "--sse-kms-key-id",
+            metavar="KEY",
+            default=None,
+            help="KMS key id, ARN or alias for --sse aws:kms.",
+        ),
     ]
     for option in reversed(options):
         function = option(function)
@@ -199,12 +242,24 @@ def connection_options(function: F) -> F:
 
 
 def make_connection(
-    endpoint_url: str | None, profile: str | None, region: str | None, no_verify_ssl: bool
+    endpoint_url: str | None,
+    profile: str | None,
+    region: str | None,
+    no_verify_ssl: bool,
+    *,
+    sse: str | None = None,
+    sse_kms_key_id: str | None = None,
 ) -> Connection:
+    """The Connection of a command; --expected-bucket-owner comes from the click context (see
+    connection_options)."""
     if endpoint_url:
         parts = urlsplit(endpoint_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UsageError(f"bad endpoint URL {endpoint_url!r} (expected http(s)://host[:port])")
+    if sse_kms_key_id and sse != "aws:kms":
+        raise UsageError("--sse-kms-key-id needs --sse aws:kms")
+    context = click.get_current_context(silent=True)
+    owner = context.meta.get(_OWNER_META) if context is not None else None
     if no_verify_ssl:
         click.echo("s3xfer: warning: TLS certificate verification is off", err=True)
     return Connection(
@@ -212,6 +267,9 @@ def make_connection(
         profile=profile,
         region=region,
         verify_ssl=not no_verify_ssl,
+        sse=sse,
+        sse_kms_key_id=sse_kms_key_id,
+        expected_bucket_owner=owner,
     )
 
 
@@ -422,6 +480,7 @@ def plan_command(
 )
 @plan_options
 @connection_options
+@encryption_options
 @click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 def upload_command(
@@ -434,6 +493,8 @@ def upload_command(
     profile: str | None,
     region: str | None,
     no_verify_ssl: bool,
+    sse: str | None,
+    sse_kms_key_id: str | None,
     **options: Any,
 ) -> None:
     """Upload PATH to DEST (s3://bucket/prefix), or execute a saved --plan.
@@ -445,8 +506,11 @@ def upload_command(
       the full-object CRC32. Failed multipart uploads are aborted.
     - Throttling, 5xx, timeouts and connection errors are retried with backoff.
     - Exit code 0 when every file was uploaded, 1 when any failed (each is named).
+    - --sse encrypts every object written (PutObject and CreateMultipartUpload carry it).
     """
-    connection = make_connection(endpoint_url, profile, region, no_verify_ssl)
+    connection = make_connection(
+        endpoint_url, profile, region, no_verify_ssl, sse=sse, sse_kms_key_id=sse_kms_key_id
+    )
     if plan_file is not None:
         if path is not None or dest is not None:
             raise UsageError("give either PATH DEST or --plan, not both")
@@ -761,6 +825,83 @@ def download_command(
         click.echo(f"s3xfer: FAILED {path}: {error}", err=True)
     if not report.ok:
         sys.exit(1)
+
+
+@cli.command("cleanup")
+@click.argument("url")
+@click.option(
+    "--older-than",
+    metavar="DURATION",
+    default="24h",
+    show_default=True,
+    help="Only uploads started at least this long ago (30m, 2h, 7d, 1w; 0 for all), so that "
+    "uploads still running, or waiting to be resumed, are left alone.",
+)
+@click.option("--dry-run", is_flag=True, help="List the uploads that would be aborted; abort none.")
+@connection_options
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the uploads as a JSON list (key, upload_id, initiated, aborted).",
+)
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
+def cleanup_command(
+    url: str,
+    older_than: str,
+    dry_run: bool,
+    as_json: bool,
+    quiet: bool,
+    endpoint_url: str | None,
+    profile: str | None,
+    region: str | None,
+    no_verify_ssl: bool,
+) -> None:
+    """Abort the incomplete multipart uploads under URL (s3://bucket/prefix), left by any tool.
+
+    A multipart upload that was started and never completed or aborted (a killed process, a
+    crashed tool, a lost spot instance) keeps every part it received stored, and billed as
+    storage, indefinitely, while no object listing (`s3xfer ls`, `aws s3 ls`, the console's
+    object list) ever shows it. This lists them (age, key, upload id) and aborts those older
+    than --older-than, which deletes their parts.
+
+    \b
+    s3xfer cleanup s3://bucket/data --dry-run        what is there
+    s3xfer cleanup s3://bucket/data --older-than 7d  abort week-old leftovers
+
+    An aborted upload cannot be resumed. A lifecycle rule (AbortIncompleteMultipartUpload)
+    on the bucket does the same automatically.
+    """
+    from .cleanup import cleanup, format_age, parse_age
+
+    age = parse_age(older_than)
+    target = S3Url.parse(url)
+    connection = make_connection(endpoint_url, profile, region, no_verify_ssl)
+
+    async def run() -> CleanupReport:
+        async with open_s3(connection, max_pool_connections=16) as s3:
+            return await cleanup(s3, target, older_than=age, dry_run=dry_run)
+
+    report = run_async(run)
+    if as_json:
+        _emit_json(report.to_json())
+        return
+    if quiet:
+        return
+    lines = (
+        f"{format_age(report.checked_at - o.upload.initiated):>8}  "
+        f"{_printable(o.upload.key)}  {o.upload.upload_id}\n"
+        for o in report.stale
+    )
+    emit("".join(lines).encode())
+    count = len(report.stale) if dry_run else report.aborted
+    verb = "would abort" if dry_run else "aborted"
+    summary = f"{verb} {count:,} incomplete upload{'' if count == 1 else 's'}"
+    if age:
+        summary += f" ({report.skipped_newer:,} skipped: newer than {older_than.strip()})"
+    if report.already_gone:
+        summary += f"; {report.already_gone:,} were already gone"
+    click.echo(summary, err=True)
 
 
 @cli.command("demo")
