@@ -174,6 +174,7 @@ class Engine:
         on_progress: ProgressCallback | None = None,
         put_extra: dict[str, Any] | None = None,
         journal: Journal | None = None,
+        prefix: str | None = None,
     ) -> None:
         return_large_buffers_promptly()
         self.s3 = s3
@@ -189,6 +190,7 @@ class Engine:
         self._open_uploads: set[_Multipart] = set()
         self._put_extra = put_extra or {}
         self.journal = journal
+        self.prefix = prefix  # of every key this run writes, to find uploads it left behind
 
     def __repr__(self) -> str:
         s = self.stats
@@ -198,8 +200,8 @@ class Engine:
         )
 
     async def run(self, units: Iterable[FileUnit], shards: Iterable[ShardUnit] = ()) -> None:
-        units = list(units)
-        await self._abort_stale_uploads(units)
+        units, shards = list(units), list(shards)
+        await self._abort_stale_uploads(units, shards)
         send, receive = anyio.create_memory_object_stream[_PutJob | _PartJob](0)
         try:
             async with anyio.create_task_group() as group:
@@ -236,10 +238,12 @@ class Engine:
                     else:
                         await self._abort(upload)
 
-    async def _abort_stale_uploads(self, units: list[FileUnit]) -> None:
+    async def _abort_stale_uploads(self, units: list[FileUnit], shards: list[ShardUnit]) -> None:
         """Abort the journaled uploads this run will not resume: those of shards (a shard in
-        flight is rebuilt) and of files that changed or need no upload any more."""
-        if self.journal is None:
+        flight is rebuilt) and of files that changed or need no upload any more. And, after a
+        crash, uploads of this run's keys that the journal never heard of: S3 created them but
+        the crash came before their id was known (no part can have been sent to them)."""
+        if self.journal is None or not self.journal.resumed:
             return
         state = self.journal.state
         resumable = {
@@ -256,7 +260,16 @@ class Engine:
                 )
             )
         }
-        stale = [u for u in state.uploads.values() if id(u) not in resumable]
+        stale = [(u.key, u.upload_id) for u in state.uploads.values() if id(u) not in resumable]
+        if self.prefix is not None:
+            keys = {u.key for u in units if u.kind is Kind.MULTIPART} | {s.key for s in shards}
+            listing = self.s3.list_multipart_uploads(
+                self.bucket, f"{self.prefix}/" if self.prefix else ""
+            )
+            async for listed in listing:
+                key, upload_id = str(listed["Key"]), str(listed["UploadId"])
+                if key in keys and upload_id not in state.uploads:
+                    stale.append((key, upload_id))
         limiter = anyio.CapacityLimiter(self.config.concurrency)
 
         async def abort(key: str, upload_id: str) -> None:
@@ -278,8 +291,8 @@ class Engine:
                 self.journal.multipart_closed(upload_id)
 
         async with anyio.create_task_group() as group:
-            for upload in stale:
-                group.start_soon(abort, upload.key, upload.upload_id)
+            for key, upload_id in stale:
+                group.start_soon(abort, key, upload_id)
 
     async def _worker(self, jobs: ObjectReceiveStream[_PutJob | _PartJob]) -> None:
         async with jobs:

@@ -193,6 +193,7 @@ class Journal:
         self.warnings = warnings  # one line each, for the user
         self._last_sync = time.monotonic()
         self._dirty = False
+        self.resumed = False  # set when an earlier, interrupted run left this journal
 
     def __repr__(self) -> str:
         s = self.state
@@ -242,6 +243,7 @@ class Journal:
         if good < len(raw):
             os.ftruncate(fd, good)  # appending after a torn line would glue two lines together
         journal = cls(path, fd, state, warnings)
+        journal.resumed = good > 0
         if good == 0:
             journal.write({"e": "run", **expected, "source": str(source)})
         return journal

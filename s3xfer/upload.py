@@ -115,6 +115,7 @@ async def execute_plan(
         config=plan.config,
         on_progress=on_progress,
         journal=journal,
+        prefix=plan.dest.prefix,
     )
     await engine.run(todo, shards_todo)
     written = False
