@@ -1253,7 +1253,8 @@ async def bench(
             )
             connection = dataclasses.replace(connection, endpoint_url=path.endpoint_url)
         s3 = await stack.enter_async_context(
-            open_s3(connection, max_pool_connections=max(settings.concurrencies))
+            # A sweep holds each concurrency it measures: no adaptive window.
+            open_s3(connection, max_pool_connections=max(settings.concurrencies), adaptive=False)
         )
         await s3.check_bucket(settings.url.bucket)
         return await run_sweep(s3, settings, listener=listener, emulated=emulate, endpoint=endpoint)

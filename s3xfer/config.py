@@ -59,7 +59,7 @@ class TransferConfig:
     pack: bool = True
     pack_threshold: int = DEFAULT_PACK_THRESHOLD
     shard_size: int = DEFAULT_SHARD_SIZE
-    max_attempts: int = 6
+    max_attempts: int = 10  # as s5cmd and rclone: throttling can last a while
     prices: PriceTable = field(default_factory=PriceTable)
 
     def __post_init__(self) -> None:

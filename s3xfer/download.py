@@ -319,6 +319,7 @@ class _Restorer:
                 budget=self.budget,
                 on_progress=lambda n: self.on_progress(n, 0),
                 policy=self.policy,
+                on_retry=self._count_retry,
             )
         except S3XferError as error:
             self.counters.failures.append((item.path, str(error)))

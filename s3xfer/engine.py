@@ -31,7 +31,7 @@ from .localfs import fill_part, freeze, read_range
 from .malloc import return_large_buffers_promptly
 from .manifest import ManifestRecord, ShardRecord
 from .plan import FileUnit, Kind, Part, ShardUnit, parts_of
-from .retry import RetryPolicy, TransientError, call_with_retries
+from .retry import RetryCount, RetryPolicy, call_with_retries
 from .s3 import S3
 from .tarpack import FixedPiece, ShardLayout
 
@@ -98,8 +98,7 @@ class EngineStats:
     uploads_kept: int = 0  # multipart uploads left open on interruption, for the next run
     files_failed: int = 0
     shards_done: int = 0
-    retries: int = 0
-    throttled: int = 0
+    retried: RetryCount = field(default_factory=RetryCount)  # requests retried, throttled
     in_flight: int = 0
     peak_in_flight: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
@@ -196,7 +195,7 @@ class Engine:
         s = self.stats
         return (
             f"<Engine in_flight={s.in_flight} done={s.files_done} failed={s.files_failed} "
-            f"retries={s.retries} {self.budget!r}>"
+            f"retries={s.retried.retries} {self.budget!r}>"
         )
 
     async def run(self, units: Iterable[FileUnit], shards: Iterable[ShardUnit] = ()) -> None:
@@ -304,15 +303,12 @@ class Engine:
 
     async def _request(self, operation: Callable[[], Any]) -> Any:
         """One S3 call with retries, counted."""
-
-        def count_retry(error: TransientError) -> None:
-            self.stats.retries += 1
-            self.stats.throttled += error.throttled
-
         self.stats.in_flight += 1
         self.stats.peak_in_flight = max(self.stats.peak_in_flight, self.stats.in_flight)
         try:
-            return await call_with_retries(operation, policy=self._policy, on_retry=count_retry)
+            return await call_with_retries(
+                operation, policy=self._policy, on_retry=self.stats.retried
+            )
         finally:
             self.stats.in_flight -= 1
 

@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import random
+import re
 import signal
 import socket
 import struct
@@ -70,6 +71,7 @@ class FaultPlan:
     max_faults: int | None = None  # stop injecting after this many (burst ones included)
     skip_first: int = 0  # never fault the first N requests
     methods: frozenset[str] | None = None  # only fault these HTTP methods; None = all
+    targets: str | None = None  # only fault requests whose target (path?query) matches this regex
 
     def __post_init__(self) -> None:
         for kind in FAULT_KINDS:
@@ -103,7 +105,7 @@ class FaultSchedule:
         self._faults = 0
         self._burst_left = 0
 
-    def next(self, method: str) -> FaultKind | None:
+    def next(self, method: str, target: str = "") -> FaultKind | None:
         plan = self._plan
         index = self._arrivals
         self._arrivals += 1
@@ -111,6 +113,8 @@ class FaultSchedule:
         if index < plan.skip_first:
             return None
         if self._methods is not None and method.upper() not in self._methods:
+            return None
+        if plan.targets is not None and not re.search(plan.targets, target):
             return None
         if plan.max_faults is not None and self._faults >= plan.max_faults:
             return None
@@ -506,7 +510,7 @@ class FaultProxy:
 
     def _arrive(self, method: str, target: str, head: _Head) -> RequestLog:
         """Record a request and decide its fault, in order of arrival."""
-        fault = self._schedule.next(method)
+        fault = self._schedule.next(method, target)
         entry = RequestLog(
             method=method,
             target=_loggable_target(target),

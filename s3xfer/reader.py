@@ -82,7 +82,7 @@ class Dataset:
         connection: Connection | None = None,
         concurrency: int = 16,
         gap: int = DEFAULT_GAP,
-        max_attempts: int = 6,
+        max_attempts: int = 10,
     ) -> None:
         self.url = S3Url.parse(url) if isinstance(url, str) else url
         self.connection = connection or Connection()

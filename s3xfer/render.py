@@ -166,6 +166,18 @@ def render_report(report: UploadReport) -> str:
     ]
     if report.write_requests == 0 and report.files_failed == 0:
         lines.append("  nothing changed since the last upload: no PUT was sent")
+    if report.files_from_journal or report.uploads_resumed:
+        lines.append(
+            f"  resumed an interrupted upload: {report.files_from_journal:,} files were already "
+            f"done, {report.uploads_resumed:,} multipart uploads continued "
+            f"({human_bytes(report.bytes_reused)} of parts verified in place, not sent again)"
+        )
+    if report.throttled:
+        lines.append(
+            f"  S3 asked to slow down {report.throttled:,} times: requests in flight lowered "
+            f"to {report.lowest_concurrency} (of {report.concurrency}), then raised again"
+        )
+    lines.extend(f"  note: {warning}" for warning in report.warnings)
     for path, reason in report.problems[:20]:
         lines.append(f"  skipped {path}: {reason}")
     if len(report.problems) > 20:

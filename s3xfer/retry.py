@@ -26,7 +26,7 @@ class TransientError(S3XferError):
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    max_attempts: int = 6
+    max_attempts: int = 10  # as s5cmd and rclone: throttling can last a while
     base_delay: float = 0.1
     max_delay: float = 20.0
 
@@ -41,6 +41,18 @@ class RetryPolicy:
     def should_retry(self, error: BaseException, attempt: int) -> bool:
         """attempt counts from 1 for the attempt that just failed."""
         return isinstance(error, TransientError) and attempt < self.max_attempts
+
+
+@dataclass
+class RetryCount:
+    """An `on_retry` callback that counts retries, and how many were throttling."""
+
+    retries: int = 0
+    throttled: int = 0
+
+    def __call__(self, error: TransientError) -> None:
+        self.retries += 1
+        self.throttled += error.throttled
 
 
 async def call_with_retries(

@@ -16,7 +16,7 @@ import io
 import re
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,7 @@ from .errors import (
     UsageError,
 )
 from .retry import TransientError
+from .throttle import AdaptiveGate
 
 if TYPE_CHECKING:
     from botocore.model import OperationModel
@@ -119,6 +120,8 @@ class Connection:
     # Every request then fails (403) unless the bucket belongs to this account: a bucket name
     # deleted and re-created by someone else does not silently receive the data.
     expected_bucket_owner: str | None = None
+    # A request whose response makes no progress for this long is cut and retried.
+    stall_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if self.sse is not None and self.sse not in SSE_ALGORITHMS:
@@ -232,8 +235,10 @@ class S3:
         sse: str | None = None,
         sse_kms_key_id: str | None = None,
         expected_bucket_owner: str | None = None,
+        gate: AdaptiveGate | None = None,
     ) -> None:
         self.client = client
+        self.gate = gate
         self.endpoint_label = endpoint_label
         self.lean = lean
         self.calls: Counter[str] = Counter()  # requests sent per operation, retries included
@@ -264,11 +269,28 @@ class S3:
         """PUT-class requests: what a re-run of an unchanged upload must not send."""
         return sum(n for op, n in self.calls.items() if op not in _READ_OPERATIONS)
 
+    @asynccontextmanager
+    async def _request(
+        self, operation: str, bucket: str, key: str | None = None, byte_range: str | None = None
+    ) -> AsyncIterator[None]:
+        """One request: counted, admitted by the adaptive gate (when there is one), its errors
+        translated, and its outcome (success, or throttling) fed back to the gate."""
+        self.calls[operation] += 1
+        async with self.gate.slot() if self.gate is not None else nullcontext():
+            try:
+                with map_errors(bucket, key, byte_range):
+                    yield
+            except TransientError as error:
+                if error.throttled and self.gate is not None:
+                    self.gate.throttled()
+                raise
+            if self.gate is not None:
+                self.gate.succeeded()
+
     async def check_bucket(self, bucket: str) -> None:
         """Fail early, with one clear line, on a missing bucket, bad credentials or no endpoint."""
-        self.calls["check_bucket"] += 1
         try:
-            with map_errors(bucket):
+            async with self._request("check_bucket", bucket):
                 response = await self.client.head_bucket(Bucket=bucket)
             if self.lean is not None:
                 self.lean.learn_region(bucket, response.get("BucketRegion"))
@@ -280,13 +302,12 @@ class S3:
     async def put_object(
         self, bucket: str, key: str, body: bytes, *, crc32: str, extra: dict[str, Any] | None = None
     ) -> str:
-        self.calls["put_object"] += 1
         if self.lean is not None and not extra and self.lean.can_put(bucket):
-            with map_errors(bucket, key):
+            async with self._request("put_object", bucket, key):
                 return await self.lean.put(
                     bucket, key, body, crc32=crc32, headers=self._lean_put_headers
                 )
-        with map_errors(bucket, key):
+        async with self._request("put_object", bucket, key):
             response = await self.client.put_object(
                 Bucket=bucket,
                 Key=key,
@@ -298,8 +319,7 @@ class S3:
         return response.get("ETag", "")
 
     async def create_multipart_upload(self, bucket: str, key: str) -> str:
-        self.calls["create_multipart_upload"] += 1
-        with map_errors(bucket, key):
+        async with self._request("create_multipart_upload", bucket, key):
             response = await self.client.create_multipart_upload(
                 Bucket=bucket,
                 Key=key,
@@ -312,14 +332,13 @@ class S3:
     async def upload_part(
         self, bucket: str, key: str, *, upload_id: str, number: int, body: bytes, crc32: str
     ) -> str:
-        self.calls["upload_part"] += 1
         if self.lean is not None and self.lean.can_put(bucket):
             query = {"partNumber": str(number), "uploadId": upload_id}
-            with map_errors(bucket, key, f"part {number}"):
+            async with self._request("upload_part", bucket, key, f"part {number}"):
                 return await self.lean.put(
                     bucket, key, body, crc32=crc32, query=query, headers=self._lean_headers
                 )
-        with map_errors(bucket, key, f"part {number}"):
+        async with self._request("upload_part", bucket, key, f"part {number}"):
             response = await self.client.upload_part(
                 Bucket=bucket,
                 Key=key,
@@ -340,8 +359,7 @@ class S3:
         crc32: str,
     ) -> str:
         """parts: (number, etag, part crc32) in order; crc32: the full-object value."""
-        self.calls["complete_multipart_upload"] += 1
-        with map_errors(bucket, key):
+        async with self._request("complete_multipart_upload", bucket, key):
             response = await self.client.complete_multipart_upload(
                 Bucket=bucket,
                 Key=key,
@@ -357,8 +375,7 @@ class S3:
         return response.get("ETag", "")
 
     async def abort_multipart_upload(self, bucket: str, key: str, *, upload_id: str) -> None:
-        self.calls["abort_multipart_upload"] += 1
-        with map_errors(bucket, key, f"upload id {upload_id}"):
+        async with self._request("abort_multipart_upload", bucket, key, f"upload id {upload_id}"):
             await self.client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
 
     async def list_multipart_uploads(
@@ -371,13 +388,12 @@ class S3:
         upload id marker (it pages by upload id), so a missing key marker is sent as none."""
         key_marker = upload_id_marker = ""
         while True:
-            self.calls["list_multipart_uploads"] += 1
             kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxUploads": page_size}
             if key_marker:
                 kwargs["KeyMarker"] = key_marker
             if upload_id_marker:
                 kwargs["UploadIdMarker"] = upload_id_marker
-            with map_errors(bucket, prefix or None):
+            async with self._request("list_multipart_uploads", bucket, prefix or None):
                 page = await self.client.list_multipart_uploads(**kwargs)
             for upload in page.get("Uploads", []):
                 yield dict(upload)
@@ -400,7 +416,6 @@ class S3:
         parts: dict[int, dict[str, Any]] = {}
         marker = 0
         while True:
-            self.calls["list_parts"] += 1
             kwargs: dict[str, Any] = {
                 "Bucket": bucket,
                 "Key": key,
@@ -409,7 +424,7 @@ class S3:
             }
             if marker:
                 kwargs["PartNumberMarker"] = marker
-            with map_errors(bucket, key, f"upload id {upload_id}"):
+            async with self._request("list_parts", bucket, key, f"upload id {upload_id}"):
                 page = await self.client.list_parts(**kwargs)
             for part in page.get("Parts", []):
                 parts[int(part["PartNumber"])] = dict(part)
@@ -424,8 +439,7 @@ class S3:
             marker = next_marker
 
     async def get_object(self, bucket: str, key: str, *, byte_range: str | None = None) -> bytes:
-        self.calls["get_object"] += 1
-        with map_errors(bucket, key, byte_range):
+        async with self._request("get_object", bucket, key, byte_range):
             kwargs: dict[str, Any] = {"Range": byte_range} if byte_range else {}
             response = await self.client.get_object(Bucket=bucket, Key=key, **kwargs)
             async with response["Body"] as stream:
@@ -446,7 +460,6 @@ class S3:
         With if_match, an object replaced since its ETag was recorded is refused by S3 (412)
         instead of returning other bytes. With verify_checksum (whole objects only), botocore
         checks the body against the checksum S3 stored with it, when there is one."""
-        self.calls["get_object"] += 1
         kwargs: dict[str, Any] = {}
         if byte_range:
             kwargs["Range"] = byte_range
@@ -454,7 +467,7 @@ class S3:
             kwargs["ChecksumMode"] = "ENABLED"
         if if_match:
             kwargs["IfMatch"] = if_match
-        with map_errors(bucket, key, byte_range):
+        async with self._request("get_object", bucket, key, byte_range):
             response = await self.client.get_object(Bucket=bucket, Key=key, **kwargs)
             async with response["Body"] as stream:
                 body: bytes = await stream.read()
@@ -466,9 +479,8 @@ class S3:
     ) -> tuple[list[bytes], int, str | None]:
         """Like get_range, but the body as the chunks it arrived in: joining a large body is a
         copy on the event loop, and a vectored write to a file does not need it."""
-        self.calls["get_object"] += 1
         if self.lean is not None and self.lean.can_put(bucket):
-            with map_errors(bucket, key, byte_range):
+            async with self._request("get_object", bucket, key, byte_range):
                 return await self.lean.get_chunks(
                     bucket,
                     key,
@@ -479,7 +491,7 @@ class S3:
         kwargs: dict[str, Any] = {"Range": byte_range} if byte_range else {}
         if if_match:
             kwargs["IfMatch"] = if_match
-        with map_errors(bucket, key, byte_range):
+        async with self._request("get_object", bucket, key, byte_range):
             response = await self.client.get_object(Bucket=bucket, Key=key, **kwargs)
             async with response["Body"] as stream:
                 chunks = [chunk async for chunk in stream.iter_chunks(1024 * 1024)]
@@ -490,11 +502,10 @@ class S3:
         """Every object under a prefix, page by page (1,000 keys per request)."""
         token: str | None = None
         while True:
-            self.calls["list_objects"] += 1
             kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
             if token:
                 kwargs["ContinuationToken"] = token
-            with map_errors(bucket, prefix or None):
+            async with self._request("list_objects", bucket, prefix or None):
                 page = await self.client.list_objects_v2(**kwargs)
             for item in page.get("Contents", []):
                 yield dict(item)
@@ -503,8 +514,7 @@ class S3:
                 return
 
     async def head_object(self, bucket: str, key: str) -> dict[str, Any]:
-        self.calls["head_object"] += 1
-        with map_errors(bucket, key):
+        async with self._request("head_object", bucket, key):
             return dict(
                 await self.client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
             )
@@ -657,7 +667,7 @@ async def _lean_put(
     http = await stack.enter_async_context(
         aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=pool, ssl=bool(connection.verify_ssl)),
-            timeout=aiohttp.ClientTimeout(sock_connect=10, sock_read=120),
+            timeout=aiohttp.ClientTimeout(sock_connect=10, sock_read=connection.stall_timeout),
             skip_auto_headers=("Content-Type",),
         )
     )
@@ -670,8 +680,13 @@ async def _lean_put(
 
 
 @asynccontextmanager
-async def open_s3(connection: Connection, *, max_pool_connections: int = 32) -> AsyncIterator[S3]:
-    """One client for the whole run, its pool sized to the requests allowed in flight."""
+async def open_s3(
+    connection: Connection, *, max_pool_connections: int = 32, adaptive: bool = True
+) -> AsyncIterator[S3]:
+    """One client for the whole run, its pool sized to the requests allowed in flight.
+
+    `adaptive`: requests in flight follow an AIMD window (throttle.py), lowered when S3
+    answers SlowDown; off for measurements that must hold a concurrency (bench)."""
     try:
         session = AioSession(profile=connection.profile)
         config = AioConfig(
@@ -679,7 +694,7 @@ async def open_s3(connection: Connection, *, max_pool_connections: int = 32) -> 
             retries={"total_max_attempts": 1},  # retry.py owns retries
             parameter_validation=False,
             connect_timeout=10,
-            read_timeout=120,
+            read_timeout=connection.stall_timeout,
             # We send our own CRC32 values; no second pass over the bytes by botocore.
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
@@ -709,4 +724,5 @@ async def open_s3(connection: Connection, *, max_pool_connections: int = 32) -> 
                 sse=connection.sse,
                 sse_kms_key_id=connection.sse_kms_key_id,
                 expected_bucket_owner=connection.expected_bucket_owner,
+                gate=AdaptiveGate(max_pool_connections) if adaptive else None,
             )

@@ -19,7 +19,7 @@ from .journal import Journal, journal_path
 from .keys import S3Url, manifest_key
 from .manifest import Manifest
 from .plan import Plan
-from .retry import RetryPolicy, call_with_retries
+from .retry import RetryCount, RetryPolicy, call_with_retries
 from .s3 import S3, Connection, open_s3
 
 
@@ -46,6 +46,8 @@ class UploadReport:
     bytes_reused: int = 0  # parts of its multipart uploads found in S3 and verified: not sent
     uploads_resumed: int = 0
     uploads_kept: int = 0  # left open by this run's interruption, for the next run
+    concurrency: int = 0
+    lowest_concurrency: int = 0  # the adaptive window's low point (throttle.py)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -65,10 +67,14 @@ class UploadReport:
         return {**data, **self.extra}
 
 
-async def load_manifest(s3: S3, plan: Plan, policy: RetryPolicy) -> Manifest | None:
+async def load_manifest(
+    s3: S3, plan: Plan, policy: RetryPolicy, *, on_retry: RetryCount | None = None
+) -> Manifest | None:
     key = manifest_key(plan.dest)
     try:
-        raw = await call_with_retries(lambda: s3.get_object(plan.dest.bucket, key), policy=policy)
+        raw = await call_with_retries(
+            lambda: s3.get_object(plan.dest.bucket, key), policy=policy, on_retry=on_retry
+        )
     except NoSuchKeyError:
         return None
     return Manifest.from_bytes(raw, where=f"s3://{plan.dest.bucket}/{key}")
@@ -91,7 +97,8 @@ async def execute_plan(
     started = time.perf_counter()
     policy = RetryPolicy(max_attempts=plan.config.max_attempts)
     await s3.check_bucket(plan.dest.bucket)
-    old = await load_manifest(s3, plan, policy)
+    metadata_retries = RetryCount()  # of the manifest and catalog requests
+    old = await load_manifest(s3, plan, policy, on_retry=metadata_retries)
     manifest = Manifest(str(plan.dest), dict(old.records), dict(old.shards)) if old else None
     manifest = manifest or Manifest(str(plan.dest), {})
     journaled = journal.state.records if journal is not None else {}
@@ -124,7 +131,7 @@ async def execute_plan(
             manifest.records[record.path] = record
         for shard in engine.shard_records:
             manifest.shards[shard.key] = shard
-        await save_catalog(s3, plan.dest, old, manifest, policy)
+        await save_catalog(s3, plan.dest, old, manifest, policy, on_retry=metadata_retries)
         written = True
     stats = engine.stats
     return UploadReport(
@@ -139,8 +146,8 @@ async def execute_plan(
         seconds=time.perf_counter() - started,
         requests=s3.requests,
         write_requests=s3.writes,
-        retries=stats.retries,
-        throttled=stats.throttled,
+        retries=stats.retried.retries + metadata_retries.retries,
+        throttled=stats.retried.throttled + metadata_retries.throttled,
         peak_buffered_bytes=engine.budget.peak,
         manifest_written=written,
         extra={"shards_uploaded": stats.shards_done},
@@ -150,18 +157,28 @@ async def execute_plan(
         uploads_resumed=stats.uploads_resumed,
         uploads_kept=stats.uploads_kept,
         warnings=list(journal.warnings) if journal is not None else [],
+        concurrency=plan.config.concurrency,
+        lowest_concurrency=s3.gate.window.lowest if s3.gate else plan.config.concurrency,
     )
 
 
 async def save_catalog(
-    s3: S3, dest: S3Url, old: Manifest | None, new: Manifest, policy: RetryPolicy
+    s3: S3,
+    dest: S3Url,
+    old: Manifest | None,
+    new: Manifest,
+    policy: RetryPolicy,
+    *,
+    on_retry: RetryCount | None = None,
 ) -> None:
     """Write the changed catalog pieces, then the root and the manifest (readers start there)."""
 
     async def put(key: str, body: bytes) -> None:
         checksum = crc32_to_base64(crc32(body))
         await call_with_retries(
-            lambda: s3.put_object(dest.bucket, key, body, crc32=checksum), policy=policy
+            lambda: s3.put_object(dest.bucket, key, body, crc32=checksum),
+            policy=policy,
+            on_retry=on_retry,
         )
 
     root, changed = catalog.build(new, dest, previous=old)

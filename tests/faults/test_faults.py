@@ -1,0 +1,156 @@
+"""Uploads and downloads through a proxy that injects faults (s3xfer/faultproxy.py): 503
+SlowDown bursts, 500s, connections reset mid-request and mid-response, truncated bodies and
+stalled responses. Every byte must arrive verified, every fault must be retried and counted,
+throttling must lower the request window, and a file out of attempts fails alone."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from pathlib import Path
+
+import anyio
+
+from s3xfer.config import MiB, TransferConfig
+from s3xfer.download import DownloadReport, download
+from s3xfer.faultproxy import FaultPlan, FaultProxy
+from s3xfer.keys import S3Url
+from s3xfer.locals3 import LocalS3Info
+from s3xfer.plan import make_plan
+from s3xfer.s3 import Connection
+from s3xfer.survey import survey
+from s3xfer.upload import UploadReport, upload
+
+from ..integration.helpers import connection, write_tree
+
+TREE: dict[str, int] = {
+    **{f"big/{n}.bin": 11 * MiB + n for n in range(2)},
+    **{f"loose/{n}.dat": 1200 * 1024 + n for n in range(12)},
+    **{f"small/{n // 50}/{n}.txt": 2000 + n for n in range(400)},
+}
+CONFIG = TransferConfig(
+    concurrency=8,
+    part_size=5 * MiB,
+    multipart_threshold=8 * MiB,
+    shard_size=5 * MiB,
+    max_memory=64 * MiB,
+    max_attempts=10,
+)
+EVERY_FAULT = FaultPlan(
+    seed=3,
+    slowdown=0.06,
+    slowdown_burst=2,
+    error500=0.04,
+    reset_request=0.04,
+    reset_response=0.04,
+    truncate=0.04,
+    stall=0.02,
+    stall_seconds=3.0,
+    skip_first=1,  # the bucket check: its failure is reported at once, by design
+)
+# A download sends fewer, larger requests: fault more kinds of response bodies.
+DOWNLOAD_FAULTS = dataclasses.replace(
+    EVERY_FAULT, seed=5, slowdown=0.05, error500=0.03, reset_request=0.03,
+    reset_response=0.06, truncate=0.06, stall=0.02,
+)  # fmt: skip
+STALL_TIMEOUT = 1.0  # the client gives up on a silent response after this long
+
+
+def through(proxy: FaultProxy, info: LocalS3Info) -> Connection:
+    return dataclasses.replace(
+        connection(info), endpoint_url=proxy.endpoint_url, stall_timeout=STALL_TIMEOUT
+    )
+
+
+async def upload_through(
+    plan: FaultPlan, src: Path, url: str, info: LocalS3Info, config: TransferConfig = CONFIG
+) -> tuple[UploadReport, Counter[str]]:
+    async with FaultProxy(info.endpoint_url, plan) as proxy:
+        report = await upload(
+            make_plan(survey(src), S3Url.parse(url), config), through(proxy, info)
+        )
+        return report, proxy.injected
+
+
+async def download_through(
+    plan: FaultPlan, url: str, dest: Path, info: LocalS3Info
+) -> tuple[DownloadReport, Counter[str]]:
+    async with FaultProxy(info.endpoint_url, plan) as proxy:
+        report = await download(
+            S3Url.parse(url),
+            dest,
+            connection=through(proxy, info),
+            concurrency=8,
+            range_size=1 * MiB,  # more requests to fault
+        )
+        return report, proxy.injected
+
+
+def assert_same_tree(src: Path, out: Path) -> None:
+    for rel in TREE:
+        assert (out / rel).read_bytes() == (src / rel).read_bytes(), rel
+
+
+def test_an_upload_and_a_download_survive_every_kind_of_fault(
+    tmp_path: Path, local_s3: LocalS3Info, bucket: str
+) -> None:
+    src = tmp_path / "src"
+    write_tree(src, TREE, seed=11)
+    url = f"s3://{bucket}/ds"
+
+    report, injected = anyio.run(upload_through, EVERY_FAULT, src, url, local_s3)
+
+    assert report.ok, report.failures
+    assert report.files_uploaded == len(TREE)
+    assert set(injected) == {
+        "slowdown", "error500", "reset_request", "reset_response", "truncate", "stall",
+    }  # fmt: skip
+    # An error answer or a stalled response fails its request for sure: one retry each. A
+    # connection cut before the response may instead be resent at once by aiohttp itself
+    # (RFC 9112 allows it for idempotent requests), unseen.
+    certain = injected["slowdown"] + injected["error500"] + injected["stall"]
+    assert certain <= report.retries <= sum(injected.values())
+    assert report.throttled == injected["slowdown"]
+    assert report.lowest_concurrency < CONFIG.concurrency  # the window came down
+
+    out = tmp_path / "out"
+    restored, injected = anyio.run(download_through, DOWNLOAD_FAULTS, url, out, local_s3)
+    assert restored.ok, restored.failures
+    assert restored.files_downloaded == len(TREE)
+    assert injected["truncate"] + injected["reset_response"] > 0  # bodies cut short
+    assert restored.retries >= injected["slowdown"] + injected["error500"] + injected["stall"]
+    assert_same_tree(src, out)
+
+
+def test_a_file_out_of_attempts_fails_alone_with_a_clear_message(
+    tmp_path: Path, local_s3: LocalS3Info, bucket: str
+) -> None:
+    src = tmp_path / "src"
+    write_tree(src, {f"f{n:02d}.bin": 1100 * 1024 for n in range(30)}, seed=5)
+    config = dataclasses.replace(CONFIG, max_attempts=3, pack=False)
+    # Five files answered 500 on every attempt; the rest of the run is not faulted.
+    plan = FaultPlan(error500=1.0, targets=r"/p/f0[0-4]\.bin")
+
+    report, injected = anyio.run(upload_through, plan, src, f"s3://{bucket}/p", local_s3, config)
+
+    assert report.files_failed == 5 and report.files_uploaded == 25
+    assert sorted(path for path, _ in report.failures) == [f"f0{n}.bin" for n in range(5)]
+    for _path, error in report.failures:
+        assert "InternalError" in error and "\n" not in error
+    assert injected["error500"] == 5 * 3  # each used all its attempts
+    assert report.manifest_written  # what did arrive is catalogued
+
+
+def test_throttling_alone_lowers_the_window_then_completes(
+    tmp_path: Path, local_s3: LocalS3Info, bucket: str
+) -> None:
+    src = tmp_path / "src"
+    write_tree(src, {f"f{n:03d}": 3000 for n in range(300)}, seed=2)
+    config = dataclasses.replace(CONFIG, pack=False, concurrency=32)
+    plan = FaultPlan(seed=4, slowdown=0.1, slowdown_burst=3, skip_first=2)
+
+    report, injected = anyio.run(upload_through, plan, src, f"s3://{bucket}/t", local_s3, config)
+
+    assert report.ok and report.files_uploaded == 300
+    assert report.throttled == injected["slowdown"] > 0
+    assert report.lowest_concurrency <= 8  # halved at least twice from 32
