@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import select
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -178,10 +179,15 @@ def plan_options(function: F) -> F:
 
 
 _OWNER_META = "s3xfer.expected_bucket_owner"
+_STALL_META = "s3xfer.stall_timeout"
 
 
 def _remember_owner(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
     ctx.meta[_OWNER_META] = value
+
+
+def _remember_stall_timeout(ctx: click.Context, _param: click.Parameter, value: float) -> None:
+    ctx.meta[_STALL_META] = value
 
 
 def connection_options(function: F) -> F:
@@ -211,6 +217,16 @@ def connection_options(function: F) -> F:
             callback=_remember_owner,
             help="Send this AWS account id with every request: S3 refuses (403) any request to "
             "a bucket owned by another account, e.g. a deleted bucket's name taken over.",
+        ),
+        click.option(
+            "--stall-timeout",
+            metavar="SECONDS",
+            type=click.FloatRange(min=0.1),
+            default=60.0,
+            show_default=True,
+            expose_value=False,
+            callback=_remember_stall_timeout,
+            help="Cut and retry a request whose response makes no progress for this long.",
         ),
     ]
     for option in reversed(options):
@@ -259,7 +275,8 @@ def make_connection(
     if sse_kms_key_id and sse != "aws:kms":
         raise UsageError("--sse-kms-key-id needs --sse aws:kms")
     context = click.get_current_context(silent=True)
-    owner = context.meta.get(_OWNER_META) if context is not None else None
+    meta = context.meta if context is not None else {}
+    owner = meta.get(_OWNER_META)
     if no_verify_ssl:
         click.echo("s3xfer: warning: TLS certificate verification is off", err=True)
     return Connection(
@@ -270,6 +287,7 @@ def make_connection(
         sse=sse,
         sse_kms_key_id=sse_kms_key_id,
         expected_bucket_owner=owner,
+        stall_timeout=meta.get(_STALL_META, 60.0),
     )
 
 
@@ -481,6 +499,14 @@ def plan_command(
 @plan_options
 @connection_options
 @encryption_options
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    envvar="S3XFER_STATE_DIR",
+    default=None,
+    help="Where upload journals are kept [env S3XFER_STATE_DIR; default "
+    "$XDG_STATE_HOME/s3xfer or ~/.local/state/s3xfer].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 def upload_command(
@@ -495,6 +521,7 @@ def upload_command(
     no_verify_ssl: bool,
     sse: str | None,
     sse_kms_key_id: str | None,
+    state_dir: Path | None,
     **options: Any,
 ) -> None:
     """Upload PATH to DEST (s3://bucket/prefix), or execute a saved --plan.
@@ -504,7 +531,12 @@ def upload_command(
       manifest at DEST/.s3xfer/manifest.json.gz) are skipped: a re-run sends no PUT.
     - Every object and part carries a CRC32 that S3 verifies; multipart uploads also carry
       the full-object CRC32. Failed multipart uploads are aborted.
-    - Throttling, 5xx, timeouts and connection errors are retried with backoff.
+    - Throttling, 5xx, timeouts and connection errors are retried with backoff; on SlowDown
+      the number of requests in flight is halved, then grows back.
+    - Progress is journaled as it happens (--state-dir): after a crash, kill -9 or Ctrl-C,
+      running the same command again skips what was done, continues the multipart uploads
+      of large files (parts already in S3 are verified, not re-sent) and rebuilds any shard
+      that was in flight.
     - Exit code 0 when every file was uploaded, 1 when any failed (each is named).
     - --sse encrypts every object written (PutObject and CreateMultipartUpload carry it).
     """
@@ -523,7 +555,14 @@ def upload_command(
         plan = make_plan(run_survey(path, quiet=quiet or as_json), url, make_config(**options))
     progress = upload_progress(quiet=quiet or as_json)
     try:
-        report = run_async(_upload, plan, connection, progress)
+        report = run_async(_upload, plan, connection, progress, state_dir)
+    except KeyboardInterrupt:
+        progress.close()
+        click.echo(
+            "s3xfer: interrupted; progress is journaled: run the same command again to resume",
+            err=True,
+        )
+        sys.exit(130)
     finally:
         progress.close()
     if as_json:
@@ -537,8 +576,16 @@ def upload_command(
         sys.exit(1)
 
 
-async def _upload(plan: Plan, connection: Connection, progress: TransferProgress) -> UploadReport:
-    return await upload(plan, connection, on_start=progress.start, on_progress=progress.advance)
+async def _upload(
+    plan: Plan, connection: Connection, progress: TransferProgress, state_dir: Path | None
+) -> UploadReport:
+    return await upload(
+        plan,
+        connection,
+        on_start=progress.start,
+        on_progress=progress.advance,
+        state_dir=state_dir,
+    )
 
 
 def _dataset(url: str, connection: Connection, **options: Any) -> Dataset:
@@ -956,6 +1003,9 @@ def local_s3_command(data_dir: Path | None, buckets: tuple[str, ...]) -> None:
 def main() -> None:
     """Console entry point: one clear line and an exit code for every error we expect."""
     debug = "--debug" in sys.argv[1:]
+    # SIGTERM (a spot instance's notice, `kill`) stops like Ctrl-C: cleanup runs, the journal
+    # is kept, and the next run resumes.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:

@@ -94,8 +94,9 @@ def kill_when(
     local_s3: LocalS3Info,
     state: Path,
     condition: Callable[[Events], bool],
+    how: signal.Signals = signal.SIGKILL,
 ) -> Events:
-    """Start the upload, SIGKILL it as soon as its journal satisfies `condition`."""
+    """Start the upload, send it `how` as soon as its journal satisfies `condition`."""
     journal = journal_path(source, dest, state_dir=state)
     env = {
         **os.environ,
@@ -114,8 +115,11 @@ def kill_when(
         while time.monotonic() < deadline:
             events = journal_events(journal)
             if condition(events):
-                process.send_signal(signal.SIGKILL)
-                process.wait(timeout=30)
+                process.send_signal(how)
+                code = process.wait(timeout=60)
+                if how == signal.SIGTERM:  # stops like Ctrl-C, and says how to go on
+                    stderr = process.stderr.read().decode() if process.stderr else ""
+                    assert code == 130 and "run the same command again" in stderr, stderr
                 return events
             if process.poll() is not None:
                 stderr = process.stderr.read().decode() if process.stderr else ""
@@ -182,7 +186,12 @@ def shard_in_flight_after_another_is_done(events: Events) -> bool:
 
 @pytest.mark.parametrize(
     "crash_point",
-    ["during a multipart upload", "during a shard", "while writing the journal"],
+    [
+        "during a multipart upload",
+        "during a shard",
+        "while writing the journal",
+        "SIGTERM during a multipart upload",
+    ],
 )
 def test_an_upload_killed_at_any_point_resumes_without_loss(
     crash_point: str,
@@ -200,8 +209,10 @@ def test_an_upload_killed_at_any_point_resumes_without_loss(
         "during a multipart upload": part_of_a_large_file_sent,
         "during a shard": shard_in_flight_after_another_is_done,
         "while writing the journal": lambda events: done(events) >= 2,
+        "SIGTERM during a multipart upload": part_of_a_large_file_sent,
     }[crash_point]
-    before = kill_when(source, dest, slow_endpoint, local_s3, state, condition)
+    how = signal.SIGTERM if crash_point.startswith("SIGTERM") else signal.SIGKILL
+    before = kill_when(source, dest, slow_endpoint, local_s3, state, condition, how)
     journal = journal_path(source, dest, state_dir=state)
     if crash_point == "while writing the journal":
         # What a kill in the middle of writing the last line leaves: that line cut short.
@@ -217,7 +228,7 @@ def test_an_upload_killed_at_any_point_resumes_without_loss(
     assert report["files_failed"] == 0
     reference, fresh_bytes = fresh_upload
     assert report["bytes_uploaded"] < fresh_bytes, "a resume must send less than a fresh upload"
-    if crash_point == "during a multipart upload":
+    if crash_point.endswith("during a multipart upload"):
         assert report["uploads_resumed"] >= 1 and report["bytes_reused"] > 0
         sent_before = sum(e["len"] for e in before if e["e"] == "part")
         assert report["bytes_reused"] >= sent_before  # every journaled part was kept
