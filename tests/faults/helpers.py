@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import queue
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
+import pytest
 
 from s3xfer.journal import decode_line
 
 T = TypeVar("T")
+Events = list[dict[str, Any]]
 
 
 @contextmanager
@@ -55,3 +62,43 @@ def journal_events(path: Path) -> list[dict[str, Any]]:
             break
         events.append(event)
     return events
+
+
+def interrupt_upload(
+    argv: list[str],
+    *,
+    env: dict[str, str],
+    journal: Path,
+    condition: Callable[[Events], bool],
+    how: signal.Signals = signal.SIGKILL,
+) -> Events:
+    """Run the CLI, send it `how` as soon as its journal satisfies `condition`; the journal's
+    events at that moment. SIGTERM must stop it like Ctrl-C, saying how to resume."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "s3xfer", *argv],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            events = journal_events(journal)
+            if condition(events):
+                process.send_signal(how)
+                code = process.wait(timeout=60)
+                if how == signal.SIGTERM:
+                    stderr = process.stderr.read().decode() if process.stderr else ""
+                    assert code == 130 and "run the same command again" in stderr, stderr
+                return events
+            if process.poll() is not None:
+                stderr = process.stderr.read().decode() if process.stderr else ""
+                pytest.fail(f"the upload ended before the crash point: {stderr}")
+            time.sleep(0.005)
+        pytest.fail("the crash point was never reached")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stderr:
+            process.stderr.close()

@@ -13,10 +13,7 @@ import gzip
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +21,9 @@ import pytest
 
 from s3xfer.journal import journal_path
 from s3xfer.locals3 import LocalS3Info
-from s3xfer.netem import PathEmulator
 
 from ..integration.helpers import list_keys, read_object, run_cli, write_tree
-from .helpers import journal_events, serving_in_thread
+from .helpers import Events, interrupt_upload
 
 MiB = 1024 * 1024
 TREE: dict[str, int] = {
@@ -39,7 +35,6 @@ OPTIONS = [
     "--part-size", "5MiB", "--multipart-threshold", "8MiB",
     "--shard-size", "5MiB", "--concurrency", "4", "--quiet",
 ]  # fmt: skip
-Events = list[dict[str, Any]]
 
 
 @pytest.fixture(scope="module")
@@ -76,17 +71,6 @@ def metadata(client: Any, bucket: str) -> dict[str, bytes]:
     return out
 
 
-@pytest.fixture
-def slow_endpoint(local_s3: LocalS3Info) -> Iterator[str]:
-    """The local server behind a 3 MB/s-per-connection path: an upload of the tree takes
-    seconds, long enough to be killed where a test wants."""
-    host, port = local_s3.endpoint_url.removeprefix("http://").split(":")
-    with serving_in_thread(
-        lambda: PathEmulator(host, int(port), bandwidth=3e6), lambda path: path.endpoint_url
-    ) as url:
-        yield url
-
-
 def kill_when(
     source: Path,
     dest: str,
@@ -97,42 +81,14 @@ def kill_when(
     how: signal.Signals = signal.SIGKILL,
 ) -> Events:
     """Start the upload, send it `how` as soon as its journal satisfies `condition`."""
-    journal = journal_path(source, dest, state_dir=state)
-    env = {
-        **os.environ,
-        **local_s3.env(),
-        "AWS_ENDPOINT_URL": endpoint,
-        "S3XFER_STATE_DIR": str(state),
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "s3xfer", "upload", str(source), dest, *OPTIONS],
+    env = {**local_s3.env(), "AWS_ENDPOINT_URL": endpoint, "S3XFER_STATE_DIR": str(state)}
+    return interrupt_upload(
+        ["upload", str(source), dest, *OPTIONS],
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        journal=journal_path(source, dest, state_dir=state),
+        condition=condition,
+        how=how,
     )
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline:
-            events = journal_events(journal)
-            if condition(events):
-                process.send_signal(how)
-                code = process.wait(timeout=60)
-                if how == signal.SIGTERM:  # stops like Ctrl-C, and says how to go on
-                    stderr = process.stderr.read().decode() if process.stderr else ""
-                    assert code == 130 and "run the same command again" in stderr, stderr
-                return events
-            if process.poll() is not None:
-                stderr = process.stderr.read().decode() if process.stderr else ""
-                pytest.fail(f"the upload ended before the crash point: {stderr}")
-            time.sleep(0.005)
-        pytest.fail("the crash point was never reached")
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        if process.stderr:
-            process.stderr.close()
-    raise AssertionError("unreachable")
 
 
 def resume(source: Path, dest: str, local_s3: LocalS3Info, state: Path) -> dict[str, Any]:

@@ -1,0 +1,23 @@
+"""Fixtures of the fault tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from s3xfer.locals3 import LocalS3Info
+from s3xfer.netem import PathEmulator
+
+from .helpers import serving_in_thread
+
+
+@pytest.fixture
+def slow_endpoint(local_s3: LocalS3Info) -> Iterator[str]:
+    """The local server behind a 3 MB/s-per-connection path: an upload of the tree takes
+    seconds, long enough to be killed where a test wants."""
+    host, port = local_s3.endpoint_url.removeprefix("http://").split(":")
+    with serving_in_thread(
+        lambda: PathEmulator(host, int(port), bandwidth=3e6), lambda path: path.endpoint_url
+    ) as url:
+        yield url
