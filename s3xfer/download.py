@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import os
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -26,9 +27,24 @@ from anyio.abc import ObjectReceiveStream
 from .checksums import crc32, crc32_to_base64
 from .config import DEFAULT_MAX_MEMORY, MiB
 from .engine import ByteBudget
-from .errors import IntegrityError, NoSuchKeyError, S3XferError, SourceError
+from .errors import (
+    IntegrityError,
+    NoSuchKeyError,
+    NotInDatasetError,
+    S3XferError,
+    SourceError,
+    UsageError,
+    first_error,
+)
 from .keys import META_DIR, S3Url, manifest_key
-from .localfs import SafeDestination, write_file, write_files
+from .localfs import (
+    DestinationError,
+    DiskFullError,
+    SafeDestination,
+    destination_error,
+    write_file,
+    write_files,
+)
 from .malloc import return_large_buffers_promptly
 from .manifest import Manifest
 from .rangedl import RangedDownload, download_ranges
@@ -123,6 +139,16 @@ def prefix_item(url: S3Url, listed: dict[str, Any]) -> Item:
     return Item(
         relative, key, int(listed["Size"]), -1, str(listed.get("ETag", "")), None, mtime_ns, None, 0
     )
+
+
+def _writable_directory(dest: Path) -> None:
+    """Create dest; fail once, before any GET, when no file can be created in it."""
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise destination_error(dest, exc) from exc
+    if not os.access(dest, os.W_OK | os.X_OK):
+        raise DestinationError(f"cannot write into {dest}: permission denied")
 
 
 def _local_crc32(path: Path) -> str:
@@ -277,6 +303,8 @@ class _Restorer:
                 await self._write_many(files)
             finally:
                 self.budget.release(held)
+        except DiskFullError:
+            raise  # every other file would fail the same way: stop the download
         except S3XferError as error:
             self.counters.failures.extend((m.path, str(error)) for m in get.members)
 
@@ -293,6 +321,8 @@ class _Restorer:
                 await self._write(item, body)
             finally:
                 self.budget.release(item.size)
+        except DiskFullError:
+            raise
         except S3XferError as error:
             self.counters.failures.append((item.path, str(error)))
 
@@ -321,6 +351,8 @@ class _Restorer:
                 policy=self.policy,
                 on_retry=self._count_retry,
             )
+        except DiskFullError:
+            raise
         except S3XferError as error:
             self.counters.failures.append((item.path, str(error)))
             return
@@ -338,20 +370,14 @@ class _Restorer:
             )
             for item, data in files
         ]
-        try:
-            await write_files(batch)
-        except OSError as exc:
-            raise SourceError(f"cannot write under {self.dest}: {exc}") from exc
+        await write_files(batch)
         for item, data in files:
             self._done(item, len(data))
 
     async def _write(self, item: Item, data: bytes) -> None:
         mode = item.mode if item.mode is not None else 0o644
         mtime = item.mtime_ns if item.mtime_ns is not None else time.time_ns()
-        try:
-            await write_file(self.targets[item.path], data, mtime_ns=mtime, mode=mode)
-        except OSError as exc:
-            raise SourceError(f"cannot write {self.targets[item.path]}: {exc.strerror}") from exc
+        await write_file(self.targets[item.path], data, mtime_ns=mtime, mode=mode)
         self._done(item, len(data))
 
 
@@ -372,6 +398,8 @@ async def download(
 ) -> DownloadReport:
     """Restore `url` (an s3xfer dataset, or any prefix) into `dest`. Files already present and
     identical are skipped, so running it again after it finished transfers nothing."""
+    if await anyio.Path(dest).exists() and not await anyio.Path(dest).is_dir():
+        raise UsageError(f"not a directory: {dest}")
     return_large_buffers_promptly()
     started = time.perf_counter()
     async with open_s3(connection or Connection(), max_pool_connections=concurrency) as s3:
@@ -393,7 +421,15 @@ async def download(
             where = f"s3://{url.bucket}/{manifest_key(url)}"
             items = dataset_items(Manifest.from_bytes(raw, where=where))
         items = [i for i in items if not i.path.startswith(f"{META_DIR}/")]
+        if not items:
+            raise NotInDatasetError(f"nothing to download: no dataset and no objects at {url}")
         items = select(items, include, exclude)
+        if not items:
+            globs = " ".join(
+                [*(f"--include {g}" for g in include), *(f"--exclude {g}" for g in exclude)]
+            )
+            raise NotInDatasetError(f"no file of {url} matches {globs}")
+        await anyio.to_thread.run_sync(_writable_directory, dest)
 
         refused: list[tuple[str, str]] = []
         failures: list[tuple[str, str]] = []
@@ -429,7 +465,8 @@ async def download(
             on_progress=on_progress or (lambda _b, _f: None),
         )
         restorer.targets = targets
-        await restorer.run(todo)
+        with first_error():
+            await restorer.run(todo)
         counters = restorer.counters
         return DownloadReport(
             source=str(url),

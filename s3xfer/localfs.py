@@ -6,21 +6,40 @@ small files low, and the CRC is computed where the bytes already are, off the ev
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import aiofiles
 import anyio
 
-from .errors import SourceError
+from .errors import S3XferError, SourceError
 from .survey import FileEntry
 from .tarpack import FilePiece, FixedPiece
 
 
 class FileChangedError(SourceError):
     """The file is not the one that was planned: it changed size or mtime, or vanished."""
+
+
+class DestinationError(S3XferError):
+    """The destination cannot be written (no space, no permission, not a directory)."""
+
+    exit_code = 1
+
+
+class DiskFullError(DestinationError):
+    """The destination's file system is full: every other write would fail the same way."""
+
+
+def destination_error(path: Path, exc: OSError) -> DestinationError:
+    """The error for a failed write of path: DiskFullError when there is no space left."""
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return (DiskFullError if full else DestinationError)(
+        f"cannot write {path}: {exc.strerror or exc}"
+    )
 
 
 def _read_unchanged(path: Path, size: int, mtime_ns: int, read: Callable[[int], bool]) -> None:
@@ -154,28 +173,40 @@ class SafeDestination:
         return target
 
 
-async def write_file(path: Path, data: bytes, *, mtime_ns: int, mode: int) -> None:
-    """Write a whole file atomically (a temporary name, then rename) with its mtime and mode."""
-    await anyio.to_thread.run_sync(lambda: path.parent.mkdir(parents=True, exist_ok=True))
+def _write_new(path: Path, data: bytes | memoryview) -> None:
+    with path.open("wb") as out:
+        out.write(data)
+
+
+def _write_atomically(path: Path, data: bytes | memoryview, mtime_ns: int, mode: int) -> None:
+    """Write under a temporary name beside path, then rename it into place. A write that
+    fails (a full disk) removes its temporary file: nothing partial is left behind."""
     tmp = path.with_name(f".{path.name}.s3xfer-tmp")
-    async with aiofiles.open(tmp, "wb") as out:
-        await out.write(data)
-    await anyio.to_thread.run_sync(_finish_write, tmp, path, mtime_ns, mode)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_new(tmp, data)
+        _finish_write(tmp, path, mtime_ns, mode)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise destination_error(path, exc) from exc
+
+
+async def write_file(path: Path, data: bytes, *, mtime_ns: int, mode: int) -> None:
+    """Write a whole file atomically (a temporary name, then rename) with its mtime and mode.
+    Raises DestinationError (DiskFullError when there is no space left)."""
+    await anyio.to_thread.run_sync(_write_atomically, path, data, mtime_ns, mode)
 
 
 def _write_files(files: Sequence[tuple[Path, bytes | memoryview, int, int]]) -> None:
     for path, data, mtime_ns, mode in files:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.s3xfer-tmp")
-        with tmp.open("wb") as out:
-            out.write(data)
-        _finish_write(tmp, path, mtime_ns, mode)
+        _write_atomically(path, data, mtime_ns, mode)
 
 
 async def write_files(files: Sequence[tuple[Path, bytes | memoryview, int, int]]) -> None:
     """Write many small files (path, data, mtime_ns, mode), each atomically, in one
     worker-thread call: restoring a shard range is hundreds of files, and a thread hop per
-    file operation would cost more than the writes."""
+    file operation would cost more than the writes. Raises like write_file."""
     await anyio.to_thread.run_sync(_write_files, files)
 
 

@@ -301,10 +301,16 @@ class Plan:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Plan:
-        if data.get("format") != PLAN_FORMAT or data.get("version") != PLAN_VERSION:
+    def from_json(cls, data: dict[str, Any], *, where: str = "plan") -> Plan:
+        """Raises UsageError saying what is wrong: another format, version or a bad field."""
+        if data.get("format") != PLAN_FORMAT:
+            raise UsageError(f"{where} is not an s3xfer plan (format {data.get('format')!r})")
+        version = data.get("version")
+        if version != PLAN_VERSION:
+            newer = isinstance(version, int) and version > PLAN_VERSION
             raise UsageError(
-                f"not an s3xfer plan (version {PLAN_VERSION}): format={data.get('format')!r}"
+                f"{where} has format version {version!r}, this s3xfer reads version "
+                f"{PLAN_VERSION}" + (" (written by a newer s3xfer: upgrade it)" if newer else "")
             )
         try:
             return cls(
@@ -315,8 +321,10 @@ class Plan:
                 shards=[ShardUnit.from_json(row) for row in data.get("shards", [])],
                 problems=[Problem(path, reason) for path, reason in data.get("problems", [])],
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UsageError(f"corrupt plan file: {exc}") from exc
+        except KeyError as exc:
+            raise UsageError(f"corrupt {where}: no {exc.args[0]!r} field") from exc
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"corrupt {where}: {exc}") from exc
 
     def save(self, path: Path) -> None:
         """Write atomically; a name ending in .gz is gzip-compressed."""
@@ -342,7 +350,7 @@ class Plan:
             raise UsageError(f"corrupt plan file {path}: {exc}") from exc
         if not isinstance(data, dict):
             raise UsageError(f"corrupt plan file {path}: not a JSON object")
-        return cls.from_json(data)
+        return cls.from_json(data, where=f"plan file {path}")
 
 
 def make_plan(survey: Survey, dest: S3Url, config: TransferConfig | None = None) -> Plan:

@@ -24,7 +24,8 @@ import anyio
 
 from .checksums import combine_parts, crc32_from_base64, crc32_to_base64
 from .engine import ByteBudget
-from .errors import IntegrityError, S3XferError, UsageError, first_error
+from .errors import IntegrityError, UsageError, first_error
+from .localfs import destination_error
 from .ranges import RangeGet, check_ranged_response
 from .retry import RetryPolicy, TransientError, call_with_retries
 
@@ -32,12 +33,6 @@ SIDECAR_VERSION = 1
 PARTIAL_SUFFIX = ".s3xfer-part"
 SIDECAR_SUFFIX = ".s3xfer-part.json"
 _VERIFY_CHUNK = 1024 * 1024  # reading back reused ranges: bounded memory, not budgeted
-
-
-class DestinationError(S3XferError):
-    """The destination cannot be written (no space, no permission, not a directory)."""
-
-    exit_code = 1
 
 
 class RangeSource(Protocol):
@@ -200,7 +195,7 @@ def _local_errors(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        raise DestinationError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise destination_error(path, exc) from exc
 
 
 def _write_sidecar(dest: Path, state: PartialState) -> None:
@@ -264,7 +259,7 @@ def _open_partial(
             return fd, PartialState(job.bucket, job.key, job.etag, job.size, range_size, crcs)
         if fd >= 0:
             os.close(fd)
-    with _local_errors(temp):
+    with _local_errors(job.dest):
         # Sidecar first: from here on no stale record can describe the new file.
         clean_partial(job.dest)
         job.dest.parent.mkdir(parents=True, exist_ok=True)
@@ -272,7 +267,9 @@ def _open_partial(
         try:
             _preallocate(fd, job.size)
         except BaseException:
+            # Nothing written yet, and no sidecar: the file would only hold the space.
             os.close(fd)
+            temp.unlink(missing_ok=True)
             raise
     fresh = PartialState.start(job, range_size=range_size)
     _write_sidecar(job.dest, fresh)
@@ -369,7 +366,6 @@ async def download_ranges(
         except ValueError as exc:
             raise UsageError(f"s3://{job.bucket}/{job.key}: {exc}") from exc
     where = f"s3://{job.bucket}/{job.key}"
-    temp = partial_path(job.dest)
     fd, state = await anyio.to_thread.run_sync(
         lambda: _open_partial(job, ranges, range_size=range_size, verify_reused=verify_reused)
     )
@@ -411,7 +407,7 @@ async def download_ranges(
                 body = await call_with_retries(
                     lambda: get(piece), policy=policy, on_retry=count_retry
                 )
-            crc = await anyio.to_thread.run_sync(_write_at, fd, body, piece.start, temp)
+            crc = await anyio.to_thread.run_sync(_write_at, fd, body, piece.start, job.dest)
             del body
         finally:
             budget.release(piece.length)

@@ -31,6 +31,7 @@ from .errors import (
     NoSuchKeyError,
     NotInDatasetError,
     S3XferError,
+    UsageError,
     first_error,
 )
 from .keys import S3Url, manifest_key
@@ -214,8 +215,12 @@ class Dataset:
         out: dict[str, bytes] = {r.path: b"" for r in by_path.values() if r.size == 0}
 
         async def run(get: RangeGet) -> None:
-            async with self._limiter:
-                body = await self._range_get(get, by_path)
+            try:
+                async with self._limiter:
+                    body = await self._range_get(get, by_path)
+            except IntegrityError as exc:  # say which files, not only which object
+                more = f" (and {len(get.members) - 1} more)" if len(get.members) > 1 else ""
+                raise IntegrityError(f"{get.members[0].path}{more}: {exc}") from exc
             for member in get.members:
                 data = get.slice_of(body, member)
                 record = by_path[member.path]
@@ -274,6 +279,8 @@ class Dataset:
     ) -> GetReport:
         """Fetch every file matching any glob into dest (created), with its mtime and mode."""
         started = anyio.current_time()
+        if await anyio.Path(dest).exists() and not await anyio.Path(dest).is_dir():
+            raise UsageError(f"not a directory: {dest}")
         matches = path_matcher(patterns)
         matched = {r.path: r for r in await self.ls() if matches(r.path)}
         if not matched:
