@@ -45,7 +45,7 @@ EVERY_FAULT = FaultPlan(
     reset_response=0.04,
     truncate=0.04,
     stall=0.02,
-    stall_seconds=3.0,
+    stall_seconds=6.0,
     skip_first=1,  # the bucket check: its failure is reported at once, by design
 )
 # A download sends fewer, larger requests: fault more kinds of response bodies.
@@ -53,7 +53,7 @@ DOWNLOAD_FAULTS = dataclasses.replace(
     EVERY_FAULT, seed=5, slowdown=0.05, error500=0.03, reset_request=0.03,
     reset_response=0.06, truncate=0.06, stall=0.02,
 )  # fmt: skip
-STALL_TIMEOUT = 1.0  # the client gives up on a silent response after this long
+STALL_TIMEOUT = 2.5  # the client gives up on a silent response after this long
 
 
 def through(proxy: FaultProxy, info: LocalS3Info) -> Connection:
