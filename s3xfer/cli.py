@@ -565,6 +565,8 @@ def upload_command(
         sys.exit(130)
     finally:
         progress.close()
+    for warning in report.warnings:
+        click.echo(f"s3xfer: warning: {warning}", err=True)
     if as_json:
         _emit_json(report.to_json())
     elif not quiet:
@@ -573,6 +575,8 @@ def upload_command(
         if quiet:
             for failed_path, error in report.failures:
                 click.echo(f"s3xfer: FAILED {failed_path}: {error}", err=True)
+            for skipped_path, reason in report.unreadable:
+                click.echo(f"s3xfer: NOT UPLOADED {skipped_path}: {reason}", err=True)
         sys.exit(1)
 
 
@@ -1011,6 +1015,9 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("s3xfer: interrupted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:  # one line, like every other error (not click's three)
+        click.echo(f"s3xfer: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -177,7 +177,6 @@ def render_report(report: UploadReport) -> str:
             f"  S3 asked to slow down {report.throttled:,} times: requests in flight lowered "
             f"to {report.lowest_concurrency} (of {report.concurrency}), then raised again"
         )
-    lines.extend(f"  note: {warning}" for warning in report.warnings)
     for path, reason in report.problems[:20]:
         lines.append(f"  skipped {path}: {reason}")
     if len(report.problems) > 20:

@@ -135,6 +135,10 @@ class Connection:
             raise UsageError(f"expected bucket owner must be a 12-digit AWS account id: {owner!r}")
 
 
+class UnreachableError(TransientError):
+    """The connection could not even be opened (refused, no route, DNS, connect timeout)."""
+
+
 def _where(bucket: str, key: str | None, byte_range: str | None) -> str:
     where = f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
     return f"{where} ({byte_range})" if byte_range else where
@@ -182,7 +186,9 @@ def _translate(
     if isinstance(exc, bx.ProfileNotFound):
         return UsageError(f"no such AWS profile: {exc.kwargs.get('profile')}")
     if isinstance(exc, bx.EndpointConnectionError | bx.ConnectTimeoutError):
-        return TransientError(f"cannot reach the endpoint for {where}: {exc}")
+        return UnreachableError(f"cannot reach the endpoint for {where}: {exc}")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UnreachableError(f"cannot reach the endpoint for {where}: {exc}")
     if isinstance(exc, bx.ReadTimeoutError | bx.ConnectionClosedError | bx.ResponseStreamingError):
         return TransientError(f"connection failed on {where}: {exc}")
     if isinstance(exc, bx.HTTPClientError | aiohttp.ClientError | asyncio.TimeoutError):
@@ -239,6 +245,7 @@ class S3:
     ) -> None:
         self.client = client
         self.gate = gate
+        self._answered = False  # has the endpoint ever answered (a response, even an error)?
         self.endpoint_label = endpoint_label
         self.lean = lean
         self.calls: Counter[str] = Counter()  # requests sent per operation, retries included
@@ -280,24 +287,30 @@ class S3:
             try:
                 with map_errors(bucket, key, byte_range):
                     yield
+            except UnreachableError as error:
+                # Never answered at all: a wrong endpoint, not a passing failure worth retrying.
+                if not self._answered:
+                    raise EndpointError(
+                        f"cannot reach S3 endpoint {self.endpoint_label}"
+                    ) from error
+                raise
             except TransientError as error:
                 if error.throttled and self.gate is not None:
                     self.gate.throttled()
                 raise
+            except RemoteError:
+                self._answered = True
+                raise
+            self._answered = True
             if self.gate is not None:
                 self.gate.succeeded()
 
     async def check_bucket(self, bucket: str) -> None:
         """Fail early, with one clear line, on a missing bucket, bad credentials or no endpoint."""
-        try:
-            async with self._request("check_bucket", bucket):
-                response = await self.client.head_bucket(Bucket=bucket)
-            if self.lean is not None:
-                self.lean.learn_region(bucket, response.get("BucketRegion"))
-        except TransientError as exc:
-            if "cannot reach" in str(exc):
-                raise EndpointError(f"cannot reach S3 endpoint {self.endpoint_label}") from exc
-            raise
+        async with self._request("check_bucket", bucket):
+            response = await self.client.head_bucket(Bucket=bucket)
+        if self.lean is not None:
+            self.lean.learn_region(bucket, response.get("BucketRegion"))
 
     async def put_object(
         self, bucket: str, key: str, body: bytes, *, crc32: str, extra: dict[str, Any] | None = None

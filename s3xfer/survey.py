@@ -36,6 +36,18 @@ UNSUPPORTED_TYPE = "unsupported file type"
 VANISHED = "vanished"
 NOT_UTF8 = "name is not valid UTF-8"
 
+_NOT_FILES = frozenset(
+    {
+        BROKEN_SYMLINK,
+        SYMLINK_LOOP,
+        DIRECTORY_LOOP,
+        SYMLINK_SKIPPED,
+        FIFO,
+        SOCKET,
+        DEVICE,
+        UNSUPPORTED_TYPE,
+    }
+)
 _ACCESS_EFFECTIVE = os.access in os.supports_effective_ids
 
 
@@ -74,6 +86,12 @@ class Problem:
 
     path: str
     reason: str
+
+    @property
+    def unreadable(self) -> bool:
+        """A file that should have been transferred but could not be read (as opposed to a
+        path that is not a regular file: links not followed, loops, fifos, devices)."""
+        return self.reason not in _NOT_FILES
 
     def to_json(self) -> dict[str, str]:
         return {"path": self.path, "reason": self.reason}

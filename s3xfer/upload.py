@@ -21,6 +21,7 @@ from .manifest import Manifest
 from .plan import Plan
 from .retry import RetryCount, RetryPolicy, call_with_retries
 from .s3 import S3, Connection, open_s3
+from .survey import Problem
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,13 @@ class UploadReport:
         return self.bytes_uploaded / 1e6 / self.seconds if self.seconds > 0 else 0.0
 
     @property
+    def unreadable(self) -> list[tuple[str, str]]:
+        """Files the survey found but could not read: not uploaded, so the upload is not ok."""
+        return [(p, r) for p, r in self.problems if Problem(p, r).unreadable]
+
+    @property
     def ok(self) -> bool:
-        return self.files_failed == 0
+        return self.files_failed == 0 and not self.unreadable
 
     def to_json(self) -> dict[str, Any]:
         data = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "extra"}
