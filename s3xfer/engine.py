@@ -174,6 +174,7 @@ class Engine:
         put_extra: dict[str, Any] | None = None,
         journal: Journal | None = None,
         prefix: str | None = None,
+        adopt_uploads: bool = False,
     ) -> None:
         return_large_buffers_promptly()
         self.s3 = s3
@@ -190,6 +191,9 @@ class Engine:
         self._put_extra = put_extra or {}
         self.journal = journal
         self.prefix = prefix  # of every key this run writes, to find uploads it left behind
+        # Without a journal (a unit redelivered to another machine): continue any incomplete
+        # upload of the same key, its parts verified like a journaled one's.
+        self.adopt_uploads = adopt_uploads
 
     def __repr__(self) -> str:
         s = self.stats
@@ -457,28 +461,40 @@ class Engine:
                     part_size=unit.part_size if unit is not None else 0,
                 )
 
+    async def _newest_upload_of(self, key: str) -> str | None:
+        newest: tuple[Any, str] | None = None
+        async for listed in self.s3.list_multipart_uploads(self.bucket, key):
+            if listed["Key"] == key and (newest is None or listed["Initiated"] > newest[0]):
+                newest = (listed["Initiated"], str(listed["UploadId"]))
+        return newest[1] if newest is not None else None
+
     async def _resume(self, upload: _Multipart) -> bool:
         """Take over the journaled upload of this very file version, if S3 still has it; its
         parts are then checked against the file's bytes as they are read (see _upload_part)."""
         unit = upload.file
-        if self.journal is None or unit is None:
+        if unit is None:
             return False
-        found = self.journal.state.open_upload_for(
-            unit.path,
-            key=unit.key,
-            size=unit.size,
-            mtime_ns=unit.mtime_ns,
-            part_size=unit.part_size,
-        )
-        if found is None:
+        upload_id = None
+        if self.journal is not None:
+            found = self.journal.state.open_upload_for(
+                unit.path,
+                key=unit.key,
+                size=unit.size,
+                mtime_ns=unit.mtime_ns,
+                part_size=unit.part_size,
+            )
+            upload_id = found.upload_id if found is not None else None
+        elif self.adopt_uploads:
+            upload_id = await self._newest_upload_of(unit.key)
+        if upload_id is None:
             return False
-        upload_id = found.upload_id
         try:
             parts = await self._request(
                 lambda: self.s3.list_parts(self.bucket, unit.key, upload_id=upload_id)
             )
         except NoSuchUploadError:
-            self.journal.multipart_closed(upload_id)
+            if self.journal is not None:
+                self.journal.multipart_closed(upload_id)
             return False
         upload.upload_id = upload_id
         upload.listed = {int(p["PartNumber"]): p for p in parts}

@@ -372,3 +372,81 @@ def make_plan(survey: Survey, dest: S3Url, config: TransferConfig | None = None)
         shards=list(group_into_shards(small, dest, config)),
         problems=list(survey.problems),
     )
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """What one worker does at once when a plan is spread over machines: one shard, one
+    multipart file, or a batch of single PUTs. Deterministic, so every machine agrees."""
+
+    files: list[FileUnit]
+    shards: list[ShardUnit]
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files) + sum(s.layout().size for s in self.shards)
+
+    @property
+    def file_count(self) -> int:
+        return len(self.files) + sum(len(s.members) for s in self.shards)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "files": [f.to_json() for f in self.files],
+            "shards": [s.to_json() for s in self.shards],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> WorkUnit:
+        return cls(
+            [FileUnit.from_json(row) for row in data["files"]],
+            [ShardUnit.from_json(row) for row in data["shards"]],
+        )
+
+
+PUT_BATCH_BYTES = 64 * MiB
+PUT_BATCH_FILES = 1000
+
+
+def work_units(
+    units: Iterable[FileUnit],
+    shards: Iterable[ShardUnit],
+    *,
+    batch_bytes: int = PUT_BATCH_BYTES,
+    batch_files: int = PUT_BATCH_FILES,
+) -> list[WorkUnit]:
+    """Shards one each, multipart files one each, single PUTs in batches (in plan order) of
+    at most batch_files files or about batch_bytes: enough work per unit to keep a worker's
+    connections busy, few enough units that a lost one costs little to redo."""
+    out = [WorkUnit([], [shard]) for shard in shards]
+    batch: list[FileUnit] = []
+    filled = 0
+    for unit in units:
+        if unit.kind is Kind.MULTIPART:
+            out.append(WorkUnit([unit], []))
+            continue
+        batch.append(unit)
+        filled += unit.size
+        if len(batch) >= batch_files or filled >= batch_bytes:
+            out.append(WorkUnit(batch, []))
+            batch, filled = [], 0
+    if batch:
+        out.append(WorkUnit(batch, []))
+    return out
+
+
+def parse_slice(text: str) -> tuple[int, int]:
+    """'K/N' → (K, N), 1 ≤ K ≤ N. Raises UsageError."""
+    k, sep, n = text.partition("/")
+    if not sep or not k.strip().isdigit() or not n.strip().isdigit():
+        raise UsageError(f"not a slice: {text!r} (expected K/N, e.g. 3/8)")
+    index, count = int(k), int(n)
+    if not 1 <= index <= count:
+        raise UsageError(f"slice {text!r}: K must be between 1 and N")
+    return index, count
+
+
+def slice_of(work: list[WorkUnit], index: int, count: int) -> list[WorkUnit]:
+    """Slice `index` of `count` (from 1): every count-th unit, so slices get a similar mix of
+    shards, large files and batches."""
+    return work[index - 1 :: count]

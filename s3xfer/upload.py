@@ -4,7 +4,7 @@ interrupted run) says is done, run the engine, write the merged manifest, and re
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,12 +13,12 @@ import anyio
 
 from . import catalog
 from .checksums import crc32, crc32_to_base64
-from .engine import Engine, ProgressCallback
+from .engine import Engine, EngineStats, ProgressCallback
 from .errors import NoSuchKeyError
 from .journal import Journal, journal_path
 from .keys import S3Url, manifest_key
-from .manifest import Manifest
-from .plan import Plan
+from .manifest import Manifest, ManifestRecord, ShardRecord
+from .plan import FileUnit, Plan, ShardUnit
 from .retry import RetryCount, RetryPolicy, call_with_retries
 from .s3 import S3, Connection, open_s3
 from .survey import Problem
@@ -89,6 +89,155 @@ async def load_manifest(
 StartCallback = Callable[[int, int, int], None]  # (files to send, bytes to send, unchanged)
 
 
+@dataclass
+class Prepared:
+    """What an upload starts from: the destination's manifest (with what a journal says an
+    interrupted run finished), and the plan split into what to send and what is unchanged."""
+
+    old: Manifest | None
+    manifest: Manifest
+    todo: list[FileUnit]
+    unchanged: list[FileUnit]
+    shards_todo: list[ShardUnit]
+    shards_unchanged: list[ShardUnit]
+    journaled: dict[str, ManifestRecord]
+    policy: RetryPolicy
+    metadata_retries: RetryCount  # of the manifest and catalog requests
+
+    @property
+    def files_todo(self) -> int:
+        return len(self.todo) + sum(len(s.members) for s in self.shards_todo)
+
+    @property
+    def bytes_todo(self) -> int:
+        return sum(u.size for u in self.todo) + sum(s.layout().size for s in self.shards_todo)
+
+    @property
+    def files_unchanged(self) -> int:
+        return len(self.unchanged) + sum(len(s.members) for s in self.shards_unchanged)
+
+    @property
+    def bytes_unchanged(self) -> int:
+        return sum(u.size for u in self.unchanged) + sum(
+            m.size for s in self.shards_unchanged for m in s.members
+        )
+
+    @property
+    def files_from_journal(self) -> int:
+        return sum(u.path in self.journaled for u in self.unchanged) + sum(
+            m.path in self.journaled for s in self.shards_unchanged for m in s.members
+        )
+
+
+async def prepare(s3: S3, plan: Plan, *, journal: Journal | None = None) -> Prepared:
+    """Check the bucket, read the manifest, and split the plan into work and no work."""
+    policy = RetryPolicy(max_attempts=plan.config.max_attempts)
+    await s3.check_bucket(plan.dest.bucket)
+    metadata_retries = RetryCount()
+    old = await load_manifest(s3, plan, policy, on_retry=metadata_retries)
+    manifest = Manifest(str(plan.dest), dict(old.records), dict(old.shards)) if old else None
+    manifest = manifest or Manifest(str(plan.dest), {})
+    journaled = journal.state.records if journal is not None else {}
+    if journal is not None:
+        manifest.records.update(journaled)
+        manifest.shards.update(journal.state.shards)
+    todo, unchanged = manifest.select_changed(plan.units)
+    shards_todo, shards_unchanged = manifest.select_changed_shards(plan.shards)
+    return Prepared(
+        old,
+        manifest,
+        todo,
+        unchanged,
+        shards_todo,
+        shards_unchanged,
+        journaled,
+        policy,
+        metadata_retries,
+    )
+
+
+async def commit(
+    s3: S3,
+    plan: Plan,
+    prepared: Prepared,
+    records: Iterable[ManifestRecord],
+    shard_records: Iterable[ShardRecord],
+) -> bool:
+    """Merge what was uploaded into the manifest and write it with the catalog; False when
+    there was nothing new to record."""
+    records, shard_records = list(records), list(shard_records)
+    if not records and not prepared.journaled:
+        return False
+    manifest = prepared.manifest
+    for record in records:
+        manifest.records[record.path] = record
+    for shard in shard_records:
+        manifest.shards[shard.key] = shard
+    await save_catalog(
+        s3, plan.dest, prepared.old, manifest, prepared.policy, on_retry=prepared.metadata_retries
+    )
+    return True
+
+
+def make_engine(
+    s3: S3,
+    plan: Plan,
+    *,
+    on_progress: ProgressCallback | None = None,
+    journal: Journal | None = None,
+    adopt_uploads: bool = False,
+) -> Engine:
+    return Engine(
+        s3,
+        bucket=plan.dest.bucket,
+        source=plan.source,
+        config=plan.config,
+        on_progress=on_progress,
+        journal=journal,
+        prefix=plan.dest.prefix,
+        adopt_uploads=adopt_uploads,
+    )
+
+
+def make_report(
+    s3: S3,
+    plan: Plan,
+    prepared: Prepared,
+    stats: EngineStats,
+    *,
+    started: float,
+    written: bool,
+    peak_buffered_bytes: int,
+    warnings: list[str] | None = None,
+) -> UploadReport:
+    retried = stats.retried
+    return UploadReport(
+        dest=str(plan.dest),
+        files_uploaded=stats.files_done,
+        bytes_uploaded=stats.bytes_done,
+        files_unchanged=prepared.files_unchanged,
+        bytes_unchanged=prepared.bytes_unchanged,
+        files_failed=stats.files_failed,
+        failures=sorted(stats.failures),
+        problems=[(p.path, p.reason) for p in plan.problems],
+        seconds=time.perf_counter() - started,
+        requests=s3.requests,
+        write_requests=s3.writes,
+        retries=retried.retries + prepared.metadata_retries.retries,
+        throttled=retried.throttled + prepared.metadata_retries.throttled,
+        peak_buffered_bytes=peak_buffered_bytes,
+        manifest_written=written,
+        extra={"shards_uploaded": stats.shards_done},
+        files_from_journal=prepared.files_from_journal,
+        bytes_reused=stats.bytes_reused,
+        uploads_resumed=stats.uploads_resumed,
+        uploads_kept=stats.uploads_kept,
+        warnings=warnings or [],
+        concurrency=plan.config.concurrency,
+        lowest_concurrency=s3.gate.window.lowest if s3.gate else plan.config.concurrency,
+    )
+
+
 async def execute_plan(
     s3: S3,
     plan: Plan,
@@ -101,70 +250,21 @@ async def execute_plan(
     With a journal, what an interrupted run finished counts as uploaded, and its multipart
     uploads are resumed."""
     started = time.perf_counter()
-    policy = RetryPolicy(max_attempts=plan.config.max_attempts)
-    await s3.check_bucket(plan.dest.bucket)
-    metadata_retries = RetryCount()  # of the manifest and catalog requests
-    old = await load_manifest(s3, plan, policy, on_retry=metadata_retries)
-    manifest = Manifest(str(plan.dest), dict(old.records), dict(old.shards)) if old else None
-    manifest = manifest or Manifest(str(plan.dest), {})
-    journaled = journal.state.records if journal is not None else {}
-    if journal is not None:
-        manifest.records.update(journaled)
-        manifest.shards.update(journal.state.shards)
-    todo, unchanged = manifest.select_changed(plan.units)
-    shards_todo, shards_unchanged = manifest.select_changed_shards(plan.shards)
-    unchanged_files = len(unchanged) + sum(len(s.members) for s in shards_unchanged)
-    unchanged_bytes = sum(u.size for u in unchanged) + sum(
-        m.size for s in shards_unchanged for m in s.members
-    )
+    prepared = await prepare(s3, plan, journal=journal)
     if on_start is not None:
-        files = len(todo) + sum(len(s.members) for s in shards_todo)
-        total = sum(u.size for u in todo) + sum(s.layout().size for s in shards_todo)
-        on_start(files, total, unchanged_files)
-    engine = Engine(
+        on_start(prepared.files_todo, prepared.bytes_todo, prepared.files_unchanged)
+    engine = make_engine(s3, plan, on_progress=on_progress, journal=journal)
+    await engine.run(prepared.todo, prepared.shards_todo)
+    written = await commit(s3, plan, prepared, engine.records, engine.shard_records)
+    return make_report(
         s3,
-        bucket=plan.dest.bucket,
-        source=plan.source,
-        config=plan.config,
-        on_progress=on_progress,
-        journal=journal,
-        prefix=plan.dest.prefix,
-    )
-    await engine.run(todo, shards_todo)
-    written = False
-    if engine.records or journaled:
-        for record in engine.records:
-            manifest.records[record.path] = record
-        for shard in engine.shard_records:
-            manifest.shards[shard.key] = shard
-        await save_catalog(s3, plan.dest, old, manifest, policy, on_retry=metadata_retries)
-        written = True
-    stats = engine.stats
-    return UploadReport(
-        dest=str(plan.dest),
-        files_uploaded=stats.files_done,
-        bytes_uploaded=stats.bytes_done,
-        files_unchanged=unchanged_files,
-        bytes_unchanged=unchanged_bytes,
-        files_failed=stats.files_failed,
-        failures=sorted(stats.failures),
-        problems=[(p.path, p.reason) for p in plan.problems],
-        seconds=time.perf_counter() - started,
-        requests=s3.requests,
-        write_requests=s3.writes,
-        retries=stats.retried.retries + metadata_retries.retries,
-        throttled=stats.retried.throttled + metadata_retries.throttled,
+        plan,
+        prepared,
+        engine.stats,
+        started=started,
+        written=written,
         peak_buffered_bytes=engine.budget.peak,
-        manifest_written=written,
-        extra={"shards_uploaded": stats.shards_done},
-        files_from_journal=sum(u.path in journaled for u in unchanged)
-        + sum(m.path in journaled for s in shards_unchanged for m in s.members),
-        bytes_reused=stats.bytes_reused,
-        uploads_resumed=stats.uploads_resumed,
-        uploads_kept=stats.uploads_kept,
-        warnings=list(journal.warnings) if journal is not None else [],
-        concurrency=plan.config.concurrency,
-        lowest_concurrency=s3.gate.window.lowest if s3.gate else plan.config.concurrency,
+        warnings=list(journal.warnings) if journal is not None else None,
     )
 
 
