@@ -35,7 +35,7 @@ from .config import (
 from .errors import S3XferError, UsageError, first_leaf
 from .keys import S3Url
 from .manifest import ManifestRecord
-from .plan import Plan, make_plan
+from .plan import Plan, make_plan, parse_slice
 from .reader import Dataset, GetReport
 
 if TYPE_CHECKING:
@@ -507,6 +507,14 @@ def plan_command(
     help="Where upload journals are kept [env S3XFER_STATE_DIR; default "
     "$XDG_STATE_HOME/s3xfer or ~/.local/state/s3xfer].",
 )
+@click.option(
+    "--slice",
+    "slice_text",
+    metavar="K/N",
+    default=None,
+    help="With --plan: upload only slice K of N of the plan's work (a batch job of an array; "
+    "`s3xfer finalize --plan` then writes the catalog once every slice has run).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 def upload_command(
@@ -522,6 +530,7 @@ def upload_command(
     sse: str | None,
     sse_kms_key_id: str | None,
     state_dir: Path | None,
+    slice_text: str | None,
     **options: Any,
 ) -> None:
     """Upload PATH to DEST (s3://bucket/prefix), or execute a saved --plan.
@@ -555,7 +564,13 @@ def upload_command(
         plan = make_plan(run_survey(path, quiet=quiet or as_json), url, make_config(**options))
     progress = upload_progress(quiet=quiet or as_json)
     try:
-        report = run_async(_upload, plan, connection, progress, state_dir)
+        if slice_text is not None:
+            if plan_file is None:
+                raise UsageError("--slice needs --plan: every job of the array must run one plan")
+            index, count = parse_slice(slice_text)
+            report = run_async(_upload_slice, plan, connection, progress, state_dir, index, count)
+        else:
+            report = run_async(_upload, plan, connection, progress, state_dir)
     except KeyboardInterrupt:
         progress.close()
         click.echo(
@@ -577,6 +592,64 @@ def upload_command(
                 click.echo(f"s3xfer: FAILED {failed_path}: {error}", err=True)
             for skipped_path, reason in report.unreadable:
                 click.echo(f"s3xfer: NOT UPLOADED {skipped_path}: {reason}", err=True)
+        sys.exit(1)
+
+
+async def _upload_slice(
+    plan: Plan,
+    connection: Connection,
+    progress: TransferProgress,
+    state_dir: Path | None,
+    index: int,
+    count: int,
+) -> UploadReport:
+    from .slices import upload_slice
+
+    return await upload_slice(
+        plan,
+        index,
+        count,
+        connection,
+        on_start=progress.start,
+        on_progress=progress.advance,
+        state_dir=state_dir,
+    )
+
+
+@cli.command("finalize")
+@click.option(
+    "--plan",
+    "plan_file",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The plan every slice ran.",
+)
+@connection_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def finalize_command(
+    plan_file: Path,
+    as_json: bool,
+    endpoint_url: str | None,
+    profile: str | None,
+    region: str | None,
+    no_verify_ssl: bool,
+) -> None:
+    """Write the manifest and catalog of a plan uploaded in slices (upload --plan P --slice
+    K/N on many machines), once every slice has run.
+
+    \b
+    Refuses, naming them, when slices have no result yet. Files a slice failed are named
+    and make the exit code 1; everything else is catalogued. Running it again is harmless.
+    """
+    from .slices import finalize
+
+    connection = make_connection(endpoint_url, profile, region, no_verify_ssl)
+    report = run_async(finalize, Plan.load(plan_file), connection)
+    if as_json:
+        _emit_json(report.to_json())
+    else:
+        click.echo(render_report(report).replace("uploaded", "catalogued", 1))
+    if not report.ok:
         sys.exit(1)
 
 

@@ -129,8 +129,11 @@ class Prepared:
         )
 
 
-async def prepare(s3: S3, plan: Plan, *, journal: Journal | None = None) -> Prepared:
-    """Check the bucket, read the manifest, and split the plan into work and no work."""
+async def prepare(
+    s3: S3, plan: Plan, *, journal: Journal | None = None, done: Manifest | None = None
+) -> Prepared:
+    """Check the bucket, read the manifest, and split the plan into work and no work. `done`:
+    work finished but not in the destination's manifest yet (a slice's earlier result)."""
     policy = RetryPolicy(max_attempts=plan.config.max_attempts)
     await s3.check_bucket(plan.dest.bucket)
     metadata_retries = RetryCount()
@@ -141,6 +144,9 @@ async def prepare(s3: S3, plan: Plan, *, journal: Journal | None = None) -> Prep
     if journal is not None:
         manifest.records.update(journaled)
         manifest.shards.update(journal.state.shards)
+    if done is not None:
+        manifest.records.update(done.records)
+        manifest.shards.update(done.shards)
     todo, unchanged = manifest.select_changed(plan.units)
     shards_todo, shards_unchanged = manifest.select_changed_shards(plan.shards)
     return Prepared(

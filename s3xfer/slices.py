@@ -1,0 +1,245 @@
+"""One plan over many jobs without a broker, for batch schedulers (Slurm arrays, Kubernetes
+indexed jobs, AWS Batch): `upload --plan P --slice K/N` uploads a deterministic slice and
+stores what it did as `<prefix>/.s3xfer/slices/<plan id>/<K>-of-<N>.json.gz`; `finalize`
+merges every slice's result into the manifest and catalog, as one upload would have.
+
+Slices are idempotent: re-running one skips what its stored result (or its journal) says is
+done. The plan id is a hash of the plan, so results of another plan are never mixed in.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+
+from .checksums import crc32, crc32_to_base64
+from .engine import EngineStats, ProgressCallback
+from .errors import IntegrityError, NoSuchKeyError, S3XferError
+from .journal import Journal, journal_path
+from .keys import META_DIR, S3Url
+from .manifest import Manifest, ManifestRecord, ShardRecord
+from .plan import Plan, slice_of, work_units
+from .retry import RetryPolicy, call_with_retries
+from .s3 import S3, Connection, open_s3
+from .upload import StartCallback, UploadReport, commit, make_engine, make_report, prepare
+
+SLICE_FORMAT = "s3xfer-slice"
+SLICE_VERSION = 1
+
+
+_POLICY = RetryPolicy()
+
+
+class MissingSlicesError(S3XferError):
+    """finalize found no result for some slices: they have not run, or not to the end."""
+
+    exit_code = 1
+
+
+def plan_id(plan: Plan) -> str:
+    """The identity of a plan: its source, destination, settings and units."""
+    data = plan.to_json()
+    del data["estimate"], data["problems"]
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def slices_prefix(dest: S3Url, identity: str) -> str:
+    return dest.key(f"{META_DIR}/slices/{identity}/")
+
+
+def slice_key(dest: S3Url, identity: str, index: int, count: int) -> str:
+    return f"{slices_prefix(dest, identity)}{index:05d}-of-{count:05d}.json.gz"
+
+
+@dataclass
+class SliceResult:
+    """What one slice stored: the records of every file of the slice it uploaded."""
+
+    plan: str
+    index: int
+    count: int
+    records: list[ManifestRecord] = field(default_factory=list)
+    shards: list[ShardRecord] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def to_bytes(self) -> bytes:
+        data = {
+            "format": SLICE_FORMAT,
+            "version": SLICE_VERSION,
+            "plan": self.plan,
+            "slice": [self.index, self.count],
+            "files": [r.to_json() for r in sorted(self.records, key=lambda r: r.path)],
+            "shards": [s.to_json() for s in sorted(self.shards, key=lambda s: s.key)],
+            "failures": [list(f) for f in sorted(self.failures)],
+        }
+        text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+        return gzip.compress(text.encode("utf-8"), mtime=0)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, *, where: str) -> SliceResult:
+        try:
+            data = json.loads(gzip.decompress(raw))
+            if data.get("format") != SLICE_FORMAT or data.get("version") != SLICE_VERSION:
+                raise ValueError(f"unknown format {data.get('format')!r} v{data.get('version')}")
+            index, count = data["slice"]
+            return cls(
+                plan=str(data["plan"]),
+                index=int(index),
+                count=int(count),
+                records=[ManifestRecord.from_json(row) for row in data["files"]],
+                shards=[ShardRecord.from_json(row) for row in data["shards"]],
+                failures=[(str(p), str(e)) for p, e in data["failures"]],
+            )
+        except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise IntegrityError(f"corrupt slice result {where}: {exc}") from exc
+
+    def as_manifest(self, dest: S3Url) -> Manifest:
+        return Manifest(
+            str(dest), {r.path: r for r in self.records}, {s.key: s for s in self.shards}
+        )
+
+
+async def _get(s3: S3, bucket: str, key: str) -> bytes | None:
+    try:
+        return await call_with_retries(lambda: s3.get_object(bucket, key), policy=_POLICY)
+    except NoSuchKeyError:
+        return None
+
+
+async def _put(s3: S3, bucket: str, key: str, body: bytes) -> None:
+    checksum = crc32_to_base64(crc32(body))
+    await call_with_retries(
+        lambda: s3.put_object(bucket, key, body, crc32=checksum), policy=_POLICY
+    )
+
+
+async def upload_slice(
+    plan: Plan,
+    index: int,
+    count: int,
+    connection: Connection | None = None,
+    *,
+    on_start: StartCallback | None = None,
+    on_progress: ProgressCallback | None = None,
+    state_dir: Path | None = None,
+) -> UploadReport:
+    """Upload slice `index` of `count` (from 1) of the plan's work units, and store its result
+    for `finalize`. The catalog is not written: finalize does it once, for all slices."""
+    started = time.perf_counter()
+    identity = plan_id(plan)
+    key = slice_key(plan.dest, identity, index, count)
+    where = journal_path(plan.source, f"{plan.dest}#slice-{index}-of-{count}", state_dir=state_dir)
+    journal = Journal.open(where, source=plan.source, dest=f"{plan.dest}#slice-{index}-of-{count}")
+    finished = False
+    try:
+        async with open_s3(
+            connection or Connection(), max_pool_connections=plan.config.concurrency
+        ) as s3:
+            await s3.check_bucket(plan.dest.bucket)
+            raw = await _get(s3, plan.dest.bucket, key)
+            earlier = SliceResult.from_bytes(raw, where=key) if raw is not None else None
+            done = earlier.as_manifest(plan.dest) if earlier is not None else None
+            prepared = await prepare(s3, plan, journal=journal, done=done)
+            mine = slice_of(work_units(plan.units, plan.shards), index, count)
+            my_paths = {f.path for unit in mine for f in unit.files}
+            my_shards = {s.key for unit in mine for s in unit.shards}
+            prepared.todo = [u for u in prepared.todo if u.path in my_paths]
+            prepared.unchanged = [u for u in prepared.unchanged if u.path in my_paths]
+            prepared.shards_todo = [s for s in prepared.shards_todo if s.key in my_shards]
+            prepared.shards_unchanged = [s for s in prepared.shards_unchanged if s.key in my_shards]
+            if on_start is not None:
+                on_start(prepared.files_todo, prepared.bytes_todo, 0)
+            engine = make_engine(s3, plan, on_progress=on_progress, journal=journal)
+            await engine.run(prepared.todo, prepared.shards_todo)
+            # Everything this slice has done, whichever run did it.
+            member_paths = {m.path for unit in mine for shard in unit.shards for m in shard.members}
+            known = prepared.manifest.records
+            records = {path: known[path] for path in my_paths | member_paths if path in known}
+            records.update((r.path, r) for r in engine.records)
+            shards = {
+                k: prepared.manifest.shards[k] for k in my_shards if k in prepared.manifest.shards
+            }
+            shards.update((s.key, s) for s in engine.shard_records)
+            result = SliceResult(
+                identity,
+                index,
+                count,
+                list(records.values()),
+                list(shards.values()),
+                list(engine.stats.failures),
+            )
+            await _put(s3, plan.dest.bucket, key, result.to_bytes())
+            report = make_report(
+                s3,
+                plan,
+                prepared,
+                engine.stats,
+                started=started,
+                written=False,
+                peak_buffered_bytes=engine.budget.peak,
+                warnings=list(journal.warnings),
+            )
+        finished = report.uploads_kept == 0
+        return report
+    finally:
+        journal.close(remove=finished)
+
+
+async def finalize(plan: Plan, connection: Connection | None = None) -> UploadReport:
+    """Merge every slice's result into the manifest and catalog. Refuses, naming them, when
+    slices are missing; files a slice failed are reported (exit 1), the rest catalogued."""
+    started = time.perf_counter()
+    identity = plan_id(plan)
+    async with open_s3(connection or Connection(), max_pool_connections=16) as s3:
+        prepared = await prepare(s3, plan)
+        found: dict[int, SliceResult] = {}
+        counts: set[int] = set()
+        prefix = slices_prefix(plan.dest, identity)
+        keys = [item["Key"] async for item in s3.list_objects(plan.dest.bucket, prefix)]
+
+        async def load(key: str) -> None:
+            raw = await _get(s3, plan.dest.bucket, key)
+            if raw is not None:
+                result = SliceResult.from_bytes(raw, where=f"s3://{plan.dest.bucket}/{key}")
+                found[result.index] = result
+                counts.add(result.count)
+
+        async with anyio.create_task_group() as group:
+            for key in keys:
+                group.start_soon(load, key)
+        if not found:
+            raise MissingSlicesError(
+                f"no slice results for this plan under s3://{plan.dest.bucket}/{prefix}: "
+                "run `s3xfer upload --plan PLAN --slice K/N` for every K first"
+            )
+        if len(counts) != 1:
+            raise MissingSlicesError(
+                f"slice results of different slicings ({sorted(counts)}) for one plan: "
+                "run every slice with the same N"
+            )
+        count = counts.pop()
+        missing = [k for k in range(1, count + 1) if k not in found]
+        if missing:
+            listed = ", ".join(map(str, missing[:20])) + (" …" if len(missing) > 20 else "")
+            raise MissingSlicesError(f"{len(missing)} of {count} slices have no result: {listed}")
+        records = [r for result in found.values() for r in result.records]
+        shards = [s for result in found.values() for s in result.shards]
+        stats = EngineStats(
+            files_done=len(records),
+            bytes_done=sum(r.size for r in records),
+            shards_done=len(shards),
+        )
+        for result in found.values():
+            stats.failures.extend(result.failures)
+        stats.files_failed = len(stats.failures)
+        written = await commit(s3, plan, prepared, records, shards)
+        return make_report(
+            s3, plan, prepared, stats, started=started, written=written, peak_buffered_bytes=0
+        )
