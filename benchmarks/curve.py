@@ -5,10 +5,12 @@ recommended concurrency gets what the sweep says the path can do.
     .venv/bin/python benchmarks/curve.py --point-seconds 2 --repeat 1     # a quicker run
 
 A local SeaweedFS on 127.0.0.1 sits behind the path emulator (s3xfer.netem: 30 ms round
-trip, no bandwidth cap). The emulator runs in a process of its own, so the sweep (in this
+trip, and a link of 40 MB/s each way shared by every connection, so that throughput stops
+growing with concurrency where the path, not this 2-core machine's CPU, is full). The
+emulator runs in a process of its own, so the sweep (in this
 process) and the `s3xfer upload` child go through the same path and neither shares its
 interpreter with the proxy. The sweep is `s3xfer bench`'s engine: PUT of 1 MiB
-objects at concurrency 1..64. Then `s3xfer upload --no-pack --concurrency <knee>` sends 200
+objects at concurrency 1..64. Then `s3xfer upload --no-pack --concurrency <knee>` sends 400
 files of 1 MiB through the path, and its own MB/s (bytes over the seconds in its report,
 which include checking the bucket, reading the manifest and writing the catalog) is
 compared with the best point of the sweep. The target is at least 90 %; the result is
@@ -70,22 +72,23 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def serve_proxy(upstream_port: int, rtt: float) -> None:
+def serve_proxy(upstream_port: int, rtt: float, link: float | None) -> None:
     """The emulator process: prints its endpoint URL, then relays until stdin closes."""
 
     async def main() -> None:
-        async with PathEmulator("127.0.0.1", upstream_port, rtt=rtt) as path:
+        async with PathEmulator("127.0.0.1", upstream_port, rtt=rtt, link_bandwidth=link) as path:
             print(path.endpoint_url, flush=True)
             await anyio.to_thread.run_sync(sys.stdin.read)
 
     anyio.run(main, backend="asyncio")
 
 
-def start_proxy(upstream_port: int, rtt: float) -> tuple[str, subprocess.Popen[str]]:
-    argv = [sys.executable, __file__, "--serve-proxy", str(upstream_port), "--rtt-ms"]
-    proxy = subprocess.Popen(
-        [*argv, str(rtt * 1000)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
+def start_proxy(
+    upstream_port: int, rtt: float, link_mbps: float
+) -> tuple[str, subprocess.Popen[str]]:
+    argv = [sys.executable, __file__, "--serve-proxy", str(upstream_port)]
+    argv += ["--rtt-ms", str(rtt * 1000), "--link-mbps", str(link_mbps)]
+    proxy = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert proxy.stdout is not None
     endpoint_url = proxy.stdout.readline().strip()
     if not endpoint_url.startswith("http://127.0.0.1:"):
@@ -184,6 +187,7 @@ def markdown(
     recommended: int,
     best: Point,
     rtt_ms: float,
+    link_mbps: float,
     files: int,
     repeat: int,
     machine_text: str,
@@ -200,7 +204,13 @@ def markdown(
         f"Machine: {machine_text}.",
         "",
         f"SeaweedFS on 127.0.0.1 behind the s3xfer path emulator: {rtt_ms:g} ms round trip, "
-        "no bandwidth cap. `s3xfer bench` engine, PUT of 1 MiB objects; each point runs "
+        + (
+            f"a {link_mbps:g} MB/s link each way shared by every connection (no cap per "
+            "connection). "
+            if link_mbps
+            else "no bandwidth cap. "
+        )
+        + "`s3xfer bench` engine, PUT of 1 MiB objects; each point runs "
         f"until stable or {result.plan.point_seconds:g} s (warm-up excluded). "
         f"Knee: smallest concurrency within {result.settings.tolerance:.0%} of the best.",
         "",
@@ -254,14 +264,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--rtt-ms", type=float, default=30.0)
     parser.add_argument("--point-seconds", type=float, default=5.0)
-    parser.add_argument("--files", type=int, default=200)
+    parser.add_argument(
+        "--link-mbps",
+        type=float,
+        default=40.0,
+        help="capacity of the emulated link in MB/s each way, shared by all connections (0: none)",
+    )
+    parser.add_argument("--files", type=int, default=400)
     parser.add_argument("--repeat", type=int, default=5, help="upload runs per concurrency")
     parser.add_argument("--serve-proxy", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--md", type=Path, default=DOCS_MD)
     parser.add_argument("--png", type=Path, default=DOCS_PNG)
     args = parser.parse_args()
     if args.serve_proxy is not None:
-        serve_proxy(args.serve_proxy, args.rtt_ms / 1000)
+        serve_proxy(args.serve_proxy, args.rtt_ms / 1000, args.link_mbps * 1e6 or None)
         return
     command = "python benchmarks/curve.py " + " ".join(sys.argv[1:])
     machine_text = machine()
@@ -272,7 +288,7 @@ def main() -> None:
         with LocalS3(work / "server", buckets=[BUCKET]) as info:
             upstream_port = urlsplit(info.endpoint_url).port
             assert upstream_port is not None
-            endpoint_url, proxy = start_proxy(upstream_port, args.rtt_ms / 1000)
+            endpoint_url, proxy = start_proxy(upstream_port, args.rtt_ms / 1000, args.link_mbps)
             try:
                 log(f"sweep: PUT 1 MiB at {CONCURRENCIES} through {args.rtt_ms:g} ms RTT")
                 result = run_sweep(endpoint_url, info, args.point_seconds)
@@ -320,7 +336,7 @@ def main() -> None:
     write_plot(
         [m.point for m in result.points],
         args.png,
-        title=f"PUT 1 MiB over an emulated {args.rtt_ms:g} ms path (SeaweedFS on loopback)",
+        title=f"PUT 1 MiB over an emulated {args.rtt_ms:g} ms, {args.link_mbps:g} MB/s path",
         tolerance=result.settings.tolerance,
     )
     text = markdown(
@@ -329,6 +345,7 @@ def main() -> None:
         recommended=recommended,
         best=best,
         rtt_ms=args.rtt_ms,
+        link_mbps=args.link_mbps,
         files=args.files,
         repeat=args.repeat,
         machine_text=machine_text,

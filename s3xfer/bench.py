@@ -17,6 +17,7 @@ import os
 import random
 import re
 import secrets
+import statistics
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -606,28 +607,48 @@ class BenchListener:
 class PointRecorder:
     """Counts one point's completions. Pure: the caller passes the times.
 
-    Warm-up is excluded by counting only what completes between `begin` and `end`; the
-    window counter feeds the stability samples and counts warm-up too.
+    Warm-up is excluded: only the part of each request that falls between `begin` and `end`
+    counts. A request's bytes are spread evenly over its duration, and the requests still in
+    flight at `end` count for the time they have run (at the typical request's pace). Counting
+    whole requests by when they complete instead is biased when requests are long next to the
+    interval (a slow path at high concurrency): workers move in waves, and an interval that
+    starts just after a wave counts it whole. The window counter feeds the stability samples
+    and counts warm-up too.
     """
 
     def __init__(self) -> None:
         self.since: float | None = None
         self.until: float | None = None
         self.window_bytes = 0
-        self.bytes = 0
-        self.objects = 0
+        self.bytes = 0.0  # time-weighted, see above
+        self.weighted_objects = 0.0
+        self.objects = 0  # requests completed inside the interval
         self.errors = 0
         self.retries = 0
         self.latencies: list[float] = []
         self.ttfbs: list[float] = []
         self.last_error: str | None = None
         self.warm_workers: set[int] = set()  # workers whose first request has finished
+        self._started: dict[int, float] = {}  # requests in flight: worker → start time
+        self._done_bytes = 0  # every completed request, warm-up included: the typical size
+        self._done = 0
 
     def begin(self, now: float) -> None:
         self.since = now
 
+    def started(self, now: float, *, worker: int) -> None:
+        self._started[worker] = now
+
     def end(self, now: float) -> None:
         self.until = now
+        if self.since is None or not self._done or not self.latencies:
+            return
+        typical_latency = statistics.median(self.latencies)
+        typical_bytes = self._done_bytes / self._done
+        for began in self._started.values():
+            share = min(1.0, (now - max(began, self.since)) / max(typical_latency, 1e-9))
+            self.bytes += typical_bytes * max(share, 0.0)
+            self.weighted_objects += max(share, 0.0)
 
     def _counts(self, now: float) -> bool:
         return self.since is not None and self.until is None and now >= self.since
@@ -636,11 +657,18 @@ class PointRecorder:
         self, now: float, *, worker: int, nbytes: int, latency: float, ttfb: float | None
     ) -> None:
         self.warm_workers.add(worker)
+        self._started.pop(worker, None)
         if self.until is not None:
             return
         self.window_bytes += nbytes
+        self._done_bytes += nbytes
+        self._done += 1
         if self._counts(now):
-            self.bytes += nbytes
+            assert self.since is not None
+            began = now - latency
+            share = 1.0 if began >= self.since or latency <= 0 else (now - self.since) / latency
+            self.bytes += nbytes * share
+            self.weighted_objects += share
             self.objects += 1
             self.latencies.append(latency)
             if ttfb is not None:
@@ -648,6 +676,7 @@ class PointRecorder:
 
     def failed(self, now: float, error: BaseException, *, worker: int) -> None:
         self.warm_workers.add(worker)
+        self._started.pop(worker, None)
         self.last_error = str(error)
         if self._counts(now):
             self.errors += 1
@@ -668,8 +697,8 @@ class PointRecorder:
             object_size=planned.object_size,
             concurrency=planned.concurrency,
             seconds=self.until - self.since,
-            bytes=self.bytes,
-            objects=self.objects,
+            bytes=round(self.bytes),
+            objects=round(self.weighted_objects),
             errors=self.errors,
             retries=self.retries,
             latency=latency_summary(self.latencies),
@@ -1070,6 +1099,7 @@ class _Runner:
 
         for seq in itertools.count():
             began = self.clock()
+            recorder.started(began, worker=worker)
             try:
                 nbytes, ttfb = await operation.once(worker, seq, retrying)
             except _FATAL:

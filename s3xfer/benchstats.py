@@ -408,6 +408,26 @@ def _knees(points: Sequence[Point], *, tolerance: float) -> list[Knee]:
     return knees
 
 
+def with_headroom(knee: Knee, points: Sequence[Point], *, tolerance: float) -> int:
+    """The concurrency to use: one measured step above the knee when that step is still at
+    the top of the curve (within `tolerance` of the best), else the knee.
+
+    The sweep sends a steady stream of equal objects, so at the knee its pipe is just full.
+    A real transfer has gaps the sweep has not: reading and checksumming the next file
+    before its request, the first connections opening, the last requests draining. One step
+    of headroom keeps the pipe full through them; past the top of the curve it would only
+    add latency (or throttling), so it is taken only while the curve is still flat."""
+    curve = sorted(
+        (p for p in points if (p.op, p.object_size) == (knee.op, knee.object_size)),
+        key=lambda p: p.concurrency,
+    )
+    best = max(p.mb_per_s for p in curve)
+    above = [p for p in curve if p.concurrency > knee.concurrency]
+    if above and above[0].mb_per_s >= best * (1.0 - tolerance):
+        return above[0].concurrency
+    return knee.concurrency
+
+
 def _best_size(knees: Iterable[Knee], *, tolerance: float) -> int | None:
     """The smallest size whose knee throughput is within `tolerance` of the best size's:
     as with concurrency, a bigger part or range that buys under `tolerance` only costs memory
@@ -437,7 +457,10 @@ def recommend(points: Sequence[Point], *, tolerance: float = 0.05) -> Recommenda
         part_size = min(max(part_size, MIN_PART_SIZE), MAX_PART_SIZE)
     range_size = _best_size((k for k in knees if k.op in DOWNLOAD_OPS), tolerance=tolerance)
     return Recommendation(
-        concurrency={op: knee.concurrency for op, knee in sorted(largest.items())},
+        concurrency={
+            op: with_headroom(knee, points, tolerance=tolerance)
+            for op, knee in sorted(largest.items())
+        },
         part_size=part_size,
         range_size=range_size,
         knees=tuple(knees),

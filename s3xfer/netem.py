@@ -197,6 +197,7 @@ class PathEmulator:
         *,
         rtt: float = 0.0,
         bandwidth: float | None = None,
+        link_bandwidth: float | None = None,
         listen_host: str = "127.0.0.1",
         listen_port: int = 0,
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
@@ -205,12 +206,25 @@ class PathEmulator:
             raise ValueError(f"rtt must be finite and >= 0 seconds, got {rtt!r}")
         if bandwidth is not None and (not bandwidth > 0 or math.isinf(bandwidth)):
             raise ValueError(f"bandwidth must be > 0 bytes/s, got {bandwidth!r}")
+        if link_bandwidth is not None and (not link_bandwidth > 0 or math.isinf(link_bandwidth)):
+            raise ValueError(f"link bandwidth must be > 0 bytes/s, got {link_bandwidth!r}")
         if buffer_bytes < 1:
             raise ValueError(f"buffer_bytes must be >= 1, got {buffer_bytes}")
         self.upstream_host = upstream_host
         self.upstream_port = upstream_port
         self.rtt = rtt
         self.bandwidth = bandwidth
+        # The link every connection shares, each direction paced on its own: the capacity
+        # that makes throughput stop growing with concurrency, as a real path's does.
+        self.link_bandwidth = link_bandwidth
+        self._links = (
+            {
+                "up": TokenBucket(link_bandwidth, burst=min(READ_CHUNK, link_bandwidth)),
+                "down": TokenBucket(link_bandwidth, burst=min(READ_CHUNK, link_bandwidth)),
+            }
+            if link_bandwidth is not None
+            else {}
+        )
         self.listen_host = listen_host
         self._listen_port = listen_port
         self._buffer_bytes = buffer_bytes
@@ -313,14 +327,17 @@ class PathEmulator:
         line = _DelayLine(capacity=self._buffer_bytes)
         try:
             async with anyio.create_task_group() as pump:
-                pump.start_soon(self._read_into, source, line)
+                pump.start_soon(self._read_into, source, line, direction)
                 pump.start_soon(self._send_from, line, sink, direction)
         except* (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, RuntimeError):
             # RuntimeError: uvloop's "handler is closed" for a transport that went away.
             connection.cancel_scope.cancel()
 
-    async def _read_into(self, source: anyio.abc.SocketStream, line: _DelayLine) -> None:
+    async def _read_into(
+        self, source: anyio.abc.SocketStream, line: _DelayLine, direction: Direction
+    ) -> None:
         delay = self.rtt / 2
+        link = self._links.get(direction)
         bucket = None
         if self.bandwidth is not None:
             # A burst of one read keeps pacing smooth without letting a connection run ahead.
@@ -331,10 +348,14 @@ class PathEmulator:
                     data = await source.receive(READ_CHUNK)
                 except anyio.EndOfStream:
                     return
+                now = anyio.current_time()
+                wait = 0.0
                 if bucket is not None:
-                    wait = bucket.reserve(len(data), now=anyio.current_time())
-                    if wait > 0:
-                        await anyio.sleep(wait)
+                    wait = bucket.reserve(len(data), now=now)
+                if link is not None:
+                    wait = max(wait, link.reserve(len(data), now=now))
+                if wait > 0:
+                    await anyio.sleep(wait)
                 await line.put(anyio.current_time() + delay, data)
         finally:
             line.close()

@@ -204,6 +204,27 @@ def test_only_completions_inside_the_measured_interval_count() -> None:
     assert recorder.take_window() == 140 and recorder.take_window() == 0
 
 
+def test_long_requests_count_for_the_part_of_them_inside_the_interval() -> None:
+    # Two workers moving in waves of 1 s requests: the interval [1.5, 3.5] holds two full
+    # seconds of each worker's transfer, whatever the waves' phase: 4 requests' worth of
+    # bytes, not the 2 (or 4, or 6) that complete inside it.
+    recorder = PointRecorder()
+    for worker in (0, 1):
+        recorder.started(0.0, worker=worker)
+        recorder.completed(1.0, worker=worker, nbytes=100, latency=1.0, ttfb=None)
+        recorder.started(1.0, worker=worker)
+    recorder.begin(1.5)
+    for worker in (0, 1):
+        recorder.completed(2.0, worker=worker, nbytes=100, latency=1.0, ttfb=None)  # half in
+        recorder.started(2.0, worker=worker)
+        recorder.completed(3.0, worker=worker, nbytes=100, latency=1.0, ttfb=None)  # all in
+        recorder.started(3.0, worker=worker)  # still running at the end: half of it in
+    recorder.end(3.5)
+    point = recorder.point(PLANNED, reads=False)
+    assert point.bytes == 400 and point.objects == 4
+    assert point.mb_per_s == pytest.approx(400 / 2.0 / 1e6)
+
+
 def test_reads_report_time_to_first_byte() -> None:
     recorder = PointRecorder()
     recorder.begin(0.0)
@@ -337,8 +358,8 @@ def test_profile_round_trip_in_s3xfer_home(home: Path) -> None:
 
 def test_saving_a_profile_again_replaces_it(home: Path) -> None:
     save_profile("p", recommend(a_curve(OP_PUT, MIB, {1: 10, 2: 20})))
-    save_profile("p", recommend(a_curve(OP_PUT, MIB, {1: 10, 2: 10})))
-    assert load_profile("p").concurrency == {"put": 1}
+    save_profile("p", recommend(a_curve(OP_PUT, MIB, {1: 10, 2: 10, 4: 5})))
+    assert load_profile("p").concurrency == {"put": 2}
 
 
 def test_profiles_default_to_the_user_config_directory(
@@ -376,11 +397,12 @@ def test_get_reads_members_so_prefers_the_ranged_get_knee_and_download_whole_get
         a_curve(OP_GET, 16 * MIB, {1: 100, 4: 300, 16: 305})
         + a_curve("range", 64 * KIB, {1: 2, 4: 8, 16: 30, 32: 31})
     )
+    # Knees at 16 (range) and 4 (get), each with one step of headroom on the flat top.
     assert settings_for(recommendation, command="get") == {
-        "concurrency": 16,
+        "concurrency": 32,
         "range_size": 16 * MIB,
     }
-    assert settings_for(recommendation, command="download")["concurrency"] == 4
+    assert settings_for(recommendation, command="download")["concurrency"] == 16
     assert settings_for(recommendation, command="upload") == {}  # nothing measured for it
 
 
@@ -441,7 +463,7 @@ def test_table_rows_and_recommendations_read_plainly() -> None:
     text = benchcli.recommendation_text(
         recommend(a_curve(OP_PUT, 16 * MIB, {1: 20, 2: 40, 4: 75, 8: 77}))
     )
-    assert "upload / plan: --concurrency 4 --part-size 16MiB" in text
+    assert "upload / plan: --concurrency 8 --part-size 16MiB" in text  # knee 4, + headroom
     assert benchcli.duration_text(672) == "11 min 12 s"
     assert benchcli.duration_text(3.25) == "3.2 s"
 

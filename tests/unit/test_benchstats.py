@@ -285,7 +285,8 @@ def test_recommend_takes_concurrency_from_the_largest_size_per_op() -> None:
         *curve(OP_GET, 64 * MIB, 2000.0, 0.5),
     ]
     rec = recommend(points)
-    assert rec.concurrency == {OP_GET: 16, OP_PUT: 32}
+    # Knees at 16 (get) and 32 (put), each one step up: still on the flat top of the curve.
+    assert rec.concurrency == {OP_GET: 32, OP_PUT: 64}
     assert {(k.op, k.object_size) for k in rec.knees} == {
         (OP_PUT, 16 * 1024),
         (OP_PUT, 64 * MIB),
@@ -312,11 +313,22 @@ def test_part_size_is_clamped_to_s3_limits() -> None:
     assert rec.part_size == 5 * GIB
 
 
+def test_headroom_is_one_step_on_the_flat_top_never_down_the_slope() -> None:
+    flat = [point(c, v) for c, v in {1: 10.0, 2: 19.0, 4: 20.0, 8: 20.0}.items()]
+    assert find_knee(flat).concurrency == 2
+    assert recommend(flat).concurrency == {OP_PUT: 4}
+    falling = [point(c, v) for c, v in {1: 10.0, 2: 20.0, 4: 15.0}.items()]
+    assert recommend(falling).concurrency == {OP_PUT: 2}  # the step up is slower: the knee
+    top = [point(c, v) for c, v in {1: 10.0, 2: 20.0}.items()]
+    assert recommend(top).concurrency == {OP_PUT: 2}  # nothing measured above the knee
+
+
 def test_recommend_without_suitable_sizes_leaves_them_unset() -> None:
     rec = recommend(curve(OP_PUT, MIB, 100.0, 1.0))
     assert rec.part_size is None
     assert rec.range_size is None
-    assert rec.concurrency == {OP_PUT: find_knee(curve(OP_PUT, MIB, 100.0, 1.0)).concurrency}
+    knee = find_knee(curve(OP_PUT, MIB, 100.0, 1.0)).concurrency
+    assert rec.concurrency == {OP_PUT: knee * 2}  # the next measured step
 
 
 def test_recommendation_json_round_trip_and_version() -> None:

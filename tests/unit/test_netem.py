@@ -154,6 +154,34 @@ async def test_bandwidth_cap_holds_per_connection() -> None:
 
 
 @pytest.mark.anyio
+async def test_the_link_cap_is_shared_by_every_connection() -> None:
+    payload = os.urandom(1_000_000)
+    link = 4e6  # two connections × 1 MB through one 4 MB/s link: ~0.5 s, not ~0.25 s
+
+    async def echo_once(path: PathEmulator) -> bytes:
+        async with (
+            await anyio.connect_tcp(LOOPBACK, path.port) as stream,
+            anyio.create_task_group() as tasks,
+        ):
+            tasks.start_soon(send_all, stream, [payload])
+            return await receive_exactly(stream, len(payload))
+
+    async with echo_server() as port, PathEmulator(LOOPBACK, port, link_bandwidth=link) as path:
+        started = anyio.current_time()
+        results: list[bytes] = []
+
+        async def one() -> None:
+            results.append(await echo_once(path))
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(one)
+            tasks.start_soon(one)
+        elapsed = anyio.current_time() - started
+    assert results == [payload, payload]
+    assert 0.4 <= elapsed < 0.5 + 2 * SLACK
+
+
+@pytest.mark.anyio
 async def test_chunks_in_flight_are_pipelined_not_one_per_rtt() -> None:
     rtt = 0.2
     # Ten full-size reads: serialised, they would take 10 x rtt/2 in each direction (2 s).
