@@ -39,7 +39,7 @@ import anyio
 import psutil
 
 from s3xfer.bench import BenchResult, BenchSettings, bench, write_plot
-from s3xfer.benchstats import MIB, OP_PUT, Point
+from s3xfer.benchstats import MIB, OP_PUT, Point, find_knee
 from s3xfer.keys import S3Url
 from s3xfer.locals3 import LocalS3, LocalS3Info
 from s3xfer.netem import PathEmulator
@@ -217,9 +217,12 @@ def markdown(
         "| concurrency | MB/s | objects/s | p50 ms | p99 ms | stop |",
         "|---:|---:|---:|---:|---:|---|",
     ]
+    knee = find_knee([m.point for m in result.points], tolerance=result.settings.tolerance)
     for measured in result.points:
         p = measured.point
-        mark = " **(knee)**" if p.concurrency == recommended else ""
+        labels = ((knee.concurrency, "knee"), (recommended, "recommended"))
+        marks = [name for concurrency, name in labels if concurrency == p.concurrency]
+        mark = f" **({', '.join(marks)})**" if marks else ""
         lines.append(
             f"| {p.concurrency}{mark} | {p.mb_per_s:.1f} | {p.objects_per_s:.1f} | "
             f"{p.latency.p50 * 1000:.1f} | {p.latency.p99 * 1000:.1f} | {measured.stop} |"
@@ -228,8 +231,10 @@ def markdown(
         "",
         "![throughput and p99 latency against concurrency](bench-curve.png)",
         "",
-        f"Recommended concurrency: **{recommended}**. Best point of the sweep: "
-        f"{best.mb_per_s:.1f} MB/s at concurrency {best.concurrency}.",
+        f"Knee: {knee.concurrency}. Recommended concurrency: **{recommended}** (the knee plus "
+        "one measured step while still within the tolerance of the best: a real upload has "
+        "gaps between requests that the sweep's steady stream has not; see docs/bench.md). "
+        f"Best point of the sweep: {best.mb_per_s:.1f} MB/s at concurrency {best.concurrency}.",
         "",
         f"`s3xfer upload --no-pack` of {files} files × 1 MiB through the same path "
         f"(median of {repeat}; MB/s = bytes over the seconds in the upload's report, which "

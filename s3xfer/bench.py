@@ -285,16 +285,23 @@ class EmulatedPath:
 
     rtt: float  # seconds
     bandwidth: float | None = None  # bytes/s per connection and direction
+    link: float | None = None  # bytes/s per direction, shared by every connection
 
     def to_json(self) -> dict[str, Any]:
-        return {"rtt_seconds": self.rtt, "bandwidth_bytes_per_s": self.bandwidth}
+        return {
+            "rtt_seconds": self.rtt,
+            "bandwidth_bytes_per_s": self.bandwidth,
+            "link_bytes_per_s": self.link,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> EmulatedPath:
         bandwidth = data.get("bandwidth_bytes_per_s")
+        link = data.get("link_bytes_per_s")
         return cls(
             rtt=float(data["rtt_seconds"]),
             bandwidth=None if bandwidth is None else float(bandwidth),
+            link=None if link is None else float(link),
         )
 
 
@@ -1177,11 +1184,17 @@ class _Runner:
             self.pending.clear()
             self.read_sets.clear()
             keys, uploads = await self.leftovers()
-            stragglers = _Written()
-            stragglers.keys.extend(keys)
-            stragglers.uploads.update({upload_id: key for key, upload_id in uploads})
-            await self.remove(stragglers)
-            keys, uploads = await self.leftovers()
+            # Writes cancelled on our side may still land a moment later (bytes already on a
+            # slow path drain to the server): list again a few times before giving up.
+            for pause in STRAGGLER_PAUSES:
+                if not keys and not uploads:
+                    break
+                stragglers = _Written()
+                stragglers.keys.extend(keys)
+                stragglers.uploads.update({upload_id: key for key, upload_id in uploads})
+                await self.remove(stragglers)
+                await anyio.sleep(pause)
+                keys, uploads = await self.leftovers()
         except S3XferError as error:
             return CleanupReport(
                 objects_deleted=self.objects_deleted,
@@ -1194,6 +1207,9 @@ class _Runner:
             uploads_aborted=self.uploads_aborted,
             left_behind=len(keys) + len(uploads),
         )
+
+
+STRAGGLER_PAUSES = (0.0, 0.5, 1.0, 2.0)
 
 
 def new_run_prefix(url: S3Url) -> str:
@@ -1279,7 +1295,13 @@ async def bench(
         if emulate is not None:
             host, port = emulation_upstream(connection.endpoint_url)
             path = await stack.enter_async_context(
-                PathEmulator(host, port, rtt=emulate.rtt, bandwidth=emulate.bandwidth)
+                PathEmulator(
+                    host,
+                    port,
+                    rtt=emulate.rtt,
+                    bandwidth=emulate.bandwidth,
+                    link_bandwidth=emulate.link,
+                )
             )
             connection = dataclasses.replace(connection, endpoint_url=path.endpoint_url)
         s3 = await stack.enter_async_context(

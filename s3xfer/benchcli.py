@@ -253,6 +253,7 @@ def _bench(
     tolerance: float,
     emulate_rtt: float | None,
     emulate_bw: float | None,
+    emulate_link: float | None,
     as_json: bool,
     csv_path: Path | None,
     plot_path: Path | None,
@@ -300,8 +301,8 @@ def _bench(
     if plot_path is not None:
         engine.require_matplotlib()
     emulate = None
-    if emulate_rtt is not None or emulate_bw is not None:
-        emulate = EmulatedPath(rtt=emulate_rtt or 0.0, bandwidth=emulate_bw)
+    if emulate_rtt is not None or emulate_bw is not None or emulate_link is not None:
+        emulate = EmulatedPath(rtt=emulate_rtt or 0.0, bandwidth=emulate_bw, link=emulate_link)
         engine.emulation_upstream(endpoint_url)
     connection = make_connection(endpoint_url, profile, region, no_verify_ssl)
     table = sys.stderr if as_json else sys.stdout
@@ -350,6 +351,8 @@ def plot_title(result: BenchResult) -> str:
         path = f", emulated RTT {result.emulated.rtt * 1000:g} ms"
         if result.emulated.bandwidth is not None:
             path += f", {result.emulated.bandwidth / 1e6:g} MB/s per connection"
+        if result.emulated.link is not None:
+            path += f", a {result.emulated.link / 1e6:g} MB/s link"
     return f"s3xfer bench: {result.endpoint}{path}"
 
 
@@ -433,6 +436,13 @@ def _build_bench_command() -> click.Command:
             type=RATE,
             default=None,
             help="Cap each connection at this rate with the same proxy (e.g. 50MB/s).",
+        ),
+        click.option(
+            "--emulate-link",
+            type=RATE,
+            default=None,
+            help="A link of this capacity each way shared by every connection, with the same "
+            "proxy (e.g. 40MB/s): where throughput stops growing with concurrency.",
         ),
         click.option("--json", "as_json", is_flag=True, help="Print every point as JSON."),
         click.option(

@@ -291,7 +291,11 @@ def test_the_json_report_holds_every_point_and_survives_a_round_trip() -> None:
     data = json.loads(json.dumps(a_result(points).to_json()))
     assert data["format"] == 1 and data["kind"] == "s3xfer-bench"
     assert data["settings"]["url"] == "s3://bench/tmp"
-    assert data["emulated_path"] == {"rtt_seconds": 0.03, "bandwidth_bytes_per_s": 50e6}
+    assert data["emulated_path"] == {
+        "rtt_seconds": 0.03,
+        "bandwidth_bytes_per_s": 50e6,
+        "link_bytes_per_s": None,
+    }
     assert data["skipped"] == [{"op": "get", "object_size": MIB, "concurrency": 4}]
     assert data["cleanup"]["left_behind"] == 0
     assert [MeasuredPoint.from_json(p) for p in data["points"]] == points
