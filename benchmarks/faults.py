@@ -41,12 +41,12 @@ from s3xfer.faultproxy import FaultPlan, FaultProxy
 from s3xfer.journal import journal_path
 from s3xfer.keys import S3Url
 from s3xfer.locals3 import LocalS3, LocalS3Info, sync_client
-from s3xfer.netem import PathEmulator
+from s3xfer.netem import start_in_thread
 from s3xfer.plan import make_plan
 from s3xfer.s3 import Connection
 from s3xfer.survey import survey
 from s3xfer.upload import upload
-from tests.faults.helpers import Events, interrupt_upload, serving_in_thread
+from tests.faults.helpers import Events, interrupt_upload
 from tests.integration.helpers import write_tree
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "reliability.md"
@@ -180,9 +180,8 @@ def crash_runs(info: LocalS3Info, src: Path, work: Path, client: Any) -> list[di
     client.create_bucket(Bucket="crash-fresh")
     fresh = upload_json("s3://crash-fresh/ds")["bytes_uploaded"]
     rows = []
-    with serving_in_thread(
-        lambda: PathEmulator(host, int(port), bandwidth=4e6), lambda path: path.endpoint_url
-    ) as slow:
+    slow, stop = start_in_thread(host, int(port), bandwidth=4e6)
+    try:
         for n, (name, condition, how, tear) in enumerate(points):
             bucket = f"crash-{n}"
             client.create_bucket(Bucket=bucket)
@@ -219,6 +218,8 @@ def crash_runs(info: LocalS3Info, src: Path, work: Path, client: Any) -> list[di
             }
             print(json.dumps(row), flush=True)
             rows.append(row)
+    finally:
+        stop()
     return rows
 
 

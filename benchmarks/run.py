@@ -14,6 +14,10 @@ into an empty directory: s3xfer restores its dataset (`s3xfer download`, from sh
 from loose objects for `s3xfer-nopack`), the peers download the objects; a download counts
 only if every file arrives byte-identical (SHA-256), and for s3xfer with its mtime and mode.
 
+The `path` dataset is uploaded and downloaded the same way, but through the path emulator
+(s3xfer/netem.py: a 30 ms round trip and a 40 MB/s link shared by every connection), where
+concurrency and request counts matter as they do on a real network.
+
 Last, on the `small` dataset, each tool fetches the same 1,000 seeded-random files from its
 own upload: s3xfer through its catalog (`s3xfer get`, default --gap and --gap 0), s5cmd and
 rclone as objects; a fetch counts only if every file arrives byte-identical (SHA-256).
@@ -22,6 +26,7 @@ rclone as objects; a fetch counts only if every file arrives byte-identical (SHA
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -40,11 +45,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import psutil
 
 from s3xfer.config import DEFAULT_MAX_MEMORY, DEFAULT_PACK_THRESHOLD
 from s3xfer.locals3 import LocalS3, LocalS3Info, sync_client
+from s3xfer.netem import start_in_thread
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_WORK = REPO / "benchmarks" / ".work"
@@ -70,7 +77,12 @@ FETCH_FILES = 1_000
 # other arguments share it). 1,000 paths of `small` take ~15 kB, far below.
 ARGV_BUDGET = os.sysconf("SC_ARG_MAX") // 4
 # The datasets every tool downloads in full, each from its own upload.
-DOWNLOAD_DATASETS = ("small", "large")
+# The `path` dataset goes through the path emulator (s3xfer/netem.py) instead of loopback:
+# the round trip and link capacity of a real network, where concurrency matters.
+PATH_DATASET = "path"
+PATH_RTT = 0.030  # seconds
+PATH_LINK = 40e6  # bytes/s each way, shared by every connection
+DOWNLOAD_DATASETS = ("small", "large", PATH_DATASET)
 # s3xfer downloads at its defaults: this is the memory budget its RSS target allows for.
 S3XFER_MAX_MEMORY = DEFAULT_MAX_MEMORY
 
@@ -127,6 +139,15 @@ def dataset_specs(*, quick: bool) -> list[DatasetSpec]:
             "lognormal",
             count=5_000 // scale,
             target_bytes=1_400_000_000 // scale,
+            mu=10.54,
+            sigma=2.0,
+            max_depth=3,
+        ),
+        DatasetSpec(
+            PATH_DATASET,
+            "lognormal",
+            count=1_000 // scale,
+            target_bytes=150_000_000 // scale,
             mu=10.54,
             sigma=2.0,
             max_depth=3,
@@ -1070,6 +1091,11 @@ def run_benchmarks(
                 logs=work / "logs" / run_id,
             )
             for dataset in datasets:
+                if dataset.spec.name == PATH_DATASET:
+                    rows += run_through_path(
+                        session, dataset, tools, repeat=repeat, downloads=downloads, run_id=run_id
+                    )
+                    continue
                 rows += run_dataset(
                     session,
                     dataset,
@@ -1083,6 +1109,32 @@ def run_benchmarks(
         shutil.rmtree(server_dir, ignore_errors=True)
         shutil.rmtree(work / "downloads", ignore_errors=True)
     return rows, run_id
+
+
+def run_through_path(
+    session: Session,
+    dataset: Dataset,
+    tools: Mapping[str, Tool],
+    *,
+    repeat: int,
+    downloads: bool,
+    run_id: str,
+) -> list[Row]:
+    """The dataset's uploads and downloads with every tool pointed at the path emulator: a
+    30 ms round trip and a 40 MB/s link in front of the same server. Verification reads the
+    server directly."""
+    host = urlsplit(session.info.endpoint_url).hostname or "127.0.0.1"
+    port = urlsplit(session.info.endpoint_url).port
+    assert port is not None
+    url, stop = start_in_thread(host, port, rtt=PATH_RTT, link_bandwidth=PATH_LINK)
+    try:
+        info = dataclasses.replace(session.info, endpoint_url=url)
+        far = dataclasses.replace(session, info=info, env=tool_env(info, session.work))
+        return run_dataset(
+            far, dataset, tools, repeat=repeat, downloads=downloads, fetch_files=0, run_id=run_id
+        )
+    finally:
+        stop()
 
 
 def run_dataset(
@@ -1602,7 +1654,13 @@ def dataset_lines(datasets: Sequence[Dataset]) -> list[str]:
             f"median {statistics.median(sizes) / 1e3:,.0f} KB, "
             f"largest {sizes[-1] / 1e6:,.1f} MB), 1–{d.spec.max_depth} directories deep"
         )
-        lines.append(f"- `{d.spec.name}`: {shape}; {d.total_bytes / 1e6:,.1f} MB in total")
+        where = (
+            f", uploaded and downloaded through the path emulator ({PATH_RTT * 1000:g} ms round "
+            f"trip, a {PATH_LINK / 1e6:g} MB/s link each way shared by every connection)"
+            if d.spec.name == PATH_DATASET
+            else ""
+        )
+        lines.append(f"- `{d.spec.name}`: {shape}; {d.total_bytes / 1e6:,.1f} MB in total{where}")
     return lines
 
 
@@ -1639,7 +1697,13 @@ def render_section(
         "Client, server and disk share one machine, so compare tools within one run, "
         "as ratios, not with numbers from elsewhere.",
         "",
-        "Downloads (`small` and `large`): each tool then downloads all of the dataset from "
+        f"The `{PATH_DATASET}` dataset is uploaded and downloaded through the s3xfer path "
+        f"emulator (s3xfer/netem.py) instead of loopback: a {PATH_RTT * 1000:g} ms round "
+        f"trip and a {PATH_LINK / 1e6:g} MB/s link each way shared by every connection, the "
+        "shape of a real network path, where a tool's concurrency and its number of requests "
+        "matter.",
+        "",
+        "Downloads (`small`, `large` and `path`): each tool then downloads all of the dataset from "
         "its own upload above into an empty directory, at its defaults. s3xfer restores its "
         "dataset with `s3xfer download`: from its packed upload the small files come out of "
         "the tar shards (large sequential ranged GETs split into files as they stream), from "
@@ -1720,7 +1784,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--only",
         action="append",
         metavar="NAME",
-        help="run only this dataset (small, large, mixed); repeatable",
+        help="run only this dataset (small, large, mixed, path); repeatable",
     )
     parser.add_argument(
         "--tools", default=",".join(ALL_TOOLS), help="comma-separated tools (default: %(default)s)"

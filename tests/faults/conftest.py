@@ -7,9 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from s3xfer.locals3 import LocalS3Info
-from s3xfer.netem import PathEmulator
-
-from .helpers import serving_in_thread
+from s3xfer.netem import start_in_thread
 
 
 @pytest.fixture
@@ -17,7 +15,8 @@ def slow_endpoint(local_s3: LocalS3Info) -> Iterator[str]:
     """The local server behind a 3 MB/s-per-connection path: an upload of the tree takes
     seconds, long enough to be killed where a test wants."""
     host, port = local_s3.endpoint_url.removeprefix("http://").split(":")
-    with serving_in_thread(
-        lambda: PathEmulator(host, int(port), bandwidth=3e6), lambda path: path.endpoint_url
-    ) as url:
+    url, stop = start_in_thread(host, int(port), bandwidth=3e6)
+    try:
         yield url
+    finally:
+        stop()

@@ -3,52 +3,20 @@
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractAsyncContextManager, contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import anyio
 import pytest
 
 from s3xfer.journal import decode_line
 
 T = TypeVar("T")
 Events = list[dict[str, Any]]
-
-
-@contextmanager
-def serving_in_thread(
-    make: Callable[[], AbstractAsyncContextManager[T]], endpoint: Callable[[T], str]
-) -> Iterator[str]:
-    """Run an async server (a proxy) on its own event loop in a thread; yield its endpoint."""
-    ready: queue.Queue[str | BaseException] = queue.Queue()
-    stop = threading.Event()
-
-    async def main() -> None:
-        try:
-            async with make() as server:
-                ready.put(endpoint(server))
-                await anyio.to_thread.run_sync(stop.wait)
-        except BaseException as exc:  # reported to the test thread
-            ready.put(exc)
-
-    thread = threading.Thread(target=anyio.run, args=(main,), daemon=True)
-    thread.start()
-    first = ready.get(timeout=30)
-    if isinstance(first, BaseException):
-        raise first
-    try:
-        yield first
-    finally:
-        stop.set()
-        thread.join(timeout=30)
 
 
 def journal_events(path: Path) -> list[dict[str, Any]]:

@@ -164,7 +164,8 @@ async def test_the_link_cap_is_shared_by_every_connection() -> None:
             anyio.create_task_group() as tasks,
         ):
             tasks.start_soon(send_all, stream, [payload])
-            return await receive_exactly(stream, len(payload))
+            echoed = await receive_exactly(stream, len(payload))
+        return echoed
 
     async with echo_server() as port, PathEmulator(LOOPBACK, port, link_bandwidth=link) as path:
         started = anyio.current_time()
