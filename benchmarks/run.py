@@ -601,7 +601,7 @@ class Row:
     attempts: list[Attempt] = field(default_factory=list)
     skipped: str | None = None
     source: str | None = None  # fetch and download rows: whose upload the tool reads from
-    # s3xfer download rows: peak RSS of `s3xfer download` of an empty prefix (interpreter,
+    # s3xfer download rows: peak RSS of `s3xfer download` of a one-byte prefix (interpreter,
     # libraries and client, no data), the base its RSS target adds the memory budget to.
     baseline_rss_bytes: int | None = None
 
@@ -800,17 +800,19 @@ def verify_metadata(dataset: Dataset, dest: Path) -> str | None:
 
 
 def baseline_rss(session: Session, binary: Path, *, run_id: str, log_name: str) -> int | None:
-    """Peak RSS of `s3xfer download` of an empty prefix: start-up, imports and client, no
-    data: what s3xfer's download RSS is over and above its buffers."""
+    """Peak RSS of `s3xfer download` of a prefix holding one 1-byte object: start-up,
+    imports and client, no data to speak of: what s3xfer's download RSS is over and above its
+    buffers. (An empty prefix is refused as a mistake: "nothing to download".)"""
     dest = session.work / "downloads" / "baseline"
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    target = Target(session.info, BUCKET, f"{run_id}/empty", session.env)
+    session.client.put_object(Bucket=BUCKET, Key=f"{run_id}/baseline/one-byte", Body=b"x")
+    target = Target(session.info, BUCKET, f"{run_id}/baseline", session.env)
     _, attempt = session.measure(s3xfer_download(binary, dest, target), log_name=log_name)
     shutil.rmtree(dest, ignore_errors=True)
     if attempt.error is not None:
-        log(f"    s3xfer baseline (empty prefix) failed: {attempt.error}")
+        log(f"    s3xfer baseline (one-byte prefix) failed: {attempt.error}")
         return None
     return attempt.peak_rss_bytes
 
@@ -1529,7 +1531,7 @@ def download_targets(rows: Sequence[Row], verdict: Callable[[bool | None], str])
     lines.append(
         "- s3xfer download peak RSS within the memory budget "
         f"({human_size(S3XFER_MAX_MEMORY)}, peak buffered bytes too) + interpreter "
-        f"(the peak RSS of `s3xfer download` of an empty prefix): {verdict(ok)} "
+        f"(the peak RSS of `s3xfer download` of a one-byte prefix): {verdict(ok)} "
         f"({'; '.join(parts)})"
     )
     return lines
@@ -1716,7 +1718,7 @@ def render_section(
         "must count every file downloaded, none skipped, failed or refused. Dirty pages are "
         "flushed (`sync`) before each download, outside its timing. s3xfer's download RSS "
         f"target allows its memory budget (`--max-memory`, {human_size(S3XFER_MAX_MEMORY)} "
-        "by default) on top of the peak RSS of an `s3xfer download` of an empty prefix "
+        "by default) on top of the peak RSS of an `s3xfer download` of a one-byte prefix "
         "(interpreter, libraries and client, measured in the same run).",
         "",
         "Reproduce with `make bench` (`python benchmarks/run.py`; about 10 minutes, "
