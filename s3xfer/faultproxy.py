@@ -34,12 +34,15 @@ READ_CHUNK = 64 * 1024  # largest piece read from a socket at once
 HEAD_LIMIT = 64 * 1024  # longest request or response head accepted
 FLUSH_TIMEOUT = 2.0  # seconds to let bytes already written reach a client before a reset
 
-FaultKind = Literal["slowdown", "error500", "reset_request", "reset_response", "truncate", "stall"]
+FaultKind = Literal[
+    "slowdown", "error500", "reset_request", "stall_request", "reset_response", "truncate", "stall"
+]
 # Checked in this order, so one uniform draw per request picks at most one of them.
 FAULT_KINDS: tuple[FaultKind, ...] = (
     "slowdown",
     "error500",
     "reset_request",
+    "stall_request",
     "reset_response",
     "truncate",
     "stall",
@@ -63,6 +66,9 @@ class FaultPlan:
     slowdown: float = 0.0  # answer 503 SlowDown, not forwarded
     error500: float = 0.0  # answer 500 InternalError, not forwarded
     reset_request: float = 0.0  # read part of the request body, then reset the connection
+    # read part of the request body, stop reading for stall_seconds (the sender's buffers
+    # fill and its writes block), then reset the connection
+    stall_request: float = 0.0
     reset_response: float = 0.0  # forward, send the head and part of the body, then reset
     truncate: float = 0.0  # forward, send the full Content-Length but part of the body, then FIN
     stall: float = 0.0  # forward, hold the response for stall_seconds first
@@ -572,10 +578,12 @@ class _Connection:
             await self._send_error(error, entry, method, resource, request_id, close=close)
             return not close
 
-        if entry.fault == "reset_request":
+        if entry.fault in ("reset_request", "stall_request"):
             if expects_continue:
                 await self._send(_CONTINUE)
             await self._discard(_part_of_body(self._client_reader, framing), entry)
+            if entry.fault == "stall_request":
+                await asyncio.sleep(self._proxy.plan.stall_seconds)
             await self._reset_client()
             return False
 
@@ -772,6 +780,12 @@ async def _serve_until_signalled(proxy: FaultProxy) -> None:
     "--reset-request", type=click.FloatRange(0, 1), default=0.0, help="P(reset mid-request)."
 )
 @click.option(
+    "--stall-request",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    help="P(stop reading the request body for --stall-seconds, then reset).",
+)
+@click.option(
     "--reset-response", type=click.FloatRange(0, 1), default=0.0, help="P(reset mid-body)."
 )
 @click.option(
@@ -791,6 +805,7 @@ def main(
     slowdown: float,
     error500: float,
     reset_request: float,
+    stall_request: float,
     reset_response: float,
     truncate: float,
     stall: float,
@@ -808,6 +823,7 @@ def main(
             slowdown=slowdown,
             error500=error500,
             reset_request=reset_request,
+            stall_request=stall_request,
             reset_response=reset_response,
             truncate=truncate,
             stall=stall,

@@ -14,6 +14,7 @@ import asyncio
 import datetime
 import io
 import re
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, nullcontext
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+import anyio
 import botocore.exceptions as bx
 import yarl
 from aiobotocore.config import AioConfig
@@ -101,6 +103,23 @@ class _SharedBytesIO(io.BytesIO):
 
     def getbuffer(self) -> memoryview:
         return memoryview(self._shared)
+
+
+class _WatchedBody(_SharedBytesIO):
+    """A large request body that notes when it was last read: aiohttp reads the next chunk
+    only once the socket took the previous one, so no read for a while means the far end
+    has stopped taking the body (which no read timeout notices: it is a write that hangs)."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.last_read = time.monotonic()
+        self.finished = False
+
+    def read(self, size: int | None = -1) -> bytes:
+        chunk = super().read(size)
+        self.last_read = time.monotonic()
+        self.finished = self.finished or not chunk
+        return chunk
 
 
 @dataclass(frozen=True, slots=True)
@@ -545,8 +564,10 @@ class _LeanPut:
         endpoint_url: str | None,
         region: str,
         credentials: Callable[[], Awaitable[sigv4.Credentials | None]],
+        stall_timeout: float = 60.0,
     ) -> None:
         self.http = http
+        self.stall_timeout = stall_timeout
         self.endpoint_url = endpoint_url.rstrip("/") if endpoint_url else None
         self.region = region
         self.credentials = credentials
@@ -591,8 +612,35 @@ class _LeanPut:
             region=region,
             now=datetime.datetime.now(datetime.UTC),
         )
-        # Large bodies as a (non-copying) file object: aiohttp then writes them in chunks.
-        data = body if len(body) <= 1024 * 1024 else _SharedBytesIO(body)
+        if len(body) <= 1024 * 1024:
+            return await self._send(url, body, signed)
+        # Large bodies as a (non-copying) file object: aiohttp then writes them in chunks,
+        # and a body the far end stops taking is cut after stall_timeout, like a response.
+        data = _WatchedBody(body)
+        stalled = False
+        etag = ""
+        async with anyio.create_task_group() as group:
+
+            async def watch() -> None:
+                nonlocal stalled
+                while not data.finished:
+                    await anyio.sleep(min(1.0, self.stall_timeout / 4))
+                    if not data.finished and (
+                        time.monotonic() - data.last_read > self.stall_timeout
+                    ):
+                        stalled = True
+                        group.cancel_scope.cancel()
+
+            group.start_soon(watch)
+            etag = await self._send(url, data, signed)
+            group.cancel_scope.cancel()
+        if stalled:
+            raise TransientError(
+                f"no progress sending {len(body):,} bytes for {self.stall_timeout:g} s"
+            )
+        return etag
+
+    async def _send(self, url: str, data: bytes | io.BytesIO, signed: dict[str, str]) -> str:
         async with self.http.put(
             yarl.URL(url, encoded=True), data=data, headers=signed
         ) as response:
@@ -689,6 +737,7 @@ async def _lean_put(
         endpoint_url=connection.endpoint_url,
         region=client.meta.region_name or "us-east-1",
         credentials=credentials,
+        stall_timeout=connection.stall_timeout,
     )
 
 

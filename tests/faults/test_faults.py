@@ -6,6 +6,7 @@ throttling must lower the request window, and a file out of attempts fails alone
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -154,3 +155,24 @@ def test_throttling_alone_lowers_the_window_then_completes(
     assert report.ok and report.files_uploaded == 300
     assert report.throttled == injected["slowdown"] > 0
     assert report.lowest_concurrency <= 8  # halved at least twice from 32
+
+
+def test_a_body_the_server_stops_taking_is_cut_and_sent_again(
+    tmp_path: Path, local_s3: LocalS3Info, bucket: str
+) -> None:
+    # The proxy takes half of the first part, then stops reading for a minute: the client's
+    # writes block (no read timeout can see that) until the body watchdog gives up on it.
+    src = tmp_path / "src"
+    contents = write_tree(src, {"big.bin": 100 * MiB}, seed=9)
+    config = dataclasses.replace(CONFIG, part_size=64 * MiB, max_memory=128 * MiB, concurrency=2)
+    stall = FaultPlan(stall_request=1.0, stall_seconds=60.0, max_faults=1, targets=r"partNumber=1&")
+    started = time.monotonic()
+
+    report, injected = anyio.run(upload_through, stall, src, f"s3://{bucket}/w", local_s3, config)
+
+    assert injected == {"stall_request": 1}
+    assert report.ok and report.files_uploaded == 1 and report.retries == 1
+    assert time.monotonic() - started < 60  # cut by the watchdog, not by the proxy's reset
+    out = tmp_path / "out"
+    restored, _ = anyio.run(download_through, FaultPlan(), f"s3://{bucket}/w", out, local_s3)
+    assert restored.ok and (out / "big.bin").read_bytes() == contents["big.bin"]
