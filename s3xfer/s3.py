@@ -38,6 +38,7 @@ from .errors import (
     NoSuchUploadError,
     RemoteError,
     UsageError,
+    first_error,
 )
 from .retry import TransientError
 from .throttle import AdaptiveGate
@@ -619,21 +620,22 @@ class _LeanPut:
         data = _WatchedBody(body)
         stalled = False
         etag = ""
-        async with anyio.create_task_group() as group:
+        with first_error():  # the request's own error, not a group of one
+            async with anyio.create_task_group() as group:
 
-            async def watch() -> None:
-                nonlocal stalled
-                while not data.finished:
-                    await anyio.sleep(min(1.0, self.stall_timeout / 4))
-                    if not data.finished and (
-                        time.monotonic() - data.last_read > self.stall_timeout
-                    ):
-                        stalled = True
-                        group.cancel_scope.cancel()
+                async def watch() -> None:
+                    nonlocal stalled
+                    while not data.finished:
+                        await anyio.sleep(min(1.0, self.stall_timeout / 4))
+                        if not data.finished and (
+                            time.monotonic() - data.last_read > self.stall_timeout
+                        ):
+                            stalled = True
+                            group.cancel_scope.cancel()
 
-            group.start_soon(watch)
-            etag = await self._send(url, data, signed)
-            group.cancel_scope.cancel()
+                group.start_soon(watch)
+                etag = await self._send(url, data, signed)
+                group.cancel_scope.cancel()
         if stalled:
             raise TransientError(
                 f"no progress sending {len(body):,} bytes for {self.stall_timeout:g} s"
