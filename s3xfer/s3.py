@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 import io
+import math
 import re
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, nullcontext
@@ -38,7 +38,6 @@ from .errors import (
     NoSuchUploadError,
     RemoteError,
     UsageError,
-    first_error,
 )
 from .retry import TransientError
 from .throttle import AdaptiveGate
@@ -107,19 +106,22 @@ class _SharedBytesIO(io.BytesIO):
 
 
 class _WatchedBody(_SharedBytesIO):
-    """A large request body that notes when it was last read: aiohttp reads the next chunk
-    only once the socket took the previous one, so no read for a while means the far end
-    has stopped taking the body (which no read timeout notices: it is a write that hangs)."""
+    """A large request body that pushes back a deadline each time it is read: aiohttp reads
+    the next chunk only once the socket took the previous one, so no read for `timeout`
+    means the far end has stopped taking the body (a write that hangs, which no read timeout
+    notices). Once it is all read, the response's read timeout takes over.
 
-    def __init__(self, data: bytes) -> None:
+    A deadline on a cancel scope rather than a watchdog task: a task's closure over the body
+    made a reference cycle that kept every part's bytes alive until the next GC pass."""
+
+    def __init__(self, data: bytes, scope: anyio.CancelScope, timeout: float) -> None:
         super().__init__(data)
-        self.last_read = time.monotonic()
-        self.finished = False
+        self._scope = scope
+        self._timeout = timeout
 
     def read(self, size: int | None = -1) -> bytes:
         chunk = super().read(size)
-        self.last_read = time.monotonic()
-        self.finished = self.finished or not chunk
+        self._scope.deadline = anyio.current_time() + self._timeout if chunk else math.inf
         return chunk
 
 
@@ -617,30 +619,11 @@ class _LeanPut:
             return await self._send(url, body, signed)
         # Large bodies as a (non-copying) file object: aiohttp then writes them in chunks,
         # and a body the far end stops taking is cut after stall_timeout, like a response.
-        data = _WatchedBody(body)
-        stalled = False
-        etag = ""
-        with first_error():  # the request's own error, not a group of one
-            async with anyio.create_task_group() as group:
-
-                async def watch() -> None:
-                    nonlocal stalled
-                    while not data.finished:
-                        await anyio.sleep(min(1.0, self.stall_timeout / 4))
-                        if not data.finished and (
-                            time.monotonic() - data.last_read > self.stall_timeout
-                        ):
-                            stalled = True
-                            group.cancel_scope.cancel()
-
-                group.start_soon(watch)
-                etag = await self._send(url, data, signed)
-                group.cancel_scope.cancel()
-        if stalled:
-            raise TransientError(
-                f"no progress sending {len(body):,} bytes for {self.stall_timeout:g} s"
-            )
-        return etag
+        with anyio.CancelScope(deadline=anyio.current_time() + self.stall_timeout) as scope:
+            return await self._send(url, _WatchedBody(body, scope, self.stall_timeout), signed)
+        raise TransientError(
+            f"no progress sending {len(body):,} bytes for {self.stall_timeout:g} s"
+        )
 
     async def _send(self, url: str, data: bytes | io.BytesIO, signed: dict[str, str]) -> str:
         async with self.http.put(
