@@ -515,6 +515,14 @@ def plan_command(
     help="With --plan: upload only slice K of N of the plan's work (a batch job of an array; "
     "`s3xfer finalize --plan` then writes the catalog once every slice has run).",
 )
+@click.option(
+    "--broker",
+    metavar="URL",
+    default=None,
+    help="Spread the upload over the `s3xfer worker`s listening on this Redis "
+    "(redis://HOST:6379/0): plan here, enqueue work units, show one progress bar, write the "
+    "catalog when every unit is done. Needs the extra s3xfer[distributed].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 def upload_command(
@@ -531,6 +539,7 @@ def upload_command(
     sse_kms_key_id: str | None,
     state_dir: Path | None,
     slice_text: str | None,
+    broker: str | None,
     **options: Any,
 ) -> None:
     """Upload PATH to DEST (s3://bucket/prefix), or execute a saved --plan.
@@ -552,6 +561,8 @@ def upload_command(
     connection = make_connection(
         endpoint_url, profile, region, no_verify_ssl, sse=sse, sse_kms_key_id=sse_kms_key_id
     )
+    if broker is not None:
+        _check_broker(broker, slice_text)
     if plan_file is not None:
         if path is not None or dest is not None:
             raise UsageError("give either PATH DEST or --plan, not both")
@@ -564,7 +575,9 @@ def upload_command(
         plan = make_plan(run_survey(path, quiet=quiet or as_json), url, make_config(**options))
     progress = upload_progress(quiet=quiet or as_json)
     try:
-        if slice_text is not None:
+        if broker is not None:
+            report = _upload_with_broker(plan, connection, broker, progress)
+        elif slice_text is not None:
             if plan_file is None:
                 raise UsageError("--slice needs --plan: every job of the array must run one plan")
             index, count = parse_slice(slice_text)
@@ -586,6 +599,8 @@ def upload_command(
         _emit_json(report.to_json())
     elif not quiet:
         click.echo(render_report(report))
+        if broker is not None:
+            click.echo(_workers_summary(report))
     if not report.ok:
         if quiet:
             for failed_path, error in report.failures:
@@ -663,6 +678,153 @@ async def _upload(
         on_progress=progress.advance,
         state_dir=state_dir,
     )
+
+
+def _check_broker(broker: str, slice_text: str | None) -> None:
+    """Before any survey: the extra is installed, the URL is a Redis URL, no --slice."""
+    from .distributed import check_broker_url
+
+    check_broker_url(broker)
+    if slice_text is not None:
+        raise UsageError("give either --broker or --slice, not both")
+
+
+def _upload_with_broker(
+    plan: Plan, connection: Connection, broker: str, progress: TransferProgress
+) -> UploadReport:
+    """upload --broker: the workers do the work; this process plans, follows and commits."""
+    from .distributed import upload_with_workers
+
+    def notice(text: str) -> None:
+        if progress.bar is not None and not progress.bar.disable:
+            progress.bar.write(f"s3xfer: {text}", file=sys.stderr)
+        else:
+            click.echo(f"s3xfer: {text}", err=True)
+
+    async def job() -> UploadReport:
+        return await upload_with_workers(
+            plan,
+            broker,
+            connection,
+            on_start=progress.start,
+            on_progress=progress.advance,
+            on_notice=notice,
+        )
+
+    try:
+        return run_async(job)
+    except KeyboardInterrupt:
+        progress.close()
+        click.echo(
+            "s3xfer: interrupted; the workers go on with the units already queued: run the "
+            "same command again to wait for them and write the catalog",
+            err=True,
+        )
+        sys.exit(130)
+
+
+def _workers_summary(report: UploadReport) -> str:
+    extra = report.extra
+    line = (
+        f"  {extra.get('units', 0):,} work units on {extra.get('workers', 0):,} workers "
+        f"(job {extra.get('job', '?')})"
+    )
+    if extra.get("units_redelivered"):
+        line += f"; {extra['units_redelivered']:,} delivered again after a worker was lost"
+    if extra.get("uploads_aborted"):
+        line += f"; {extra['uploads_aborted']:,} leftover multipart uploads aborted"
+    return line
+
+
+@cli.command("worker")
+@click.option(
+    "--broker",
+    required=True,
+    metavar="URL",
+    help="The Redis the producers enqueue units on: redis://HOST:6379/0.",
+)
+@click.option(
+    "--concurrency",
+    "-c",
+    type=click.IntRange(1, 1024),
+    default=None,
+    help="Requests in flight while running a unit (default: the producer's --concurrency).",
+)
+@click.option(
+    "--visibility-timeout",
+    metavar="SECONDS",
+    type=click.FloatRange(min=5),
+    default=120.0,
+    show_default=True,
+    help="A unit whose worker stopped beating for this long is given to another worker. "
+    "Give every worker the same value.",
+)
+@click.option(
+    "--loglevel",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="warning",
+    show_default=True,
+    help="Celery's log level (on stderr).",
+)
+def worker_command(
+    broker: str, concurrency: int | None, visibility_timeout: float, loglevel: str
+) -> None:
+    """Execute the work units of `s3xfer upload --broker URL` jobs, one at a time, until
+    Ctrl-C or SIGTERM (the unit in progress is finished first).
+
+    \b
+    Every worker needs the same view of the source files as the producer (a shared
+    filesystem, or identical copies at the same path) and its own AWS credentials (they are
+    never sent through the broker). Run one worker per machine, or several for more
+    parallelism; a unit of a worker that dies is redelivered to another after
+    --visibility-timeout. Needs the extra s3xfer[distributed]. See docs/distributed.md.
+    """
+    from .distributed import UnitResult, run_worker
+    from .plan import WorkUnit
+
+    def ready(text: str) -> None:
+        click.echo(text)
+        sys.stdout.flush()
+
+    def files(count: int) -> str:
+        return f"{count:,} file{'' if count == 1 else 's'}"
+
+    def unit_started(job: str, index: int, unit: WorkUnit, redelivered: bool) -> None:
+        again = " (delivered again)" if redelivered else ""
+        click.echo(
+            f"unit {index} of job {job} started: {files(unit.file_count)}, "
+            f"{human_bytes(unit.size)}{again}"
+        )
+        sys.stdout.flush()
+
+    def unit_done(result: UnitResult) -> None:
+        line = f"unit {result.index} of job {result.job}: {files(result.files_done)}, "
+        line += f"{human_bytes(result.bytes_done)} sent"
+        if result.bytes_reused:
+            line += f", {human_bytes(result.bytes_reused)} found in place"
+        line += f" in {result.seconds:.1f} s"
+        if result.redelivered:
+            line += " (delivered again)"
+        if result.skipped:
+            line = f"unit {result.index} of job {result.job}: skipped (job over or superseded)"
+        elif result.error:
+            line = f"unit {result.index} of job {result.job} FAILED: {result.error}"
+        click.echo(line)
+        for path, error in result.failures:
+            click.echo(f"  FAILED {path}: {error}")
+        sys.stdout.flush()
+
+    code = run_worker(
+        broker,
+        concurrency=concurrency,
+        visibility_timeout=visibility_timeout,
+        loglevel=loglevel,
+        on_ready=ready,
+        on_start=unit_started,
+        on_unit=unit_done,
+    )
+    click.echo("s3xfer worker stopped")
+    sys.exit(code)
 
 
 def _dataset(url: str, connection: Connection, **options: Any) -> Dataset:
