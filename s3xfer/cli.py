@@ -669,7 +669,10 @@ def finalize_command(
 
 
 async def _upload(
-    plan: Plan, connection: Connection, progress: TransferProgress, state_dir: Path | None
+    plan: Plan,
+    connection: Connection,
+    progress: TransferProgress,
+    state_dir: Path | None = None,
 ) -> UploadReport:
     return await upload(
         plan,
