@@ -129,7 +129,7 @@ def run_demo(
             if measured_path.recommendation is not None:
                 knees = measured_path.recommendation.concurrency
                 print_line(
-                    f"   recommended concurrency (the knee, plus a step of headroom on a flat top): {knees}  — "
+                    f"   recommended concurrency (knee + headroom): {knees}  — "
                     "`s3xfer bench --save NAME` keeps it for --bench-profile"
                 )
             print_line("\ndone: the server and its data are removed.")
