@@ -13,7 +13,6 @@ printed. A row may add its own check (nothing outside DEST, the rest still uploa
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import gzip
 import json
@@ -34,7 +33,12 @@ from s3xfer import catalog
 from s3xfer.journal import Journal, journal_path
 from s3xfer.keys import S3Url, manifest_key
 from s3xfer.locals3 import LocalS3Info
-from tests.integration.helpers import list_keys, run_cli, write_tree
+from tests.integration.helpers import (
+    list_keys,
+    run_cli,
+    without_file_permission_override,
+    write_tree,
+)
 
 # The dataset every read-only case reads: small files packed into a shard, one file big enough
 # to be its own object (and, with a small --range-size, a ranged download), > 1 MiB in all.
@@ -735,17 +739,6 @@ def closed_port_url() -> str:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return f"http://127.0.0.1:{port}"
-
-
-def without_file_permission_override() -> None:
-    """In the child, before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the
-    bounding set, so that root obeys file modes like any user. (Running as another uid is
-    not an option: the interpreter may live under a root-only home directory.)"""
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_capbset_drop, cap_dac_override, cap_dac_read_search = 24, 1, 2
-    for capability in (cap_dac_override, cap_dac_read_search):
-        if libc.prctl(pr_capbset_drop, capability, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
 
 
 def run_cli_special(

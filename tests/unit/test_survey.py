@@ -8,6 +8,8 @@ import math
 import os
 import socket
 import statistics
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,8 +40,9 @@ from s3xfer.survey import (
     survey,
 )
 
+from ..integration.helpers import without_file_permission_override
+
 RUNNING_AS_ROOT = os.geteuid() == 0
-ROOT_READS_ANYTHING = "root bypasses permission bits, so chmod 000 cannot make a file unreadable"
 
 
 def write(path: Path, data: bytes = b"") -> Path:
@@ -199,7 +202,14 @@ def test_fifo_and_socket_are_problems(tmp_path: Path, monkeypatch: pytest.Monkey
     assert files_of(iter(items)) == {}
 
 
-@pytest.mark.skipif(RUNNING_AS_ROOT, reason=ROOT_READS_ANYTHING)
+SCAN_IN_CHILD = (
+    "import json, sys; from s3xfer.survey import scan, Problem;"
+    "items = list(scan(sys.argv[1]));"
+    "print(json.dumps({'problems': {i.path: i.reason for i in items if isinstance(i, Problem)},"
+    "'files': {i.path: i.size for i in items if not isinstance(i, Problem)}}))"
+)
+
+
 def test_unreadable_file_and_directory_are_problems_for_real(tmp_path: Path) -> None:
     secret = write(tmp_path / "secret", b"s")
     locked = tmp_path / "locked"
@@ -208,12 +218,20 @@ def test_unreadable_file_and_directory_are_problems_for_real(tmp_path: Path) -> 
     secret.chmod(0)
     locked.chmod(0)
     try:
-        items = list(scan(tmp_path))
+        # In a child that obeys file modes even as root (which otherwise reads anything).
+        result = subprocess.run(
+            [sys.executable, "-c", SCAN_IN_CHILD, str(tmp_path)],
+            capture_output=True,
+            text=True,
+            check=True,
+            preexec_fn=without_file_permission_override if RUNNING_AS_ROOT else None,
+        )
     finally:
         locked.chmod(0o755)
+    found = json.loads(result.stdout)
 
-    assert problems_of(iter(items)) == {"locked": PERMISSION_DENIED, "secret": PERMISSION_DENIED}
-    assert files_of(iter(items)) == {"ok": 2}
+    assert found["problems"] == {"locked": PERMISSION_DENIED, "secret": PERMISSION_DENIED}
+    assert found["files"] == {"ok": 2}
 
 
 def test_file_the_access_check_refuses_is_permission_denied(
