@@ -26,7 +26,7 @@ from anyio.abc import ObjectReceiveStream
 from .checksums import combine_parts, crc32, crc32_to_base64
 from .config import TransferConfig
 from .errors import NoSuchUploadError, S3XferError
-from .journal import Journal
+from .journal import FSYNC_INTERVAL, Journal
 from .localfs import fill_part, freeze, read_range
 from .malloc import return_large_buffers_promptly
 from .manifest import ManifestRecord, ShardRecord
@@ -203,7 +203,22 @@ class Engine:
         )
 
     async def run(self, units: Iterable[FileUnit], shards: Iterable[ShardUnit] = ()) -> None:
-        units, shards = list(units), list(shards)
+        async with anyio.create_task_group() as background:
+            if self.journal is not None:
+                background.start_soon(self._sync_journal_periodically, self.journal)
+            try:
+                await self._run(list(units), list(shards))
+            finally:
+                background.cancel_scope.cancel()
+
+    async def _sync_journal_periodically(self, journal: Journal) -> None:
+        """fsync the journal every FSYNC_INTERVAL, off the event loop (an fsync can take
+        milliseconds to seconds); its lines are written as work completes."""
+        while True:
+            await anyio.sleep(FSYNC_INTERVAL)
+            await anyio.to_thread.run_sync(journal.sync)
+
+    async def _run(self, units: list[FileUnit], shards: list[ShardUnit]) -> None:
         await self._abort_stale_uploads(units, shards)
         send, receive = anyio.create_memory_object_stream[_PutJob | _PartJob](0)
         try:
@@ -460,6 +475,9 @@ class Engine:
                     mtime_ns=unit.mtime_ns if unit is not None else 0,
                     part_size=unit.part_size if unit is not None else 0,
                 )
+                # On disk before any part is sent: an upload id lost to a machine crash is an
+                # upload nobody can resume (the next run finds it by listing, and aborts it).
+                await anyio.to_thread.run_sync(self.journal.sync)
 
     async def _newest_upload_of(self, key: str) -> str | None:
         newest: tuple[Any, str] | None = None

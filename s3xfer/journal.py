@@ -26,7 +26,6 @@ import fcntl
 import hashlib
 import json
 import os
-import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ from .manifest import ManifestRecord, ShardRecord
 JOURNAL_FORMAT = "s3xfer-journal"
 JOURNAL_VERSION = 1
 STATE_DIR_ENV = "S3XFER_STATE_DIR"
-FSYNC_INTERVAL = 1.0  # seconds: a machine crash loses at most this much (to be redone)
+FSYNC_INTERVAL = 1.0  # seconds between syncs by the engine: what a machine crash may lose
 
 
 def default_state_dir() -> Path:
@@ -191,7 +190,6 @@ class Journal:
         self._fd = fd
         self.state = state
         self.warnings = warnings  # one line each, for the user
-        self._last_sync = time.monotonic()
         self._dirty = False
         self.resumed = False  # set when an earlier, interrupted run left this journal
 
@@ -249,18 +247,18 @@ class Journal:
         return journal
 
     def write(self, event: dict[str, Any]) -> None:
-        """Append one event with one write call: whole or torn, never interleaved."""
+        """Append one event with one write call: whole or torn, never interleaved. It is in the
+        page cache at once (a killed process loses nothing); `sync` makes it survive a machine
+        crash, and may block, so callers on an event loop run it in a worker thread."""
         os.write(self._fd, encode_line(event))
         self._dirty = True
-        if time.monotonic() - self._last_sync >= FSYNC_INTERVAL:
-            self.sync()
 
     def sync(self) -> None:
-        """Make what was written survive a machine crash too (a killed process loses nothing)."""
+        """fsync what was written. Safe beside writes from another thread: the flag is cleared
+        first, so a line written meanwhile marks the journal dirty again."""
         if self._dirty:
-            os.fsync(self._fd)
             self._dirty = False
-        self._last_sync = time.monotonic()
+            os.fsync(self._fd)
 
     # The events, named.
     def multipart_created(
@@ -284,7 +282,6 @@ class Journal:
                 "part_size": part_size,
             }
         )
-        self.sync()  # an upload id not on disk is an upload nobody can resume or abort
 
     def part_done(self, *, upload_id: str, number: int, etag: str, crc: int, length: int) -> None:
         self.write(

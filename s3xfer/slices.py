@@ -18,22 +18,28 @@ from pathlib import Path
 
 import anyio
 
-from .checksums import crc32, crc32_to_base64
 from .engine import EngineStats, ProgressCallback
-from .errors import IntegrityError, NoSuchKeyError, S3XferError
-from .journal import Journal, journal_path
+from .errors import IntegrityError, S3XferError
 from .keys import META_DIR, S3Url
 from .manifest import Manifest, ManifestRecord, ShardRecord
 from .plan import Plan, slice_of, work_units
-from .retry import RetryPolicy, call_with_retries
-from .s3 import S3, Connection, open_s3
-from .upload import StartCallback, UploadReport, commit, make_engine, make_report, prepare
+from .retry import RetryPolicy
+from .s3 import Connection, open_s3
+from .upload import (
+    StartCallback,
+    UploadReport,
+    close_journal,
+    commit,
+    get_if_present,
+    make_engine,
+    make_report,
+    open_journal,
+    prepare,
+    put_with_checksum,
+)
 
 SLICE_FORMAT = "s3xfer-slice"
 SLICE_VERSION = 1
-
-
-_POLICY = RetryPolicy()
 
 
 class MissingSlicesError(S3XferError):
@@ -106,20 +112,6 @@ class SliceResult:
         )
 
 
-async def _get(s3: S3, bucket: str, key: str) -> bytes | None:
-    try:
-        return await call_with_retries(lambda: s3.get_object(bucket, key), policy=_POLICY)
-    except NoSuchKeyError:
-        return None
-
-
-async def _put(s3: S3, bucket: str, key: str, body: bytes) -> None:
-    checksum = crc32_to_base64(crc32(body))
-    await call_with_retries(
-        lambda: s3.put_object(bucket, key, body, crc32=checksum), policy=_POLICY
-    )
-
-
 async def upload_slice(
     plan: Plan,
     index: int,
@@ -133,17 +125,19 @@ async def upload_slice(
     """Upload slice `index` of `count` (from 1) of the plan's work units, and store its result
     for `finalize`. The catalog is not written: finalize does it once, for all slices."""
     started = time.perf_counter()
+    policy = RetryPolicy(max_attempts=plan.config.max_attempts)
     identity = plan_id(plan)
     key = slice_key(plan.dest, identity, index, count)
-    where = journal_path(plan.source, f"{plan.dest}#slice-{index}-of-{count}", state_dir=state_dir)
-    journal = Journal.open(where, source=plan.source, dest=f"{plan.dest}#slice-{index}-of-{count}")
+    journal = await open_journal(
+        plan, state_dir=state_dir, name=f"{plan.dest}#slice-{index}-of-{count}"
+    )
     finished = False
     try:
         async with open_s3(
             connection or Connection(), max_pool_connections=plan.config.concurrency
         ) as s3:
             await s3.check_bucket(plan.dest.bucket)
-            raw = await _get(s3, plan.dest.bucket, key)
+            raw = await get_if_present(s3, plan.dest.bucket, key, policy=policy)
             earlier = SliceResult.from_bytes(raw, where=key) if raw is not None else None
             done = earlier.as_manifest(plan.dest) if earlier is not None else None
             prepared = await prepare(s3, plan, journal=journal, done=done)
@@ -175,7 +169,7 @@ async def upload_slice(
                 list(shards.values()),
                 list(engine.stats.failures),
             )
-            await _put(s3, plan.dest.bucket, key, result.to_bytes())
+            await put_with_checksum(s3, plan.dest.bucket, key, result.to_bytes(), policy=policy)
             report = make_report(
                 s3,
                 plan,
@@ -189,13 +183,14 @@ async def upload_slice(
         finished = report.uploads_kept == 0
         return report
     finally:
-        journal.close(remove=finished)
+        await close_journal(journal, remove=finished)
 
 
 async def finalize(plan: Plan, connection: Connection | None = None) -> UploadReport:
     """Merge every slice's result into the manifest and catalog. Refuses, naming them, when
     slices are missing; files a slice failed are reported (exit 1), the rest catalogued."""
     started = time.perf_counter()
+    policy = RetryPolicy(max_attempts=plan.config.max_attempts)
     identity = plan_id(plan)
     async with open_s3(connection or Connection(), max_pool_connections=16) as s3:
         prepared = await prepare(s3, plan)
@@ -205,7 +200,7 @@ async def finalize(plan: Plan, connection: Connection | None = None) -> UploadRe
         keys = [item["Key"] async for item in s3.list_objects(plan.dest.bucket, prefix)]
 
         async def load(key: str) -> None:
-            raw = await _get(s3, plan.dest.bucket, key)
+            raw = await get_if_present(s3, plan.dest.bucket, key, policy=policy)
             if raw is not None:
                 result = SliceResult.from_bytes(raw, where=f"s3://{plan.dest.bucket}/{key}")
                 found[result.index] = result

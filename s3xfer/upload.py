@@ -73,15 +73,55 @@ class UploadReport:
         return {**data, **self.extra}
 
 
+async def get_if_present(
+    s3: S3, bucket: str, key: str, *, policy: RetryPolicy, on_retry: RetryCount | None = None
+) -> bytes | None:
+    """One of s3xfer's own objects (manifest, catalog, slice result), or None if absent."""
+    try:
+        return await call_with_retries(
+            lambda: s3.get_object(bucket, key), policy=policy, on_retry=on_retry
+        )
+    except NoSuchKeyError:
+        return None
+
+
+async def put_with_checksum(
+    s3: S3,
+    bucket: str,
+    key: str,
+    body: bytes,
+    *,
+    policy: RetryPolicy,
+    on_retry: RetryCount | None = None,
+) -> None:
+    """One of s3xfer's own objects, with its CRC32 for S3 to verify."""
+    checksum = crc32_to_base64(crc32(body))
+    await call_with_retries(
+        lambda: s3.put_object(bucket, key, body, crc32=checksum), policy=policy, on_retry=on_retry
+    )
+
+
+async def open_journal(plan: Plan, *, state_dir: Path | None, name: str) -> Journal:
+    """The journal of uploading plan.source as `name` (the destination, or a slice of it),
+    opened (read, replayed, locked) in a worker thread: it may be large."""
+    where = journal_path(plan.source, name, state_dir=state_dir)
+    return await anyio.to_thread.run_sync(
+        lambda: Journal.open(where, source=plan.source, dest=name)
+    )
+
+
+async def close_journal(journal: Journal, *, remove: bool) -> None:
+    """Close (fsync, or delete) in a worker thread, even when the upload was cancelled."""
+    with anyio.CancelScope(shield=True):
+        await anyio.to_thread.run_sync(lambda: journal.close(remove=remove))
+
+
 async def load_manifest(
     s3: S3, plan: Plan, policy: RetryPolicy, *, on_retry: RetryCount | None = None
 ) -> Manifest | None:
     key = manifest_key(plan.dest)
-    try:
-        raw = await call_with_retries(
-            lambda: s3.get_object(plan.dest.bucket, key), policy=policy, on_retry=on_retry
-        )
-    except NoSuchKeyError:
+    raw = await get_if_present(s3, plan.dest.bucket, key, policy=policy, on_retry=on_retry)
+    if raw is None:
         return None
     return Manifest.from_bytes(raw, where=f"s3://{plan.dest.bucket}/{key}")
 
@@ -286,12 +326,7 @@ async def save_catalog(
     """Write the changed catalog pieces, then the root and the manifest (readers start there)."""
 
     async def put(key: str, body: bytes) -> None:
-        checksum = crc32_to_base64(crc32(body))
-        await call_with_retries(
-            lambda: s3.put_object(dest.bucket, key, body, crc32=checksum),
-            policy=policy,
-            on_retry=on_retry,
-        )
+        await put_with_checksum(s3, dest.bucket, key, body, policy=policy, on_retry=on_retry)
 
     root, changed = catalog.build(new, dest, previous=old)
     async with anyio.create_task_group() as group:
@@ -316,8 +351,7 @@ async def upload(
     interrupted at any point is resumed by running the same upload again."""
     journal = None
     if resume:
-        where = journal_path(plan.source, str(plan.dest), state_dir=state_dir)
-        journal = Journal.open(where, source=plan.source, dest=str(plan.dest))
+        journal = await open_journal(plan, state_dir=state_dir, name=str(plan.dest))
     finished = False
     try:
         async with open_s3(
@@ -330,4 +364,4 @@ async def upload(
         return report
     finally:
         if journal is not None:
-            journal.close(remove=finished)
+            await close_journal(journal, remove=finished)
