@@ -283,7 +283,8 @@ def _bench(
     Every object written (under URL/s3xfer-bench-<time>-<id>/) is deleted at the end, also
     when the run is interrupted.
     """
-    from .cli import _emit_json, make_connection, run_async  # see the module docstring
+    from . import runner
+    from .cli import _emit_json, make_connection  # see the module docstring
 
     settings = BenchSettings(
         url=S3Url.parse(url),
@@ -311,7 +312,7 @@ def _bench(
     async def run() -> BenchResult:
         return await engine.bench(connection, settings, emulate=emulate, listener=listener)
 
-    result = run_async(run)
+    result = runner.run(run)
     saved: Path | None = None
     if save is not None and result.recommendation is not None:
         saved = engine.save_profile(save, result.recommendation, source=profile_source(result))

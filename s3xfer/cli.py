@@ -3,19 +3,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import select
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
-import anyio
 import click
 from tqdm import tqdm
 
@@ -41,6 +39,7 @@ from .reader import Dataset, GetReport
 if TYPE_CHECKING:
     from .cleanup import CleanupReport
     from .download import DownloadReport
+from . import runner
 from .render import _printable, human_bytes, render_plan, render_report, render_survey
 from .s3 import SSE_ALGORITHMS, Connection, open_s3
 from .survey import Survey, survey
@@ -48,13 +47,6 @@ from .upload import UploadReport, upload
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
-
-
-def run_async(function: Callable[..., Awaitable[T]], *args: Any) -> T:
-    """Run a coroutine function on asyncio, with uvloop when it is installed (a faster event
-    loop: about 10% more small requests per second)."""
-    uvloop = importlib.util.find_spec("uvloop") is not None
-    return anyio.run(function, *args, backend="asyncio", backend_options={"use_uvloop": uvloop})
 
 
 def _emit_json(data: Any) -> None:
@@ -581,9 +573,9 @@ def upload_command(
             if plan_file is None:
                 raise UsageError("--slice needs --plan: every job of the array must run one plan")
             index, count = parse_slice(slice_text)
-            report = run_async(_upload_slice, plan, connection, progress, state_dir, index, count)
+            report = runner.run(_upload_slice, plan, connection, progress, state_dir, index, count)
         else:
-            report = run_async(_upload, plan, connection, progress, state_dir)
+            report = runner.run(_upload, plan, connection, progress, state_dir)
     except KeyboardInterrupt:
         progress.close()
         click.echo(
@@ -659,7 +651,7 @@ def finalize_command(
     from .slices import finalize
 
     connection = make_connection(endpoint_url, profile, region, no_verify_ssl)
-    report = run_async(finalize, Plan.load(plan_file), connection)
+    report = runner.run(finalize, Plan.load(plan_file), connection)
     if as_json:
         _emit_json(report.to_json())
     else:
@@ -715,7 +707,7 @@ def _upload_with_broker(
         )
 
     try:
-        return run_async(job)
+        return runner.run(job)
     except KeyboardInterrupt:
         progress.close()
         click.echo(
@@ -858,7 +850,7 @@ def ls_command(
         async with _dataset(url, connection) as ds:
             return await ds.ls(pattern)
 
-    records = run_async(run)
+    records = runner.run(run)
     if as_json:
         _emit_json([catalog.to_json(r) for r in records])
         return
@@ -890,7 +882,7 @@ def cat_command(
         async with _dataset(url, connection) as ds:
             return await ds.read(path)
 
-    data = run_async(run)
+    data = runner.run(run)
     try:
         emit(data)
     except BrokenPipeError:  # `s3xfer cat ... | head`: the reader has what it wanted
@@ -972,7 +964,7 @@ def get_command(
         async with _dataset(url, connection, gap=gap, concurrency=concurrency) as ds:
             return await ds.get(patterns, Path(dest), overwrite=overwrite)
 
-    report = run_async(run)
+    report = runner.run(run)
     if as_json:
         _emit_json(report.to_json())
     else:
@@ -1090,7 +1082,7 @@ def download_command(
         )
 
     try:
-        report = run_async(run)
+        report = runner.run(run)
     finally:
         progress.close()
     if as_json:
@@ -1171,7 +1163,7 @@ def cleanup_command(
         async with open_s3(connection, max_pool_connections=16) as s3:
             return await cleanup(s3, target, older_than=age, dry_run=dry_run)
 
-    report = run_async(run)
+    report = runner.run(run)
     if as_json:
         _emit_json(report.to_json())
         return
@@ -1206,7 +1198,7 @@ def demo_command() -> None:
     def upload_with_progress(plan: Plan, connection: Connection) -> UploadReport:
         progress = upload_progress(quiet=False)
         try:
-            return run_async(_upload, plan, connection, progress)
+            return runner.run(_upload, plan, connection, progress)
         finally:
             progress.close()
 

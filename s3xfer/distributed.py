@@ -14,7 +14,6 @@ a second delivery costs time, never data. See docs/distributed.md.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import math
@@ -30,6 +29,7 @@ from typing import Any, TypeVar
 
 import anyio
 
+from . import runner
 from .config import TransferConfig
 from .engine import EngineStats, ProgressCallback
 from .errors import NoSuchUploadError, RemoteError, S3XferError, UsageError, first_error
@@ -437,11 +437,6 @@ def failure_is_final(result: UnitResult, beats: dict[str, float], *, now: float)
 # --------------------------------------------------------------------------- Celery and Redis
 
 
-def _run_async(function: Callable[..., Any], *args: Any) -> Any:
-    uvloop = importlib.util.find_spec("uvloop") is not None
-    return anyio.run(function, *args, backend="asyncio", backend_options={"use_uvloop": uvloop})
-
-
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -678,7 +673,7 @@ def execute_unit(
     started = time.perf_counter()
     try:
         with first_error():
-            result: UnitResult = _run_async(_upload_unit, plan, unit, connection, reporter)
+            result: UnitResult = runner.run(_upload_unit, plan, unit, connection, reporter)
     except S3XferError as error:
         result = UnitResult(job, index, worker.worker_id, error=str(error))
     return replace(
