@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,6 +123,55 @@ class CleanupReport:
         return [outcome.to_json() for outcome in self.stale]
 
 
+async def incomplete_uploads(
+    s3: S3, url: S3Url, *, policy: RetryPolicy, keys: Container[str] | None = None
+) -> list[IncompleteUpload]:
+    """Every incomplete multipart upload under url (only those of `keys`, when given)."""
+    prefix = f"{url.prefix}/" if url.prefix else ""
+
+    async def listing() -> list[IncompleteUpload]:
+        return [
+            IncompleteUpload.from_listing(item)
+            async for item in s3.list_multipart_uploads(url.bucket, prefix)
+            if keys is None or item["Key"] in keys
+        ]
+
+    return await call_with_retries(listing, policy=policy)
+
+
+async def abort_uploads(
+    s3: S3,
+    bucket: str,
+    uploads: Iterable[IncompleteUpload],
+    *,
+    policy: RetryPolicy,
+    concurrency: int = ABORT_CONCURRENCY,
+) -> set[str]:
+    """Abort each upload, `concurrency` at a time; the ids aborted. An upload completed or
+    aborted meanwhile is not an error (nothing is left to bill); permanent errors raise."""
+    aborted: set[str] = set()
+    limiter = anyio.CapacityLimiter(concurrency)
+
+    async def abort(upload: IncompleteUpload) -> None:
+        async with limiter:
+            try:
+                await call_with_retries(
+                    lambda: s3.abort_multipart_upload(
+                        bucket, upload.key, upload_id=upload.upload_id
+                    ),
+                    policy=policy,
+                )
+            except NoSuchUploadError:
+                return
+            aborted.add(upload.upload_id)
+
+    with first_error():
+        async with anyio.create_task_group() as group:
+            for upload in uploads:
+                group.start_soon(abort, upload)
+    return aborted
+
+
 async def cleanup(
     s3: S3,
     url: S3Url,
@@ -136,38 +185,10 @@ async def cleanup(
     (none with dry_run). Permanent errors (no such bucket, access denied) are raised."""
     policy = policy or RetryPolicy()
     await s3.check_bucket(url.bucket)
-    listing_prefix = f"{url.prefix}/" if url.prefix else ""
-
-    async def listing() -> list[IncompleteUpload]:
-        return [
-            IncompleteUpload.from_listing(item)
-            async for item in s3.list_multipart_uploads(url.bucket, listing_prefix)
-        ]
-
-    uploads = await call_with_retries(listing, policy=policy)
+    uploads = await incomplete_uploads(s3, url, policy=policy)
     checked_at = now or datetime.datetime.now(datetime.UTC)
     stale = select_stale(uploads, checked_at, older_than)
-    aborted: set[str] = set()
-
-    async def abort(upload: IncompleteUpload, limiter: anyio.CapacityLimiter) -> None:
-        async with limiter:
-            try:
-                await call_with_retries(
-                    lambda: s3.abort_multipart_upload(
-                        url.bucket, upload.key, upload_id=upload.upload_id
-                    ),
-                    policy=policy,
-                )
-            except NoSuchUploadError:
-                return  # completed or aborted meanwhile: nothing left to bill
-            aborted.add(upload.upload_id)
-
-    if not dry_run:
-        limiter = anyio.CapacityLimiter(ABORT_CONCURRENCY)
-        with first_error():
-            async with anyio.create_task_group() as group:
-                for upload in stale:
-                    group.start_soon(abort, upload, limiter)
+    aborted = set() if dry_run else await abort_uploads(s3, url.bucket, stale, policy=policy)
     return CleanupReport(
         url=url,
         checked_at=checked_at,

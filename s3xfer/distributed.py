@@ -30,13 +30,14 @@ from typing import Any, TypeVar
 import anyio
 
 from . import runner
+from .cleanup import abort_uploads, incomplete_uploads
 from .config import TransferConfig
 from .engine import EngineStats, ProgressCallback
-from .errors import NoSuchUploadError, RemoteError, S3XferError, UsageError, first_error
+from .errors import RemoteError, S3XferError, UsageError, first_error
 from .keys import S3Url
 from .manifest import ManifestRecord, ShardRecord
 from .plan import Kind, Plan, WorkUnit, work_units
-from .retry import RetryCount, RetryPolicy, call_with_retries
+from .retry import RetryCount, RetryPolicy
 from .s3 import S3, Connection, open_s3
 from .upload import StartCallback, UploadReport, commit, make_engine, make_report, prepare
 
@@ -1070,24 +1071,9 @@ async def _abort_leftovers(s3: S3, plan: Plan, work: list[WorkUnit]) -> int:
     keys |= {f.key for u in work for f in u.files if f.kind is Kind.MULTIPART}
     if not keys:
         return 0
-    prefix = f"{plan.dest.prefix}/" if plan.dest.prefix else ""
-    retry = RetryPolicy(max_attempts=plan.config.max_attempts)
-    found = [
-        (str(u["Key"]), str(u["UploadId"]))
-        async for u in s3.list_multipart_uploads(plan.dest.bucket, prefix)
-        if u["Key"] in keys
-    ]
-    aborted = 0
-    for key, upload_id in found:
-        try:
-            await call_with_retries(
-                partial(s3.abort_multipart_upload, plan.dest.bucket, key, upload_id=upload_id),
-                policy=retry,
-            )
-        except NoSuchUploadError:
-            continue
-        aborted += 1
-    return aborted
+    policy = RetryPolicy(max_attempts=plan.config.max_attempts)
+    found = await incomplete_uploads(s3, plan.dest, policy=policy, keys=keys)
+    return len(await abort_uploads(s3, plan.dest.bucket, found, policy=policy))
 
 
 async def upload_with_workers(

@@ -24,9 +24,11 @@ import anyio
 from anyio.abc import ObjectReceiveStream
 
 from .checksums import combine_parts, crc32, crc32_to_base64
+from .cleanup import incomplete_uploads
 from .config import TransferConfig
 from .errors import NoSuchUploadError, S3XferError
 from .journal import FSYNC_INTERVAL, Journal
+from .keys import S3Url
 from .localfs import fill_part, freeze, read_range
 from .malloc import return_large_buffers_promptly
 from .manifest import ManifestRecord, ShardRecord
@@ -281,13 +283,10 @@ class Engine:
         stale = [(u.key, u.upload_id) for u in state.uploads.values() if id(u) not in resumable]
         if self.prefix is not None:
             keys = {u.key for u in units if u.kind is Kind.MULTIPART} | {s.key for s in shards}
-            listing = self.s3.list_multipart_uploads(
-                self.bucket, f"{self.prefix}/" if self.prefix else ""
+            listed = await incomplete_uploads(
+                self.s3, S3Url(self.bucket, self.prefix), policy=self._policy, keys=keys
             )
-            async for listed in listing:
-                key, upload_id = str(listed["Key"]), str(listed["UploadId"])
-                if key in keys and upload_id not in state.uploads:
-                    stale.append((key, upload_id))
+            stale += [(u.key, u.upload_id) for u in listed if u.upload_id not in state.uploads]
         limiter = anyio.CapacityLimiter(self.config.concurrency)
 
         async def abort(key: str, upload_id: str) -> None:
