@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from docs_section import write_section
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -217,7 +218,6 @@ def render(
             break
     one = median("1 worker", "seconds")
     lines = [
-        START_MARKER,
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by `python benchmarks/distributed.py` "
         f"(median of {repeat} runs each; {seconds:.0f} s in all).",
         "",
@@ -242,16 +242,7 @@ def render(
             f"| {median(name, 'producer_cpu'):.1f} | {median(name, 'workers_cpu'):.1f} "
             f"| {median(name, 'server_cpu'):.1f} | {median(name, 'redis_cpu'):.2f} |"
         )
-    lines.append(END_MARKER)
     return "\n".join(lines)
-
-
-def write_docs(section: str) -> None:
-    text = DOC.read_text()
-    if START_MARKER not in text:
-        text = text.rstrip("\n") + f"\n\n{SECTION_TITLE}\n\n{START_MARKER}\n{END_MARKER}\n"
-    start, end = text.index(START_MARKER), text.index(END_MARKER) + len(END_MARKER)
-    DOC.write_text(text[:start] + section + text[end:])
 
 
 def main() -> None:
@@ -295,7 +286,7 @@ def main() -> None:
     )
     print(section)
     if not args.no_write_docs:
-        write_docs(section)
+        write_section(DOC, section, start=START_MARKER, end=END_MARKER, heading=SECTION_TITLE)
         log(f"written to {DOC}")
 
 

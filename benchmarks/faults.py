@@ -35,6 +35,8 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from docs_section import write_section
+
 from s3xfer.config import MiB, TransferConfig
 from s3xfer.download import download
 from s3xfer.faultproxy import FaultPlan, FaultProxy
@@ -46,7 +48,13 @@ from s3xfer.plan import make_plan
 from s3xfer.s3 import Connection
 from s3xfer.survey import survey
 from s3xfer.upload import upload
-from tests.faults.helpers import Events, interrupt_upload
+from tests.faults.helpers import (
+    Events,
+    finished,
+    interrupt_upload,
+    part_of_a_large_file_sent,
+    shard_in_flight_after_another_is_done,
+)
 from tests.integration.helpers import write_tree
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "reliability.md"
@@ -146,22 +154,11 @@ def fault_runs(info: LocalS3Info, src: Path, work: Path, client: Any) -> list[di
 
 
 def crash_runs(info: LocalS3Info, src: Path, work: Path, client: Any) -> list[dict[str, Any]]:
-    def part_sent(events: Events) -> bool:
-        return any(e["e"] == "part" for e in events)
-
-    def shard_in_flight(events: Events) -> bool:
-        opened = {e["id"] for e in events if e["e"] == "mpu" and e["path"] is None}
-        closed = {e["id"] for e in events if e["e"] == "closed"}
-        return bool(opened - closed) and any(e["e"] == "shard" for e in events)
-
-    def two_done(events: Events) -> bool:
-        return sum(e["e"] in ("file", "shard") for e in events) >= 2
-
     points: list[tuple[str, Callable[[Events], bool], signal.Signals, bool]] = [
-        ("SIGKILL during a multipart upload", part_sent, signal.SIGKILL, False),
-        ("SIGKILL during a shard", shard_in_flight, signal.SIGKILL, False),
-        ("SIGKILL mid journal line", two_done, signal.SIGKILL, True),
-        ("SIGTERM during a multipart upload", part_sent, signal.SIGTERM, False),
+        ("SIGKILL during a multipart upload", part_of_a_large_file_sent, signal.SIGKILL, False),
+        ("SIGKILL during a shard", shard_in_flight_after_another_is_done, signal.SIGKILL, False),
+        ("SIGKILL mid journal line", lambda events: finished(events) >= 2, signal.SIGKILL, True),
+        ("SIGTERM during a multipart upload", part_of_a_large_file_sent, signal.SIGTERM, False),
     ]
     env = {**info.env(), "S3XFER_STATE_DIR": str(work / "crash-state")}
     host, port = info.endpoint_url.removeprefix("http://").split(":")
@@ -231,7 +228,6 @@ def render(faults: list[dict[str, Any]], crashes: list[dict[str, Any]]) -> str:
     files = len(TREE)
     total = sum(TREE.values())
     lines = [
-        START_MARKER,
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by `python benchmarks/faults.py` on "
         f"{platform.machine()}, {os.cpu_count()} cores, SeaweedFS on 127.0.0.1. Tree: "
         f"{files:,} files, {mb(total)} (2 multipart files, 20 loose, 3,000 packed).",
@@ -268,14 +264,7 @@ def render(faults: list[dict[str, Any]], crashes: list[dict[str, Any]]) -> str:
             f"| {mb(r['reused_part_bytes'])} | {r['files_from_journal']:,} "
             f"| {r['incomplete_uploads_left']} | {r['data_lost']} files |"
         )
-    lines.append(END_MARKER)
     return "\n".join(lines)
-
-
-def write_docs(section: str) -> None:
-    text = DOC.read_text()
-    start, end = text.index(START_MARKER), text.index(END_MARKER) + len(END_MARKER)
-    DOC.write_text(text[:start] + section + text[end:])
 
 
 def main() -> None:
@@ -297,7 +286,7 @@ def main() -> None:
     section = render(faults, crashes)
     print(section)
     if not args.no_write_docs:
-        write_docs(section)
+        write_section(DOC, section, start=START_MARKER, end=END_MARKER)
 
 
 if __name__ == "__main__":

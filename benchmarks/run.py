@@ -48,6 +48,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import psutil
+from docs_section import write_section
 
 from s3xfer.config import DEFAULT_MAX_MEMORY, DEFAULT_PACK_THRESHOLD
 from s3xfer.locals3 import LocalS3, LocalS3Info, sync_client
@@ -1762,17 +1763,6 @@ def render_section(
     return "\n".join(lines)
 
 
-def write_docs(path: Path, section: str) -> None:
-    """Replace the text between the markers; the rest of the file is left as it is."""
-    text = path.read_text() if path.exists() else DOCS_SKELETON
-    if START_MARKER not in text or END_MARKER not in text:
-        text = text.rstrip("\n") + f"\n\n{START_MARKER}\n{END_MARKER}\n"
-    head, rest = text.split(START_MARKER, 1)
-    _, tail = rest.split(END_MARKER, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{head}{START_MARKER}\n{section}\n{END_MARKER}{tail}")
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -1872,7 +1862,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(section)
     if args.write_docs:
-        write_docs(args.docs, section)
+        write_section(
+            args.docs, section, start=START_MARKER, end=END_MARKER, new_file=DOCS_SKELETON
+        )
         log(f"updated {args.docs}")
     log(f"raw results: {results}")
     return 0 if all(r.seconds is not None or r.skipped for r in rows) else 1

@@ -70,3 +70,19 @@ def interrupt_upload(
             process.wait()
         if process.stderr:
             process.stderr.close()
+
+
+# Crash points, as conditions on a journal's events (tests and benchmarks/faults.py).
+def finished(events: Events) -> int:
+    """Files and shards the journal records as stored."""
+    return sum(e["e"] in ("file", "shard") for e in events)
+
+
+def part_of_a_large_file_sent(events: Events) -> bool:
+    return any(e["e"] == "part" for e in events)
+
+
+def shard_in_flight_after_another_is_done(events: Events) -> bool:
+    opened = {e["id"] for e in events if e["e"] == "mpu" and e["path"] is None}
+    closed = {e["id"] for e in events if e["e"] == "closed"}
+    return bool(opened - closed) and any(e["e"] == "shard" for e in events)

@@ -23,7 +23,13 @@ from s3xfer.journal import journal_path
 from s3xfer.locals3 import LocalS3Info
 
 from ..integration.helpers import list_keys, read_object, run_cli, write_tree
-from .helpers import Events, interrupt_upload
+from .helpers import (
+    Events,
+    finished,
+    interrupt_upload,
+    part_of_a_large_file_sent,
+    shard_in_flight_after_another_is_done,
+)
 
 MiB = 1024 * 1024
 TREE: dict[str, int] = {
@@ -126,20 +132,6 @@ def check_complete(
     assert not list((state / "journals").glob("*")), "a finished upload removes its journal"
 
 
-def done(events: Events) -> int:
-    return sum(e["e"] in ("file", "shard") for e in events)
-
-
-def part_of_a_large_file_sent(events: Events) -> bool:
-    return any(e["e"] == "part" for e in events)
-
-
-def shard_in_flight_after_another_is_done(events: Events) -> bool:
-    opened = {e["id"] for e in events if e["e"] == "mpu" and e["path"] is None}
-    closed = {e["id"] for e in events if e["e"] == "closed"}
-    return bool(opened - closed) and any(e["e"] == "shard" for e in events)
-
-
 @pytest.mark.parametrize(
     "crash_point",
     [
@@ -164,7 +156,7 @@ def test_an_upload_killed_at_any_point_resumes_without_loss(
     condition = {
         "during a multipart upload": part_of_a_large_file_sent,
         "during a shard": shard_in_flight_after_another_is_done,
-        "while writing the journal": lambda events: done(events) >= 2,
+        "while writing the journal": lambda events: finished(events) >= 2,
         "SIGTERM during a multipart upload": part_of_a_large_file_sent,
     }[crash_point]
     how = signal.SIGTERM if crash_point.startswith("SIGTERM") else signal.SIGKILL
