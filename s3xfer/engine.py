@@ -291,21 +291,7 @@ class Engine:
 
         async def abort(key: str, upload_id: str) -> None:
             async with limiter:
-                try:
-                    await self._request(
-                        lambda: self.s3.abort_multipart_upload(
-                            self.bucket, key, upload_id=upload_id
-                        )
-                    )
-                except NoSuchUploadError:
-                    pass  # completed or aborted already
-                except S3XferError as error:
-                    self.stats.failures.append(
-                        (key, f"could not abort multipart upload {upload_id}: {error}")
-                    )
-                    return
-                assert self.journal is not None
-                self.journal.multipart_closed(upload_id)
+                await self._abort_id(key, upload_id)
 
         async with anyio.create_task_group() as group:
             for key, upload_id in stale:
@@ -591,16 +577,20 @@ class Engine:
         if upload.upload_id is None or upload not in self._open_uploads:
             return
         self._open_uploads.discard(upload)
-        upload_id = upload.upload_id
+        await self._abort_id(upload.key, upload.upload_id)
+
+    async def _abort_id(self, key: str, upload_id: str) -> None:
+        """Abort one upload; one already gone is fine, one that cannot be aborted is reported
+        (it stays billed until `s3xfer cleanup`), never raised."""
         try:
             await self._request(
-                lambda: self.s3.abort_multipart_upload(self.bucket, upload.key, upload_id=upload_id)
+                lambda: self.s3.abort_multipart_upload(self.bucket, key, upload_id=upload_id)
             )
         except NoSuchUploadError:
-            pass
+            pass  # completed or aborted already
         except S3XferError as error:
             self.stats.failures.append(
-                (upload.key, f"could not abort multipart upload {upload_id}: {error}")
+                (key, f"could not abort multipart upload {upload_id}: {error}")
             )
             return
         if self.journal is not None:
