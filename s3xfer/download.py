@@ -50,7 +50,7 @@ from .manifest import Manifest
 from .rangedl import RangedDownload, download_ranges
 from .ranges import DEFAULT_GAP, RangeGet, Wanted, check_ranged_response, coalesce
 from .reader import path_matcher
-from .retry import RetryPolicy, TransientError, call_with_retries
+from .retry import RetryCount, RetryPolicy, call_with_retries
 from .s3 import S3, Connection, open_s3
 
 DEFAULT_RANGE_SIZE = 16 * MiB  # large sequential reads: fewer requests, same memory budget
@@ -176,7 +176,7 @@ def _identical(target: Path, item: Item) -> bool:
 class _Counters:
     files: int = 0
     bytes: int = 0
-    retries: int = 0
+    retried: RetryCount = field(default_factory=RetryCount)
     failures: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -205,9 +205,6 @@ class _Restorer:
         self.on_progress = on_progress
         self.policy = RetryPolicy()
         self.targets: dict[str, Path] = {}
-
-    def _count_retry(self, _error: TransientError) -> None:
-        self.counters.retries += 1
 
     def _done(self, item: Item, nbytes: int) -> None:
         self.counters.files += 1
@@ -258,7 +255,7 @@ class _Restorer:
                     verify_checksum=verify,
                 )
 
-        return await call_with_retries(attempt, policy=self.policy, on_retry=self._count_retry)
+        return await call_with_retries(attempt, policy=self.policy, on_retry=self.counters.retried)
 
     async def _get_chunks(
         self, key: str, byte_range: str, etag: str
@@ -269,7 +266,7 @@ class _Restorer:
                     self.url.bucket, key, byte_range=byte_range, if_match=etag or None
                 )
 
-        return await call_with_retries(attempt, policy=self.policy, on_retry=self._count_retry)
+        return await call_with_retries(attempt, policy=self.policy, on_retry=self.counters.retried)
 
     async def _shard_range(self, get: RangeGet, by_path: dict[str, Item]) -> None:
         """One sequential ranged GET of a shard, split into its member files as it arrives."""
@@ -349,7 +346,7 @@ class _Restorer:
                 budget=self.budget,
                 on_progress=lambda n: self.on_progress(n, 0),
                 policy=self.policy,
-                on_retry=self._count_retry,
+                on_retry=self.counters.retried,
             )
         except DiskFullError:
             raise
@@ -480,6 +477,6 @@ async def download(
             refused=refused,
             seconds=time.perf_counter() - started,
             requests=s3.requests,
-            retries=counters.retries,
+            retries=counters.retried.retries,
             peak_buffered_bytes=restorer.budget.peak,
         )
