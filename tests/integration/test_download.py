@@ -133,7 +133,7 @@ def test_existing_files_are_kept_unless_overwrite(
     assert not report.ok and "use --overwrite" in report.failures[0][1]
     assert (out / "docs/ünïcødé – naïve.md").read_text() == "mine"
     report = down(url, out, local_s3, include=["docs/*"], overwrite=True)
-    assert report.ok
+    assert report.ok, (report.failures, report.refused)
     assert_same_tree(src, out, ["docs/ünïcødé – naïve.md"])
 
 
@@ -229,6 +229,6 @@ def test_killed_download_resumes(
     proc.wait()
     assert not (out / "huge.bin").exists()  # never a partial file under the final name
     report = down(f"s3://{bucket}/k", out, local_s3)
-    assert report.ok
+    assert report.ok, (report.failures, report.refused)
     assert report.bytes_downloaded < 96 * MiB + 50 * 5000  # the ranges already there were kept
     assert_same_tree(src, out, ["huge.bin", *(f"s/{n}" for n in range(50))])

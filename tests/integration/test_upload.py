@@ -206,5 +206,5 @@ def test_memory_budget_holds_with_parts_of_many_files_interleaved(
         concurrency=concurrency, max_memory=12 * MiB, part_size=5 * MiB, multipart_threshold=6 * MiB
     )
     _, report = do_upload(tmp_path / "src", f"s3://{bucket}/m{concurrency}", s3_env, config)
-    assert report.ok
+    assert report.ok, (report.failures, report.problems)
     assert 0 < report.peak_buffered_bytes <= 12 * MiB
