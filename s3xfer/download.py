@@ -50,7 +50,7 @@ from .manifest import Manifest
 from .rangedl import RangedDownload, download_ranges
 from .ranges import DEFAULT_GAP, RangeGet, Wanted, check_ranged_response, coalesce
 from .reader import path_matcher
-from .retry import RetryCount, RetryPolicy, call_with_retries
+from .retry import RetryCount, RetryPolicy, TransientError, call_with_retries
 from .s3 import S3, Connection, open_s3
 
 DEFAULT_RANGE_SIZE = 16 * MiB  # large sequential reads: fewer requests, same memory budget
@@ -257,49 +257,68 @@ class _Restorer:
 
         return await call_with_retries(attempt, policy=self.policy, on_retry=self.counters.retried)
 
-    async def _get_chunks(
-        self, key: str, byte_range: str, etag: str
-    ) -> tuple[list[bytes], int, str | None]:
-        async def attempt() -> tuple[list[bytes], int, str | None]:
+    async def _get_range(self, key: str, get: RangeGet, etag: str, into: memoryview) -> None:
+        """One ranged GET, checked (206, the asked Content-Range, every byte), into `into`."""
+        where = f"s3://{self.url.bucket}/{key}"
+
+        def check(status: int, content_range: str | None, length: int) -> None:
+            check_ranged_response(
+                get,
+                status=status,
+                content_range=content_range,
+                body_length=len(into) if length < 0 else length,
+                where=where,
+            )
+
+        async def attempt() -> None:
+            filled = 0
+
+            def fill(piece: memoryview) -> None:
+                nonlocal filled
+                if filled + len(piece) > len(into):
+                    raise IntegrityError(f"{where}: more bytes than asked for ({get.header})")
+                into[filled : filled + len(piece)] = piece
+                filled += len(piece)
+
             async with self.limiter:
-                return await self.s3.get_range_chunks(
-                    self.url.bucket, key, byte_range=byte_range, if_match=etag or None
+                await self.s3.get_range_to(
+                    self.url.bucket,
+                    key,
+                    byte_range=get.header,
+                    if_match=etag or None,
+                    on_head=check,
+                    on_data=fill,
+                )
+            if filled < len(into):  # a connection cut short: worth another try
+                raise TransientError(
+                    f"{where} ({get.header}): truncated response, {filled} of {len(into)} bytes"
                 )
 
-        return await call_with_retries(attempt, policy=self.policy, on_retry=self.counters.retried)
+        await call_with_retries(attempt, policy=self.policy, on_retry=self.counters.retried)
 
     async def _shard_range(self, get: RangeGet, by_path: dict[str, Item]) -> None:
         """One sequential ranged GET of a shard, split into its member files as it arrives."""
         size = get.end - get.start
         etag = by_path[get.members[0].path].etag
         where = f"s3://{self.url.bucket}/{get.key}"
-        # Twice the range: its chunks and their joined copy coexist for a moment.
-        held = min(2 * size, self.budget.capacity)
         try:
-            await self.budget.acquire(held)
+            await self.budget.acquire(size)
             try:
-                chunks, status, content_range = await self._get_chunks(get.key, get.header, etag)
-                body = await anyio.to_thread.run_sync(b"".join, chunks)
-                del chunks
-                check_ranged_response(
-                    get,
-                    status=status,
-                    content_range=content_range,
-                    body_length=len(body),
-                    where=where,
-                )
-                view = memoryview(body)  # members are views of the range: no copy per file
+                view = memoryview(bytearray(size))  # members are views of it: no copy per file
+                await self._get_range(get.key, get, etag, view)
                 files: list[tuple[Item, bytes | memoryview]] = []
                 for member in get.members:
-                    item = by_path[member.path]
                     start = member.offset - get.start
-                    data = view[start : start + member.size]
-                    if item.crc32 is not None and crc32_to_base64(crc32(data)) != item.crc32:
+                    files.append((by_path[member.path], view[start : start + member.size]))
+                crcs = await anyio.to_thread.run_sync(
+                    lambda: [crc32_to_base64(crc32(data)) for _, data in files]
+                )
+                for (item, _), crc in zip(files, crcs, strict=True):
+                    if item.crc32 is not None and crc != item.crc32:
                         raise IntegrityError(f"{item.path}: checksum mismatch in {where}")
-                    files.append((item, data))
                 await self._write_many(files)
             finally:
-                self.budget.release(held)
+                self.budget.release(size)
         except DiskFullError:
             raise  # every other file would fail the same way: stop the download
         except S3XferError as error:

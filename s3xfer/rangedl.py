@@ -11,6 +11,7 @@ before, so a process killed at any moment leaves a state the next call can conti
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import zlib
@@ -27,6 +28,7 @@ from .engine import ByteBudget
 from .errors import IntegrityError, UsageError, first_error
 from .localfs import destination_error
 from .ranges import RangeGet, check_ranged_response
+from .rawhttp import PIECE_SIZE
 from .retry import RetryPolicy, TransientError, call_with_retries
 
 SIDECAR_VERSION = 1
@@ -38,9 +40,16 @@ _VERIFY_CHUNK = 1024 * 1024  # reading back reused ranges: bounded memory, not b
 class RangeSource(Protocol):
     """What this module needs from S3 (s3.S3 provides it; tests may hand in a fake)."""
 
-    async def get_range_chunks(
-        self, bucket: str, key: str, *, byte_range: str | None, if_match: str | None = None
-    ) -> tuple[list[bytes], int, str | None]: ...
+    async def get_range_to(
+        self,
+        bucket: str,
+        key: str,
+        *,
+        byte_range: str,
+        if_match: str | None = None,
+        on_head: Callable[[int, str | None, int], None],
+        on_data: Callable[[memoryview], None],
+    ) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,27 +285,24 @@ def _open_partial(
     return fd, fresh
 
 
-_IOV_BATCH = 512
+class _RangeWriter:
+    """Writes the pieces of one range at their offsets as they arrive (in the GET's worker
+    thread, while they are in the CPU cache), keeping their CRC32."""
 
+    def __init__(self, fd: int, offset: int, path: Path) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.path = path
+        self.crc = 0
+        self.written = 0
 
-def _write_at(fd: int, chunks: list[bytes], offset: int, path: Path) -> int:
-    """Write the chunks back to back at offset (one vectored write, repeated if the file takes
-    them in pieces); their CRC32."""
-    crc = 0
-    for chunk in chunks:
-        crc = zlib.crc32(chunk, crc)
-    views = [memoryview(chunk) for chunk in chunks if chunk]
-    with _local_errors(path):
-        while views:
-            # At most _IOV_BATCH buffers per call: the kernel refuses more than IOV_MAX.
-            written = os.pwritev(fd, views[:_IOV_BATCH], offset)
-            offset += written
-            while views and written >= len(views[0]):
-                written -= len(views[0])
-                views.pop(0)
-            if views and written:
-                views[0] = views[0][written:]
-    return crc
+    def write(self, piece: memoryview) -> None:
+        self.crc = zlib.crc32(piece, self.crc)
+        with _local_errors(self.path):
+            while piece:
+                done = os.pwrite(self.fd, piece, self.offset + self.written)
+                piece = piece[done:]
+                self.written += done
 
 
 def _finish(job: RangedDownload) -> None:
@@ -348,17 +354,14 @@ async def download_ranges(
 ) -> DownloadResult:
     """Fetch job's object into job.dest, continuing an interrupted download of the same object.
 
-    `limiter` bounds GETs in flight, `budget` the bytes held between a GET and its write.
+    `limiter` bounds GETs in flight; each holds one receive piece (PIECE_SIZE bytes) of
+    `budget` while it streams: a range is written as it arrives, never held whole.
     on_progress receives byte counts as ranges land on disk (ranges reused from an earlier
     call are reported once, at the start). An existing dest is replaced. On IntegrityError
     (checksum mismatch, object replaced, wrong range served) the partial files are removed;
     on any other failure they are kept for the next call to continue.
     """
     ranges = split_ranges(job.size, range_size=range_size)
-    if ranges and max(r.length for r in ranges) > budget.capacity:
-        raise UsageError(
-            f"range size {range_size} does not fit the memory budget of {budget.capacity} bytes"
-        )
     expected: int | None = None
     if job.expected_crc32 is not None:
         try:
@@ -381,36 +384,51 @@ async def download_ranges(
         if on_retry is not None:
             on_retry(error)
 
-    async def get(piece: ByteRange) -> list[bytes]:
-        # The body stays in the chunks it arrived in: written with one vectored pwrite.
-        body, status, content_range = await s3.get_range_chunks(
-            job.bucket, job.key, byte_range=piece.header, if_match=job.etag
+    async def get(piece: ByteRange) -> int:
+        """The range written at its offset: its CRC32."""
+        asked = RangeGet(job.key, piece.start, piece.end, ())
+        writer = _RangeWriter(fd, piece.start, job.dest)  # afresh for each attempt
+
+        def check(status: int, content_range: str | None, length: int) -> None:
+            check_ranged_response(
+                asked,
+                status=status,
+                content_range=content_range,
+                body_length=piece.length if length < 0 else length,
+                where=where,
+            )
+
+        length = await s3.get_range_to(
+            job.bucket,
+            job.key,
+            byte_range=piece.header,
+            if_match=job.etag,
+            on_head=check,
+            on_data=writer.write,
         )
-        length = sum(len(chunk) for chunk in body)
         if length < piece.length:  # a connection cut short: worth another try
             raise TransientError(
                 f"{where} ({piece.header}): truncated response, {length} of {piece.length} bytes"
             )
-        check_ranged_response(
-            RangeGet(job.key, piece.start, piece.end, ()),
-            status=status,
-            content_range=content_range,
-            body_length=length,
-            where=where,
-        )
-        return body
+        return writer.crc
+
+    held = min(PIECE_SIZE, budget.capacity)
+    # Ranges started but not done: one per GET slot, not one task per range of a huge object.
+    waiting = anyio.Semaphore(max(1, int(limiter.total_tokens)))
 
     async def fetch(piece: ByteRange) -> None:
         nonlocal fetched_bytes
         try:
-            async with limiter:
-                body = await call_with_retries(
-                    lambda: get(piece), policy=policy, on_retry=count_retry
-                )
-            crc = await anyio.to_thread.run_sync(_write_at, fd, body, piece.start, job.dest)
-            del body
+            await budget.acquire(held)  # before the GET slot, as every download task does
+            try:
+                async with limiter:
+                    crc = await call_with_retries(
+                        functools.partial(get, piece), policy=policy, on_retry=count_retry
+                    )
+            finally:
+                budget.release(held)
         finally:
-            budget.release(piece.length)
+            waiting.release()
         await journal.record(piece.index, crc)
         fetched_bytes += piece.length
         if on_progress is not None:
@@ -423,8 +441,7 @@ async def download_ranges(
             with first_error():
                 async with anyio.create_task_group() as group:
                     for piece in todo:
-                        # Taken here, in order: at most budget/range_size tasks exist at once.
-                        await budget.acquire(piece.length)
+                        await waiting.acquire()  # released by fetch
                         group.start_soon(fetch, piece)
         finally:
             with anyio.CancelScope(shield=True):

@@ -15,6 +15,8 @@ import datetime
 import io
 import math
 import re
+import ssl
+import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, nullcontext
@@ -28,7 +30,7 @@ import yarl
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 
-from . import sigv4
+from . import rawhttp, sigv4
 from .errors import (
     AccessDeniedError,
     EndpointError,
@@ -157,6 +159,11 @@ class Connection:
             raise UsageError(f"expected bucket owner must be a 12-digit AWS account id: {owner!r}")
 
 
+# Accepts or refuses (by raising) a GET's answer before its body: status, Content-Range,
+# Content-Length (-1 when not given).
+BodyCheck = Callable[[int, str | None, int], None]
+
+
 class UnreachableError(TransientError):
     """The connection could not even be opened (refused, no route, DNS, connect timeout)."""
 
@@ -209,11 +216,13 @@ def _translate(
         return UsageError(f"no such AWS profile: {exc.kwargs.get('profile')}")
     if isinstance(exc, bx.EndpointConnectionError | bx.ConnectTimeoutError):
         return UnreachableError(f"cannot reach the endpoint for {where}: {exc}")
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, aiohttp.ClientConnectorError | rawhttp.ConnectError):
         return UnreachableError(f"cannot reach the endpoint for {where}: {exc}")
     if isinstance(exc, bx.ReadTimeoutError | bx.ConnectionClosedError | bx.ResponseStreamingError):
         return TransientError(f"connection failed on {where}: {exc}")
     if isinstance(exc, bx.HTTPClientError | aiohttp.ClientError | asyncio.TimeoutError):
+        return TransientError(f"connection failed on {where}: {type(exc).__name__}: {exc}")
+    if isinstance(exc, ConnectionError | ssl.SSLError):  # the threaded GETs of rawhttp.py
         return TransientError(f"connection failed on {where}: {type(exc).__name__}: {exc}")
     if isinstance(exc, bx.NoRegionError):
         return UsageError("no AWS region configured: pass --region or set AWS_DEFAULT_REGION")
@@ -226,7 +235,14 @@ def map_errors(
 ) -> Iterator[None]:
     try:
         yield
-    except (TimeoutError, bx.BotoCoreError, bx.ClientError, aiohttp.ClientError) as exc:
+    except (
+        TimeoutError,
+        ConnectionError,
+        ssl.SSLError,
+        bx.BotoCoreError,
+        bx.ClientError,
+        aiohttp.ClientError,
+    ) as exc:
         mapped = _translate(exc, bucket=bucket, key=key, byte_range=byte_range)
         if mapped is None:
             where = _where(bucket, key, byte_range)
@@ -509,29 +525,45 @@ class S3:
         status = int(response["ResponseMetadata"]["HTTPStatusCode"])
         return body, status, response.get("ContentRange")
 
-    async def get_range_chunks(
-        self, bucket: str, key: str, *, byte_range: str | None, if_match: str | None = None
-    ) -> tuple[list[bytes], int, str | None]:
-        """Like get_range, but the body as the chunks it arrived in: joining a large body is a
-        copy on the event loop, and a vectored write to a file does not need it."""
+    async def get_range_to(
+        self,
+        bucket: str,
+        key: str,
+        *,
+        byte_range: str,
+        if_match: str | None = None,
+        on_head: BodyCheck,
+        on_data: rawhttp.OnData,
+    ) -> int:
+        """One ranged GET whose body is handed to on_data piece by piece, in worker threads,
+        after on_head(status, Content-Range, Content-Length) has accepted it: the body length.
+
+        On the lean path the pieces come straight from the socket (rawhttp.py); otherwise
+        they are botocore's chunks. A retry must start its own on_data state afresh."""
         if self.lean is not None and self.lean.can_put(bucket):
             async with self._request("get_object", bucket, key, byte_range):
-                return await self.lean.get_chunks(
+                return await self.lean.get_to(
                     bucket,
                     key,
                     byte_range=byte_range,
                     if_match=if_match,
+                    on_head=on_head,
+                    on_data=on_data,
                     headers=self._lean_headers,
                 )
-        kwargs: dict[str, Any] = {"Range": byte_range} if byte_range else {}
+        kwargs: dict[str, Any] = {"Range": byte_range}
         if if_match:
             kwargs["IfMatch"] = if_match
+        length = 0
         async with self._request("get_object", bucket, key, byte_range):
             response = await self.client.get_object(Bucket=bucket, Key=key, **kwargs)
+            status = int(response["ResponseMetadata"]["HTTPStatusCode"])
+            on_head(status, response.get("ContentRange"), int(response.get("ContentLength", -1)))
             async with response["Body"] as stream:
-                chunks = [chunk async for chunk in stream.iter_chunks(1024 * 1024)]
-        status = int(response["ResponseMetadata"]["HTTPStatusCode"])
-        return chunks, status, response.get("ContentRange")
+                async for chunk in stream.iter_chunks(rawhttp.PIECE_SIZE):
+                    await anyio.to_thread.run_sync(on_data, memoryview(chunk))
+                    length += len(chunk)
+        return length
 
     async def list_objects(self, bucket: str, prefix: str) -> AsyncIterator[dict[str, Any]]:
         """Every object under a prefix, page by page (1,000 keys per request)."""
@@ -568,9 +600,14 @@ class _LeanPut:
         region: str,
         credentials: Callable[[], Awaitable[sigv4.Credentials | None]],
         stall_timeout: float = 60.0,
+        verify_ssl: bool = True,
+        pool_size: int = 32,
     ) -> None:
         self.http = http
         self.stall_timeout = stall_timeout
+        self.verify_ssl = verify_ssl
+        self.pool_size = pool_size
+        self._raw_pools: dict[str, rawhttp.HttpPool] = {}  # by origin: GETs in worker threads
         self.endpoint_url = endpoint_url.rstrip("/") if endpoint_url else None
         self.region = region
         self.credentials = credentials
@@ -635,23 +672,39 @@ class _LeanPut:
             text = await response.text(errors="replace")
         raise _client_error(response.status, text, "PutObject")
 
-    async def get_chunks(
+    def _raw_pool(self, url: str) -> rawhttp.HttpPool:
+        scheme, _, rest = url.partition("://")
+        origin = f"{scheme}://{rest.split('/', 1)[0]}"
+        pool = self._raw_pools.get(origin)
+        if pool is None:
+            pool = rawhttp.HttpPool(
+                origin, verify_ssl=self.verify_ssl, timeout=self.stall_timeout, size=self.pool_size
+            )
+            self._raw_pools[origin] = pool
+        return pool
+
+    def close(self) -> None:
+        for pool in self._raw_pools.values():
+            pool.close()
+        self._raw_pools.clear()
+
+    async def get_to(
         self,
         bucket: str,
         key: str,
         *,
-        byte_range: str | None,
+        byte_range: str,
         if_match: str | None,
+        on_head: BodyCheck,
+        on_data: rawhttp.OnData,
         headers: Mapping[str, str] | None = None,
-    ) -> tuple[list[bytes], int, str | None]:
-        """GetObject (of one range), the body in the chunks it arrived in."""
+    ) -> int:
+        """GetObject of one range in a worker thread (rawhttp.py); the body length."""
         credentials = await self.credentials()
         if credentials is None:
             raise bx.NoCredentialsError()
         url, region = self._url(bucket, key, {})
-        wanted = dict(headers or {})
-        if byte_range:
-            wanted["range"] = byte_range
+        wanted = {**(headers or {}), "range": byte_range}
         if if_match:
             wanted["if-match"] = if_match
         signed = sigv4.sign(
@@ -662,15 +715,42 @@ class _LeanPut:
             region=region,
             now=datetime.datetime.now(datetime.UTC),
         )
-        async with self.http.get(
-            yarl.URL(url, encoded=True), headers=signed, auto_decompress=False
-        ) as response:
-            if response.status in (200, 206):
-                # As received: asking for fixed-size chunks would join them on the event loop.
-                chunks = [chunk async for chunk in response.content.iter_any()]
-                return chunks, response.status, response.headers.get("Content-Range")
-            text = await response.text(errors="replace")
-        raise _client_error(response.status, text, "GetObject")
+        pool = self._raw_pool(url)
+        target = "/" + url.split("://", 1)[1].split("/", 1)[1]
+        token = rawhttp.CancelToken()
+
+        def check(status: int, answered: Mapping[str, str]) -> None:
+            on_head(status, answered.get("content-range"), int(answered.get("content-length", -1)))
+
+        response = await _cancellable_in_thread(
+            lambda: pool.get(target, signed, on_head=check, on_data=on_data, cancel=token), token
+        )
+        if 200 <= response.status < 300:
+            return response.length
+        raise _client_error(response.status, response.error_text, "GetObject")
+
+
+async def _cancellable_in_thread(
+    call: Callable[[], rawhttp.Response], token: rawhttp.CancelToken
+) -> rawhttp.Response:
+    """Run a blocking GET in a worker thread. When the caller is cancelled, the GET's socket is
+    shut down and the thread is waited for (it ends at once): it must not outlive the file it
+    writes to."""
+    finished = threading.Event()
+
+    def run() -> rawhttp.Response:
+        try:
+            return call()
+        finally:
+            finished.set()
+
+    try:
+        return await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
+    except anyio.get_cancelled_exc_class():
+        token.cancel()
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(finished.wait)
+        raise
 
 
 def _client_error(status: int, text: str, operation: str) -> bx.ClientError:
@@ -717,13 +797,17 @@ async def _lean_put(
             skip_auto_headers=("Content-Type",),
         )
     )
-    return _LeanPut(
+    lean = _LeanPut(
         http,
         endpoint_url=connection.endpoint_url,
         region=client.meta.region_name or "us-east-1",
         credentials=credentials,
         stall_timeout=connection.stall_timeout,
+        verify_ssl=connection.verify_ssl,
+        pool_size=pool,
     )
+    stack.callback(lean.close)
+    return lean
 
 
 @asynccontextmanager

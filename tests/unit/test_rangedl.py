@@ -8,6 +8,7 @@ import random
 import re
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -28,6 +29,7 @@ from s3xfer.rangedl import (
     sidecar_path,
     split_ranges,
 )
+from s3xfer.rawhttp import PIECE_SIZE
 from s3xfer.retry import RetryPolicy, TransientError
 
 FAST_RETRIES = RetryPolicy(max_attempts=3, base_delay=0.0, max_delay=0.0)
@@ -102,10 +104,16 @@ class ScriptedS3:
         self.in_flight = 0
         self.peak_in_flight = 0
 
-    async def get_range_chunks(
-        self, bucket: str, key: str, *, byte_range: str | None, if_match: str | None = None
-    ) -> tuple[list[bytes], int, str | None]:
-        assert byte_range is not None
+    async def get_range_to(
+        self,
+        bucket: str,
+        key: str,
+        *,
+        byte_range: str,
+        if_match: str | None = None,
+        on_head: Callable[[int, str | None, int], None],
+        on_data: Callable[[memoryview], None],
+    ) -> int:
         self.gets[byte_range] += 1
         if if_match != self.etag:
             raise IntegrityError(f"s3://{bucket}/{key} was replaced (ETag no longer matches)")
@@ -115,7 +123,8 @@ class ScriptedS3:
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
-            await anyio.lowlevel.checkpoint()  # let other ranges start: exercises the limiter
+            for _ in range(10):  # a GET takes a while: other ranges start, the limiter bounds them
+                await anyio.lowlevel.checkpoint()
         finally:
             self.in_flight -= 1
         body = self.data[start : last + 1]
@@ -124,9 +133,11 @@ class ScriptedS3:
             body = body[:-1]
         if byte_range in self.wrong_range:
             start, last = start + 1, last + 1
-        # Split in uneven chunks, as a socket delivers them: the writer must reassemble them.
-        chunks = [body[i : i + 70_001] for i in range(0, len(body), 70_001)] or [b""]
-        return chunks, 206, f"bytes {start}-{last}/{len(self.data)}"
+        on_head(206, f"bytes {start}-{last}/{len(self.data)}", -1)
+        # In uneven pieces, as a socket delivers them: the writer must place each one.
+        for i in range(0, len(body), 70_001):
+            on_data(memoryview(body[i : i + 70_001]))
+        return len(body)
 
 
 def job_for(
@@ -159,7 +170,7 @@ def run(
             job,
             range_size=range_size,
             limiter=anyio.CapacityLimiter(limit),
-            budget=budget or ByteBudget(4 * range_size),
+            budget=budget or ByteBudget(4 * PIECE_SIZE),
             on_progress=None if progress is None else progress.append,
             policy=FAST_RETRIES,
         )
@@ -175,7 +186,7 @@ def test_download_writes_verified_bytes_with_mtime_and_mode_and_leaves_no_partia
 ) -> None:
     s3 = ScriptedS3(DATA)
     dest = tmp_path / "out" / "big.bin"
-    budget = ByteBudget(3000)
+    budget = ByteBudget(3 * PIECE_SIZE)  # room for a receive piece per GET slot
     progress: list[int] = []
     result = run(s3, job_for(DATA, dest), budget=budget, progress=progress)
     assert dest.read_bytes() == DATA
@@ -190,7 +201,7 @@ def test_download_writes_verified_bytes_with_mtime_and_mode_and_leaves_no_partia
     )
     assert sum(progress) == len(DATA)
     assert sorted(p.name for p in dest.parent.iterdir()) == ["big.bin"]
-    assert budget.peak <= 3000 and budget.used == 0
+    assert budget.peak <= 3 * PIECE_SIZE and budget.used == 0
     assert 1 < s3.peak_in_flight <= 3
 
 
@@ -292,20 +303,35 @@ def test_an_empty_object_needs_no_request(tmp_path: Path) -> None:
     assert result.crc32 == "AAAAAA==" and not s3.gets
 
 
-def test_a_range_larger_than_the_memory_budget_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="memory budget"):
-        run(ScriptedS3(DATA), job_for(DATA, tmp_path / "x"), budget=ByteBudget(999))
+def test_ranges_larger_than_the_memory_budget_stream_within_it(tmp_path: Path) -> None:
+    # Each range is written as it arrives: the budget bounds pieces in flight, not ranges.
+    budget = ByteBudget(999)
+    run(ScriptedS3(DATA), job_for(DATA, tmp_path / "x"), range_size=5000, budget=budget)
+    assert (tmp_path / "x").read_bytes() == DATA
+    assert 0 < budget.peak <= 999
 
 
 def test_transient_errors_are_not_swallowed_past_the_retry_limit(tmp_path: Path) -> None:
     class AlwaysShort(ScriptedS3):
-        async def get_range_chunks(
-            self, bucket: str, key: str, *, byte_range: str | None, if_match: str | None = None
-        ) -> tuple[list[bytes], int, str | None]:
-            body, status, content_range = await super().get_range_chunks(
-                bucket, key, byte_range=byte_range, if_match=if_match
+        async def get_range_to(
+            self,
+            bucket: str,
+            key: str,
+            *,
+            byte_range: str,
+            if_match: str | None = None,
+            on_head: Callable[[int, str | None, int], None],
+            on_data: Callable[[memoryview], None],
+        ) -> int:
+            await super().get_range_to(
+                bucket,
+                key,
+                byte_range=byte_range,
+                if_match=if_match,
+                on_head=on_head,
+                on_data=on_data,
             )
-            return [b"".join(body)[:1]], status, content_range
+            return 1
 
     dest = tmp_path / "big.bin"
     with pytest.raises(TransientError, match="truncated"):
@@ -314,17 +340,17 @@ def test_transient_errors_are_not_swallowed_past_the_retry_limit(tmp_path: Path)
     assert partial_path(dest).exists() and sidecar_path(dest).exists()
 
 
-def test_many_small_chunks_are_written_in_order(tmp_path: Path) -> None:
-    # More buffers than one vectored write may take (IOV_MAX): written in batches, in order.
-    from s3xfer.rangedl import _write_at
+def test_pieces_are_written_at_their_offsets_with_their_crc(tmp_path: Path) -> None:
+    from s3xfer.rangedl import _RangeWriter
 
-    chunks = [bytes([n % 251]) * (n % 7 + 1) for n in range(3000)]
+    data = bytes(range(256)) * 300
     path = tmp_path / "out.bin"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        crc = _write_at(fd, chunks, 10, path)
+        writer = _RangeWriter(fd, 10, path)
+        for start in range(0, len(data), 7_777):
+            writer.write(memoryview(data[start : start + 7_777]))
     finally:
         os.close(fd)
-    expected = b"".join(chunks)
-    assert path.read_bytes()[10:] == expected
-    assert crc == zlib.crc32(expected)
+    assert path.read_bytes() == bytes(10) + data
+    assert writer.crc == zlib.crc32(data) and writer.written == len(data)

@@ -1,0 +1,312 @@
+"""Blocking HTTP/1.1 GETs run in worker threads, their bodies handed to a callback piece by
+piece: the data path of large downloads.
+
+On the event loop every 64 KiB of a response is one receive and one callback, all on one core.
+Here each GET is one thread that receives into a small reused buffer with the GIL released and
+passes each piece on while it is still in the CPU cache (the caller checksums it and writes it
+at its offset), so several ranges move in parallel and nothing is ever joined. Signing and the
+translation of errors stay in s3.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+_MAX_HEAD = 64 * 1024  # status line and headers; S3's are a few hundred bytes
+_MAX_ERROR_BODY = 64 * 1024  # an error document; more is cut (the connection is then closed)
+PIECE_SIZE = 256 * 1024  # bytes per receive: small enough to stay in the CPU cache until written
+_CONNECT_TIMEOUT = 10.0  # seconds, as for the aiohttp and botocore clients
+
+
+class ProtocolError(ConnectionError):
+    """The server's answer is not HTTP/1.1 as expected (a retry on a new connection may do)."""
+
+
+class ConnectError(ConnectionError):
+    """No connection could be opened (refused, no route, name unknown, TLS refused)."""
+
+
+class Cancelled(ConnectionError):
+    """The request was cancelled from another thread."""
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    headers: Mapping[str, str]  # names in lower case
+    length: int  # body bytes passed to on_data (2xx only)
+    error_text: str  # the body of a non-2xx answer, else ""
+
+
+# Called, in the worker thread, with a 2xx answer's status and headers before any of its body;
+# raising refuses the body (the connection is then closed, not drained).
+OnHead = Callable[[int, Mapping[str, str]], None]
+# Called with each piece of a 2xx body, in order; the view is reused once the call returns.
+OnData = Callable[[memoryview], None]
+
+_scratch = threading.local()
+
+
+def _piece_buffer() -> memoryview:
+    """This thread's receive buffer: reused, so no GET pays page faults for a fresh one."""
+    buffer: memoryview | None = getattr(_scratch, "buffer", None)
+    if buffer is None:
+        buffer = _scratch.buffer = memoryview(bytearray(PIECE_SIZE))
+    return buffer
+
+
+class CancelToken:
+    """Lets the event loop stop a GET that a worker thread is blocked in: the socket is shut
+    down, so the thread's receive returns at once and the call raises Cancelled."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._socket: socket.socket | None = None
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            if self._socket is not None:
+                with contextlib.suppress(OSError):
+                    self._socket.shutdown(socket.SHUT_RDWR)
+
+    def _attach(self, sock: socket.socket | None) -> None:
+        with self._lock:
+            if self.cancelled and sock is not None:
+                raise Cancelled("cancelled")
+            self._socket = sock
+
+
+class _Connection:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.pending = b""  # bytes received past the end of the previous read
+        self.reused = False
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def _read_until(self, marker: bytes, what: str) -> bytes:
+        """Bytes up to and including marker (the rest stays pending)."""
+        data = self.pending
+        while marker not in data:
+            if len(data) > _MAX_HEAD:
+                raise ProtocolError(f"{what} too long")
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionResetError(f"connection closed in the {what}")
+            data += chunk
+        end = data.index(marker) + len(marker)
+        self.pending = data[end:]
+        return data[:end]
+
+    def read_head(self) -> bytes:
+        return self._read_until(b"\r\n\r\n", "response head")
+
+    def read_line(self) -> bytes:
+        return self._read_until(b"\r\n", "chunk header")
+
+    def stream(self, length: int, on_data: OnData) -> None:
+        """Pass exactly `length` body bytes to on_data, piece by piece."""
+        got = 0
+        if self.pending:
+            first, self.pending = self.pending[:length], self.pending[length:]
+            on_data(memoryview(first))
+            got = len(first)
+        buffer = _piece_buffer()
+        while got < length:
+            n = self.sock.recv_into(buffer, min(len(buffer), length - got))
+            if n == 0:
+                raise ConnectionResetError(
+                    f"connection closed after {got:,} of {length:,} body bytes"
+                )
+            on_data(buffer[:n])
+            got += n
+
+
+def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise ProtocolError(f"not an HTTP/1.1 status line: {lines[0][:80]!r}")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise ProtocolError(f"malformed header line: {line[:80]!r}")
+        headers[name.strip().lower()] = value.strip()
+    return int(parts[1]), headers
+
+
+class HttpPool:
+    """Keep-alive connections to one origin (scheme, host, port), shared by worker threads."""
+
+    def __init__(self, origin: str, *, verify_ssl: bool, timeout: float, size: int) -> None:
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) origin: {origin!r}")
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.netloc = parts.netloc
+        self.timeout = timeout
+        self.size = size
+        self._tls: ssl.SSLContext | None = None
+        if parts.scheme == "https":
+            self._tls = ssl.create_default_context()
+            if not verify_ssl:
+                self._tls.check_hostname = False
+                self._tls.verify_mode = ssl.CERT_NONE
+        self._idle: list[_Connection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<HttpPool {self.netloc} idle={len(self._idle)}>"
+
+    def _connect(self) -> _Connection:
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=_CONNECT_TIMEOUT)
+        except OSError as exc:
+            raise ConnectError(f"cannot connect to {self.netloc}: {exc}") from exc
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls is not None:
+                sock = self._tls.wrap_socket(sock, server_hostname=self.host)
+        except OSError as exc:
+            sock.close()
+            raise ConnectError(f"cannot connect to {self.netloc}: {exc}") from exc
+        return _Connection(sock)
+
+    def _take(self) -> _Connection:
+        with self._lock:
+            if self._idle:
+                connection = self._idle.pop()
+                connection.reused = True
+                return connection
+        return self._connect()
+
+    def _give_back(self, connection: _Connection) -> None:
+        with self._lock:
+            if not self._closed and len(self._idle) < self.size:
+                self._idle.append(connection)
+                return
+        connection.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
+
+    def get(
+        self,
+        target: str,
+        headers: Mapping[str, str],
+        *,
+        on_head: OnHead,
+        on_data: OnData,
+        cancel: CancelToken | None = None,
+    ) -> Response:
+        """GET target (path and query, percent-encoded) with headers; a 2xx body goes to
+        on_head and on_data (see their types). Blocking: call it in a worker thread.
+
+        Raises OSError subclasses (TimeoutError when no byte arrives for `timeout` seconds,
+        ConnectionError when the connection fails or the answer is malformed)."""
+        request = (
+            f"GET {target} HTTP/1.1\r\nhost: {self.netloc}\r\n"
+            + "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+            + "\r\n"
+        ).encode("latin-1")
+        while True:
+            connection = self._take()
+            try:
+                if cancel is not None:
+                    cancel._attach(connection.sock)
+                connection.sock.settimeout(self.timeout)
+                try:
+                    connection.sock.sendall(request)
+                    head = connection.read_head()
+                except (ConnectionError, BrokenPipeError) as exc:
+                    # A kept-alive connection the server closed while idle: GET is idempotent,
+                    # so it is sent once more on a new connection (as aiohttp and browsers do).
+                    if connection.reused and not (cancel is not None and cancel.cancelled):
+                        connection.close()
+                        continue
+                    raise exc
+                response, keep = _read_response(connection, head, on_head, on_data)
+            except BaseException as exc:
+                connection.close()
+                if cancel is not None and cancel.cancelled:
+                    raise Cancelled("cancelled") from exc
+                raise
+            finally:
+                if cancel is not None:
+                    cancel._attach(None)
+            if keep:
+                self._give_back(connection)
+            else:
+                connection.close()
+            return response
+
+
+def _read_response(
+    connection: _Connection, head: bytes, on_head: OnHead, on_data: OnData
+) -> tuple[Response, bool]:
+    """The answer after its head: (response, whether the connection can be reused)."""
+    status, headers = _parse_head(head)
+    keep = headers.get("connection", "").lower() != "close"
+    chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+    length_header = headers.get("content-length")
+    if not chunked and length_header is None and status not in (204, 304):
+        raise ProtocolError("response without Content-Length or chunked encoding")
+    if 200 <= status < 300:
+        on_head(status, headers)
+        if chunked:
+            length = _read_chunked(connection, on_data)
+        else:
+            length = int(length_header or 0)
+            connection.stream(length, on_data)
+        return Response(status, headers, length, ""), keep
+    document = bytearray()
+
+    def keep_start(piece: memoryview) -> None:
+        document.extend(piece[: max(0, _MAX_ERROR_BODY - len(document))])
+
+    if chunked:
+        _read_chunked(connection, keep_start)
+    elif int(length_header or 0) <= _MAX_ERROR_BODY:
+        connection.stream(int(length_header or 0), keep_start)
+    else:  # not worth draining: the connection is dropped instead
+        connection.stream(_MAX_ERROR_BODY, keep_start)
+        keep = False
+    return Response(status, headers, 0, document.decode("utf-8", errors="replace")), keep
+
+
+def _read_chunked(connection: _Connection, on_data: OnData) -> int:
+    """A chunked body, passed to on_data; its length."""
+    total = 0
+    while True:
+        size_line = connection.read_line()
+        try:
+            size = int(size_line.split(b";")[0].strip(), 16)
+        except ValueError as exc:
+            raise ProtocolError(f"bad chunk size line {size_line[:40]!r}") from exc
+        if size == 0:
+            while connection.read_line() != b"\r\n":  # trailers
+                pass
+            return total
+        connection.stream(size, on_data)
+        total += size
+        if connection.read_line() != b"\r\n":
+            raise ProtocolError("chunk not followed by CRLF")
