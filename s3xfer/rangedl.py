@@ -14,6 +14,7 @@ import errno
 import functools
 import json
 import os
+import threading
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -287,18 +288,23 @@ def _open_partial(
 
 class _RangeWriter:
     """Writes the pieces of one range at their offsets as they arrive (in the GET's worker
-    thread, while they are in the CPU cache), keeping their CRC32."""
+    thread, while they are in the CPU cache), keeping their CRC32.
 
-    def __init__(self, fd: int, offset: int, path: Path) -> None:
+    Writes to one file are taken in turn under `lock`: the kernel serialises them anyway (the
+    inode lock), and its waiters spin on a CPU that the other GETs need; a thread waiting for
+    a Python lock sleeps."""
+
+    def __init__(self, fd: int, offset: int, path: Path, lock: threading.Lock) -> None:
         self.fd = fd
         self.offset = offset
         self.path = path
+        self.lock = lock
         self.crc = 0
         self.written = 0
 
     def write(self, piece: memoryview) -> None:
         self.crc = zlib.crc32(piece, self.crc)
-        with _local_errors(self.path):
+        with _local_errors(self.path), self.lock:
             while piece:
                 done = os.pwrite(self.fd, piece, self.offset + self.written)
                 piece = piece[done:]
@@ -373,6 +379,7 @@ async def download_ranges(
         lambda: _open_partial(job, ranges, range_size=range_size, verify_reused=verify_reused)
     )
     journal = _Journal(job.dest, state)
+    file_lock = threading.Lock()
     reused = state.done
     todo = [r for r in ranges if r.index not in reused]
     fetched_bytes = 0
@@ -387,7 +394,7 @@ async def download_ranges(
     async def get(piece: ByteRange) -> int:
         """The range written at its offset: its CRC32."""
         asked = RangeGet(job.key, piece.start, piece.end, ())
-        writer = _RangeWriter(fd, piece.start, job.dest)  # afresh for each attempt
+        writer = _RangeWriter(fd, piece.start, job.dest, file_lock)  # afresh for each attempt
 
         def check(status: int, content_range: str | None, length: int) -> None:
             check_ranged_response(

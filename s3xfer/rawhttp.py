@@ -11,13 +11,18 @@ translation of errors stay in s3.py.
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import ssl
+import struct
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+_DIGITS = re.compile(r"[0-9]{3}")
+_LENGTH = re.compile(r"[0-9]{1,19}")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _MAX_HEAD = 64 * 1024  # status line and headers; S3's are a few hundred bytes
 _MAX_ERROR_BODY = 64 * 1024  # an error document; more is cut (the connection is then closed)
 PIECE_SIZE = 256 * 1024  # bytes per receive: small enough to stay in the CPU cache until written
@@ -85,8 +90,12 @@ class CancelToken:
 
 
 class _Connection:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, *, timeout: float, waitall: bool) -> None:
         self.sock = sock
+        self.timeout = timeout
+        # Plain TCP: one receive call fills a whole piece (MSG_WAITALL), however the bytes
+        # trickle in; TLS sockets take no flags and fill it in a loop.
+        self.flags = socket.MSG_WAITALL if waitall else 0
         self.pending = b""  # bytes received past the end of the previous read
         self.reused = False
 
@@ -100,13 +109,36 @@ class _Connection:
         while marker not in data:
             if len(data) > _MAX_HEAD:
                 raise ProtocolError(f"{what} too long")
-            chunk = self.sock.recv(65536)
+            chunk = self._recv(65536)
             if not chunk:
                 raise ConnectionResetError(f"connection closed in the {what}")
             data += chunk
         end = data.index(marker) + len(marker)
         self.pending = data[end:]
         return data[:end]
+
+    def _recv(self, size: int) -> bytes:
+        try:
+            return self.sock.recv(size)
+        except BlockingIOError as exc:  # SO_RCVTIMEO ran out
+            raise TimeoutError(f"no response for {self.timeout:g} s") from exc
+
+    def _fill(self, view: memoryview) -> None:
+        got = 0
+        while got < len(view):
+            try:
+                n = self.sock.recv_into(view[got:], len(view) - got, self.flags)
+            except BlockingIOError as exc:  # SO_RCVTIMEO ran out
+                raise TimeoutError(f"no data for {self.timeout:g} s") from exc
+            if n == 0:
+                raise ConnectionResetError(f"connection closed {len(view) - got:,} bytes early")
+            got += n
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except BlockingIOError as exc:  # SO_SNDTIMEO ran out
+            raise TimeoutError(f"request not taken for {self.timeout:g} s") from exc
 
     def read_head(self) -> bytes:
         return self._read_until(b"\r\n\r\n", "response head")
@@ -123,19 +155,21 @@ class _Connection:
             got = len(first)
         buffer = _piece_buffer()
         while got < length:
-            n = self.sock.recv_into(buffer, min(len(buffer), length - got))
-            if n == 0:
+            piece = buffer[: min(len(buffer), length - got)]
+            try:
+                self._fill(piece)
+            except ConnectionResetError as exc:
                 raise ConnectionResetError(
-                    f"connection closed after {got:,} of {length:,} body bytes"
-                )
-            on_data(buffer[:n])
-            got += n
+                    f"connection closed before the end of a {length:,}-byte body"
+                ) from exc
+            on_data(piece)
+            got += len(piece)
 
 
 def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not _DIGITS.fullmatch(parts[1]):
         raise ProtocolError(f"not an HTTP/1.1 status line: {lines[0][:80]!r}")
     headers: dict[str, str] = {}
     for line in lines[1:]:
@@ -182,10 +216,19 @@ class HttpPool:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._tls is not None:
                 sock = self._tls.wrap_socket(sock, server_hostname=self.host)
+                sock.settimeout(self.timeout)
+            else:
+                # Blocking, with the kernel's own timeouts: MSG_WAITALL then works.
+                sock.settimeout(None)
+                # (at least 1 ms: a zero timeval would mean no timeout at all)
+                seconds, fraction = divmod(max(self.timeout, 0.001), 1)
+                timeval = struct.pack("ll", int(seconds), int(fraction * 1e6))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         except OSError as exc:
             sock.close()
             raise ConnectError(f"cannot connect to {self.netloc}: {exc}") from exc
-        return _Connection(sock)
+        return _Connection(sock, timeout=self.timeout, waitall=self._tls is None)
 
     def _take(self) -> _Connection:
         with self._lock:
@@ -233,9 +276,8 @@ class HttpPool:
             try:
                 if cancel is not None:
                     cancel._attach(connection.sock)
-                connection.sock.settimeout(self.timeout)
                 try:
-                    connection.sock.sendall(request)
+                    connection.send(request)
                     head = connection.read_head()
                 except (ConnectionError, BrokenPipeError) as exc:
                     # A kept-alive connection the server closed while idle: GET is idempotent,
@@ -253,6 +295,9 @@ class HttpPool:
             finally:
                 if cancel is not None:
                     cancel._attach(None)
+            if cancel is not None and cancel.cancelled:  # its socket may be shut down already
+                connection.close()
+                raise Cancelled("cancelled")
             if keep:
                 self._give_back(connection)
             else:
@@ -270,6 +315,8 @@ def _read_response(
     length_header = headers.get("content-length")
     if not chunked and length_header is None and status not in (204, 304):
         raise ProtocolError("response without Content-Length or chunked encoding")
+    if length_header is not None and not _LENGTH.fullmatch(length_header):
+        raise ProtocolError(f"bad Content-Length {length_header[:40]!r}")
     if 200 <= status < 300:
         on_head(status, headers)
         if chunked:
@@ -298,10 +345,10 @@ def _read_chunked(connection: _Connection, on_data: OnData) -> int:
     total = 0
     while True:
         size_line = connection.read_line()
-        try:
-            size = int(size_line.split(b";")[0].strip(), 16)
-        except ValueError as exc:
-            raise ProtocolError(f"bad chunk size line {size_line[:40]!r}") from exc
+        digits = size_line.split(b";")[0].strip()
+        if not _CHUNK_SIZE.fullmatch(digits):
+            raise ProtocolError(f"bad chunk size line {size_line[:40]!r}")
+        size = int(digits, 16)
         if size == 0:
             while connection.read_line() != b"\r\n":  # trailers
                 pass

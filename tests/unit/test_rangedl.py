@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import threading
 import zlib
 from collections import Counter
 from collections.abc import Callable
@@ -347,7 +348,7 @@ def test_pieces_are_written_at_their_offsets_with_their_crc(tmp_path: Path) -> N
     path = tmp_path / "out.bin"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        writer = _RangeWriter(fd, 10, path)
+        writer = _RangeWriter(fd, 10, path, threading.Lock())
         for start in range(0, len(data), 7_777):
             writer.write(memoryview(data[start : start + 7_777]))
     finally:
