@@ -1218,10 +1218,10 @@ def local_s3_command(data_dir: Path | None, buckets: tuple[str, ...]) -> None:
     Picks free ports and generates credentials, waits until the server answers, then prints
     the endpoint and the environment variables to export in another shell.
     """
-    from .locals3 import LocalS3, wait_until_interrupted
+    from .locals3 import LocalS3, stop_signals, wait_until_interrupted
 
     server = LocalS3(data_dir, buckets=buckets)
-    with server as info:
+    with server as info, stop_signals() as stop:
         click.echo(f"S3 endpoint {info.endpoint_url}  (data in {info.data_dir})")
         click.echo("In another shell:")
         for name, value in info.env().items():
@@ -1230,7 +1230,7 @@ def local_s3_command(data_dir: Path | None, buckets: tuple[str, ...]) -> None:
             click.echo(f"Buckets: {', '.join(buckets)}")
         click.echo("Press Ctrl-C to stop.")
         sys.stdout.flush()
-        wait_until_interrupted(server)
+        wait_until_interrupted(server, stop)
     click.echo("stopped")
 
 

@@ -25,7 +25,7 @@ from typing import IO, Any
 
 from s3xfer.errors import LocalS3Error
 
-__all__ = ("LocalS3", "LocalS3Info", "find_weed", "wait_until_interrupted")
+__all__ = ("LocalS3", "LocalS3Info", "find_weed", "stop_signals", "wait_until_interrupted")
 
 HOST = "127.0.0.1"
 REGION = "us-east-1"
@@ -410,34 +410,39 @@ def sync_client(info: LocalS3Info, *, timeout: float | None = None, max_attempts
     )
 
 
-class _Terminated(Exception):
-    """SIGTERM arrived while waiting."""
-
-
 @contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise _Terminated
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: signals are not ours to handle
-        yield
+def stop_signals() -> Iterator[threading.Event]:
+    """While inside, Ctrl-C and SIGTERM only set the event they yield. Installed before the
+    server says it is ready, so a signal sent the moment it does is never lost half-way
+    through printing (as a KeyboardInterrupt raised there could be)."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # signals are not ours to handle
         return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield stop
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
-def wait_until_interrupted(server: LocalS3) -> None:
-    """Block until Ctrl-C or SIGTERM (then return), or until the server dies (then raise)."""
+def wait_until_interrupted(server: LocalS3, stop: threading.Event | None = None) -> None:
+    """Block until `stop` is set (by stop_signals: Ctrl-C or SIGTERM), then return; or until
+    the server dies, then raise."""
     proc = server._proc
     if proc is None:
         raise LocalS3Error("the local S3 server is not started")
-    try:
-        with _sigterm_raises():
-            code = proc.wait()
-    except (KeyboardInterrupt, _Terminated):
-        return
-    raise server._died_error(f"the local S3 server exited unexpectedly with code {code}")
+    with contextlib.ExitStack() as stack:
+        if stop is None:
+            stop = stack.enter_context(stop_signals())
+        while not stop.is_set():
+            try:
+                code = proc.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                continue
+            raise server._died_error(f"the local S3 server exited unexpectedly with code {code}")
