@@ -4,12 +4,11 @@ that chooses the event loop. asyncio, with uvloop when it is installed: a faster
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import signal
 import threading
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
-from types import FrameType
+from collections.abc import Awaitable, Callable
 from typing import TypeVar, TypeVarTuple, Unpack
 
 import anyio
@@ -24,30 +23,44 @@ def run(function: Callable[[Unpack[Args]], Awaitable[T]], *args: *Args) -> T:
 
     Ctrl-C cancels the main task (asyncio's runner does that), so cleanup runs and
     KeyboardInterrupt is raised once it is done; SIGTERM, when the CLI made it mean Ctrl-C,
-    does the same here."""
+    does the same."""
     uvloop = importlib.util.find_spec("uvloop") is not None
-    with _sigterm_as_sigint():
-        return anyio.run(function, *args, backend="asyncio", backend_options={"use_uvloop": uvloop})
+    return anyio.run(
+        _sigterm_cancels,
+        function,
+        *args,
+        backend="asyncio",
+        backend_options={"use_uvloop": uvloop},
+    )
 
 
-def _raise_sigint(signum: int, frame: FrameType | None) -> None:
-    signal.raise_signal(signal.SIGINT)
-
-
-@contextmanager
-def _sigterm_as_sigint() -> Iterator[None]:
-    """While the loop runs, SIGTERM is passed on as SIGINT. Raised as KeyboardInterrupt
-    directly, it could surface inside a transport callback, where the loop swallows it as a
-    "fatal error on transport" and the run goes on; asyncio's SIGINT handler instead cancels
-    the main task, which every await then sees."""
+async def _sigterm_cancels(function: Callable[[Unpack[Args]], Awaitable[T]], *args: *Args) -> T:
+    """SIGTERM (where the CLI maps it to KeyboardInterrupt) cancels the main task from the
+    loop. Raised as KeyboardInterrupt at whatever line runs when it arrives, it could land in
+    a transport callback, where the loop swallows it ("fatal error on transport") and the
+    upload goes on."""
     if (
         threading.current_thread() is not threading.main_thread()
         or signal.getsignal(signal.SIGTERM) is not signal.default_int_handler
     ):
-        yield
-        return
-    signal.signal(signal.SIGTERM, _raise_sigint)
+        return await function(*args)
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    terminated = False
+
+    def on_sigterm() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
     try:
-        yield
+        return await function(*args)
+    except asyncio.CancelledError:
+        if terminated:
+            raise KeyboardInterrupt from None
+        raise
     finally:
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # as the CLI had it

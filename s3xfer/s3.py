@@ -734,11 +734,14 @@ async def _cancellable_in_thread(
     call: Callable[[], rawhttp.Response], token: rawhttp.CancelToken
 ) -> rawhttp.Response:
     """Run a blocking GET in a worker thread. When the caller is cancelled, the GET's socket is
-    shut down and the thread is waited for (it ends at once): it must not outlive the file it
-    writes to."""
+    shut down and a GET already started is waited for (it ends at once): it must not outlive
+    the file it writes to. One not started yet never starts: anyio drops it, and were it
+    picked up anyway, the cancelled token stops it before it sends anything."""
+    started = threading.Event()
     finished = threading.Event()
 
     def run() -> rawhttp.Response:
+        started.set()
         try:
             return call()
         finally:
@@ -748,8 +751,9 @@ async def _cancellable_in_thread(
         return await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
     except anyio.get_cancelled_exc_class():
         token.cancel()
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(finished.wait)
+        if started.is_set():
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(finished.wait)
         raise
 
 

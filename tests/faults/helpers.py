@@ -57,7 +57,7 @@ def interrupt_upload(
                 code = process.wait(timeout=60)
                 if how == signal.SIGTERM:
                     stderr = process.stderr.read().decode() if process.stderr else ""
-                    assert code == 130 and "run the same command again" in stderr, stderr
+                    assert code == 130 and "run the same command again" in stderr, (code, stderr)
                 return events
             if process.poll() is not None:
                 stderr = process.stderr.read().decode() if process.stderr else ""

@@ -756,3 +756,36 @@ def test_a_get_cancelled_during_its_last_piece_does_not_keep_its_shut_down_conne
     with pytest.raises(Cancelled):
         pool.get("/b/k", {}, on_head=lambda *_: None, on_data=cancel_on_data, cancel=token)
     assert idle_connections(pool) == 0
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.anyio
+async def test_a_get_cancelled_before_any_thread_took_it_never_runs() -> None:
+    # Every worker thread busy: the GET is still waiting for one when its caller gives up.
+    # It must return at once, and the GET must never run afterwards.
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    total = limiter.total_tokens
+    release = threading.Event()
+    taken = anyio.Event()
+    ran: list[bool] = []
+    token = CancelToken()
+
+    def hold_the_only_thread() -> None:
+        anyio.from_thread.run_sync(taken.set)
+        release.wait()
+
+    def never_started() -> Response:
+        ran.append(True)
+        return Response(200, {}, 0, "")
+
+    limiter.total_tokens = 1
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(anyio.to_thread.run_sync, hold_the_only_thread)
+            await taken.wait()
+            with anyio.move_on_after(0.2) as scope:
+                await _cancellable_in_thread(never_started, token)
+            release.set()
+    finally:
+        limiter.total_tokens = total
+    assert scope.cancel_called and token.cancelled and not ran
