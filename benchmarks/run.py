@@ -1829,6 +1829,47 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+PLOT_NAME = "benchmarks.png"  # beside the docs file
+
+
+def write_plot(rows: Sequence[Row], path: Path) -> bool:
+    """One panel per dataset and direction: each tool's seconds as a bar (shorter is better).
+    False (and nothing written) without matplotlib, the `plot` extra."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("note: matplotlib is not installed (pip install 's3xfer[plot]'): no plot")
+        return False
+    panels: dict[tuple[str, str], list[tuple[str, float]]] = {}
+    for row in rows:
+        if row.seconds is not None:
+            panels.setdefault((row.dataset, row.direction), []).append((row.tool, row.seconds))
+    if not panels:
+        return False
+    heights = [0.6 + 0.28 * len(bars) for bars in panels.values()]
+    figure, axes = plt.subplots(
+        len(panels), 1, figsize=(8, sum(heights) + 0.4), height_ratios=heights, squeeze=False
+    )
+    for axis, ((dataset, direction), bars) in zip(axes[:, 0], panels.items(), strict=True):
+        names = [tool for tool, _ in bars][::-1]
+        seconds = [value for _, value in bars][::-1]
+        colours = ["tab:blue" if n.startswith("s3xfer") else "tab:gray" for n in names]
+        axis.barh(names, seconds, color=colours)
+        for y, value in enumerate(seconds):
+            axis.text(value, y, f" {value:.2f} s", va="center", fontsize=8)
+        axis.set_title(f"{dataset} {direction}", fontsize=9, loc="left")
+        axis.set_xlim(0, max(seconds) * 1.25)
+        axis.tick_params(labelsize=8)
+    axes[-1, 0].set_xlabel("seconds (wall, start-up included; shorter is better)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     work: Path = args.work.resolve()
@@ -1862,6 +1903,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(section)
     if args.write_docs:
+        if write_plot(rows, args.docs.parent / PLOT_NAME):
+            section += f"\n\n![seconds per tool, dataset and direction]({PLOT_NAME})\n"
         write_section(
             args.docs, section, start=START_MARKER, end=END_MARKER, new_file=DOCS_SKELETON
         )
