@@ -87,6 +87,15 @@ DOWNLOAD_DATASETS = ("small", "large", PATH_DATASET)
 # s3xfer downloads at its defaults: this is the memory budget its RSS target allows for.
 S3XFER_MAX_MEMORY = DEFAULT_MAX_MEMORY
 
+# Why every download and fetch gets a directory of its own, all deleted at the end of the run:
+# ext4 does not reuse an inode freed in the last minute or so, and a tool creating 10,000
+# files right after 10,000 were deleted spends seconds of CPU skipping them (measured: the
+# same s3xfer restore took 1.5 s into a fresh tree and 5 s after a deletion).
+KEEP_DOWNLOADS_NOTE = (
+    "Every download and fetch writes into a directory of its own, all deleted at the end of "
+    "the run: deleting 10,000 files right before another tool creates 10,000 makes ext4 skip "
+    "the freshly freed inodes one by one, seconds of CPU that would be timed as the tool's."
+)
 START_MARKER = "<!-- upload-benchmarks:start -->"
 END_MARKER = "<!-- upload-benchmarks:end -->"
 DOCS_SKELETON = f"""# Benchmarks
@@ -758,7 +767,7 @@ def download_once(
         attempt.error = verify_fetched(dest, expected)
     if attempt.error is None and tool.name.startswith("s3xfer"):
         attempt.error = verify_metadata(dataset, dest)
-    shutil.rmtree(dest, ignore_errors=True)
+    # Kept until the end of the run (KEEP_DOWNLOADS_NOTE).
     return attempt
 
 
@@ -993,8 +1002,7 @@ def fetch_once(
             attempt.error = f"s3xfer reports {attempt.report['files']} files, asked {len(paths)}"
     if attempt.error is None:
         attempt.error = verify_fetched(dest, expected)
-    shutil.rmtree(dest, ignore_errors=True)
-    shutil.rmtree(scratch, ignore_errors=True)
+    # Kept until the end of the run (KEEP_DOWNLOADS_NOTE).
     return attempt
 
 
@@ -1036,7 +1044,7 @@ def run_fetches(
                 fetcher,
                 expected=expected,
                 source_prefix=uploaded[fetcher.source],
-                dest=session.work / "downloads" / f"fetch-{slug}",
+                dest=session.work / "downloads" / f"fetch-{slug}-{n}",
                 log_name=f"{name}-fetch-{slug}-{n}",
             )
             rows[fetcher.name].attempts.append(attempt)
@@ -1234,7 +1242,7 @@ def run_downloads(
                 dataset,
                 expected=expected,
                 source_prefix=prefix,
-                dest=session.work / "downloads" / tool.name,
+                dest=session.work / "downloads" / f"{name}-{tool.name}-{n}",
                 log_name=f"{name}-download-{tool.name}-{n}",
             )
             rows[tool.name].attempts.append(attempt)
@@ -1717,13 +1725,16 @@ def render_section(
         "exactly the dataset's files, each byte-identical to its source (size and SHA-256); "
         "s3xfer's must also carry each source file's mtime and mode, and its `--json` report "
         "must count every file downloaded, none skipped, failed or refused. Dirty pages are "
-        "flushed (`sync`) before each download, outside its timing. s3xfer's download RSS "
+        "flushed (`sync`) before each download, outside its timing. "
+        + KEEP_DOWNLOADS_NOTE
+        + " s3xfer's download RSS "
         f"target allows its memory budget (`--max-memory`, {human_size(S3XFER_MAX_MEMORY)} "
         "by default) on top of the peak RSS of an `s3xfer download` of a one-byte prefix "
         "(interpreter, libraries and client, measured in the same run).",
         "",
         "Reproduce with `make bench` (`python benchmarks/run.py`; about 10 minutes, "
-        "≈2.6 GB of cached datasets in `benchmarks/.work/`) or the smoke run "
+        "≈2.6 GB of cached datasets in `benchmarks/.work/` and up to ≈15 GB of downloads "
+        "while it runs) or the smoke run "
         "`python benchmarks/run.py --quick` (datasets scaled down 10×). Other options: "
         "`--only NAME`, `--tools s3xfer,s5cmd`, `--repeat N` (median seconds, highest RSS), "
         "`--no-downloads` (no download rows), `--no-fetch`, `--work DIR`.",

@@ -49,7 +49,7 @@ class RangeSource(Protocol):
         byte_range: str,
         if_match: str | None = None,
         on_head: Callable[[int, str | None, int], None],
-        on_data: Callable[[memoryview], None],
+        sink: Callable[[memoryview], None],
     ) -> int: ...
 
 
@@ -411,7 +411,7 @@ async def download_ranges(
             byte_range=piece.header,
             if_match=job.etag,
             on_head=check,
-            on_data=writer.write,
+            sink=writer.write,
         )
         if length < piece.length:  # a connection cut short: worth another try
             raise TransientError(

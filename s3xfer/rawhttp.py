@@ -45,7 +45,7 @@ class Cancelled(ConnectionError):
 class Response:
     status: int
     headers: Mapping[str, str]  # names in lower case
-    length: int  # body bytes passed to on_data (2xx only)
+    length: int  # body bytes passed to the sink (2xx only)
     error_text: str  # the body of a non-2xx answer, else ""
 
 
@@ -54,6 +54,9 @@ class Response:
 OnHead = Callable[[int, Mapping[str, str]], None]
 # Called with each piece of a 2xx body, in order; the view is reused once the call returns.
 OnData = Callable[[memoryview], None]
+# Where a 2xx body goes: a callable given each piece (streamed through a reused receive
+# buffer), or a buffer the body is received straight into, from its start.
+Sink = OnData | memoryview
 
 _scratch = threading.local()
 
@@ -146,8 +149,20 @@ class _Connection:
     def read_line(self) -> bytes:
         return self._read_until(b"\r\n", "chunk header")
 
-    def stream(self, length: int, on_data: OnData) -> None:
-        """Pass exactly `length` body bytes to on_data, piece by piece."""
+    def stream(self, length: int, sink: Sink) -> None:
+        """Pass exactly `length` body bytes to the sink."""
+        if isinstance(sink, memoryview):
+            if length > len(sink):
+                raise ProtocolError(
+                    f"a {length:,}-byte body does not fit the {len(sink):,} bytes asked for"
+                )
+            target = sink[:length]
+            got = min(len(self.pending), length)
+            target[:got] = self.pending[:got]
+            self.pending = self.pending[got:]
+            self._fill(target[got:])
+            return
+        on_data = sink
         got = 0
         if self.pending:
             first, self.pending = self.pending[:length], self.pending[length:]
@@ -258,11 +273,12 @@ class HttpPool:
         headers: Mapping[str, str],
         *,
         on_head: OnHead,
-        on_data: OnData,
+        sink: Sink,
         cancel: CancelToken | None = None,
     ) -> Response:
-        """GET target (path and query, percent-encoded) with headers; a 2xx body goes to
-        on_head and on_data (see their types). Blocking: call it in a worker thread.
+        """GET target (path and query, percent-encoded) with headers; a 2xx answer goes to
+        on_head and its body to the sink (see their types). Blocking: call it in a worker
+        thread.
 
         Raises OSError subclasses (TimeoutError when no byte arrives for `timeout` seconds,
         ConnectionError when the connection fails or the answer is malformed)."""
@@ -286,7 +302,7 @@ class HttpPool:
                         connection.close()
                         continue
                     raise exc
-                response, keep = _read_response(connection, head, on_head, on_data)
+                response, keep = _read_response(connection, head, on_head, sink)
             except BaseException as exc:
                 connection.close()
                 if cancel is not None and cancel.cancelled:
@@ -306,7 +322,7 @@ class HttpPool:
 
 
 def _read_response(
-    connection: _Connection, head: bytes, on_head: OnHead, on_data: OnData
+    connection: _Connection, head: bytes, on_head: OnHead, sink: Sink
 ) -> tuple[Response, bool]:
     """The answer after its head: (response, whether the connection can be reused)."""
     status, headers = _parse_head(head)
@@ -320,10 +336,10 @@ def _read_response(
     if 200 <= status < 300:
         on_head(status, headers)
         if chunked:
-            length = _read_chunked(connection, on_data)
+            length = _read_chunked(connection, sink)
         else:
             length = int(length_header or 0)
-            connection.stream(length, on_data)
+            connection.stream(length, sink)
         return Response(status, headers, length, ""), keep
     document = bytearray()
 
@@ -340,8 +356,8 @@ def _read_response(
     return Response(status, headers, 0, document.decode("utf-8", errors="replace")), keep
 
 
-def _read_chunked(connection: _Connection, on_data: OnData) -> int:
-    """A chunked body, passed to on_data; its length."""
+def _read_chunked(connection: _Connection, sink: Sink) -> int:
+    """A chunked body, passed to the sink; its length."""
     total = 0
     while True:
         size_line = connection.read_line()
@@ -353,7 +369,7 @@ def _read_chunked(connection: _Connection, on_data: OnData) -> int:
             while connection.read_line() != b"\r\n":  # trailers
                 pass
             return total
-        connection.stream(size, on_data)
+        connection.stream(size, sink[total:] if isinstance(sink, memoryview) else sink)
         total += size
         if connection.read_line() != b"\r\n":
             raise ProtocolError("chunk not followed by CRLF")

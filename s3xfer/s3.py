@@ -533,13 +533,14 @@ class S3:
         byte_range: str,
         if_match: str | None = None,
         on_head: BodyCheck,
-        on_data: rawhttp.OnData,
+        sink: rawhttp.Sink,
     ) -> int:
-        """One ranged GET whose body is handed to on_data piece by piece, in worker threads,
-        after on_head(status, Content-Range, Content-Length) has accepted it: the body length.
+        """One ranged GET whose body goes to the sink (a callable given each piece, in a
+        worker thread, or a buffer filled from its start) once on_head(status, Content-Range,
+        Content-Length) has accepted the answer: the body length.
 
-        On the lean path the pieces come straight from the socket (rawhttp.py); otherwise
-        they are botocore's chunks. A retry must start its own on_data state afresh."""
+        On the lean path the bytes come straight from the socket (rawhttp.py); otherwise
+        they are botocore's chunks. A retry must start its own sink state afresh."""
         if self.lean is not None and self.lean.can_put(bucket):
             async with self._request("get_object", bucket, key, byte_range):
                 return await self.lean.get_to(
@@ -548,7 +549,7 @@ class S3:
                     byte_range=byte_range,
                     if_match=if_match,
                     on_head=on_head,
-                    on_data=on_data,
+                    sink=sink,
                     headers=self._lean_headers,
                 )
         kwargs: dict[str, Any] = {"Range": byte_range}
@@ -561,7 +562,15 @@ class S3:
             on_head(status, response.get("ContentRange"), int(response.get("ContentLength", -1)))
             async with response["Body"] as stream:
                 async for chunk in stream.iter_chunks(rawhttp.PIECE_SIZE):
-                    await anyio.to_thread.run_sync(on_data, memoryview(chunk))
+                    if not isinstance(sink, memoryview):
+                        await anyio.to_thread.run_sync(sink, memoryview(chunk))
+                    elif length + len(chunk) <= len(sink):
+                        sink[length : length + len(chunk)] = chunk
+                    else:
+                        raise TransientError(
+                            f"{_where(bucket, key, byte_range)}: more bytes answered than the "
+                            f"{len(sink):,} asked for"
+                        )
                     length += len(chunk)
         return length
 
@@ -696,7 +705,7 @@ class _LeanPut:
         byte_range: str,
         if_match: str | None,
         on_head: BodyCheck,
-        on_data: rawhttp.OnData,
+        sink: rawhttp.Sink,
         headers: Mapping[str, str] | None = None,
     ) -> int:
         """GetObject of one range in a worker thread (rawhttp.py); the body length."""
@@ -723,7 +732,7 @@ class _LeanPut:
             on_head(status, answered.get("content-range"), int(answered.get("content-length", -1)))
 
         response = await _cancellable_in_thread(
-            lambda: pool.get(target, signed, on_head=check, on_data=on_data, cancel=token), token
+            lambda: pool.get(target, signed, on_head=check, sink=sink, cancel=token), token
         )
         if 200 <= response.status < 300:
             return response.length

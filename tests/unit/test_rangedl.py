@@ -113,7 +113,7 @@ class ScriptedS3:
         byte_range: str,
         if_match: str | None = None,
         on_head: Callable[[int, str | None, int], None],
-        on_data: Callable[[memoryview], None],
+        sink: Callable[[memoryview], None],
     ) -> int:
         self.gets[byte_range] += 1
         if if_match != self.etag:
@@ -137,7 +137,7 @@ class ScriptedS3:
         on_head(206, f"bytes {start}-{last}/{len(self.data)}", -1)
         # In uneven pieces, as a socket delivers them: the writer must place each one.
         for i in range(0, len(body), 70_001):
-            on_data(memoryview(body[i : i + 70_001]))
+            sink(memoryview(body[i : i + 70_001]))
         return len(body)
 
 
@@ -322,7 +322,7 @@ def test_transient_errors_are_not_swallowed_past_the_retry_limit(tmp_path: Path)
             byte_range: str,
             if_match: str | None = None,
             on_head: Callable[[int, str | None, int], None],
-            on_data: Callable[[memoryview], None],
+            sink: Callable[[memoryview], None],
         ) -> int:
             await super().get_range_to(
                 bucket,
@@ -330,7 +330,7 @@ def test_transient_errors_are_not_swallowed_past_the_retry_limit(tmp_path: Path)
                 byte_range=byte_range,
                 if_match=if_match,
                 on_head=on_head,
-                on_data=on_data,
+                sink=sink,
             )
             return 1
 

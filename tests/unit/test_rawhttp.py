@@ -287,7 +287,7 @@ class Recorder:
         cancel: CancelToken | None = None,
     ) -> Response:
         return pool.get(
-            target, headers or {}, on_head=self.on_head, on_data=self.on_data, cancel=cancel
+            target, headers or {}, on_head=self.on_head, sink=self.on_data, cancel=cancel
         )
 
 
@@ -349,6 +349,43 @@ def test_the_request_carries_its_target_the_host_and_the_headers(
     lines = server.requests[0].decode("latin-1").split("\r\n")
     assert lines[0] == "GET /b/k%20ey?partNumber=2 HTTP/1.1"
     assert f"host: {LOOPBACK}:{server.port}" in lines and "range: bytes=0-0" in lines
+
+
+@pytest.mark.parametrize("sends", ["with the head in one send", "in sends after the head"])
+def test_a_body_is_received_straight_into_a_buffer_sink(
+    serve: Serve, pools: Pools, sends: str
+) -> None:
+    whole = answer(206, BIG)
+    split = len(whole) - len(BIG) + 1000
+    parts = (whole,) if sends.startswith("with") else (whole[:split], whole[split:])
+    server = serve(keep_alive(*parts, sends_per_answer=len(parts)))
+    buffer = bytearray(len(BIG) + 10)
+
+    response = pools.open(server).get("/b/k", {}, on_head=lambda *_: None, sink=memoryview(buffer))
+
+    assert response.length == len(BIG) and bytes(buffer[: len(BIG)]) == BIG
+    assert buffer[len(BIG) :] == bytes(10)  # nothing past the body
+
+
+def test_a_chunked_body_is_received_into_a_buffer_sink_chunk_after_chunk(
+    serve: Serve, pools: Pools
+) -> None:
+    body = [b"first,", pseudo_random(PIECE_SIZE + 3), b"last"]
+    server = serve(keep_alive(head(200, "Transfer-Encoding: chunked") + chunked(*body)))
+    buffer = bytearray(sum(map(len, body)))
+
+    response = pools.open(server).get("/b/k", {}, on_head=lambda *_: None, sink=memoryview(buffer))
+
+    assert response.length == len(buffer) and bytes(buffer) == b"".join(body)
+
+
+def test_a_body_larger_than_its_buffer_sink_is_refused(serve: Serve, pools: Pools) -> None:
+    server = serve(keep_alive(answer(200, b"0123456789")))
+    pool = pools.open(server)
+
+    with pytest.raises(ProtocolError, match="does not fit"):
+        pool.get("/b/k", {}, on_head=lambda *_: None, sink=memoryview(bytearray(9)))
+    assert idle_connections(pool) == 0
 
 
 # --- keep-alive ---------------------------------------------------------------------------------
@@ -591,7 +628,7 @@ def test_an_exception_in_on_head_propagates_and_no_body_is_passed_on(
         raise RuntimeError(f"unexpected {headers['content-range']}")
 
     with pytest.raises(RuntimeError, match="unexpected bytes 5-"):
-        pool.get("/b/k", {}, on_head=refuse, on_data=lambda piece: pieces.append(bytes(piece)))
+        pool.get("/b/k", {}, on_head=refuse, sink=lambda piece: pieces.append(bytes(piece)))
     assert pieces == [] and idle_connections(pool) == 0
 
 
@@ -651,7 +688,7 @@ def test_cancel_from_another_thread_stops_a_blocked_get_at_once(
     canceller.start()
     try:
         with pytest.raises(Cancelled):
-            pool.get("/b/k", {}, on_head=on_head, on_data=recorder.on_data, cancel=token)
+            pool.get("/b/k", {}, on_head=on_head, sink=recorder.on_data, cancel=token)
     finally:
         canceller.join(WAIT)
     elapsed = time.monotonic() - started
@@ -754,7 +791,7 @@ def test_a_get_cancelled_during_its_last_piece_does_not_keep_its_shut_down_conne
         token.cancel()
 
     with pytest.raises(Cancelled):
-        pool.get("/b/k", {}, on_head=lambda *_: None, on_data=cancel_on_data, cancel=token)
+        pool.get("/b/k", {}, on_head=lambda *_: None, sink=cancel_on_data, cancel=token)
     assert idle_connections(pool) == 0
 
 
