@@ -87,14 +87,18 @@ DOWNLOAD_DATASETS = ("small", "large", PATH_DATASET)
 # s3xfer downloads at its defaults: this is the memory budget its RSS target allows for.
 S3XFER_MAX_MEMORY = DEFAULT_MAX_MEMORY
 
-# Why every download and fetch gets a directory of its own, all deleted at the end of the run:
-# ext4 does not reuse an inode freed in the last minute or so, and a tool creating 10,000
-# files right after 10,000 were deleted spends seconds of CPU skipping them (measured: the
-# same s3xfer restore took 1.5 s into a fresh tree and 5 s after a deletion).
-KEEP_DOWNLOADS_NOTE = (
-    "Every download and fetch writes into a directory of its own, all deleted at the end of "
-    "the run: deleting 10,000 files right before another tool creates 10,000 makes ext4 skip "
-    "the freshly freed inodes one by one, seconds of CPU that would be timed as the tool's."
+# Where downloads go, and why: ext4 does not reuse an inode freed in the last minutes, and a
+# tool creating 10,000 files shortly after many were deleted (by the previous row, or a test
+# run) spends seconds of CPU skipping them: the same s3xfer restore took 1.4 s into a fresh
+# tree and 3 to 6 s after deletions. A tmpfs has no such memory; on a disk, every download
+# gets a directory of its own, all deleted at the end of the run.
+DOWNLOADS_NOTE = (
+    "Downloads and fetches are written to a tmpfs (/dev/shm) when it has room, each into an "
+    "empty directory removed after it is checked; otherwise to the work directory's disk, "
+    "each into a directory of its own, all removed at the end of the run. On ext4, a tool "
+    "creating 10,000 files shortly after many were deleted spends seconds of CPU skipping "
+    "the freshly freed inodes (the same restore took 1.4 s or 3 to 6 s): that would be "
+    "timed as the tool's, and it is the disk's, not the tool's or the network's."
 )
 START_MARKER = "<!-- upload-benchmarks:start -->"
 END_MARKER = "<!-- upload-benchmarks:end -->"
@@ -690,6 +694,12 @@ class Session:
     server: Any  # psutil.Process of the server, for its CPU time
     work: Path
     logs: Path
+    downloads: Path  # where downloads and fetches write (see downloads_root)
+
+    @property
+    def keep_downloads(self) -> bool:
+        """On a disk, until the end of the run (DOWNLOADS_NOTE); on a tmpfs, not."""
+        return not is_tmpfs(self.downloads)
 
     def server_cpu_seconds(self) -> float:
         try:
@@ -767,7 +777,8 @@ def download_once(
         attempt.error = verify_fetched(dest, expected)
     if attempt.error is None and tool.name.startswith("s3xfer"):
         attempt.error = verify_metadata(dataset, dest)
-    # Kept until the end of the run (KEEP_DOWNLOADS_NOTE).
+    if not session.keep_downloads:
+        shutil.rmtree(dest, ignore_errors=True)
     return attempt
 
 
@@ -813,7 +824,7 @@ def baseline_rss(session: Session, binary: Path, *, run_id: str, log_name: str) 
     """Peak RSS of `s3xfer download` of a prefix holding one 1-byte object: start-up,
     imports and client, no data to speak of: what s3xfer's download RSS is over and above its
     buffers. (An empty prefix is refused as a mistake: "nothing to download".)"""
-    dest = session.work / "downloads" / "baseline"
+    dest = session.downloads / "baseline"
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
@@ -1002,7 +1013,9 @@ def fetch_once(
             attempt.error = f"s3xfer reports {attempt.report['files']} files, asked {len(paths)}"
     if attempt.error is None:
         attempt.error = verify_fetched(dest, expected)
-    # Kept until the end of the run (KEEP_DOWNLOADS_NOTE).
+    if not session.keep_downloads:
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     return attempt
 
 
@@ -1044,7 +1057,7 @@ def run_fetches(
                 fetcher,
                 expected=expected,
                 source_prefix=uploaded[fetcher.source],
-                dest=session.work / "downloads" / f"fetch-{slug}-{n}",
+                dest=session.downloads / f"fetch-{slug}-{n}",
                 log_name=f"{name}-fetch-{slug}-{n}",
             )
             rows[fetcher.name].attempts.append(attempt)
@@ -1091,6 +1104,7 @@ def run_benchmarks(
     # The server's data lives in the work dir's filesystem, removed when it stops.
     server_dir = Path(tempfile.mkdtemp(prefix="seaweedfs-", dir=work))
     server = LocalS3(server_dir / "data", buckets=[BUCKET])
+    download_root = downloads_root(work, run_id)
     try:
         with server as info:
             session = Session(
@@ -1100,6 +1114,7 @@ def run_benchmarks(
                 server=psutil.Process(server.pid),
                 work=work,
                 logs=work / "logs" / run_id,
+                downloads=download_root,
             )
             for dataset in datasets:
                 if dataset.spec.name == PATH_DATASET:
@@ -1118,8 +1133,26 @@ def run_benchmarks(
                 )
     finally:
         shutil.rmtree(server_dir, ignore_errors=True)
-        shutil.rmtree(work / "downloads", ignore_errors=True)
+        shutil.rmtree(download_root, ignore_errors=True)
     return rows, run_id
+
+
+TMPFS = Path("/dev/shm")
+TMPFS_NEEDED = 6 * 1024**3  # the largest download rows at once, with room to spare
+
+
+def is_tmpfs(path: Path) -> bool:
+    return path == TMPFS or TMPFS in path.parents
+
+
+def downloads_root(work: Path, run_id: str) -> Path:
+    """A tmpfs when there is one with room (DOWNLOADS_NOTE), else the work dir's disk."""
+    try:
+        if shutil.disk_usage(TMPFS).free >= TMPFS_NEEDED:
+            return TMPFS / f"s3xfer-bench-{run_id}"
+    except OSError:
+        pass
+    return work / "downloads"
 
 
 def run_through_path(
@@ -1242,7 +1275,7 @@ def run_downloads(
                 dataset,
                 expected=expected,
                 source_prefix=prefix,
-                dest=session.work / "downloads" / f"{name}-{tool.name}-{n}",
+                dest=session.downloads / f"{name}-{tool.name}-{n}",
                 log_name=f"{name}-download-{tool.name}-{n}",
             )
             rows[tool.name].attempts.append(attempt)
@@ -1726,15 +1759,15 @@ def render_section(
         "s3xfer's must also carry each source file's mtime and mode, and its `--json` report "
         "must count every file downloaded, none skipped, failed or refused. Dirty pages are "
         "flushed (`sync`) before each download, outside its timing. "
-        + KEEP_DOWNLOADS_NOTE
+        + DOWNLOADS_NOTE
         + " s3xfer's download RSS "
         f"target allows its memory budget (`--max-memory`, {human_size(S3XFER_MAX_MEMORY)} "
         "by default) on top of the peak RSS of an `s3xfer download` of a one-byte prefix "
         "(interpreter, libraries and client, measured in the same run).",
         "",
         "Reproduce with `make bench` (`python benchmarks/run.py`; about 10 minutes, "
-        "≈2.6 GB of cached datasets in `benchmarks/.work/` and up to ≈15 GB of downloads "
-        "while it runs) or the smoke run "
+        "≈2.6 GB of cached datasets in `benchmarks/.work/`, and without a tmpfs up to ≈15 GB "
+        "of downloads while it runs) or the smoke run "
         "`python benchmarks/run.py --quick` (datasets scaled down 10×). Other options: "
         "`--only NAME`, `--tools s3xfer,s5cmd`, `--repeat N` (median seconds, highest RSS), "
         "`--no-downloads` (no download rows), `--no-fetch`, `--work DIR`.",
