@@ -64,6 +64,9 @@ MIB = 1024 * KIB
 SEED = 20240611
 QUICK_SCALE = 10  # --quick divides the datasets' sizes (and the fetch) by this
 SAMPLE_INTERVAL_S = 0.02
+SETTLE_TIMEOUT_S = 15.0
+SETTLE_WINDOW_S = 0.5
+SETTLE_IDLE_FRACTION = 0.05
 # Re-list the process tree every this many RSS samples: listing scans /proc, reading is cheap.
 TREE_REFRESH_SAMPLES = 5
 RUN_TIMEOUT_S = 1800.0
@@ -708,7 +711,21 @@ class Session:
             return math.nan
         return float(times.user + times.system + times.children_user + times.children_system)
 
+    def wait_until_server_idle(self) -> None:
+        """After a large upload SeaweedFS goes on working for a few seconds (it spent twice
+        the CPU serving the download that came right after): every run starts once the
+        server used under 5% of a core over 0.5 s, or after 15 s."""
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        before = self.server_cpu_seconds()
+        while time.monotonic() < deadline:
+            time.sleep(SETTLE_WINDOW_S)
+            now = self.server_cpu_seconds()
+            if now - before < SETTLE_IDLE_FRACTION * SETTLE_WINDOW_S or math.isnan(now):
+                return
+            before = now
+
     def measure(self, argv: Sequence[str], *, log_name: str) -> tuple[Measured, Attempt]:
+        self.wait_until_server_idle()
         server_before = self.server_cpu_seconds()
         measured = run_measured(argv, env=self.env, log_dir=self.logs / log_name)
         attempt = Attempt(
@@ -1758,7 +1775,9 @@ def render_section(
         "exactly the dataset's files, each byte-identical to its source (size and SHA-256); "
         "s3xfer's must also carry each source file's mtime and mode, and its `--json` report "
         "must count every file downloaded, none skipped, failed or refused. Dirty pages are "
-        "flushed (`sync`) before each download, outside its timing. "
+        "flushed (`sync`) before each download, outside its timing, and every run starts once "
+        "the server is idle (under 5% of a core for 0.5 s, at most 15 s of waiting: after a "
+        "large upload SeaweedFS works on for seconds). "
         + DOWNLOADS_NOTE
         + " s3xfer's download RSS "
         f"target allows its memory budget (`--max-memory`, {human_size(S3XFER_MAX_MEMORY)} "
