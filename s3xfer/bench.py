@@ -822,9 +822,10 @@ class _Get:
         byte_range = None if span is None else f"bytes={span[0]}-{span[1]}"
         self.s3.calls["get_object"] += 1
         with map_errors(self.bucket, key, byte_range):
+            client = await self.s3.client()  # made once, before any timing
             started = self.clock()
             kwargs: dict[str, Any] = {} if byte_range is None else {"Range": byte_range}
-            response = await self.s3.client.get_object(Bucket=self.bucket, Key=key, **kwargs)
+            response = await client.get_object(Bucket=self.bucket, Key=key, **kwargs)
             ttfb = self.clock() - started
             nbytes = 0
             async with response["Body"] as stream:
@@ -1140,7 +1141,8 @@ class _Runner:
     async def delete(self, keys: Sequence[str]) -> None:
         self.s3.calls["delete_objects"] += 1
         with map_errors(self.bucket, keys[0] if len(keys) == 1 else None):
-            response = await self.s3.client.delete_objects(
+            client = await self.s3.client()
+            response = await client.delete_objects(
                 Bucket=self.bucket,
                 Delete={"Objects": [{"Key": key} for key in keys], "Quiet": True},
             )
@@ -1164,15 +1166,15 @@ class _Runner:
             while True:
                 self.s3.calls["list_objects"] += 1
                 kwargs: dict[str, Any] = {} if token is None else {"ContinuationToken": token}
-                listed = await self.s3.client.list_objects_v2(
-                    Bucket=self.bucket, Prefix=prefix, **kwargs
-                )
+                client = await self.s3.client()
+                listed = await client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, **kwargs)
                 keys.extend(item["Key"] for item in listed.get("Contents", []))
                 token = listed.get("NextContinuationToken")
                 if not listed.get("IsTruncated") or not token:
                     break
             self.s3.calls["list_multipart_uploads"] += 1
-            pending = await self.s3.client.list_multipart_uploads(Bucket=self.bucket, Prefix=prefix)
+            client = await self.s3.client()
+            pending = await client.list_multipart_uploads(Bucket=self.bucket, Prefix=prefix)
             uploads.extend((u["Key"], u["UploadId"]) for u in pending.get("Uploads", []))
         return keys, uploads
 

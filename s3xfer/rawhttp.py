@@ -275,15 +275,16 @@ class HttpPool:
         on_head: OnHead,
         sink: Sink,
         cancel: CancelToken | None = None,
+        method: str = "GET",
     ) -> Response:
         """GET target (path and query, percent-encoded) with headers; a 2xx answer goes to
         on_head and its body to the sink (see their types). Blocking: call it in a worker
-        thread.
+        thread. With method="HEAD" no body is read (an answer to HEAD has none).
 
         Raises OSError subclasses (TimeoutError when no byte arrives for `timeout` seconds,
         ConnectionError when the connection fails or the answer is malformed)."""
         request = (
-            f"GET {target} HTTP/1.1\r\nhost: {self.netloc}\r\n"
+            f"{method} {target} HTTP/1.1\r\nhost: {self.netloc}\r\n"
             + "".join(f"{name}: {value}\r\n" for name, value in headers.items())
             + "\r\n"
         ).encode("latin-1")
@@ -302,7 +303,12 @@ class HttpPool:
                         connection.close()
                         continue
                     raise exc
-                response, keep = _read_response(connection, head, on_head, sink)
+                if method == "HEAD":
+                    status, answered = _parse_head(head)
+                    keep = answered.get("connection", "").lower() != "close"
+                    response = Response(status, answered, 0, "")
+                else:
+                    response, keep = _read_response(connection, head, on_head, sink)
             except BaseException as exc:
                 connection.close()
                 if cancel is not None and cancel.cancelled:

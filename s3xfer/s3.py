@@ -1,6 +1,10 @@
-"""The only module that talks to S3 (aiobotocore, plus lean single PUTs over aiohttp): one
-client per run, errors translated here, and the options every request carries (expected bucket
-owner, server-side encryption) added here.
+"""The only module that talks to S3 (aiobotocore, plus lean single PUTs over aiohttp and lean
+GETs in worker threads): one client per run, errors translated here, and the options every
+request carries (expected bucket owner, server-side encryption) added here.
+
+aiobotocore and aiohttp are imported, and the client made, only when a request needs them:
+together they cost about 0.3 s of start-up, which a download served by the lean paths (given
+an endpoint and credentials in the environment) never pays.
 
 Every botocore / aiohttp exception is mapped, in `_translate`, to s3xfer's own: permanent
 failures to RemoteError subclasses with a readable message, and retryable ones to
@@ -14,21 +18,20 @@ import asyncio
 import datetime
 import io
 import math
+import os
 import re
 import ssl
+import sys
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
-import aiohttp
 import anyio
 import botocore.exceptions as bx
-import yarl
-from aiobotocore.config import AioConfig
-from aiobotocore.session import AioSession
 
 from . import rawhttp, sigv4
 from .errors import (
@@ -39,12 +42,15 @@ from .errors import (
     NoSuchKeyError,
     NoSuchUploadError,
     RemoteError,
+    S3XferError,
     UsageError,
 )
 from .retry import TransientError
 from .throttle import AdaptiveGate
 
 if TYPE_CHECKING:
+    import aiohttp
+    from aiobotocore.session import AioSession
     from botocore.model import OperationModel
     from types_aiobotocore_s3 import S3Client
 
@@ -216,11 +222,23 @@ def _translate(
         return UsageError(f"no such AWS profile: {exc.kwargs.get('profile')}")
     if isinstance(exc, bx.EndpointConnectionError | bx.ConnectTimeoutError):
         return UnreachableError(f"cannot reach the endpoint for {where}: {exc}")
-    if isinstance(exc, aiohttp.ClientConnectorError | rawhttp.ConnectError):
+    if isinstance(exc, rawhttp.ConnectError) and isinstance(
+        exc.__cause__, ssl.SSLCertVerificationError
+    ):
+        return EndpointError(
+            f"TLS certificate verification failed for {where}: {exc.__cause__.verify_message} "
+            "(--no-verify-ssl turns the check off, for an endpoint you trust)"
+        )
+    loaded = sys.modules.get("aiohttp")  # no aiohttp error can happen before it is imported
+    if isinstance(exc, rawhttp.ConnectError) or (
+        loaded is not None and isinstance(exc, loaded.ClientConnectorError)
+    ):
         return UnreachableError(f"cannot reach the endpoint for {where}: {exc}")
     if isinstance(exc, bx.ReadTimeoutError | bx.ConnectionClosedError | bx.ResponseStreamingError):
         return TransientError(f"connection failed on {where}: {exc}")
-    if isinstance(exc, bx.HTTPClientError | aiohttp.ClientError | asyncio.TimeoutError):
+    if isinstance(exc, bx.HTTPClientError | asyncio.TimeoutError) or (
+        loaded is not None and isinstance(exc, loaded.ClientError)
+    ):
         return TransientError(f"connection failed on {where}: {type(exc).__name__}: {exc}")
     if isinstance(exc, ConnectionError | ssl.SSLError):  # the threaded GETs of rawhttp.py
         return TransientError(f"connection failed on {where}: {type(exc).__name__}: {exc}")
@@ -229,20 +247,27 @@ def _translate(
     return None
 
 
+def _network_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (
+        TimeoutError,
+        ConnectionError,
+        ssl.SSLError,
+        bx.BotoCoreError,
+        bx.ClientError,
+    )
+    loaded = sys.modules.get("aiohttp")
+    return (*errors, loaded.ClientError) if loaded is not None else errors
+
+
 @contextmanager
 def map_errors(
     bucket: str, key: str | None = None, byte_range: str | None = None
 ) -> Iterator[None]:
     try:
         yield
-    except (
-        TimeoutError,
-        ConnectionError,
-        ssl.SSLError,
-        bx.BotoCoreError,
-        bx.ClientError,
-        aiohttp.ClientError,
-    ) as exc:
+    except S3XferError:
+        raise  # ours already (EndpointError is a ConnectionError too)
+    except _network_errors() as exc:
         mapped = _translate(exc, bucket=bucket, key=key, byte_range=byte_range)
         if mapped is None:
             where = _where(bucket, key, byte_range)
@@ -272,7 +297,7 @@ class S3:
 
     def __init__(
         self,
-        client: S3Client,
+        botocore: _Botocore,
         *,
         endpoint_label: str,
         lean: _LeanPut | None = None,
@@ -281,7 +306,7 @@ class S3:
         expected_bucket_owner: str | None = None,
         gate: AdaptiveGate | None = None,
     ) -> None:
-        self.client = client
+        self._botocore = botocore
         self.gate = gate
         self._answered = False  # has the endpoint ever answered (a response, even an error)?
         self.endpoint_label = endpoint_label
@@ -299,11 +324,16 @@ class S3:
             self._encryption["SSEKMSKeyId"] = sse_kms_key_id
             self._lean_put_headers["x-amz-server-side-encryption-aws-kms-key-id"] = sse_kms_key_id
         if expected_bucket_owner:
-            client.meta.events.register(
-                "before-parameter-build.s3", _expect_bucket_owner(expected_bucket_owner)
+            hook = _expect_bucket_owner(expected_bucket_owner)
+            botocore.on_client.append(
+                lambda client: client.meta.events.register("before-parameter-build.s3", hook)
             )
             self._lean_headers["x-amz-expected-bucket-owner"] = expected_bucket_owner
         self._lean_put_headers.update(self._lean_headers)
+
+    async def client(self) -> S3Client:
+        """The botocore client (made on the first call)."""
+        return await self._botocore.client()
 
     @property
     def requests(self) -> int:
@@ -345,8 +375,13 @@ class S3:
 
     async def check_bucket(self, bucket: str) -> None:
         """Fail early, with one clear line, on a missing bucket, bad credentials or no endpoint."""
+        if self.lean is not None and self.lean.endpoint_url is not None:
+            async with self._request("check_bucket", bucket):
+                await self.lean.head_bucket(bucket, headers=self._lean_headers)
+            return
         async with self._request("check_bucket", bucket):
-            response = await self.client.head_bucket(Bucket=bucket)
+            client = await self.client()
+            response = await client.head_bucket(Bucket=bucket)
         if self.lean is not None:
             self.lean.learn_region(bucket, response.get("BucketRegion"))
 
@@ -359,7 +394,8 @@ class S3:
                     bucket, key, body, crc32=crc32, headers=self._lean_put_headers
                 )
         async with self._request("put_object", bucket, key):
-            response = await self.client.put_object(
+            client = await self.client()
+            response = await client.put_object(
                 Bucket=bucket,
                 Key=key,
                 Body=_SharedBytesIO(body),
@@ -371,7 +407,8 @@ class S3:
 
     async def create_multipart_upload(self, bucket: str, key: str) -> str:
         async with self._request("create_multipart_upload", bucket, key):
-            response = await self.client.create_multipart_upload(
+            client = await self.client()
+            response = await client.create_multipart_upload(
                 Bucket=bucket,
                 Key=key,
                 ChecksumAlgorithm="CRC32",
@@ -390,7 +427,8 @@ class S3:
                     bucket, key, body, crc32=crc32, query=query, headers=self._lean_headers
                 )
         async with self._request("upload_part", bucket, key, f"part {number}"):
-            response = await self.client.upload_part(
+            client = await self.client()
+            response = await client.upload_part(
                 Bucket=bucket,
                 Key=key,
                 UploadId=upload_id,
@@ -411,7 +449,8 @@ class S3:
     ) -> str:
         """parts: (number, etag, part crc32) in order; crc32: the full-object value."""
         async with self._request("complete_multipart_upload", bucket, key):
-            response = await self.client.complete_multipart_upload(
+            client = await self.client()
+            response = await client.complete_multipart_upload(
                 Bucket=bucket,
                 Key=key,
                 UploadId=upload_id,
@@ -427,7 +466,8 @@ class S3:
 
     async def abort_multipart_upload(self, bucket: str, key: str, *, upload_id: str) -> None:
         async with self._request("abort_multipart_upload", bucket, key, f"upload id {upload_id}"):
-            await self.client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+            client = await self.client()
+            await client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
 
     async def list_multipart_uploads(
         self, bucket: str, prefix: str, *, page_size: int = 1000
@@ -445,7 +485,8 @@ class S3:
             if upload_id_marker:
                 kwargs["UploadIdMarker"] = upload_id_marker
             async with self._request("list_multipart_uploads", bucket, prefix or None):
-                page = await self.client.list_multipart_uploads(**kwargs)
+                client = await self.client()
+                page = await client.list_multipart_uploads(**kwargs)
             for upload in page.get("Uploads", []):
                 yield dict(upload)
             if not page.get("IsTruncated"):
@@ -476,7 +517,8 @@ class S3:
             if marker:
                 kwargs["PartNumberMarker"] = marker
             async with self._request("list_parts", bucket, key, f"upload id {upload_id}"):
-                page = await self.client.list_parts(**kwargs)
+                client = await self.client()
+                page = await client.list_parts(**kwargs)
             for part in page.get("Parts", []):
                 parts[int(part["PartNumber"])] = dict(part)
             if not page.get("IsTruncated"):
@@ -490,9 +532,24 @@ class S3:
             marker = next_marker
 
     async def get_object(self, bucket: str, key: str, *, byte_range: str | None = None) -> bytes:
+        """A small object (or a range of one) whole: s3xfer's manifest, catalog and indexes."""
+        if self.lean is not None and self.lean.can_put(bucket):
+            pieces: list[bytes] = []
+            async with self._request("get_object", bucket, key, byte_range):
+                await self.lean.get_to(
+                    bucket,
+                    key,
+                    byte_range=byte_range,
+                    if_match=None,
+                    on_head=lambda status, content_range, length: None,
+                    sink=lambda piece: pieces.append(bytes(piece)),
+                    headers=self._lean_headers,
+                )
+            return b"".join(pieces)
         async with self._request("get_object", bucket, key, byte_range):
             kwargs: dict[str, Any] = {"Range": byte_range} if byte_range else {}
-            response = await self.client.get_object(Bucket=bucket, Key=key, **kwargs)
+            client = await self.client()
+            response = await client.get_object(Bucket=bucket, Key=key, **kwargs)
             async with response["Body"] as stream:
                 data: bytes = await stream.read()
                 return data
@@ -506,11 +563,30 @@ class S3:
         if_match: str | None = None,
         verify_checksum: bool = False,
     ) -> tuple[bytes, int, str | None]:
-        """One GET (of one range, or the whole object): body, HTTP status, Content-Range.
+        """One GET (of one range, or the whole object): body, HTTP status, Content-Range. On
+        the lean path (in a worker thread) unless botocore must check S3's stored checksum.
 
         With if_match, an object replaced since its ETag was recorded is refused by S3 (412)
         instead of returning other bytes. With verify_checksum (whole objects only), botocore
         checks the body against the checksum S3 stored with it, when there is one."""
+        if self.lean is not None and self.lean.can_put(bucket) and not verify_checksum:
+            answer: list[Any] = [0, None]
+            pieces: list[bytes] = []
+
+            def keep_head(status: int, content_range: str | None, length: int) -> None:
+                answer[:] = [status, content_range]
+
+            async with self._request("get_object", bucket, key, byte_range):
+                await self.lean.get_to(
+                    bucket,
+                    key,
+                    byte_range=byte_range,
+                    if_match=if_match,
+                    on_head=keep_head,
+                    sink=lambda piece: pieces.append(bytes(piece)),
+                    headers=self._lean_headers,
+                )
+            return b"".join(pieces), int(answer[0]), answer[1]
         kwargs: dict[str, Any] = {}
         if byte_range:
             kwargs["Range"] = byte_range
@@ -519,7 +595,8 @@ class S3:
         if if_match:
             kwargs["IfMatch"] = if_match
         async with self._request("get_object", bucket, key, byte_range):
-            response = await self.client.get_object(Bucket=bucket, Key=key, **kwargs)
+            client = await self.client()
+            response = await client.get_object(Bucket=bucket, Key=key, **kwargs)
             async with response["Body"] as stream:
                 body: bytes = await stream.read()
         status = int(response["ResponseMetadata"]["HTTPStatusCode"])
@@ -557,7 +634,8 @@ class S3:
             kwargs["IfMatch"] = if_match
         length = 0
         async with self._request("get_object", bucket, key, byte_range):
-            response = await self.client.get_object(Bucket=bucket, Key=key, **kwargs)
+            client = await self.client()
+            response = await client.get_object(Bucket=bucket, Key=key, **kwargs)
             status = int(response["ResponseMetadata"]["HTTPStatusCode"])
             on_head(status, response.get("ContentRange"), int(response.get("ContentLength", -1)))
             async with response["Body"] as stream:
@@ -582,7 +660,8 @@ class S3:
             if token:
                 kwargs["ContinuationToken"] = token
             async with self._request("list_objects", bucket, prefix or None):
-                page = await self.client.list_objects_v2(**kwargs)
+                client = await self.client()
+                page = await client.list_objects_v2(**kwargs)
             for item in page.get("Contents", []):
                 yield dict(item)
             token = page.get("NextContinuationToken")
@@ -591,36 +670,55 @@ class S3:
 
     async def head_object(self, bucket: str, key: str) -> dict[str, Any]:
         async with self._request("head_object", bucket, key):
-            return dict(
-                await self.client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
-            )
+            client = await self.client()
+            return dict(await client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED"))
 
 
 class _LeanPut:
     """Single PUTs without botocore's per-request machinery: signed by sigv4.py, sent with
-    aiohttp on a pool of its own. Used only where addressing is certain (a given endpoint, or
-    an AWS bucket whose region head_bucket reported); everything else goes through botocore."""
+    aiohttp on a pool of its own (made on the first PUT); GETs and HEADs in worker threads
+    (rawhttp.py). Used only where addressing is certain (a given endpoint, or an AWS bucket
+    whose region head_bucket reported); everything else goes through botocore."""
 
     def __init__(
         self,
-        http: aiohttp.ClientSession,
+        stack: AsyncExitStack,
         *,
         endpoint_url: str | None,
-        region: str,
+        region: Callable[[], str],
         credentials: Callable[[], Awaitable[sigv4.Credentials | None]],
         stall_timeout: float = 60.0,
         verify_ssl: bool = True,
         pool_size: int = 32,
     ) -> None:
-        self.http = http
+        self._stack = stack
+        self._http: aiohttp.ClientSession | None = None
         self.stall_timeout = stall_timeout
         self.verify_ssl = verify_ssl
         self.pool_size = pool_size
         self._raw_pools: dict[str, rawhttp.HttpPool] = {}  # by origin: GETs in worker threads
         self.endpoint_url = endpoint_url.rstrip("/") if endpoint_url else None
-        self.region = region
+        self._region = region
         self.credentials = credentials
         self._regions: dict[str, str] = {}
+
+    @property
+    def region(self) -> str:
+        """The signing region of the given endpoint (resolved on first use)."""
+        return self._region()
+
+    def http(self) -> aiohttp.ClientSession:
+        """The aiohttp session of PUTs, made (and aiohttp imported) on the first one."""
+        if self._http is None:
+            import aiohttp
+
+            self._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.pool_size, ssl=self.verify_ssl),
+                timeout=aiohttp.ClientTimeout(sock_connect=10, sock_read=self.stall_timeout),
+                skip_auto_headers=("Content-Type",),
+            )
+            self._stack.push_async_callback(self._http.close)
+        return self._http
 
     def learn_region(self, bucket: str, region: str | None) -> None:
         if region:
@@ -672,7 +770,9 @@ class _LeanPut:
         )
 
     async def _send(self, url: str, data: bytes | io.BytesIO, signed: dict[str, str]) -> str:
-        async with self.http.put(
+        import yarl  # loaded with aiohttp
+
+        async with self.http().put(
             yarl.URL(url, encoded=True), data=data, headers=signed
         ) as response:
             if response.status == 200:
@@ -697,23 +797,58 @@ class _LeanPut:
             pool.close()
         self._raw_pools.clear()
 
+    async def head_bucket(self, bucket: str, *, headers: Mapping[str, str]) -> None:
+        """HeadBucket in a worker thread (rawhttp.py): returns, or raises what S3 answered."""
+        credentials = await self.credentials()
+        if credentials is None:
+            raise bx.NoCredentialsError()
+        assert self.endpoint_url is not None  # AWS buckets are checked by botocore
+        url = f"{self.endpoint_url}/{bucket}"
+        signed = sigv4.sign(
+            "HEAD",
+            url,
+            dict(headers),
+            credentials=credentials,
+            region=self.region,
+            now=datetime.datetime.now(datetime.UTC),
+        )
+        pool = self._raw_pool(url)
+        target = f"/{bucket}"
+        token = rawhttp.CancelToken()
+        response = await _cancellable_in_thread(
+            lambda: pool.get(
+                target,
+                signed,
+                on_head=lambda *_: None,
+                sink=lambda _: None,
+                cancel=token,
+                method="HEAD",
+            ),
+            token,
+        )
+        if not 200 <= response.status < 300:
+            raise _client_error(response.status, "", "HeadBucket")
+
     async def get_to(
         self,
         bucket: str,
         key: str,
         *,
-        byte_range: str,
+        byte_range: str | None,
         if_match: str | None,
         on_head: BodyCheck,
         sink: rawhttp.Sink,
         headers: Mapping[str, str] | None = None,
     ) -> int:
-        """GetObject of one range in a worker thread (rawhttp.py); the body length."""
+        """GetObject (of one range, or whole) in a worker thread (rawhttp.py): the body
+        length."""
         credentials = await self.credentials()
         if credentials is None:
             raise bx.NoCredentialsError()
         url, region = self._url(bucket, key, {})
-        wanted = {**(headers or {}), "range": byte_range}
+        wanted = dict(headers or {})
+        if byte_range:
+            wanted["range"] = byte_range
         if if_match:
             wanted["if-match"] = if_match
         signed = sigv4.sign(
@@ -780,47 +915,99 @@ def _client_error(status: int, text: str, operation: str) -> bx.ClientError:
     return bx.ClientError(error, operation)
 
 
-async def _lean_put(
-    stack: AsyncExitStack,
-    session: AioSession,
-    client: S3Client,
-    connection: Connection,
-    pool: int,
-) -> _LeanPut:
-    if connection.access_key and connection.secret_key:
-        given = sigv4.Credentials(connection.access_key, connection.secret_key)
+class _Botocore:
+    """aiobotocore's session and S3 client, made on first use: importing them and loading
+    S3's service model cost about 0.3 s, which a run served by the lean paths skips."""
 
-        async def credentials() -> sigv4.Credentials | None:
-            return given
-    else:
-        source = await session.get_credentials()
+    def __init__(self, connection: Connection, stack: AsyncExitStack, *, pool: int) -> None:
+        self.connection = connection
+        self.stack = stack
+        self.pool = pool
+        self.on_client: list[Callable[[S3Client], None]] = []  # run once on the new client
+        self._session: AioSession | None = None
+        self._client: S3Client | None = None
+        self._lock = anyio.Lock()
 
-        async def credentials() -> sigv4.Credentials | None:
-            if source is None:
-                return None
-            frozen = await source.get_frozen_credentials()  # refreshed when near expiry
-            if not frozen.access_key or not frozen.secret_key:
-                return None
-            return sigv4.Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+    def session(self) -> AioSession:
+        if self._session is None:
+            from aiobotocore.session import AioSession
 
-    http = await stack.enter_async_context(
-        aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=pool, ssl=bool(connection.verify_ssl)),
-            timeout=aiohttp.ClientTimeout(sock_connect=10, sock_read=connection.stall_timeout),
-            skip_auto_headers=("Content-Type",),
+            self._session = AioSession(profile=self.connection.profile)
+        return self._session
+
+    async def client(self) -> S3Client:
+        if self._client is not None:
+            return self._client
+        async with self._lock:
+            if self._client is None:
+                self._client = await self._create()
+        return self._client
+
+    async def _create(self) -> S3Client:
+        from aiobotocore.config import AioConfig
+
+        connection = self.connection
+        config = AioConfig(
+            max_pool_connections=self.pool,
+            retries={"total_max_attempts": 1},  # retry.py owns retries
+            parameter_validation=False,
+            connect_timeout=10,
+            read_timeout=connection.stall_timeout,
+            # We send our own CRC32 values; no second pass over the bytes by botocore.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            s3={"addressing_style": "path"} if connection.endpoint_url else None,
         )
-    )
-    lean = _LeanPut(
-        http,
-        endpoint_url=connection.endpoint_url,
-        region=client.meta.region_name or "us-east-1",
-        credentials=credentials,
-        stall_timeout=connection.stall_timeout,
-        verify_ssl=connection.verify_ssl,
-        pool_size=pool,
-    )
-    stack.callback(lean.close)
-    return lean
+        try:
+            client: S3Client = await self.stack.enter_async_context(
+                self.session().create_client(
+                    "s3",
+                    endpoint_url=connection.endpoint_url,
+                    region_name=connection.region,
+                    verify=connection.verify_ssl,
+                    aws_access_key_id=connection.access_key,
+                    aws_secret_access_key=connection.secret_key,
+                    config=config,
+                )
+            )
+        except bx.ProfileNotFound as exc:
+            raise UsageError(f"no such AWS profile: {connection.profile}") from exc
+        except ValueError as exc:
+            raise UsageError(f"bad endpoint URL {connection.endpoint_url!r}: {exc}") from exc
+        for hook in self.on_client:
+            hook(client)
+        return client
+
+    def region(self) -> str:
+        """The region to sign for, as botocore would resolve it: given, else the environment,
+        else the profile's configuration, else us-east-1."""
+        return (
+            self.connection.region
+            or os.environ.get("AWS_DEFAULT_REGION")
+            or self.session().get_config_variable("region")
+            or "us-east-1"
+        )
+
+    async def credentials(self) -> sigv4.Credentials | None:
+        """The credentials of the lean paths: given, else the environment's (as botocore's
+        chain, which reads them first unless a profile is named), else botocore's chain."""
+        connection = self.connection
+        if connection.access_key and connection.secret_key:
+            return sigv4.Credentials(connection.access_key, connection.secret_key)
+        access_key = os.environ.get("AWS_ACCESS_KEY_ID")
+        secret_key = os.environ.get("AWS_SECRET_ACCESS_KEY")
+        if connection.profile is None and access_key and secret_key:
+            return sigv4.Credentials(access_key, secret_key, os.environ.get("AWS_SESSION_TOKEN"))
+        try:
+            source = await self.session().get_credentials()
+        except bx.ProfileNotFound as exc:
+            raise UsageError(f"no such AWS profile: {connection.profile}") from exc
+        if source is None:
+            return None
+        frozen = await source.get_frozen_credentials()  # refreshed when near expiry
+        if not frozen.access_key or not frozen.secret_key:
+            return None
+        return sigv4.Credentials(frozen.access_key, frozen.secret_key, frozen.token)
 
 
 @asynccontextmanager
@@ -831,39 +1018,34 @@ async def open_s3(
 
     `adaptive`: requests in flight follow an AIMD window (throttle.py), lowered when S3
     answers SlowDown; off for measurements that must hold a concurrency (bench)."""
-    try:
-        session = AioSession(profile=connection.profile)
-        config = AioConfig(
-            max_pool_connections=max_pool_connections,
-            retries={"total_max_attempts": 1},  # retry.py owns retries
-            parameter_validation=False,
-            connect_timeout=10,
-            read_timeout=connection.stall_timeout,
-            # We send our own CRC32 values; no second pass over the bytes by botocore.
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            s3={"addressing_style": "path"} if connection.endpoint_url else None,
-        )
-        creator = session.create_client(
-            "s3",
-            endpoint_url=connection.endpoint_url,
-            region_name=connection.region,
-            verify=connection.verify_ssl,
-            aws_access_key_id=connection.access_key,
-            aws_secret_access_key=connection.secret_key,
-            config=config,
-        )
-    except bx.ProfileNotFound as exc:
-        raise UsageError(f"no such AWS profile: {connection.profile}") from exc
-    except ValueError as exc:
-        raise UsageError(f"bad endpoint URL {connection.endpoint_url!r}: {exc}") from exc
+    endpoint = connection.endpoint_url
+    if endpoint is not None:
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UsageError(f"bad endpoint URL {endpoint!r} (expected http(s)://host[:port])")
     with map_errors("-"):
         async with AsyncExitStack() as stack:
-            client = await stack.enter_async_context(creator)
-            lean = await _lean_put(stack, session, client, connection, max_pool_connections)
+            botocore = _Botocore(connection, stack, pool=max_pool_connections)
+            region: list[str] = []  # resolved once, on first use
+
+            def lean_region() -> str:
+                if not region:
+                    region.append(botocore.region())
+                return region[0]
+
+            lean = _LeanPut(
+                stack,
+                endpoint_url=endpoint,
+                region=lean_region,
+                credentials=botocore.credentials,
+                stall_timeout=connection.stall_timeout,
+                verify_ssl=connection.verify_ssl,
+                pool_size=max_pool_connections,
+            )
+            stack.callback(lean.close)
             yield S3(
-                client,
-                endpoint_label=connection.endpoint_url or "AWS S3",
+                botocore,
+                endpoint_label=endpoint or "AWS S3",
                 lean=lean,
                 sse=connection.sse,
                 sse_kms_key_id=connection.sse_kms_key_id,
