@@ -533,26 +533,8 @@ class S3:
 
     async def get_object(self, bucket: str, key: str, *, byte_range: str | None = None) -> bytes:
         """A small object (or a range of one) whole: s3xfer's manifest, catalog and indexes."""
-        if self.lean is not None and self.lean.can_put(bucket):
-            pieces: list[bytes] = []
-            async with self._request("get_object", bucket, key, byte_range):
-                await self.lean.get_to(
-                    bucket,
-                    key,
-                    byte_range=byte_range,
-                    if_match=None,
-                    on_head=lambda status, content_range, length: None,
-                    sink=lambda piece: pieces.append(bytes(piece)),
-                    headers=self._lean_headers,
-                )
-            return b"".join(pieces)
-        async with self._request("get_object", bucket, key, byte_range):
-            kwargs: dict[str, Any] = {"Range": byte_range} if byte_range else {}
-            client = await self.client()
-            response = await client.get_object(Bucket=bucket, Key=key, **kwargs)
-            async with response["Body"] as stream:
-                data: bytes = await stream.read()
-                return data
+        body, _status, _content_range = await self.get_range(bucket, key, byte_range=byte_range)
+        return body
 
     async def get_range(
         self,
