@@ -15,7 +15,6 @@ import datetime
 import functools
 import os
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,7 +158,7 @@ def _local_crc32(path: Path) -> str:
     value = 0
     with path.open("rb") as handle:
         while chunk := handle.read(1024 * 1024):
-            value = zlib.crc32(chunk, value)
+            value = crc32(chunk, value)
     return crc32_to_base64(value)
 
 

@@ -26,11 +26,11 @@ import fcntl
 import hashlib
 import json
 import os
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .checksums import crc32
 from .errors import UsageError
 from .manifest import ManifestRecord, ShardRecord
 
@@ -57,7 +57,7 @@ def journal_path(source: Path, dest: str, *, state_dir: Path | None = None) -> P
 
 def encode_line(event: dict[str, Any]) -> bytes:
     text = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    return b"%08x %s\n" % (zlib.crc32(text), text)
+    return b"%08x %s\n" % (crc32(text), text)
 
 
 def decode_line(line: bytes) -> dict[str, Any] | None:
@@ -66,7 +66,7 @@ def decode_line(line: bytes) -> dict[str, Any] | None:
         return None
     text = line[9:-1]
     try:
-        if int(line[:8], 16) != zlib.crc32(text):
+        if int(line[:8], 16) != crc32(text):
             return None
         event = json.loads(text)
     except ValueError:

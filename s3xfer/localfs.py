@@ -9,12 +9,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import anyio
 
+from .checksums import crc32
 from .errors import S3XferError, SourceError
 from .survey import FileEntry
 from .tarpack import FilePiece, FixedPiece
@@ -76,7 +76,7 @@ def _read_range(
         return len(data) == length
 
     _read_unchanged(path, size, mtime_ns, read)
-    return data, zlib.crc32(data)
+    return data, crc32(data)
 
 
 async def read_range(
@@ -104,7 +104,7 @@ def _fill_part(
         member = members[piece.member]
         target = view[position : position + piece.length]
         _read_into(root / member.path, target, piece.offset, member.size, member.mtime_ns)
-        crcs.append(zlib.crc32(target))
+        crcs.append(crc32(target))
         position += piece.length
     return buffer, [p for p in pieces if isinstance(p, FilePiece)], crcs
 
@@ -129,7 +129,7 @@ async def fill_part(
 
 def _freeze(buffer: bytearray) -> tuple[bytes, int]:
     body = bytes(buffer)
-    return body, zlib.crc32(body)
+    return body, crc32(body)
 
 
 async def freeze(buffer: bytearray) -> tuple[bytes, int]:

@@ -15,7 +15,6 @@ import functools
 import json
 import os
 import threading
-import zlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from typing import Any, Protocol
 
 import anyio
 
-from .checksums import combine_parts, crc32_from_base64, crc32_to_base64
+from .checksums import combine_parts, crc32, crc32_from_base64, crc32_to_base64
 from .engine import ByteBudget
 from .errors import IntegrityError, UsageError, first_error
 from .localfs import destination_error
@@ -229,7 +228,7 @@ def _crc_of_file_range(fd: int, start: int, length: int) -> int | None:
         chunk = os.pread(fd, min(_VERIFY_CHUNK, start + length - position), position)
         if not chunk:
             return None
-        value = zlib.crc32(chunk, value)
+        value = crc32(chunk, value)
         position += len(chunk)
     return value
 
@@ -303,7 +302,7 @@ class _RangeWriter:
         self.written = 0
 
     def write(self, piece: memoryview) -> None:
-        self.crc = zlib.crc32(piece, self.crc)
+        self.crc = crc32(piece, self.crc)
         with _local_errors(self.path), self.lock:
             while piece:
                 done = os.pwrite(self.fd, piece, self.offset + self.written)

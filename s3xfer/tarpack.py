@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import bisect
 import json
-import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from .checksums import crc32
 from .errors import IntegrityError, SourceError, UsageError
 
 BLOCK: Final = 512
@@ -221,7 +221,7 @@ class IndexEntry:
     size: int
     mtime: int  # seconds, as given to the writer (the tar header holds clamp_mtime of it)
     mode: int
-    crc32: int  # zlib.crc32 of the member's data
+    crc32: int  # CRC32 (zlib's) of the member's data
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -408,7 +408,7 @@ class ShardWriter:
                 f"{member.layout.data_size} bytes declared"
             )
         member.received += len(chunk)
-        member.crc32 = zlib.crc32(chunk, member.crc32)
+        member.crc32 = crc32(chunk, member.crc32)
         return self._emit(chunk)
 
     def end_member(self) -> bytes:
@@ -457,7 +457,7 @@ class ShardWriter:
                     size=len(data),
                     mtime=mtime,
                     mode=_EXTRA_MEMBER_MODE,
-                    crc32=zlib.crc32(data),
+                    crc32=crc32(data),
                 )
             )
             pieces += [
