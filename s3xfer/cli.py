@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import click
-from tqdm import tqdm
 
-from . import __version__, catalog
+from . import __version__, runner
 from .config import (
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_MEMORY,
@@ -32,18 +31,21 @@ from .config import (
 )
 from .errors import S3XferError, UsageError, first_leaf
 from .keys import S3Url
-from .manifest import ManifestRecord
-from .plan import Plan, make_plan, parse_slice
-from .reader import Dataset, GetReport
-
-if TYPE_CHECKING:
-    from .cleanup import CleanupReport
-    from .download import DownloadReport
-from . import runner
 from .render import _printable, human_bytes, render_plan, render_report, render_survey
 from .s3 import SSE_ALGORITHMS, Connection, open_s3
-from .survey import Survey, survey
-from .upload import UploadReport, upload
+
+# Each command imports what only it needs when it runs: `s3xfer cat` or a download should not
+# pay for loading the planner, the upload engine or tqdm (start-up is most of a small fetch).
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from .cleanup import CleanupReport
+    from .download import DownloadReport
+    from .manifest import ManifestRecord
+    from .plan import Plan
+    from .reader import Dataset, GetReport
+    from .survey import Survey
+    from .upload import UploadReport
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -321,6 +323,8 @@ def make_config(**options: Any) -> TransferConfig:
 
 @contextmanager
 def survey_progress(quiet: bool) -> Iterator[Callable[[int, int], None]]:
+    from tqdm import tqdm
+
     bar = tqdm(
         desc="survey", unit=" files", disable=True if quiet else None, file=sys.stderr, leave=False
     )
@@ -336,6 +340,8 @@ def survey_progress(quiet: bool) -> Iterator[Callable[[int, int], None]]:
 
 
 def run_survey(path: Path, *, quiet: bool) -> Survey:
+    from .survey import survey
+
     with survey_progress(quiet) as progress:
         return survey(path, on_progress=progress)
 
@@ -354,6 +360,10 @@ class TransferProgress:
 
     def start(self, files: int, total_bytes: int, skipped: int) -> None:
         self.files_total = files
+        if self.quiet or not sys.stderr.isatty():
+            return  # no bar: tqdm is not even loaded
+        from tqdm import tqdm
+
         self.bar = tqdm(
             total=total_bytes,
             unit="B",
@@ -362,10 +372,9 @@ class TransferProgress:
             desc=self.desc,
             file=sys.stderr,
             dynamic_ncols=True,
-            disable=True if self.quiet else None,
             smoothing=0.1,
         )
-        if skipped and not self.quiet and sys.stderr.isatty():
+        if skipped:
             self.bar.write(f"{skipped:,} files {self.skipped_note}: skipped")
         self._postfix()
 
@@ -394,7 +403,25 @@ def upload_progress(*, quiet: bool) -> TransferProgress:
     )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Commands(click.Group):
+    """s3xfer's commands; `bench` (with the benchmark engine behind it) loads only when named,
+    or when every command is listed (--help)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), "bench"})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name == "bench":
+            from .benchcli import bench_command
+
+            return bench_command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(
+    cls=_Commands,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="s3xfer")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @click.pass_context
@@ -454,6 +481,8 @@ def plan_command(
     fitted to S3's limits and the memory budget; the others become single PUTs. Shows the
     objects, parts, requests, bytes and an estimated request and storage cost.
     """
+    from .plan import make_plan
+
     url = S3Url.parse(dest)
     rate = apply_bench_profile(options, command="plan")
     config = make_config(**options)
@@ -550,6 +579,8 @@ def upload_command(
     - Exit code 0 when every file was uploaded, 1 when any failed (each is named).
     - --sse encrypts every object written (PutObject and CreateMultipartUpload carry it).
     """
+    from .plan import Plan, make_plan, parse_slice
+
     connection = make_connection(
         endpoint_url, profile, region, no_verify_ssl, sse=sse, sse_kms_key_id=sse_kms_key_id
     )
@@ -648,6 +679,7 @@ def finalize_command(
     Refuses, naming them, when slices have no result yet. Files a slice failed are named
     and make the exit code 1; everything else is catalogued. Running it again is harmless.
     """
+    from .plan import Plan
     from .slices import finalize
 
     connection = make_connection(endpoint_url, profile, region, no_verify_ssl)
@@ -666,6 +698,8 @@ async def _upload(
     progress: TransferProgress,
     state_dir: Path | None = None,
 ) -> UploadReport:
+    from .upload import upload
+
     return await upload(
         plan,
         connection,
@@ -823,6 +857,8 @@ def worker_command(
 
 
 def _dataset(url: str, connection: Connection, **options: Any) -> Dataset:
+    from .reader import Dataset
+
     return Dataset(S3Url.parse(url), connection=connection, **options)
 
 
@@ -852,6 +888,8 @@ def ls_command(
 
     records = runner.run(run)
     if as_json:
+        from . import catalog
+
         _emit_json([catalog.to_json(r) for r in records])
         return
     lines = (f"{r.size:>14,}  {'shard ' if r.packed else 'object'}  {r.path}\n" for r in records)
@@ -1279,9 +1317,3 @@ def main() -> None:
             err=True,
         )
         sys.exit(70)
-
-
-# Registered last: benchcli builds its command from the option helpers defined above.
-from .benchcli import bench_command  # noqa: E402
-
-cli.add_command(bench_command)

@@ -23,9 +23,9 @@ from typing import Any
 import anyio
 from anyio.abc import ObjectReceiveStream
 
+from .budget import ByteBudget
 from .checksums import crc32, crc32_to_base64
 from .config import DEFAULT_MAX_MEMORY, MiB
-from .engine import ByteBudget
 from .errors import (
     IntegrityError,
     NoSuchKeyError,

@@ -11,13 +11,16 @@ import errno
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
 from .checksums import crc32
 from .errors import S3XferError, SourceError
-from .survey import FileEntry
-from .tarpack import FilePiece, FixedPiece
+
+if TYPE_CHECKING:  # downloads and reads never load the survey or the tar layout
+    from .survey import FileEntry
+    from .tarpack import FilePiece, FixedPiece
 
 
 class FileChangedError(SourceError):
@@ -91,6 +94,8 @@ def _fill_part(
     members: Sequence[FileEntry],
     make_pieces: Callable[[], Sequence[FixedPiece | FilePiece]],
 ) -> tuple[bytearray, list[FilePiece], list[int]]:
+    from .tarpack import FilePiece, FixedPiece  # here: only uploads of shards need tarpack
+
     pieces = make_pieces()
     buffer = bytearray(sum(len(p.data) if isinstance(p, FixedPiece) else p.length for p in pieces))
     view = memoryview(buffer)

@@ -12,10 +12,12 @@ import gzip
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import IntegrityError
-from .plan import FileUnit, ShardUnit
+
+if TYPE_CHECKING:  # the planner is not loaded by commands that only read a manifest
+    from .plan import FileUnit, ShardUnit
 
 MANIFEST_FORMAT = "s3xfer-manifest"
 MANIFEST_VERSION = 1

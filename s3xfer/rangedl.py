@@ -23,8 +23,8 @@ from typing import Any, Protocol
 
 import anyio
 
+from .budget import ByteBudget
 from .checksums import combine_parts, crc32, crc32_from_base64, crc32_to_base64
-from .engine import ByteBudget
 from .errors import IntegrityError, UsageError, first_error
 from .localfs import destination_error
 from .ranges import RangeGet, check_ranged_response

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .config import format_size
-from .plan import Plan
-from .survey import HistogramBin, Survey
-from .upload import UploadReport
+
+if TYPE_CHECKING:  # what is rendered; loading the modules is left to the commands that use them
+    from .plan import Plan
+    from .survey import HistogramBin, Survey
+    from .upload import UploadReport
 
 BAR = "█"
 BAR_WIDTH = 40

@@ -18,9 +18,9 @@ from typing import Any
 import anyio
 import pytest
 
+from s3xfer.budget import ByteBudget
 from s3xfer.checksums import crc32_to_base64
 from s3xfer.config import MiB
-from s3xfer.engine import ByteBudget
 from s3xfer.errors import IntegrityError
 from s3xfer.locals3 import LocalS3Info
 from s3xfer.rangedl import (
@@ -124,7 +124,7 @@ CHILD = """
 import json, sys, time
 import anyio
 from pathlib import Path
-from s3xfer.engine import ByteBudget
+from s3xfer.budget import ByteBudget
 from s3xfer.rangedl import RangedDownload, download_ranges
 from s3xfer.retry import RetryPolicy
 from s3xfer.s3 import Connection, open_s3

@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from s3xfer.engine import ByteBudget
+from s3xfer.budget import ByteBudget
 from s3xfer.errors import IntegrityError
 from s3xfer.manifest import Manifest, ManifestRecord
 from s3xfer.plan import FileUnit, Kind

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from s3xfer.budget import ByteBudget
 from s3xfer.checksums import crc32_to_base64
-from s3xfer.engine import ByteBudget
 from s3xfer.errors import IntegrityError, UsageError
 from s3xfer.rangedl import (
     DownloadResult,
