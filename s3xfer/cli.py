@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import atexit
 import json
+import logging
 import os
 import select
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -1270,6 +1273,35 @@ def local_s3_command(data_dir: Path | None, buckets: tuple[str, ...]) -> None:
         sys.stdout.flush()
         wait_until_interrupted(server, stop)
     click.echo("stopped")
+
+
+def entry() -> None:
+    """The `s3xfer` command: main(), then a quick exit once its output is flushed.
+
+    When main() returns, every file it wrote is closed and no thread is left; what the
+    interpreter would still do is tear down its few hundred modules: 20 ms, 2% of a 1 GiB
+    download and a tenth of a `cat`. With any other thread alive (or an exit handler a library
+    registered besides logging's) it exits the usual way."""
+    try:
+        main()
+        code: int | str | None = 0
+    except SystemExit as stop:
+        code = stop.code
+    if isinstance(code, str) or threading.active_count() > 1 or _exit_handlers() > 1:
+        sys.exit(code)
+    logging.shutdown()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:  # as the interpreter itself reports an unwritable stdout at exit
+        code = code or 120
+    os._exit(code or 0)
+
+
+def _exit_handlers() -> int:
+    """How many atexit handlers are registered: 1 is logging's own, run above."""
+    count = getattr(atexit, "_ncallbacks", None)  # CPython's; elsewhere, exit the usual way
+    return int(count()) if count is not None else sys.maxsize
 
 
 def main() -> None:
