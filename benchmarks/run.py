@@ -26,6 +26,7 @@ rclone as objects; a fetch counts only if every file arrives byte-identical (SHA
 from __future__ import annotations
 
 import argparse
+import compileall
 import dataclasses
 import hashlib
 import json
@@ -50,6 +51,7 @@ from urllib.parse import urlsplit
 import psutil
 from docs_section import write_section
 
+import s3xfer
 from s3xfer.config import DEFAULT_MAX_MEMORY, DEFAULT_PACK_THRESHOLD
 from s3xfer.locals3 import LocalS3, LocalS3Info, sync_client
 from s3xfer.netem import start_in_thread
@@ -102,6 +104,14 @@ DOWNLOADS_NOTE = (
     "creating 10,000 files shortly after many were deleted spends seconds of CPU skipping "
     "the freshly freed inodes (the same restore took 1.4 s or 3 to 6 s): that would be "
     "timed as the tool's, and it is the disk's, not the tool's or the network's."
+)
+# s3xfer runs from this checkout (an editable install), whose modules pip has not byte-compiled
+# as it does a wheel's; with PYTHONDONTWRITEBYTECODE set (as on the machine these numbers come
+# from) every run would compile them again, about 30 ms of each start-up.
+BYTECODE_NOTE = (
+    "s3xfer's modules are byte-compiled before the runs, as `pip install` of a wheel does "
+    "(this checkout is an editable install, and with PYTHONDONTWRITEBYTECODE set every run "
+    "would compile them again: about 30 ms of each start-up)."
 )
 START_MARKER = "<!-- upload-benchmarks:start -->"
 END_MARKER = "<!-- upload-benchmarks:end -->"
@@ -305,6 +315,13 @@ class Tool:
             return f"unknown ({exc})"
         text = (done.stdout.strip() or done.stderr.strip()).splitlines()
         return text[0].strip() if text else "unknown"
+
+
+def byte_compile_s3xfer() -> None:
+    """BYTECODE_NOTE: s3xfer as installed from a wheel, its modules compiled once."""
+    package = Path(s3xfer.__file__).parent
+    if not compileall.compile_dir(package, quiet=1):
+        raise SystemExit(f"cannot byte-compile {package}")
 
 
 def find_binary(name: str) -> Path | None:
@@ -1748,6 +1765,8 @@ def render_section(
         "same run (both share the 2 cores). Seconds and CPU are medians over the runs; "
         "with several runs the tools take turns going first. "
         "The datasets are read once before the runs, so every tool sees a warm page cache. "
+        + BYTECODE_NOTE
+        + " "
         "The ratio is the tool's seconds over s3xfer's: above 1 means s3xfer is faster. "
         "At its defaults s3xfer packs files under 1 MiB into tar shards (each file stays "
         "fetchable with one ranged GET), so it writes far fewer objects than the peers; "
@@ -1940,6 +1959,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = [s for s in dataset_specs(quick=args.quick) if not args.only or s.name in args.only]
     datasets = [ensure_dataset(spec, work) for spec in specs]
     remove_stale_datasets(work)
+    byte_compile_s3xfer()
     all_tools = make_tools()
     tools = {name: all_tools[name] for name in args.tools}
     for tool in tools.values():
