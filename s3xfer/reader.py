@@ -19,10 +19,9 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import anyio
-from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from . import catalog
 from .checksums import crc32, crc32_to_base64
@@ -40,6 +39,9 @@ from .manifest import Manifest, ManifestRecord
 from .ranges import DEFAULT_GAP, RangeGet, Wanted, check_ranged_response, coalesce
 from .retry import RetryPolicy, TransientError, call_with_retries
 from .s3 import S3, Connection, open_s3
+
+if TYPE_CHECKING:
+    from anyio.from_thread import BlockingPortal
 
 GET_BATCH_BYTES = 64 * 1024 * 1024  # `get` fetches and writes this much at a time
 
@@ -334,6 +336,8 @@ class SyncDataset:
     background thread. Create one per process (e.g. per DataLoader worker)."""
 
     def __init__(self, url: str | S3Url, **options: Any) -> None:
+        from anyio.from_thread import start_blocking_portal  # 10 ms of import the async API skips
+
         self._portal_cm = start_blocking_portal("asyncio")
         self._portal: BlockingPortal = self._portal_cm.__enter__()
         try:

@@ -1,7 +1,8 @@
 """Start-up: the commands that read a dataset through the lean paths (an endpoint and
 credentials in the environment) never import botocore's client machinery or aiohttp, which
-cost about 0.3 s before the first byte, nor the planner, the upload engine, the benchmark or
-tqdm (with no terminal to draw on); the commands that need them still work."""
+cost about 0.3 s before the first byte, nor the planner, the upload engine, the benchmark,
+anyio's blocking portal (SyncDataset's) or tqdm (with no terminal to draw on); the commands
+that need them still work."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ HEAVY = (
     "s3xfer.upload",
     "s3xfer.bench",
     "tqdm",
+    "anyio.from_thread",
 )
 
 # Runs the CLI in this interpreter, then reports which of HEAVY it imported.
