@@ -144,6 +144,16 @@ def prefix_item(url: S3Url, listed: dict[str, Any]) -> Item:
     )
 
 
+def aligned_range_size(part_size: int, preferred: int) -> int:
+    """Ranges that each cover whole parts of the upload (S3 serves a range within one part
+    from that part alone): the largest multiple of part_size not above `preferred`, at least
+    one part. `preferred` itself when the part size is unknown, or so large (over 4 ×
+    preferred) that whole parts would leave too few ranges to fetch in parallel."""
+    if part_size <= 0 or part_size > 4 * preferred:
+        return preferred
+    return part_size * max(1, preferred // part_size)
+
+
 def _writable_directory(dest: Path) -> None:
     """Create dest; fail once, before any GET, when no file can be created in it."""
     try:
@@ -345,24 +355,24 @@ class _Restorer:
             self.counters.failures.append((item.path, str(error)))
 
     async def _large(self, item: Item) -> None:
-        job = RangedDownload(
-            bucket=self.url.bucket,
-            key=item.key,
-            size=item.size,
-            etag=item.etag,
-            dest=self.targets[item.path],
-            mtime_ns=item.mtime_ns,
-            mode=item.mode,
-            expected_crc32=item.crc32,
-        )
-        range_size = item.part_size or self.range_size
-        if range_size > self.budget.capacity:
-            range_size = self.range_size
         try:
+            part_size, crc32 = item.part_size, item.crc32
+            if not part_size and crc32 is None:  # not s3xfer's: ask S3 how it was uploaded
+                part_size, crc32 = await self._layout(item)
+            job = RangedDownload(
+                bucket=self.url.bucket,
+                key=item.key,
+                size=item.size,
+                etag=item.etag,
+                dest=self.targets[item.path],
+                mtime_ns=item.mtime_ns,
+                mode=item.mode,
+                expected_crc32=crc32,
+            )
             result = await download_ranges(
                 self.s3,
                 job,
-                range_size=range_size,
+                range_size=aligned_range_size(part_size, self.range_size),
                 limiter=self.limiter,
                 budget=self.budget,
                 on_progress=lambda n: self.on_progress(n, 0),
@@ -377,6 +387,19 @@ class _Restorer:
         self.counters.files += 1
         self.counters.bytes += result.bytes_fetched
         self.on_progress(0, 1)
+
+    async def _layout(self, item: Item) -> tuple[int, str | None]:
+        """The part size and whole-object CRC32 S3 reports for item (0 and None when it
+        reports neither, or refuses to say: the download then goes on without them)."""
+        try:
+            layout = await call_with_retries(
+                lambda: self.s3.object_layout(self.url.bucket, item.key, etag=item.etag),
+                policy=self.policy,
+                on_retry=self.counters.retried,
+            )
+        except S3XferError:
+            return 0, None  # a GET that fails the same way names the problem
+        return layout.part_size, layout.crc32
 
     async def _write_many(self, files: list[tuple[Item, bytes | memoryview]]) -> None:
         batch = [

@@ -97,6 +97,12 @@ SSE_ALGORITHMS = ("AES256", "aws:kms")
 _ACCOUNT_ID = re.compile(r"[0-9]{12}")
 
 
+@dataclass(frozen=True, slots=True)
+class ObjectLayout:
+    part_size: int  # of its multipart upload (part 1's length); 0 when not known
+    crc32: str | None  # base64 whole-object CRC32 (ChecksumType FULL_OBJECT), when S3 keeps one
+
+
 class _SharedBytesIO(io.BytesIO):
     """A body for botocore that never copies the bytes it wraps.
 
@@ -654,6 +660,30 @@ class S3:
         async with self._request("head_object", bucket, key):
             client = await self.client()
             return dict(await client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED"))
+
+    async def object_layout(self, bucket: str, key: str, *, etag: str) -> ObjectLayout:
+        """How an object someone else uploaded was cut, and its whole-object CRC32 when S3
+        keeps one: at most two HEADs (the object, and its part 1 when the ETag says it was a
+        multipart upload). Both carry If-Match, so they describe the object being fetched."""
+        head = await self._head(bucket, key, etag=etag)
+        crc32 = head.get("ChecksumCRC32") if head.get("ChecksumType") == "FULL_OBJECT" else None
+        parts = etag.strip('"').rpartition("-")[2]
+        part_size = 0
+        if parts.isdigit() and int(parts) > 1:
+            first = await self._head(bucket, key, etag=etag, part_number=1)
+            if int(first.get("PartsCount") or 0) == int(parts):  # a server that honours it
+                part_size = int(first["ContentLength"])
+        return ObjectLayout(part_size=part_size, crc32=crc32)
+
+    async def _head(
+        self, bucket: str, key: str, *, etag: str, part_number: int | None = None
+    ) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"IfMatch": etag, "ChecksumMode": "ENABLED"}
+        if part_number is not None:
+            kwargs["PartNumber"] = part_number
+        async with self._request("head_object", bucket, key):
+            client = await self.client()
+            return dict(await client.head_object(Bucket=bucket, Key=key, **kwargs))
 
 
 class _LeanPut:

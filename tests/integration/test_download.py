@@ -17,9 +17,13 @@ import anyio
 import pytest
 
 from s3xfer import S3Url, TransferConfig, make_plan, survey, upload
+from s3xfer import download as download_module
+from s3xfer import rangedl as rangedl_module
+from s3xfer.checksums import crc32, crc32_to_base64
 from s3xfer.config import MiB
 from s3xfer.download import DownloadReport, download
 from s3xfer.locals3 import LocalS3Info
+from s3xfer.s3 import S3
 from s3xfer.upload import UploadReport
 
 from .helpers import connection, run_cli, write_tree
@@ -53,9 +57,8 @@ def up(src: Path, url: str, info: LocalS3Info) -> UploadReport:
 
 def down(url: str, dest: Path, info: LocalS3Info, **options: Any) -> DownloadReport:
     async def main() -> DownloadReport:
-        return await download(
-            S3Url.parse(url), dest, connection=connection(info), range_size=5 * MiB, **options
-        )
+        options.setdefault("range_size", 5 * MiB)
+        return await download(S3Url.parse(url), dest, connection=connection(info), **options)
 
     return anyio.run(main)
 
@@ -149,6 +152,73 @@ def test_plain_prefix_from_another_client(
         assert (tmp_path / "out" / key.removeprefix("raw/")).read_bytes() == body
     again = down(f"s3://{bucket}/raw", tmp_path / "out", local_s3)
     assert again.files_downloaded == 0 and again.files_skipped == 3
+
+
+def multipart_put(
+    client: Any, bucket: str, key: str, parts: list[bytes], *, full_object_crc32: bool
+) -> None:
+    """An object as another client uploads it: in these parts, with S3 keeping its
+    whole-object CRC32 (ChecksumType FULL_OBJECT) or no checksum at all."""
+    extra: dict[str, Any] = {}
+    if full_object_crc32:
+        extra = {"ChecksumAlgorithm": "CRC32", "ChecksumType": "FULL_OBJECT"}
+    upload_id = client.create_multipart_upload(Bucket=bucket, Key=key, **extra)["UploadId"]
+    done = []
+    for number, body in enumerate(parts, start=1):
+        checksum = {"ChecksumCRC32": crc32_to_base64(crc32(body))} if full_object_crc32 else {}
+        answer = client.upload_part(
+            Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body, **checksum
+        )
+        done.append({"PartNumber": number, "ETag": answer["ETag"], **checksum})
+    whole = {}
+    if full_object_crc32:
+        whole = {
+            "ChecksumCRC32": crc32_to_base64(crc32(b"".join(parts))),
+            "ChecksumType": "FULL_OBJECT",
+        }
+    client.complete_multipart_upload(
+        Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": done}, **whole
+    )
+
+
+def test_large_objects_of_a_plain_prefix_come_in_ranges_aligned_to_their_parts_and_verified(
+    local_s3: LocalS3Info,
+    bucket: str,
+    sync_s3_client: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    part = 5 * MiB
+    checked = [os.urandom(part) for _ in range(3)] + [os.urandom(1234)]
+    unchecked = [os.urandom(part) for _ in range(4)]
+    multipart_put(sync_s3_client, bucket, "parts/checked.bin", checked, full_object_crc32=True)
+    multipart_put(sync_s3_client, bucket, "parts/plain.bin", unchecked, full_object_crc32=False)
+    ranges: list[tuple[str, str]] = []
+    expected: dict[str, str | None] = {}
+    real_get, real_download = S3.get_range_to, rangedl_module.download_ranges
+
+    async def spy_get(self: S3, bucket: str, key: str, **kw: Any) -> int:
+        ranges.append((key, kw["byte_range"]))
+        return await real_get(self, bucket, key, **kw)
+
+    async def spy_download(s3: Any, job: rangedl_module.RangedDownload, **kw: Any) -> Any:
+        expected[job.key] = job.expected_crc32
+        return await real_download(s3, job, **kw)
+
+    monkeypatch.setattr(S3, "get_range_to", spy_get)
+    monkeypatch.setattr(download_module, "download_ranges", spy_download)
+    # 8 MiB preferred ranges: one 5 MiB part each, never a range across two parts.
+    report = down(f"s3://{bucket}/parts", tmp_path / "out", local_s3, range_size=8 * MiB)
+    assert report.ok and report.files_downloaded == 2, report.failures
+    for name, parts in (("checked.bin", checked), ("plain.bin", unchecked)):
+        assert (tmp_path / "out" / name).read_bytes() == b"".join(parts)
+    for key in ("parts/checked.bin", "parts/plain.bin"):
+        starts = sorted(int(r.removeprefix("bytes=").split("-")[0]) for k, r in ranges if k == key)
+        assert starts == [0, part, 2 * part, 3 * part], (key, ranges)
+    assert expected == {  # the CRC32 S3 kept is checked; none is made up for the other
+        "parts/checked.bin": crc32_to_base64(crc32(b"".join(checked))),
+        "parts/plain.bin": None,
+    }
 
 
 def test_hostile_names_stay_inside_dest(

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from s3xfer.budget import ByteBudget
 from s3xfer.checksums import crc32_to_base64
+from s3xfer.download import aligned_range_size
 from s3xfer.errors import IntegrityError, UsageError
 from s3xfer.rangedl import (
     DownloadResult,
@@ -355,3 +356,18 @@ def test_pieces_are_written_at_their_offsets_with_their_crc(tmp_path: Path) -> N
         os.close(fd)
     assert path.read_bytes() == bytes(10) + data
     assert writer.crc == zlib.crc32(data) and writer.written == len(data)
+
+
+@given(
+    part=st.integers(min_value=0, max_value=5 * 1024**3),
+    preferred=st.integers(min_value=1, max_value=1024**3),
+)
+def test_ranges_cover_whole_parts_unless_parts_are_unknown_or_huge(
+    part: int, preferred: int
+) -> None:
+    size = aligned_range_size(part, preferred)
+    if 0 < part <= 4 * preferred:
+        assert size % part == 0  # every range starts and ends on a part boundary
+        assert size == part or size <= preferred
+    else:
+        assert size == preferred
