@@ -445,7 +445,7 @@ async def download(
     return_large_buffers_promptly()
     started = time.perf_counter()
     async with open_s3(connection or Connection(), max_pool_connections=concurrency) as s3:
-        await s3.check_bucket(url.bucket)
+        await s3.prepare_reads(url.bucket)
         try:
             raw = await call_with_retries(
                 lambda: s3.get_object(url.bucket, manifest_key(url)), policy=RetryPolicy()

@@ -379,6 +379,14 @@ class S3:
             if self.gate is not None:
                 self.gate.succeeded()
 
+    async def prepare_reads(self, bucket: str) -> None:
+        """Before the first GETs of bucket. An AWS bucket (no endpoint given) is checked
+        with HEAD, which tells its region, which the lean GETs need; elsewhere nothing is
+        sent: the first GET fails as the check would (no such bucket, access denied, no
+        endpoint), one round trip sooner."""
+        if self.lean is not None and not self.lean.can_put(bucket):
+            await self.check_bucket(bucket)
+
     async def check_bucket(self, bucket: str) -> None:
         """Fail early, with one clear line, on a missing bucket, bad credentials or no endpoint."""
         if self.lean is not None and self.lean.endpoint_url is not None:
