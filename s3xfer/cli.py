@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit
 
 import click
 
@@ -265,27 +264,23 @@ def make_connection(
 ) -> Connection:
     """The Connection of a command; --expected-bucket-owner comes from the click context (see
     connection_options)."""
-    if endpoint_url:
-        parts = urlsplit(endpoint_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UsageError(f"bad endpoint URL {endpoint_url!r} (expected http(s)://host[:port])")
     if sse_kms_key_id and sse != "aws:kms":
         raise UsageError("--sse-kms-key-id needs --sse aws:kms")
     context = click.get_current_context(silent=True)
     meta = context.meta if context is not None else {}
-    owner = meta.get(_OWNER_META)
-    if no_verify_ssl:
-        click.echo("s3xfer: warning: TLS certificate verification is off", err=True)
-    return Connection(
+    connection = Connection(  # checks the endpoint URL and the other values
         endpoint_url=endpoint_url or None,
         profile=profile,
         region=region,
         verify_ssl=not no_verify_ssl,
         sse=sse,
         sse_kms_key_id=sse_kms_key_id,
-        expected_bucket_owner=owner,
+        expected_bucket_owner=meta.get(_OWNER_META),
         stall_timeout=meta.get(_STALL_META, 60.0),
     )
+    if no_verify_ssl:
+        click.echo("s3xfer: warning: TLS certificate verification is off", err=True)
+    return connection
 
 
 def apply_bench_profile(options: dict[str, Any], *, command: str) -> float | None:

@@ -303,12 +303,9 @@ class HttpPool:
                         connection.close()
                         continue
                     raise exc
-                if method == "HEAD":
-                    status, answered = _parse_head(head)
-                    keep = answered.get("connection", "").lower() != "close"
-                    response = Response(status, answered, 0, "")
-                else:
-                    response, keep = _read_response(connection, head, on_head, sink)
+                response, keep = _read_response(
+                    connection, head, on_head, sink, has_body=method != "HEAD"
+                )
             except BaseException as exc:
                 connection.close()
                 if cancel is not None and cancel.cancelled:
@@ -328,11 +325,14 @@ class HttpPool:
 
 
 def _read_response(
-    connection: _Connection, head: bytes, on_head: OnHead, sink: Sink
+    connection: _Connection, head: bytes, on_head: OnHead, sink: Sink, *, has_body: bool = True
 ) -> tuple[Response, bool]:
-    """The answer after its head: (response, whether the connection can be reused)."""
+    """The answer after its head: (response, whether the connection can be reused). Without
+    a body (the answer to a HEAD), the head is all there is."""
     status, headers = _parse_head(head)
     keep = headers.get("connection", "").lower() != "close"
+    if not has_body:
+        return Response(status, headers, 0, ""), keep
     chunked = "chunked" in headers.get("transfer-encoding", "").lower()
     length_header = headers.get("content-length")
     if not chunked and length_header is None and status not in (204, 304):

@@ -160,6 +160,12 @@ class Connection:
     stall_timeout: float = 60.0
 
     def __post_init__(self) -> None:
+        if self.endpoint_url is not None:
+            parts = urlsplit(self.endpoint_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise UsageError(
+                    f"bad endpoint URL {self.endpoint_url!r} (expected http(s)://host[:port])"
+                )
         if self.sse is not None and self.sse not in SSE_ALGORITHMS:
             raise UsageError(
                 f"unknown server-side encryption {self.sse!r} (use {' or '.join(SSE_ALGORITHMS)})"
@@ -664,29 +670,28 @@ class S3:
             if not page.get("IsTruncated") or not token:
                 return
 
-    async def head_object(self, bucket: str, key: str) -> dict[str, Any]:
-        async with self._request("head_object", bucket, key):
-            client = await self.client()
-            return dict(await client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED"))
-
     async def object_layout(self, bucket: str, key: str, *, etag: str) -> ObjectLayout:
         """How an object someone else uploaded was cut, and its whole-object CRC32 when S3
         keeps one: at most two HEADs (the object, and its part 1 when the ETag says it was a
         multipart upload). Both carry If-Match, so they describe the object being fetched."""
-        head = await self._head(bucket, key, etag=etag)
+        head = await self.head_object(bucket, key, etag=etag)
         crc32 = head.get("ChecksumCRC32") if head.get("ChecksumType") == "FULL_OBJECT" else None
         parts = etag.strip('"').rpartition("-")[2]
         part_size = 0
         if parts.isdigit() and int(parts) > 1:
-            first = await self._head(bucket, key, etag=etag, part_number=1)
+            first = await self.head_object(bucket, key, etag=etag, part_number=1)
             if int(first.get("PartsCount") or 0) == int(parts):  # a server that honours it
                 part_size = int(first["ContentLength"])
         return ObjectLayout(part_size=part_size, crc32=crc32)
 
-    async def _head(
-        self, bucket: str, key: str, *, etag: str, part_number: int | None = None
+    async def head_object(
+        self, bucket: str, key: str, *, etag: str | None = None, part_number: int | None = None
     ) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"IfMatch": etag, "ChecksumMode": "ENABLED"}
+        """HeadObject, with the checksum S3 keeps; of the object with this ETag (If-Match),
+        or of one of its parts."""
+        kwargs: dict[str, Any] = {"ChecksumMode": "ENABLED"}
+        if etag is not None:
+            kwargs["IfMatch"] = etag
         if part_number is not None:
             kwargs["PartNumber"] = part_number
         async with self._request("head_object", bucket, key):
@@ -946,6 +951,7 @@ class _Botocore:
         self.on_client: list[Callable[[S3Client], None]] = []  # run once on the new client
         self._session: AioSession | None = None
         self._client: S3Client | None = None
+        self._region: str | None = None
         self._lock = anyio.Lock()
 
     def session(self) -> AioSession:
@@ -1000,13 +1006,15 @@ class _Botocore:
 
     def region(self) -> str:
         """The region to sign for, as botocore would resolve it: given, else the environment,
-        else the profile's configuration, else us-east-1."""
-        return (
-            self.connection.region
-            or os.environ.get("AWS_DEFAULT_REGION")
-            or self.session().get_config_variable("region")
-            or "us-east-1"
-        )
+        else the profile's configuration, else us-east-1 (resolved once)."""
+        if self._region is None:
+            self._region = (
+                self.connection.region
+                or os.environ.get("AWS_DEFAULT_REGION")
+                or self.session().get_config_variable("region")
+                or "us-east-1"
+            )
+        return self._region
 
     async def credentials(self) -> sigv4.Credentials | None:
         """The credentials of the lean paths: given, else the environment's (as botocore's
@@ -1039,24 +1047,13 @@ async def open_s3(
     `adaptive`: requests in flight follow an AIMD window (throttle.py), lowered when S3
     answers SlowDown; off for measurements that must hold a concurrency (bench)."""
     endpoint = connection.endpoint_url
-    if endpoint is not None:
-        parts = urlsplit(endpoint)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UsageError(f"bad endpoint URL {endpoint!r} (expected http(s)://host[:port])")
     with map_errors("-"):
         async with AsyncExitStack() as stack:
             botocore = _Botocore(connection, stack, pool=max_pool_connections)
-            region: list[str] = []  # resolved once, on first use
-
-            def lean_region() -> str:
-                if not region:
-                    region.append(botocore.region())
-                return region[0]
-
             lean = _LeanPut(
                 stack,
                 endpoint_url=endpoint,
-                region=lean_region,
+                region=botocore.region,
                 credentials=botocore.credentials,
                 stall_timeout=connection.stall_timeout,
                 verify_ssl=connection.verify_ssl,
