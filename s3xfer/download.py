@@ -154,6 +154,10 @@ def aligned_range_size(part_size: int, preferred: int) -> int:
     return part_size * max(1, preferred // part_size)
 
 
+def _member_range(item: Item) -> str:
+    return f"bytes={item.offset}-{item.offset + item.size - 1}"
+
+
 def _writable_directory(dest: Path) -> None:
     """Create dest; fail once, before any GET, when no file can be created in it."""
     try:
@@ -238,7 +242,7 @@ class _Restorer:
         large = [i for i in items if i.offset < 0 and i.size > self.range_size]
         by_path = {i.path: i for i in packed}
         gets = coalesce(
-            (Wanted(i.path, i.key, i.offset, i.size) for i in packed),
+            (Wanted(i.path, i.key, i.offset, i.size, i.etag) for i in packed),
             gap=self.gap,
             max_span=self.range_size,
         )
@@ -309,15 +313,17 @@ class _Restorer:
         await call_with_retries(attempt, policy=self.policy, on_retry=self.counters.retried)
 
     async def _shard_range(self, get: RangeGet, by_path: dict[str, Item]) -> None:
-        """One sequential ranged GET of a shard, split into its member files as it arrives."""
+        """One sequential ranged GET of a shard, split into its member files as it arrives.
+        Each member is checked against its own CRC32: one that does not match fails alone,
+        its neighbours are written."""
         size = get.end - get.start
-        etag = by_path[get.members[0].path].etag
         where = f"s3://{self.url.bucket}/{get.key}"
+        mismatched: set[str] = set()
         try:
             await self.budget.acquire(size)
             try:
                 view = memoryview(bytearray(size))  # members are views of it: no copy per file
-                await self._get_range(get.key, get, etag, view)
+                await self._get_range(get.key, get, get.etag, view)
                 files: list[tuple[Item, bytes | memoryview]] = []
                 for member in get.members:
                     start = member.offset - get.start
@@ -325,16 +331,24 @@ class _Restorer:
                 crcs = await anyio.to_thread.run_sync(
                     lambda: [crc32_to_base64(crc32(data)) for _, data in files]
                 )
-                for (item, _), crc in zip(files, crcs, strict=True):
+                good: list[tuple[Item, bytes | memoryview]] = []
+                for (item, data), crc in zip(files, crcs, strict=True):
                     if item.crc32 is not None and crc != item.crc32:
-                        raise IntegrityError(f"{item.path}: checksum mismatch in {where}")
-                await self._write_many(files)
+                        mismatched.add(item.path)
+                        self.counters.failures.append(
+                            (item.path, f"checksum mismatch in {where} ({_member_range(item)})")
+                        )
+                    else:
+                        good.append((item, data))
+                await self._write_many(good)
             finally:
                 self.budget.release(size)
         except DiskFullError:
             raise  # every other file would fail the same way: stop the download
         except S3XferError as error:
-            self.counters.failures.extend((m.path, str(error)) for m in get.members)
+            self.counters.failures.extend(
+                (m.path, str(error)) for m in get.members if m.path not in mismatched
+            )
 
     async def _object(self, item: Item) -> None:
         where = f"s3://{self.url.bucket}/{item.key}"

@@ -56,6 +56,18 @@ class IntegrityError(S3XferError):
     exit_code = 4
 
 
+class PartialReadError(IntegrityError):
+    """Some files of a read_many did not verify: `failures` names each (and why), `results`
+    holds the verified bytes of the others."""
+
+    def __init__(self, results: dict[str, bytes], failures: dict[str, S3XferError]) -> None:
+        first = min(failures)
+        more = f" (and {len(failures) - 1} more files)" if len(failures) > 1 else ""
+        super().__init__(f"{failures[first]}{more}")
+        self.results = results
+        self.failures = failures
+
+
 class LocalS3Error(S3XferError):
     """The embedded local S3 server could not be started."""
 

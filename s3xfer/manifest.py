@@ -128,6 +128,19 @@ class Manifest:
             shards={r.key: r for r in shards},
         )
 
+    def is_stale(self, record: ManifestRecord) -> bool:
+        """A packed record whose shard was rewritten since (the shard's ETag is no longer the
+        one it was recorded with): its offset points into bytes that are gone."""
+        shard = self.shards.get(record.key)
+        return record.packed and shard is not None and shard.etag != record.etag
+
+    def drop_stale(self) -> list[str]:
+        """Forget every stale record (see is_stale); their paths, sorted."""
+        stale = sorted(path for path, record in self.records.items() if self.is_stale(record))
+        for path in stale:
+            del self.records[path]
+        return stale
+
     def select_changed(self, units: Iterable[FileUnit]) -> tuple[list[FileUnit], list[FileUnit]]:
         """Split units into (to upload, unchanged)."""
         todo: list[FileUnit] = []

@@ -16,22 +16,25 @@ DEFAULT_MAX_SPAN = 8 * 1024 * 1024  # larger reads go as several GETs, fetched i
 
 @dataclass(frozen=True, slots=True)
 class Wanted:
-    """One file's bytes: [offset, offset + size) of object `key`."""
+    """One file's bytes: [offset, offset + size) of object `key`, as catalogued with `etag`."""
 
     path: str
     key: str
     offset: int
     size: int
+    etag: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class RangeGet:
-    """One GET of bytes [start, end) of `key`, serving several wanted files."""
+    """One GET of bytes [start, end) of `key`, serving several wanted files catalogued with
+    the same `etag` (sent as If-Match)."""
 
     key: str
     start: int
     end: int
     members: tuple[Wanted, ...]
+    etag: str = ""
 
     @property
     def header(self) -> str:
@@ -44,16 +47,17 @@ class RangeGet:
 def coalesce(
     wanted: Iterable[Wanted], *, gap: int = DEFAULT_GAP, max_span: int = DEFAULT_MAX_SPAN
 ) -> list[RangeGet]:
-    """Group wanted ranges into GETs: same object, at most `gap` bytes apart, each GET at most
-    `max_span` long unless ranges overlap (a single larger file still gets its own GET).
-    Empty files need no GET."""
-    by_key: dict[str, list[Wanted]] = {}
+    """Group wanted ranges into GETs: same object and ETag, at most `gap` bytes apart, each GET
+    at most `max_span` long unless ranges overlap (a single larger file still gets its own GET).
+    Empty files need no GET. Records of one key catalogued with different ETags never share a
+    GET: the If-Match of one must not refuse the bytes of the others."""
+    by_key: dict[tuple[str, str], list[Wanted]] = {}
     for item in wanted:
         if item.size > 0:
-            by_key.setdefault(item.key, []).append(item)
+            by_key.setdefault((item.key, item.etag), []).append(item)
     gets: list[RangeGet] = []
-    for key in sorted(by_key):
-        items = sorted(by_key[key], key=lambda w: (w.offset, w.size))
+    for key, etag in sorted(by_key):
+        items = sorted(by_key[key, etag], key=lambda w: (w.offset, w.size))
         group = [items[0]]
         start, end = items[0].offset, items[0].offset + items[0].size
         for item in items[1:]:
@@ -63,9 +67,9 @@ def coalesce(
                 group.append(item)
                 end = max(end, item_end)
             else:
-                gets.append(RangeGet(key, start, end, tuple(group)))
+                gets.append(RangeGet(key, start, end, tuple(group), etag))
                 group, start, end = [item], item.offset, item_end
-        gets.append(RangeGet(key, start, end, tuple(group)))
+        gets.append(RangeGet(key, start, end, tuple(group), etag))
     return gets
 
 

@@ -29,6 +29,7 @@ from .errors import (
     IntegrityError,
     NoSuchKeyError,
     NotInDatasetError,
+    PartialReadError,
     S3XferError,
     UsageError,
     first_error,
@@ -190,10 +191,15 @@ class Dataset:
 
     async def read(self, path: str) -> bytes:
         """One file's bytes: one ranged GET (when the catalog piece is cached), verified."""
-        return (await self._fetch([await self.stat(path)]))[path]
+        data, failures = await self._fetch([await self.stat(path)])
+        if failures:
+            raise failures[path]
+        return data[path]
 
     async def read_many(self, paths: Sequence[str]) -> dict[str, bytes]:
-        """Many files at once: nearby ranges of a shard merged into one GET, GETs concurrent."""
+        """Many files at once: nearby ranges of a shard merged into one GET, GETs concurrent.
+        Each file is checked on its own: when some fail, PartialReadError names only those and
+        carries the verified bytes of the others."""
         records: dict[str, ManifestRecord] = {}
 
         async def find(path: str) -> None:
@@ -203,34 +209,49 @@ class Dataset:
             async with anyio.create_task_group() as group:
                 for path in dict.fromkeys(paths):
                     group.start_soon(find, path)
-        return await self._fetch([records[p] for p in dict.fromkeys(paths)])
+        data, failures = await self._fetch([records[p] for p in dict.fromkeys(paths)])
+        if failures:
+            raise PartialReadError(data, failures)
+        return data
 
     async def open(self, path: str) -> io.BytesIO:
         """A file-like object over one file's (verified) bytes."""
         return io.BytesIO(await self.read(path))
 
-    async def _fetch(self, records: Iterable[ManifestRecord]) -> dict[str, bytes]:
+    async def _fetch(
+        self, records: Iterable[ManifestRecord]
+    ) -> tuple[dict[str, bytes], dict[str, S3XferError]]:
+        """The verified bytes of every record, and why each of the others failed. Every file
+        is checked against its own CRC32, so one bad record never fails its neighbours in a
+        merged GET. A GET that fails as a whole (the object is gone or was replaced) fails
+        its members; errors that would fail every GET alike (access, endpoint) are raised."""
         by_path = {r.path: r for r in records}
         wanted = [
-            Wanted(r.path, r.key, r.offset if r.packed else 0, r.size) for r in by_path.values()
+            Wanted(r.path, r.key, r.offset if r.packed else 0, r.size, r.etag)
+            for r in by_path.values()
         ]
         out: dict[str, bytes] = {r.path: b"" for r in by_path.values() if r.size == 0}
+        failures: dict[str, S3XferError] = {}
 
         async def run(get: RangeGet) -> None:
             try:
                 async with self._limiter:
                     body = await self._range_get(get, by_path)
-            except IntegrityError as exc:  # say which files, not only which object
-                more = f" (and {len(get.members) - 1} more)" if len(get.members) > 1 else ""
-                raise IntegrityError(f"{get.members[0].path}{more}: {exc}") from exc
+            except (IntegrityError, NoSuchKeyError) as exc:  # say which files, not only where
+                for member in get.members:
+                    failures[member.path] = type(exc)(f"{member.path}: {exc}")
+                return
             for member in get.members:
                 data = get.slice_of(body, member)
                 record = by_path[member.path]
                 if crc32_to_base64(crc32(data)) != record.crc32:
-                    raise IntegrityError(
-                        f"{member.path}: checksum mismatch in s3://{self.url.bucket}/{get.key} "
-                        f"({get.header}): the stored bytes are not the catalogued ones"
+                    where = f"s3://{self.url.bucket}/{get.key}"
+                    span = f"bytes={member.offset}-{member.offset + member.size - 1}"
+                    failures[member.path] = IntegrityError(
+                        f"{member.path}: checksum mismatch in {where} ({span}): the stored "
+                        "bytes are not the catalogued ones"
                     )
+                    continue
                 out[member.path] = data
                 self.stats.files += 1
 
@@ -238,7 +259,7 @@ class Dataset:
             async with anyio.create_task_group() as group:
                 for get in coalesce(wanted, gap=self.gap):
                     group.start_soon(run, get)
-        return out
+        return out, failures
 
     async def _range_get(self, get: RangeGet, by_path: dict[str, ManifestRecord]) -> bytes:
         first = by_path[get.members[0].path]
@@ -251,7 +272,7 @@ class Dataset:
                 self.url.bucket,
                 get.key,
                 byte_range=None if whole_object else get.header,
-                if_match=first.etag or None,
+                if_match=get.etag or None,
             )
             if len(body) < get.end - get.start:
                 raise TransientError(
@@ -303,22 +324,26 @@ class Dataset:
         # matched, and each batch's files are written in one worker-thread call.
         ordered = sorted(matched.values(), key=lambda r: (r.key, r.offset))
         batch: list[ManifestRecord] = []
+        written: list[ManifestRecord] = []
         for index, record in enumerate(ordered):
             batch.append(record)
             if index + 1 == len(ordered) or sum(r.size for r in batch) >= GET_BATCH_BYTES:
-                data = await self._fetch(batch)
+                data, failed = await self._fetch(batch)
+                failures.extend((path, str(error)) for path, error in failed.items())
+                good = [r for r in batch if r.path not in failed]
                 await write_files(
-                    [(targets[r.path], data[r.path], r.mtime_ns, r.mode) for r in batch]
+                    [(targets[r.path], data[r.path], r.mtime_ns, r.mode) for r in good]
                 )
+                written.extend(good)
                 batch = []
         return GetReport(
-            files=len(matched),
-            bytes=sum(r.size for r in matched.values()),
+            files=len(written),
+            bytes=sum(r.size for r in written),
             gets=self.stats.gets,
             catalog_requests=self.catalog_requests,
             seconds=anyio.current_time() - started,
-            written=sorted(matched),
-            failures=failures,
+            written=sorted(r.path for r in written),
+            failures=sorted(failures),
         )
 
 

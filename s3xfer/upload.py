@@ -187,6 +187,7 @@ async def prepare(
     if done is not None:
         manifest.records.update(done.records)
         manifest.shards.update(done.shards)
+    manifest.drop_stale()  # never "unchanged" on the word of a record whose bytes are gone
     todo, unchanged = manifest.select_changed(plan.units)
     shards_todo, shards_unchanged = manifest.select_changed_shards(plan.shards)
     return Prepared(
@@ -219,6 +220,9 @@ async def commit(
         manifest.records[record.path] = record
     for shard in shard_records:
         manifest.shards[shard.key] = shard
+    # A shard rewritten this run holds its new members only: records of any other file
+    # pointing into it (deleted, moved to another shard, replaced by a directory) must go.
+    manifest.drop_stale()
     await save_catalog(
         s3, plan.dest, prepared.old, manifest, prepared.policy, on_retry=prepared.metadata_retries
     )

@@ -7,7 +7,7 @@ import pytest
 
 from s3xfer.budget import ByteBudget
 from s3xfer.errors import IntegrityError
-from s3xfer.manifest import Manifest, ManifestRecord
+from s3xfer.manifest import Manifest, ManifestRecord, ShardRecord
 from s3xfer.plan import FileUnit, Kind
 
 pytestmark = pytest.mark.anyio
@@ -80,3 +80,21 @@ def test_manifest_round_trip_and_corruption() -> None:
     assert again.records == manifest.records
     with pytest.raises(IntegrityError, match="corrupt manifest"):
         Manifest.from_bytes(b"\x1f\x8bgarbage", where="s3://b/p/.s3xfer/manifest.json.gz")
+
+
+def test_records_pointing_into_a_rewritten_shard_are_stale() -> None:
+    def packed(path: str, offset: int, etag: str) -> ManifestRecord:
+        return ManifestRecord(path, "p/s.tar", 2, 1, 0o644, "x", 0, offset, etag)
+
+    manifest = Manifest(
+        "s3://b/p",
+        {
+            "a": packed("a", 512, '"v2"'),
+            "b": packed("b", 1536, '"v1"'),  # deleted, and its shard rewritten without it
+            "loose": ManifestRecord("loose", "p/loose", 5, 1, 0o644, "x", 0, -1, '"l"'),
+            "unknown": ManifestRecord("unknown", "p/t.tar", 2, 1, 0o644, "x", 0, 512, '"t"'),
+        },
+        {"p/s.tar": ShardRecord("p/s.tar", 10240, '"v2"', 1)},
+    )
+    assert manifest.drop_stale() == ["b"]
+    assert sorted(manifest.records) == ["a", "loose", "unknown"]

@@ -61,6 +61,20 @@ def test_neighbours_merge_and_far_ranges_do_not() -> None:
     assert gets[0].slice_of(bytes(range(256)) * 5, wanted[1]) == (bytes(range(256)) * 5)[1024:1124]
 
 
+def test_records_of_one_shard_with_different_etags_never_share_a_get() -> None:
+    # A stale record (its shard rewritten since) must not make If-Match refuse its neighbours.
+    wanted = [
+        Wanted("a", "s.tar", 512, 100, '"new"'),
+        Wanted("b", "s.tar", 1024, 100, '"old"'),
+        Wanted("c", "s.tar", 1536, 100, '"new"'),
+    ]
+    gets = coalesce(wanted, gap=1024)
+    assert sorted((g.etag, [m.path for m in g.members]) for g in gets) == [
+        ('"new"', ["a", "c"]),
+        ('"old"', ["b"]),
+    ]
+
+
 def test_ranged_responses_are_checked() -> None:
     get = RangeGet("k", 100, 200, ())
     check_ranged_response(
