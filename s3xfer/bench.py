@@ -89,6 +89,9 @@ WARMUP_WINDOWS = 2
 # A point whose measured interval holds fewer requests than workers runs on, up to this
 # many times its cap (never past the run's deadline): see reached_cap.
 OVERRUN_FACTOR = 3.0
+# How long the requests in flight at the end of a point may take to finish before they are
+# cancelled (and left to the cleanup's straggler search).
+DRAIN_SECONDS = 60.0
 
 STOP_STABLE = "stable"  # throughput settled before the cap
 STOP_TIME = "time"  # ran to its cap
@@ -1068,9 +1071,10 @@ class _Runner:
         tracker: StabilityTracker | None = None  # made when warm-up ends: it sees no warm-up
         stop = STOP_DEADLINE if cap < planned.max_seconds else STOP_TIME
         hard_cap = min(cap * OVERRUN_FACTOR, deadline_left)
+        stopping = anyio.Event()
         async with anyio.create_task_group() as workers:
             for worker in range(planned.concurrency):
-                workers.start_soon(self.work, operation, recorder, worker)
+                workers.start_soon(self.work, operation, recorder, worker, stopping)
             start = last = tick = self.clock()
             for windows in itertools.count(1):
                 # Ticks on a fixed grid (re-based if the loop fell behind) so samples cover
@@ -1094,11 +1098,17 @@ class _Runner:
                 if reached_cap(planned, recorder, now=now, start=start, cap=cap, hard_cap=hard_cap):
                     break
             recorder.end(now)
-            workers.cancel_scope.cancel()
+            # Let the requests in flight finish (not counted) rather than cancel them: a PUT
+            # cancelled with its body already on the wire still lands, after the cleanup has
+            # listed the prefix, and is left behind to be billed. Cancelled only past a bound.
+            stopping.set()
+            workers.cancel_scope.deadline = anyio.current_time() + DRAIN_SECONDS
         point = recorder.point(planned, reads=planned.op in READ_OPS)
         return MeasuredPoint(point=point, stop=stop, last_error=recorder.last_error)
 
-    async def work(self, operation: _Operation, recorder: PointRecorder, worker: int) -> None:
+    async def work(
+        self, operation: _Operation, recorder: PointRecorder, worker: int, stopping: anyio.Event
+    ) -> None:
         def on_retry(_error: TransientError) -> None:
             recorder.retried(self.clock())
 
@@ -1106,6 +1116,8 @@ class _Runner:
             return await call_with_retries(call, policy=self.policy, on_retry=on_retry)
 
         for seq in itertools.count():
+            if stopping.is_set():
+                return
             began = self.clock()
             recorder.started(began, worker=worker)
             try:

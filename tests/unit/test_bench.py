@@ -4,10 +4,14 @@ the JSON / CSV shapes, the plot, named profiles and the settings they give each 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 from click.testing import CliRunner
 
@@ -20,6 +24,7 @@ from s3xfer.bench import (
     READ_SET_BYTES,
     STOP_STABLE,
     STOP_TIME,
+    BenchListener,
     BenchPlan,
     BenchResult,
     BenchSettings,
@@ -27,6 +32,8 @@ from s3xfer.bench import (
     EmulatedPath,
     MeasuredPoint,
     PointRecorder,
+    _Runner,
+    _Written,
     csv_rows,
     emulation_upstream,
     load_profile,
@@ -477,3 +484,40 @@ def test_min_point_seconds_is_what_the_option_accepts() -> None:
         benchcli.bench_command, ["s3://bench/x", "--point-seconds", str(MIN_POINT_SECONDS / 2)]
     )
     assert result.exit_code == 2
+
+
+def test_a_point_ends_by_letting_requests_in_flight_finish_not_by_cancelling_them() -> None:
+    # A PUT cancelled with its body already on the wire still lands on the server, after the
+    # cleanup has listed the prefix: a point must let its requests in flight finish.
+    settings = BenchSettings(url=URL, ops=(OP_PUT,), sizes=(KIB,), concurrencies=(4,))
+    planned = plan_bench(settings).sweep[0]
+    started: list[int] = []
+    finished: list[int] = []
+
+    class SlowRequest:
+        async def once(self, worker: int, seq: int, retrying: Any) -> tuple[int, float | None]:
+            started.append(worker)
+            await anyio.sleep(0.05)
+            finished.append(worker)
+            return KIB, None
+
+    runner = _Runner(
+        None,  # type: ignore[arg-type]  # the operation below sends nothing
+        settings,
+        listener=BenchListener(),
+        clock=time.perf_counter,
+        run_prefix="p",
+    )
+    runner.operation = lambda *_, **__: SlowRequest()  # type: ignore[method-assign]
+    anyio.run(
+        functools.partial(
+            runner.measure,
+            planned,
+            keys=[],
+            written=_Written(),
+            cap=MIN_POINT_SECONDS,
+            deadline_left=10.0,
+        )
+    )
+    assert len(started) > 4  # several requests per worker were measured
+    assert sorted(started) == sorted(finished)
