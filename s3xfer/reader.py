@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import fnmatch
 import io
+import os
 import re
+import threading
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, cast
 
 import anyio
 
@@ -96,6 +99,7 @@ class Dataset:
         self._policy = RetryPolicy(max_attempts=max_attempts)
         self._stack = AsyncExitStack()
         self._s3: S3 | None = None
+        self._pid = -1  # the process that opened it
         self._root: catalog.CatalogRoot | None = None
         self._pieces: dict[int, dict[str, ManifestRecord]] = {}
         self._piece_locks: dict[int, anyio.Lock] = {}
@@ -109,6 +113,7 @@ class Dataset:
         self._s3 = await self._stack.enter_async_context(
             open_s3(self.connection, max_pool_connections=self.concurrency)
         )
+        self._pid = os.getpid()
         return self
 
     async def __aexit__(
@@ -123,6 +128,11 @@ class Dataset:
     def s3(self) -> S3:
         if self._s3 is None:
             raise S3XferError("the dataset is not open: use `async with Dataset(...)`")
+        if self._pid != os.getpid():  # its connections belong to the parent's event loop
+            raise S3XferError(
+                "a Dataset opened before os.fork() cannot be used in the child: open one per "
+                "process (or use SyncDataset, which reopens itself in a forked child)"
+            )
         return self._s3
 
     @property
@@ -357,48 +367,119 @@ def path_matcher(patterns: Sequence[str]) -> Callable[[str], bool]:
 
 
 class SyncDataset:
-    """Dataset for synchronous code (a training loop, a notebook): runs an event loop in a
-    background thread. Create one per process (e.g. per DataLoader worker)."""
+    """Dataset for synchronous code (a training loop, a notebook, DataLoader workers).
+
+    Its event loop runs in a daemon thread, started on first use: a process that never
+    calls `close()` still exits, and an instance made before `os.fork()` (DataLoader's
+    default start method on Linux) opens its own loop and connections in the child on its
+    first read there; under spawn and forkserver it is pickled as its URL and options.
+    """
 
     def __init__(self, url: str | S3Url, **options: Any) -> None:
-        from anyio.from_thread import start_blocking_portal  # 10 ms of import the async API skips
+        self._url = url
+        self._options = options
+        self._lock = threading.Lock()
+        self._pid = -1  # the process whose loop and dataset the fields below belong to
+        self._loop: _LoopThread | None = None
+        self._dataset: Dataset | None = None
+        self._closed = False
+        Dataset(url, **options)  # a bad URL or option fails here, before any thread starts
 
-        self._portal_cm = start_blocking_portal("asyncio")
-        self._portal: BlockingPortal = self._portal_cm.__enter__()
-        try:
-            self._dataset = Dataset(url, **options)
-            self._portal.call(self._dataset.__aenter__)
-        except BaseException:
-            self._portal_cm.__exit__(None, None, None)
-            raise
+    def __getstate__(self) -> dict[str, Any]:
+        return {"url": self._url, "options": self._options}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        SyncDataset.__init__(self, state["url"], **state["options"])
+
+    def _opened(self) -> tuple[_LoopThread, Dataset]:
+        """This process's loop and dataset, opened here if they were not (or were another
+        process's: after a fork only the forking thread survives, the loop's is gone)."""
+        with self._lock:
+            if self._closed:
+                raise S3XferError("this SyncDataset is closed")
+            if self._pid != os.getpid() or self._loop is None or self._dataset is None:
+                loop = _LoopThread()
+                try:
+                    dataset = Dataset(self._url, **self._options)
+                    loop.portal.call(dataset.__aenter__)
+                except BaseException:
+                    loop.stop()
+                    raise
+                self._loop, self._dataset, self._pid = loop, dataset, os.getpid()
+            return self._loop, self._dataset
+
+    def _call(self, method: str, *args: Any) -> Any:
+        loop, dataset = self._opened()
+        return loop.portal.call(getattr(dataset, method), *args)
 
     def read(self, path: str) -> bytes:
-        return self._portal.call(self._dataset.read, path)
+        return cast(bytes, self._call("read", path))
 
     def read_many(self, paths: Sequence[str]) -> dict[str, bytes]:
-        return self._portal.call(self._dataset.read_many, paths)
+        return cast(dict[str, bytes], self._call("read_many", paths))
 
     def open(self, path: str) -> io.BytesIO:
-        return self._portal.call(self._dataset.open, path)
+        return cast(io.BytesIO, self._call("open", path))
 
     def ls(self, pattern: str | None = None) -> list[ManifestRecord]:
-        return self._portal.call(self._dataset.ls, pattern)
+        return cast(list[ManifestRecord], self._call("ls", pattern))
 
     def stat(self, path: str) -> ManifestRecord:
-        return self._portal.call(self._dataset.stat, path)
+        return cast(ManifestRecord, self._call("stat", path))
 
     @property
     def stats(self) -> ReadStats:
-        return self._dataset.stats
+        return self._opened()[1].stats
 
     def close(self) -> None:
+        with self._lock:
+            loop, dataset, self._loop, self._dataset = self._loop, self._dataset, None, None
+            self._closed = True
+            if loop is None or dataset is None or self._pid != os.getpid():
+                return  # nothing opened in this process: a forked child leaves the parent's be
         try:
-            self._portal.call(self._dataset.__aexit__, None, None, None)
+            loop.portal.call(dataset.__aexit__, None, None, None)
         finally:
-            self._portal_cm.__exit__(None, None, None)
+            loop.stop()
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _LoopThread:
+    """An asyncio loop in a daemon thread, reached through an anyio blocking portal.
+
+    anyio's own `start_blocking_portal` runs its loop in a non-daemon executor thread, which
+    the interpreter joins at exit: an instance never closed (a module-level dataset) hung
+    every script that used one."""
+
+    def __init__(self) -> None:
+        from anyio.from_thread import BlockingPortal  # 10 ms of import the async API skips
+
+        ready: Future[BlockingPortal] = Future()
+        self._stopped = threading.Event()
+
+        async def serve() -> None:
+            async with BlockingPortal() as portal:
+                ready.set_result(portal)
+                await portal.sleep_until_stopped()
+
+        def run() -> None:
+            try:
+                anyio.run(serve, backend="asyncio")
+            except BaseException as exc:
+                if not ready.done():
+                    ready.set_exception(exc)
+            finally:
+                self._stopped.set()
+
+        self._thread = threading.Thread(target=run, name="s3xfer-dataset-loop", daemon=True)
+        self._thread.start()
+        self.portal = ready.result()
+
+    def stop(self) -> None:
+        self.portal.call(self.portal.stop)
+        self._stopped.wait()
