@@ -58,10 +58,29 @@ OP_RANGE = "range"  # a ranged GET of `object_size` bytes out of a larger object
 ALL_OPS: tuple[str, ...] = (OP_PUT, OP_GET, OP_RANGE, OP_MULTIPART)
 READ_OPS = frozenset({OP_GET, OP_RANGE})
 
-DEFAULT_SIZES: tuple[int, ...] = (16 * KiB, 1 * MiB, 16 * MiB, 64 * MiB)
-DEFAULT_CONCURRENCIES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
-DEFAULT_POINT_SECONDS = 5.0
-DEFAULT_MAX_SECONDS = 900.0
+
+@dataclass(frozen=True, slots=True)
+class SweepPreset:
+    """The sizes, concurrencies and times a run uses unless told otherwise."""
+
+    sizes: tuple[int, ...]
+    concurrencies: tuple[int, ...]
+    point_seconds: float
+    max_seconds: float
+
+
+# The default: about a minute, enough for the knees that set `upload` (1 MiB PUTs, 16 MiB
+# parts) and `get`/`download` (ranged and whole GETs), at concurrencies a factor of 4 apart.
+QUICK = SweepPreset(
+    sizes=(1 * MiB, 16 * MiB), concurrencies=(1, 4, 16, 64), point_seconds=2.0, max_seconds=60.0
+)
+# `--full`: every size that matters, concurrency doubling up to 128 (up to 15 minutes).
+FULL = SweepPreset(
+    sizes=(16 * KiB, 1 * MiB, 16 * MiB, 64 * MiB),
+    concurrencies=(1, 2, 4, 8, 16, 32, 64, 128),
+    point_seconds=5.0,
+    max_seconds=900.0,
+)
 DEFAULT_TOLERANCE = 0.05
 MIN_POINT_SECONDS = 0.2  # below this a point is mostly connection set-up
 MAX_CONCURRENCY = 1024
@@ -112,10 +131,10 @@ class BenchSettings:
 
     url: S3Url
     ops: tuple[str, ...] = ALL_OPS
-    sizes: tuple[int, ...] = DEFAULT_SIZES
-    concurrencies: tuple[int, ...] = DEFAULT_CONCURRENCIES
-    point_seconds: float = DEFAULT_POINT_SECONDS
-    max_seconds: float = DEFAULT_MAX_SECONDS
+    sizes: tuple[int, ...] = QUICK.sizes
+    concurrencies: tuple[int, ...] = QUICK.concurrencies
+    point_seconds: float = QUICK.point_seconds
+    max_seconds: float = QUICK.max_seconds
     tolerance: float = DEFAULT_TOLERANCE
     max_cv: float = 0.05  # coefficient of variation under which a point counts as stable
     max_attempts: int = 6

@@ -19,13 +19,11 @@ import click
 from . import bench as engine
 from .bench import (
     ALL_OPS,
-    DEFAULT_CONCURRENCIES,
-    DEFAULT_MAX_SECONDS,
-    DEFAULT_POINT_SECONDS,
-    DEFAULT_SIZES,
     DEFAULT_TOLERANCE,
+    FULL,
     MAX_CONCURRENCY,
     MIN_POINT_SECONDS,
+    QUICK,
     BenchListener,
     BenchPlan,
     BenchResult,
@@ -246,10 +244,11 @@ class TableListener(BenchListener):
 def _bench(
     url: str,
     ops: tuple[str, ...],
-    sizes: tuple[int, ...],
-    concurrencies: tuple[int, ...],
-    point_seconds: float,
-    max_seconds: float,
+    sizes: tuple[int, ...] | None,
+    concurrencies: tuple[int, ...] | None,
+    point_seconds: float | None,
+    max_seconds: float | None,
+    full: bool,
     tolerance: float,
     emulate_rtt: float | None,
     emulate_bw: float | None,
@@ -267,7 +266,7 @@ def _bench(
     """Measure throughput against parallelism at URL (s3://bucket/prefix) and recommend settings.
 
     \b
-    s3xfer bench s3://bucket/tmp
+    s3xfer bench s3://bucket/tmp                   (about a minute; --full: up to 15)
     s3xfer bench s3://bucket/tmp --ops put --sizes 1MiB --concurrency 1,2,4,8,16,32,64
     s3xfer bench s3://bench/x --endpoint-url http://127.0.0.1:8333 --emulate-rtt 30ms
     s3xfer bench s3://bucket/tmp --save office     (then: s3xfer upload --bench-profile office)
@@ -286,13 +285,14 @@ def _bench(
     from . import runner
     from .cli import _emit_json, make_connection  # see the module docstring
 
+    preset = FULL if full else QUICK
     settings = BenchSettings(
         url=S3Url.parse(url),
         ops=ops,
-        sizes=sizes,
-        concurrencies=concurrencies,
-        point_seconds=point_seconds,
-        max_seconds=max_seconds,
+        sizes=sizes or preset.sizes,
+        concurrencies=concurrencies or preset.concurrencies,
+        point_seconds=point_seconds or preset.point_seconds,
+        max_seconds=max_seconds or preset.max_seconds,
         tolerance=tolerance,
     )
     engine.plan_bench(settings)  # a sweep that cannot fit fails here, before any request
@@ -377,6 +377,10 @@ def summary_text(result: BenchResult, *, saved: Path | None, name: str | None) -
     return "\n".join(lines)
 
 
+def size_list(sizes: tuple[int, ...]) -> str:
+    return ",".join(format_size(s).replace(" ", "") for s in sizes)
+
+
 def _build_bench_command() -> click.Command:
     from .cli import connection_options  # see the module docstring
 
@@ -392,31 +396,38 @@ def _build_bench_command() -> click.Command:
         click.option(
             "--sizes",
             type=SIZES,
-            default=",".join(format_size(s).replace(" ", "") for s in DEFAULT_SIZES),
-            show_default=True,
-            help="Object sizes (range: bytes per ranged GET; multipart: part size, 5MiB-5GiB).",
+            default=None,
+            help="Object sizes (range: bytes per ranged GET; multipart: part size, 5MiB-5GiB)"
+            f"  [default: {size_list(QUICK.sizes)}; --full: {size_list(FULL.sizes)}]",
         ),
         click.option(
             "--concurrency",
             "concurrencies",
             type=CONCURRENCIES,
-            default=",".join(map(str, DEFAULT_CONCURRENCIES)),
-            show_default=True,
-            help="Requests in flight at each point, comma-separated.",
+            default=None,
+            help="Requests in flight at each point, comma-separated"
+            f"  [default: {','.join(map(str, QUICK.concurrencies))}; "
+            f"--full: {','.join(map(str, FULL.concurrencies))}]",
         ),
         click.option(
             "--point-seconds",
             type=click.FloatRange(min=MIN_POINT_SECONDS),
-            default=DEFAULT_POINT_SECONDS,
-            show_default=True,
-            help="Longest time one point runs (it stops sooner once stable).",
+            default=None,
+            help="Longest time one point runs (it stops sooner once stable)"
+            f"  [default: {QUICK.point_seconds:g}; --full: {FULL.point_seconds:g}]",
         ),
         click.option(
             "--max-seconds",
             type=click.FloatRange(min=0, min_open=True),
-            default=DEFAULT_MAX_SECONDS,
-            show_default=True,
-            help="Bound on the whole run; points are shortened to fit it.",
+            default=None,
+            help="Bound on the measuring; points are shortened to fit it"
+            f"  [default: {QUICK.max_seconds:g}; --full: {FULL.max_seconds:g}]",
+        ),
+        click.option(
+            "--full",
+            is_flag=True,
+            help="The whole sweep (more sizes, concurrency doubling up to 128; up to 15 "
+            "minutes) instead of the one-minute default. Options given explicitly still win.",
         ),
         click.option(
             "--tolerance",

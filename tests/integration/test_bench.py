@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from s3xfer import benchcli
-from s3xfer.bench import BenchSettings, load_profile, profile_settings, run_sweep
+from s3xfer.bench import FULL, QUICK, BenchSettings, load_profile, profile_settings, run_sweep
 from s3xfer.benchstats import MIB, Point, Recommendation
 from s3xfer.errors import NoSuchBucketError
 from s3xfer.keys import S3Url
@@ -56,6 +56,7 @@ def test_a_short_sweep_reports_every_point_cleans_up_and_saves_a_profile(
         "--sizes", "16KiB,5MiB",
         "--concurrency", "1,2,4",
         "--point-seconds", "0.3",
+        "--max-seconds", "600",  # every point measured, however loaded the machine
         "--csv", str(csv_path),
         "--save", "lab",
     )  # fmt: skip
@@ -171,4 +172,28 @@ def test_an_emulated_link_caps_the_sum_of_every_connection(
     rates = {p["concurrency"]: p["mb_per_s"] for p in data["points"]}
     # Loopback alone gives hundreds of MB/s; through the link, 8 connections share 4 MB/s.
     assert rates[8] < 4.0 * 1.25 and rates[1] < 4.0 * 1.25
+    assert nothing_left(sync_s3_client, bucket)
+
+
+def test_the_default_run_is_the_one_minute_sweep_and_leaves_nothing(
+    s3_env: LocalS3Info, bucket: str, sync_s3_client: Any
+) -> None:
+    data = bench(f"s3://{bucket}/default")
+    settings = data["settings"]
+    assert settings["max_seconds"] == QUICK.max_seconds == 60
+    assert data["plan"]["estimate_seconds"] <= QUICK.max_seconds
+    assert {p["concurrency"] for p in data["points"]} <= set(QUICK.concurrencies)
+    assert data["points"] and data["recommendation"] is not None
+    assert data["cleanup"]["left_behind"] == 0
+    assert nothing_left(sync_s3_client, bucket)
+
+
+def test_full_sweeps_every_concurrency_and_explicit_options_still_win(
+    s3_env: LocalS3Info, bucket: str, sync_s3_client: Any
+) -> None:
+    data = bench(f"s3://{bucket}/full", "--full", "--ops", "put", "--sizes", "16KiB",
+                 "--point-seconds", "0.3")  # fmt: skip
+    assert data["settings"]["max_seconds"] == FULL.max_seconds
+    assert data["settings"]["point_seconds"] == 0.3
+    assert [p["concurrency"] for p in data["points"]] == list(FULL.concurrencies)
     assert nothing_left(sync_s3_client, bucket)
