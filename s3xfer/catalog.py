@@ -123,12 +123,14 @@ def build(
 ) -> tuple[CatalogRoot, dict[str, bytes]]:
     """The catalog of a manifest: its root and its non-empty pieces, by key. With `previous`
     (the manifest the catalog was last written from), only the pieces whose records changed:
-    the only ones to write. Pure."""
+    the only ones to write; a piece whose every file left the dataset is written empty. Pure."""
     old = _buckets(previous) if previous is not None else {}
+    new = _buckets(manifest)
     pieces = {
-        piece_key(dest, b): piece_bytes(records, fanout=FANOUT, bucket=b)
-        for b, records in _buckets(manifest).items()
-        if sorted(records, key=lambda r: r.path) != sorted(old.get(b, []), key=lambda r: r.path)
+        piece_key(dest, b): piece_bytes(new.get(b, []), fanout=FANOUT, bucket=b)
+        for b in sorted(new.keys() | old.keys())
+        if sorted(new.get(b, []), key=lambda r: r.path)
+        != sorted(old.get(b, []), key=lambda r: r.path)
     }
     root = CatalogRoot(
         dest=str(dest),

@@ -542,12 +542,20 @@ def plan_command(
     "(redis://HOST:6379/0): plan here, enqueue work units, show one progress bar, write the "
     "catalog when every unit is done. Needs the extra s3xfer[distributed].",
 )
+@click.option(
+    "--keep-deleted",
+    is_flag=True,
+    help="Keep files deleted or renamed in the tree since the last upload in the dataset "
+    "(and their objects), restorable as before. By default the dataset is made equal to the "
+    "tree, like `rclone sync`.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 def upload_command(
     path: Path | None,
     dest: str | None,
     plan_file: Path | None,
+    keep_deleted: bool,
     as_json: bool,
     quiet: bool,
     endpoint_url: str | None,
@@ -566,6 +574,9 @@ def upload_command(
     \b
     - Files unchanged since the last upload to DEST (same size, mtime, mode and key in the
       manifest at DEST/.s3xfer/manifest.json.gz) are skipped: a re-run sends no PUT.
+    - The dataset is made equal to the tree: files deleted or renamed since the last upload
+      leave it, and objects nothing refers to any more are deleted once the new manifest is
+      written (--keep-deleted keeps them).
     - Every object and part carries a CRC32 that S3 verifies; multipart uploads also carry
       the full-object CRC32. Failed multipart uploads are aborted.
     - Throttling, 5xx, timeouts and connection errors are retried with backoff; on SlowDown
@@ -584,6 +595,10 @@ def upload_command(
     )
     if broker is not None:
         _check_broker(broker, slice_text)
+    if keep_deleted and slice_text is not None:
+        raise UsageError(
+            "--keep-deleted applies where the manifest is written: give it to `s3xfer finalize`"
+        )
     if plan_file is not None:
         if path is not None or dest is not None:
             raise UsageError("give either PATH DEST or --plan, not both")
@@ -597,14 +612,16 @@ def upload_command(
     progress = upload_progress(quiet=quiet or as_json)
     try:
         if broker is not None:
-            report = _upload_with_broker(plan, connection, broker, progress)
+            report = _upload_with_broker(
+                plan, connection, broker, progress, keep_deleted=keep_deleted
+            )
         elif slice_text is not None:
             if plan_file is None:
                 raise UsageError("--slice needs --plan: every job of the array must run one plan")
             index, count = parse_slice(slice_text)
             report = runner.run(_upload_slice, plan, connection, progress, state_dir, index, count)
         else:
-            report = runner.run(_upload, plan, connection, progress, state_dir)
+            report = runner.run(_upload, plan, connection, progress, state_dir, keep_deleted)
     except KeyboardInterrupt:
         progress.close()
         click.echo(
@@ -661,9 +678,16 @@ async def _upload_slice(
     help="The plan every slice ran.",
 )
 @connection_options
+@click.option(
+    "--keep-deleted",
+    is_flag=True,
+    help="Keep files no longer in the plan's tree in the dataset (and their objects), as "
+    "`upload --keep-deleted` does.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def finalize_command(
     plan_file: Path,
+    keep_deleted: bool,
     as_json: bool,
     endpoint_url: str | None,
     profile: str | None,
@@ -675,13 +699,22 @@ def finalize_command(
 
     \b
     Refuses, naming them, when slices have no result yet. Files a slice failed are named
-    and make the exit code 1; everything else is catalogued. Running it again is harmless.
+    and make the exit code 1; everything else is catalogued. The dataset is made equal to
+    the plan's tree, as `upload` does (--keep-deleted keeps files no longer in it). Running
+    it again is harmless.
     """
     from .plan import Plan
     from .slices import finalize
 
     connection = make_connection(endpoint_url, profile, region, no_verify_ssl)
-    report = runner.run(finalize, Plan.load(plan_file), connection)
+    plan = Plan.load(plan_file)
+
+    async def run() -> UploadReport:
+        return await finalize(plan, connection, keep_deleted=keep_deleted)
+
+    report = runner.run(run)
+    for warning in report.warnings:
+        click.echo(f"s3xfer: warning: {warning}", err=True)
     if as_json:
         _emit_json(report.to_json())
     else:
@@ -695,6 +728,7 @@ async def _upload(
     connection: Connection,
     progress: TransferProgress,
     state_dir: Path | None = None,
+    keep_deleted: bool = False,
 ) -> UploadReport:
     from .upload import upload
 
@@ -704,6 +738,7 @@ async def _upload(
         on_start=progress.start,
         on_progress=progress.advance,
         state_dir=state_dir,
+        keep_deleted=keep_deleted,
     )
 
 
@@ -717,7 +752,12 @@ def _check_broker(broker: str, slice_text: str | None) -> None:
 
 
 def _upload_with_broker(
-    plan: Plan, connection: Connection, broker: str, progress: TransferProgress
+    plan: Plan,
+    connection: Connection,
+    broker: str,
+    progress: TransferProgress,
+    *,
+    keep_deleted: bool,
 ) -> UploadReport:
     """upload --broker: the workers do the work; this process plans, follows and commits."""
     from .distributed import upload_with_workers
@@ -736,6 +776,7 @@ def _upload_with_broker(
             on_start=progress.start,
             on_progress=progress.advance,
             on_notice=notice,
+            keep_deleted=keep_deleted,
         )
 
     try:

@@ -39,7 +39,15 @@ from .manifest import ManifestRecord, ShardRecord
 from .plan import Kind, Plan, WorkUnit, work_units
 from .retry import RetryCount, RetryPolicy
 from .s3 import S3, Connection, open_s3
-from .upload import StartCallback, UploadReport, commit, make_engine, make_report, prepare
+from .upload import (
+    StartCallback,
+    UploadReport,
+    commit,
+    delete_unreferenced,
+    make_engine,
+    make_report,
+    prepare,
+)
 
 try:
     import redis
@@ -1086,11 +1094,13 @@ async def upload_with_workers(
     on_notice: Callable[[str], None] | None = None,
     poll_interval: float = 0.5,
     notice_after: float = NOTICE_AFTER,
+    keep_deleted: bool = False,
 ) -> UploadReport:
     """Upload a plan with the workers listening on `broker`: check the bucket and manifest
     here, enqueue what changed as work units, follow their progress, and write the manifest
-    and catalog once every unit has a result. Run again after the producer died, it waits for
-    the same units (their results are kept in Redis) instead of sending them again."""
+    and catalog once every unit has a result, the dataset made equal to the plan's tree as
+    one machine's upload would (unless `keep_deleted`). Run again after the producer died, it
+    waits for the same units (their results are kept in Redis) instead of sending them again."""
     started = time.perf_counter()
     connection = connection or Connection()
     client = await _blocking(connect, broker)
@@ -1122,15 +1132,22 @@ async def upload_with_workers(
                     await _blocking(job.unlock)
             aborted = await _abort_leftovers(s3, plan, work)
         merged = merge_results(results.values(), concurrency=plan.config.concurrency)
-        written = await commit(s3, plan, prepared, merged.records, merged.shards)
+        committed = await commit(
+            s3, plan, prepared, merged.records, merged.shards, keep_deleted=keep_deleted
+        )
+        deleted, warnings = await delete_unreferenced(
+            s3, plan.dest, committed.unreferenced, prepared.policy
+        )
         report = make_report(
             s3,
             plan,
             prepared,
             merged.stats,
             started=started,
-            written=written,
+            committed=committed,
             peak_buffered_bytes=merged.peak_buffered_bytes,
+            objects_deleted=deleted,
+            warnings=warnings,
         )
         report = replace(
             report,

@@ -58,3 +58,19 @@ def object_key(dest: S3Url, relative_path: str, *, style: str) -> str:
 
 def manifest_key(dest: S3Url) -> str:
     return dest.key(f"{META_DIR}/manifest.json.gz")
+
+
+def shard_index_key(shard_key: str) -> str:
+    """A shard's index, stored beside it so a reader need not touch the shard."""
+    return shard_key + ".index.json"
+
+
+def sync_deletable(dest: S3Url, key: str) -> bool:
+    """Whether a re-upload may delete `key` once nothing refers to it: a file's object or a
+    shard under the dataset's prefix, never s3xfer's manifest, catalog or slice results, and
+    never a key outside the prefix (whatever a manifest says)."""
+    inside = dest.key("")
+    if not key.startswith(inside) or key == inside:
+        return False
+    relative = key[len(inside) :]
+    return not relative.startswith(f"{META_DIR}/") or relative.startswith(f"{META_DIR}/shards/")

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import IntegrityError
+from .keys import shard_index_key
 
 if TYPE_CHECKING:  # the planner is not loaded by commands that only read a manifest
     from .plan import FileUnit, ShardUnit
@@ -140,6 +141,32 @@ class Manifest:
         for path in stale:
             del self.records[path]
         return stale
+
+    def synced(self, tree: Container[str], *, keep: Callable[[str], bool]) -> Manifest:
+        """The dataset after an upload of `tree` (the paths of the uploaded tree), as a
+        `rclone sync` leaves it: the records of files in the tree, and of files no longer in
+        it only where `keep` says so (--keep-deleted, or a path the survey could not read);
+        no stale record; only the shards those records point into. Pure."""
+        records = {
+            path: record
+            for path, record in self.records.items()
+            if (path in tree or keep(path)) and not self.is_stale(record)
+        }
+        used = {r.key for r in records.values() if r.packed}
+        shards = {key: shard for key, shard in self.shards.items() if key in used}
+        return Manifest(self.dest, records, shards)
+
+    def object_keys(self) -> set[str]:
+        """Every key this manifest refers to: files' own objects, shards and their indexes."""
+        keys = {r.key for r in self.records.values()}
+        shards = {*self.shards, *(r.key for r in self.records.values() if r.packed)}
+        return keys | shards | {shard_index_key(key) for key in shards}
+
+    def same_as(self, other: Manifest | None) -> bool:
+        """Holds the same records and shards (other None: an empty manifest)."""
+        if other is None:
+            return not self.records and not self.shards
+        return self.records == other.records and self.shards == other.shards
 
     def select_changed(self, units: Iterable[FileUnit]) -> tuple[list[FileUnit], list[FileUnit]]:
         """Split units into (to upload, unchanged)."""

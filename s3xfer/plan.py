@@ -24,7 +24,7 @@ from .config import (
 )
 from .config import format_size as _fmt
 from .errors import SourceError, UsageError
-from .keys import META_DIR, S3Url, object_key
+from .keys import META_DIR, S3Url, object_key, shard_index_key
 from .survey import FileEntry, Problem, Survey
 from .tarpack import ShardLayout, ShardMember, member_footprint
 
@@ -146,7 +146,7 @@ class ShardUnit:
     @property
     def index_key(self) -> str:
         """The shard's index, also stored beside it so a reader need not touch the shard."""
-        return self.key + ".index.json"
+        return shard_index_key(self.key)
 
     def to_json(self) -> list[Any]:
         return [self.key, self.part_size, [m.to_json() for m in self.members]]
@@ -157,10 +157,17 @@ class ShardUnit:
         return cls(str(key), int(part_size), [FileEntry.from_json(m) for m in members])
 
 
-def shard_key(dest: S3Url, first_path: str) -> str:
-    """Named after its first member: deterministic, with a hashed prefix to spread load."""
-    digest = hashlib.blake2b(first_path.encode("utf-8"), digest_size=8).hexdigest()
-    return dest.key(f"{META_DIR}/shards/{digest[:4]}/{digest}.tar")
+def shard_key(dest: S3Url, members: Iterable[FileEntry]) -> str:
+    """Named after its content (every member's path, size, mtime and mode): deterministic, so
+    a re-run finds an unchanged shard, and a changed shard gets a new key instead of being
+    written over the old one, which stays valid for the manifest that refers to it until a
+    new manifest is written (and is deleted then, once nothing refers to it). A hashed
+    prefix spreads the load over S3's partitions."""
+    digest = hashlib.blake2b(digest_size=8)
+    for member in members:
+        digest.update(json.dumps(member.to_json(), ensure_ascii=False).encode("utf-8") + b"\n")
+    name = digest.hexdigest()
+    return dest.key(f"{META_DIR}/shards/{name[:4]}/{name}.tar")
 
 
 def _soft_cut(path: str) -> bool:
@@ -179,7 +186,7 @@ def group_into_shards(
     def flush() -> ShardUnit:
         size = ShardUnit("", 0, members).layout().size
         part = fit_part_size(size, preferred=config.part_size, max_memory=config.max_memory)
-        return ShardUnit(shard_key(dest, members[0].path), part, list(members))
+        return ShardUnit(shard_key(dest, members), part, list(members))
 
     for entry in entries:
         footprint = member_footprint(entry.path, entry.size)

@@ -170,6 +170,16 @@ def render_report(report: UploadReport) -> str:
     ]
     if report.write_requests == 0 and report.files_failed == 0:
         lines.append("  nothing changed since the last upload: no PUT was sent")
+    if report.files_removed or report.objects_deleted:
+        lines.append(
+            f"  removed {report.files_removed:,} files no longer in the tree from the dataset; "
+            f"deleted {report.objects_deleted:,} objects nothing refers to any more"
+        )
+    if report.files_kept_deleted:
+        lines.append(
+            f"  kept {report.files_kept_deleted:,} files that are no longer in the tree "
+            "(--keep-deleted, or under a path that could not be read)"
+        )
     if report.files_from_journal or report.uploads_resumed:
         lines.append(
             f"  resumed an interrupted upload: {report.files_from_journal:,} files were already "

@@ -24,7 +24,7 @@ import ssl
 import sys
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -82,6 +82,7 @@ _DENIED_CODES = {
     "AllAccessDisabled",
 }
 
+MAX_DELETE_KEYS = 1000  # S3's limit per DeleteObjects request
 _READ_OPERATIONS = frozenset(
     {
         "check_bucket",
@@ -653,6 +654,25 @@ class S3:
                         )
                     length += len(chunk)
         return length
+
+    async def delete_objects(self, bucket: str, keys: Sequence[str]) -> list[tuple[str, str]]:
+        """Delete at most 1,000 keys with one request; the keys S3 did not delete, each with
+        its reason (a key that was already gone counts as deleted)."""
+        if not keys:
+            return []
+        if len(keys) > MAX_DELETE_KEYS:
+            raise ValueError(f"at most {MAX_DELETE_KEYS} keys per DeleteObjects request")
+        async with self._request("delete_objects", bucket, f"{keys[0]} (+{len(keys) - 1} keys)"):
+            client = await self.client()
+            response = await client.delete_objects(
+                Bucket=bucket,
+                Delete={"Objects": [{"Key": key} for key in keys], "Quiet": True},
+            )
+        return [
+            (str(error.get("Key", "")), f"{error.get('Code', '')}: {error.get('Message', '')}")
+            for error in response.get("Errors", [])
+            if error.get("Code") != "NoSuchKey"
+        ]
 
     async def list_objects(self, bucket: str, prefix: str) -> AsyncIterator[dict[str, Any]]:
         """Every object under a prefix, page by page (1,000 keys per request)."""

@@ -26,10 +26,12 @@ from .plan import Plan, slice_of, work_units
 from .retry import RetryPolicy
 from .s3 import Connection, open_s3
 from .upload import (
+    NOT_COMMITTED,
     StartCallback,
     UploadReport,
     close_journal,
     commit,
+    delete_unreferenced,
     get_if_present,
     make_engine,
     make_report,
@@ -176,7 +178,7 @@ async def upload_slice(
                 prepared,
                 engine.stats,
                 started=started,
-                written=False,
+                committed=NOT_COMMITTED,
                 peak_buffered_bytes=engine.budget.peak,
                 warnings=list(journal.warnings),
             )
@@ -186,9 +188,14 @@ async def upload_slice(
         await close_journal(journal, remove=finished)
 
 
-async def finalize(plan: Plan, connection: Connection | None = None) -> UploadReport:
-    """Merge every slice's result into the manifest and catalog. Refuses, naming them, when
-    slices are missing; files a slice failed are reported (exit 1), the rest catalogued."""
+async def finalize(
+    plan: Plan, connection: Connection | None = None, *, keep_deleted: bool = False
+) -> UploadReport:
+    """Merge every slice's result into the manifest and catalog, the dataset made equal to
+    the plan's tree as one upload of the plan would (unless `keep_deleted`): files no longer
+    in it leave the manifest, and objects nothing refers to any more are deleted after it is
+    written. Refuses, naming them, when slices are missing; files a slice failed are reported
+    (exit 1), the rest catalogued."""
     started = time.perf_counter()
     policy = RetryPolicy(max_attempts=plan.config.max_attempts)
     identity = plan_id(plan)
@@ -234,7 +241,18 @@ async def finalize(plan: Plan, connection: Connection | None = None) -> UploadRe
         for result in found.values():
             stats.failures.extend(result.failures)
         stats.files_failed = len(stats.failures)
-        written = await commit(s3, plan, prepared, records, shards)
+        committed = await commit(s3, plan, prepared, records, shards, keep_deleted=keep_deleted)
+        deleted, warnings = await delete_unreferenced(
+            s3, plan.dest, committed.unreferenced, prepared.policy
+        )
         return make_report(
-            s3, plan, prepared, stats, started=started, written=written, peak_buffered_bytes=0
+            s3,
+            plan,
+            prepared,
+            stats,
+            started=started,
+            committed=committed,
+            peak_buffered_bytes=0,
+            objects_deleted=deleted,
+            warnings=warnings,
         )

@@ -14,13 +14,13 @@ import anyio
 from . import catalog
 from .checksums import crc32, crc32_to_base64
 from .engine import Engine, EngineStats, ProgressCallback
-from .errors import NoSuchKeyError
+from .errors import NoSuchKeyError, S3XferError
 from .journal import Journal, journal_path
-from .keys import S3Url, manifest_key
+from .keys import S3Url, manifest_key, sync_deletable
 from .manifest import Manifest, ManifestRecord, ShardRecord
 from .plan import FileUnit, Plan, ShardUnit
 from .retry import RetryCount, RetryPolicy, call_with_retries
-from .s3 import S3, Connection, open_s3
+from .s3 import MAX_DELETE_KEYS, S3, Connection, open_s3
 from .survey import Problem
 
 
@@ -42,6 +42,10 @@ class UploadReport:
     peak_buffered_bytes: int
     manifest_written: bool
     extra: dict[str, Any] = field(default_factory=dict)
+    # The dataset made equal to the tree (see Committed).
+    files_removed: int = 0  # left the dataset: deleted, renamed or replaced in the tree
+    files_kept_deleted: int = 0  # no longer in the tree, kept (--keep-deleted, unreadable)
+    objects_deleted: int = 0  # objects and shards nothing referred to any more
     # Resuming an interrupted run (see journal.py).
     files_from_journal: int = 0  # finished by the interrupted run: not sent again
     bytes_reused: int = 0  # parts of its multipart uploads found in S3 and verified: not sent
@@ -143,6 +147,9 @@ class Prepared:
     journaled: dict[str, ManifestRecord]
     policy: RetryPolicy
     metadata_retries: RetryCount  # of the manifest and catalog requests
+    # Every key the manifest, journal or earlier results referred to: those the new
+    # manifest no longer refers to are deleted once it is written.
+    known_keys: set[str] = field(default_factory=set)
 
     @property
     def files_todo(self) -> int:
@@ -180,13 +187,16 @@ async def prepare(
     old = await load_manifest(s3, plan, policy, on_retry=metadata_retries)
     manifest = Manifest(str(plan.dest), dict(old.records), dict(old.shards)) if old else None
     manifest = manifest or Manifest(str(plan.dest), {})
+    known_keys = manifest.object_keys()
     journaled = journal.state.records if journal is not None else {}
-    if journal is not None:
-        manifest.records.update(journaled)
-        manifest.shards.update(journal.state.shards)
-    if done is not None:
-        manifest.records.update(done.records)
-        manifest.shards.update(done.shards)
+    for earlier in (
+        Manifest("", journaled, journal.state.shards) if journal is not None else None,
+        done,
+    ):
+        if earlier is not None:
+            manifest.records.update(earlier.records)
+            manifest.shards.update(earlier.shards)
+            known_keys |= earlier.object_keys()
     manifest.drop_stale()  # never "unchanged" on the word of a record whose bytes are gone
     todo, unchanged = manifest.select_changed(plan.units)
     shards_todo, shards_unchanged = manifest.select_changed_shards(plan.shards)
@@ -200,7 +210,46 @@ async def prepare(
         journaled,
         policy,
         metadata_retries,
+        known_keys,
     )
+
+
+@dataclass(frozen=True)
+class Committed:
+    """What writing the new manifest did, and what is left to delete."""
+
+    written: bool
+    files_removed: int
+    files_kept_deleted: int
+    unreferenced: list[str]  # keys nothing refers to any more: delete after the manifest
+    warnings: list[str]
+
+
+NOT_COMMITTED = Committed(
+    written=False, files_removed=0, files_kept_deleted=0, unreferenced=[], warnings=[]
+)
+
+
+def tree_paths(plan: Plan) -> set[str]:
+    """Every file of the uploaded tree: the plan's files and shard members."""
+    return {u.path for u in plan.units} | {m.path for s in plan.shards for m in s.members}
+
+
+def kept_paths(plan: Plan, *, keep_deleted: bool) -> Callable[[str], bool]:
+    """Which files no longer in the tree stay in the dataset: all with --keep-deleted, else
+    only those the survey could not read (or that lie under a directory it could not read):
+    a file that could not be read is not a deleted file."""
+    if keep_deleted:
+        return lambda _path: True
+    unreadable = {p.path for p in plan.problems if p.unreadable}
+    if not unreadable:
+        return lambda _path: False
+
+    def under_unreadable(path: str) -> bool:
+        parts = path.split("/")
+        return any("/".join(parts[:n]) in unreadable for n in range(1, len(parts) + 1))
+
+    return under_unreadable
 
 
 async def commit(
@@ -209,24 +258,86 @@ async def commit(
     prepared: Prepared,
     records: Iterable[ManifestRecord],
     shard_records: Iterable[ShardRecord],
-) -> bool:
-    """Merge what was uploaded into the manifest and write it with the catalog; False when
-    there was nothing new to record."""
-    records, shard_records = list(records), list(shard_records)
-    if not records and not prepared.journaled:
-        return False
-    manifest = prepared.manifest
+    *,
+    keep_deleted: bool = False,
+) -> Committed:
+    """Make the dataset equal the uploaded tree: merge what was uploaded into the manifest,
+    leave out the files no longer in the tree (unless kept) and every stale record, and
+    write the catalog and manifest when anything changed. Deletes nothing: the keys no
+    longer referred to are returned, for `delete_unreferenced` once nothing that could
+    still vouch for them (the journal) is left."""
+    merged = prepared.manifest
+    new_keys: set[str] = set()
     for record in records:
-        manifest.records[record.path] = record
+        merged.records[record.path] = record
+        new_keys.add(record.key)
     for shard in shard_records:
-        manifest.shards[shard.key] = shard
-    # A shard rewritten this run holds its new members only: records of any other file
+        merged.shards[shard.key] = shard
+        new_keys.add(shard.key)
+    # A shard rewritten in place holds its new members only: records of other files still
     # pointing into it (deleted, moved to another shard, replaced by a directory) must go.
-    manifest.drop_stale()
-    await save_catalog(
-        s3, plan.dest, prepared.old, manifest, prepared.policy, on_retry=prepared.metadata_retries
+    stale = merged.drop_stale()
+    tree = tree_paths(plan)
+    keep = kept_paths(plan, keep_deleted=keep_deleted)
+    final = merged.synced(tree, keep=keep)
+    warnings = []
+    gone = [p for p in stale if p not in tree and keep(p)]
+    if keep_deleted and gone:
+        warnings.append(
+            f"{len(gone)} deleted files could not be kept, their shard having been rewritten "
+            f"by an earlier s3xfer: {', '.join(gone[:5])}{' …' if len(gone) > 5 else ''}"
+        )
+    before = prepared.old.records if prepared.old is not None else {}
+    referenced = final.object_keys()
+    unreferenced = sorted(
+        key
+        for key in (prepared.known_keys | merged.object_keys() | new_keys) - referenced
+        if sync_deletable(plan.dest, key)
     )
-    return True
+    committed = Committed(
+        written=not final.same_as(prepared.old),
+        files_removed=sum(path not in final.records for path in before),
+        files_kept_deleted=sum(path not in tree for path in final.records),
+        unreferenced=unreferenced,
+        warnings=warnings,
+    )
+    if committed.written:
+        await save_catalog(
+            s3, plan.dest, prepared.old, final, prepared.policy, on_retry=prepared.metadata_retries
+        )
+    prepared.manifest = final
+    return committed
+
+
+async def delete_unreferenced(
+    s3: S3, dest: S3Url, keys: list[str], policy: RetryPolicy
+) -> tuple[int, list[str]]:
+    """Delete objects the written manifest no longer refers to, 1,000 per request; how many
+    were deleted, and a warning for those that could not be (left behind, harmless: nothing
+    refers to them)."""
+    failed: list[tuple[str, str]] = []
+
+    async def delete(batch: list[str]) -> None:
+        try:
+            failed.extend(
+                await call_with_retries(
+                    lambda: s3.delete_objects(dest.bucket, batch), policy=policy
+                )
+            )
+        except S3XferError as error:
+            failed.extend((key, str(error)) for key in batch)
+
+    async with anyio.create_task_group() as group:
+        for start in range(0, len(keys), MAX_DELETE_KEYS):
+            group.start_soon(delete, keys[start : start + MAX_DELETE_KEYS])
+    warnings = []
+    if failed:
+        key, reason = failed[0]
+        warnings.append(
+            f"{len(failed)} objects no longer in the dataset could not be deleted (left "
+            f"behind, referred to by nothing), e.g. s3://{dest.bucket}/{key}: {reason}"
+        )
+    return len(keys) - len(failed), warnings
 
 
 def make_engine(
@@ -256,8 +367,9 @@ def make_report(
     stats: EngineStats,
     *,
     started: float,
-    written: bool,
+    committed: Committed,
     peak_buffered_bytes: int,
+    objects_deleted: int = 0,
     warnings: list[str] | None = None,
 ) -> UploadReport:
     retried = stats.retried
@@ -276,13 +388,16 @@ def make_report(
         retries=retried.retries + prepared.metadata_retries.retries,
         throttled=retried.throttled + prepared.metadata_retries.throttled,
         peak_buffered_bytes=peak_buffered_bytes,
-        manifest_written=written,
+        manifest_written=committed.written,
         extra={"shards_uploaded": stats.shards_done},
+        files_removed=committed.files_removed,
+        files_kept_deleted=committed.files_kept_deleted,
+        objects_deleted=objects_deleted,
         files_from_journal=prepared.files_from_journal,
         bytes_reused=stats.bytes_reused,
         uploads_resumed=stats.uploads_resumed,
         uploads_kept=stats.uploads_kept,
-        warnings=warnings or [],
+        warnings=[*(warnings or []), *committed.warnings],
         concurrency=plan.config.concurrency,
         lowest_concurrency=s3.gate.window.lowest if s3.gate else plan.config.concurrency,
     )
@@ -295,26 +410,42 @@ async def execute_plan(
     on_start: StartCallback | None = None,
     on_progress: ProgressCallback | None = None,
     journal: Journal | None = None,
+    keep_deleted: bool = False,
 ) -> UploadReport:
-    """Upload what changed since the last run of this plan's destination, with a client given.
-    With a journal, what an interrupted run finished counts as uploaded, and its multipart
-    uploads are resumed."""
+    """Upload what changed since the last run of this plan's destination, with a client given,
+    and make the dataset equal the tree (files no longer in it leave the manifest, objects
+    nothing refers to any more are deleted), unless `keep_deleted`. With a journal, what an
+    interrupted run finished counts as uploaded, and its multipart uploads are resumed."""
     started = time.perf_counter()
     prepared = await prepare(s3, plan, journal=journal)
     if on_start is not None:
         on_start(prepared.files_todo, prepared.bytes_todo, prepared.files_unchanged)
     engine = make_engine(s3, plan, on_progress=on_progress, journal=journal)
     await engine.run(prepared.todo, prepared.shards_todo)
-    written = await commit(s3, plan, prepared, engine.records, engine.shard_records)
+    warnings = list(journal.warnings) if journal is not None else []
+    committed = await commit(
+        s3, plan, prepared, engine.records, engine.shard_records, keep_deleted=keep_deleted
+    )
+    deleted = 0
+    if engine.stats.uploads_kept == 0:
+        if journal is not None:
+            # Its work is in the manifest now. Gone before any deletion: a journal that
+            # outlived one could vouch, on a later run, for an object deleted here.
+            await close_journal(journal, remove=True)
+        deleted, failed = await delete_unreferenced(
+            s3, plan.dest, committed.unreferenced, prepared.policy
+        )
+        warnings += failed
     return make_report(
         s3,
         plan,
         prepared,
         engine.stats,
         started=started,
-        written=written,
+        committed=committed,
         peak_buffered_bytes=engine.budget.peak,
-        warnings=list(journal.warnings) if journal is not None else None,
+        objects_deleted=deleted,
+        warnings=warnings,
     )
 
 
@@ -348,8 +479,10 @@ async def upload(
     on_progress: ProgressCallback | None = None,
     resume: bool = True,
     state_dir: Path | None = None,
+    keep_deleted: bool = False,
 ) -> UploadReport:
-    """Execute a plan: one client, its connection pool sized to the plan's concurrency.
+    """Execute a plan: one client, its connection pool sized to the plan's concurrency. The
+    dataset is made equal to the plan's tree, unless `keep_deleted` (see execute_plan).
 
     With `resume` (the default) progress is journaled under the state directory, and a run
     interrupted at any point is resumed by running the same upload again."""
@@ -362,7 +495,12 @@ async def upload(
             connection or Connection(), max_pool_connections=plan.config.concurrency
         ) as s3:
             report = await execute_plan(
-                s3, plan, on_start=on_start, on_progress=on_progress, journal=journal
+                s3,
+                plan,
+                on_start=on_start,
+                on_progress=on_progress,
+                journal=journal,
+                keep_deleted=keep_deleted,
             )
         finished = report.uploads_kept == 0
         return report

@@ -61,3 +61,11 @@ def test_upload_to_moto_matches_byte_for_byte(
     head = client.head_object(Bucket="crosscheck", Key="p/big.bin", ChecksumMode="ENABLED")
     expected = base64.b64encode(zlib.crc32(contents["big.bin"]).to_bytes(4, "big")).decode()
     assert head["ChecksumCRC32"].split("-")[0] == expected
+
+    # A re-upload without big.bin removes it from the dataset and deletes it (DeleteObjects).
+    (tmp_path / "src" / "big.bin").unlink()
+    plan = make_plan(survey(tmp_path / "src"), S3Url.parse("s3://crosscheck/p"), config)
+    again = anyio.run(main)
+    assert (again.files_removed, again.objects_deleted) == (1, 1)
+    listed = client.list_objects_v2(Bucket="crosscheck", Prefix="p/")["Contents"]
+    assert "p/big.bin" not in {item["Key"] for item in listed}
