@@ -30,6 +30,7 @@ __all__ = ("LocalS3", "LocalS3Info", "find_weed", "stop_signals", "wait_until_in
 HOST = "127.0.0.1"
 REGION = "us-east-1"
 LOG_NAME = "weed.log"
+UPLOAD_BUDGET_MB = 256  # per stage (s3 gateway, filer, volume) of the server
 # SeaweedFS derives some gRPC addresses as http port + 10000 even when the gRPC port is set
 # explicitly (the mini worker dials the admin server that way), so ports are taken in such pairs.
 GRPC_PORT_OFFSET = 10_000
@@ -309,6 +310,13 @@ class LocalS3:
             # Extra listeners on fixed default ports that we never use.
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
+            # Bounded memory: uploads in flight wait for room instead of each buffering its
+            # body; GETs share one reader budget (measured: 6.7 GB RSS without these, 16 MiB
+            # PUTs at 64 in flight).
+            f"-s3.concurrentUploadLimitMB={UPLOAD_BUDGET_MB}",
+            f"-filer.concurrentUploadLimitMB={UPLOAD_BUDGET_MB}",
+            f"-volume.concurrentUploadLimitMB={UPLOAD_BUDGET_MB}",
+            f"-s3.readerCacheSizeMB={UPLOAD_BUDGET_MB}",
         ]
         for name in _SERVICES:
             args += [
@@ -327,6 +335,8 @@ class LocalS3:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         env["AWS_ACCESS_KEY_ID"] = self._access_key
         env["AWS_SECRET_ACCESS_KEY"] = self._secret_key
+        # Go's collector then works harder instead of letting freed buffers pile up.
+        env.setdefault("GOMEMLIMIT", "1GiB")
         return env
 
     def _died_error(self, what: str) -> LocalS3Error:
