@@ -1049,8 +1049,8 @@ def get_command(
             f"fetched {report.files:,} files, {human_bytes(report.bytes)} with {report.gets:,} "
             f"GETs (+{report.catalog_requests} catalog reads) in {report.seconds:.2f} s into {dest}"
         )
-        for path, error in report.failures:
-            click.echo(f"  FAILED {path}: {error}")
+    for path, error in report.failures:  # as download names them: on stderr, one line each
+        click.echo(f"s3xfer: FAILED {path}: {error}", err=True)
     if report.failures:
         sys.exit(1)
 

@@ -603,8 +603,8 @@ CASES = [
     ),
     case(
         "get-shard-replaced",
-        "get {fresh} *.json {out}",
-        4,
+        "get {fresh} labels/000.json {out}",
+        1,  # each file fails alone, named (its neighbours in the shard may be fine)
         ".tar",
         "replaced",
         setup=fresh_dataset(replace_shards),
