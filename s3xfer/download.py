@@ -35,14 +35,15 @@ from .errors import (
     UsageError,
     first_error,
 )
-from .keys import META_DIR, S3Url, manifest_key
+from .keys import S3Url, is_reserved_path, manifest_key
 from .localfs import (
     DestinationError,
     DiskFullError,
     SafeDestination,
-    destination_error,
-    write_file,
-    write_files,
+    Staging,
+    make_directory,
+    staging_in,
+    used_by,
 )
 from .malloc import return_large_buffers_promptly
 from .manifest import Manifest
@@ -160,10 +161,7 @@ def _member_range(item: Item) -> str:
 
 def _writable_directory(dest: Path) -> None:
     """Create dest; fail once, before any GET, when no file can be created in it."""
-    try:
-        dest.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise destination_error(dest, exc) from exc
+    make_directory(dest)
     if not os.access(dest, os.W_OK | os.X_OK):
         raise DestinationError(f"cannot write into {dest}: permission denied")
 
@@ -202,7 +200,7 @@ class _Restorer:
         self,
         s3: S3,
         url: S3Url,
-        dest: Path,
+        staging: Staging,
         *,
         concurrency: int,
         max_memory: int,
@@ -212,7 +210,7 @@ class _Restorer:
     ) -> None:
         self.s3 = s3
         self.url = url
-        self.dest = dest
+        self.staging = staging
         self.concurrency = concurrency
         self.range_size = range_size
         self.gap = gap
@@ -237,17 +235,18 @@ class _Restorer:
         bookkeeping = min(listed * BOOKKEEPING_PER_FILE, self.budget.capacity - self.range_size)
         if bookkeeping > 0:
             await self.budget.acquire(bookkeeping)
-        packed = [i for i in items if i.offset >= 0]
+        # Anything larger than a range (a packed member too, however the dataset was packed)
+        # comes in ranged GETs written at their offsets: memory stays within the budget.
+        packed = [i for i in items if i.offset >= 0 and i.size <= self.range_size]
         small = [i for i in items if i.offset < 0 and i.size <= self.range_size]
-        large = [i for i in items if i.offset < 0 and i.size > self.range_size]
+        large = [i for i in items if i.size > self.range_size]
         by_path = {i.path: i for i in packed}
         gets = coalesce(
             (Wanted(i.path, i.key, i.offset, i.size, i.etag) for i in packed),
             gap=self.gap,
             max_span=self.range_size,
         )
-        for empty in (i for i in packed if i.size == 0):
-            await self._write(empty, b"")
+        await self._write_many([(i, b"") for i in packed if i.size == 0])
         send, receive = anyio.create_memory_object_stream[Callable[[], Any]](0)
         async with anyio.create_task_group() as group:
             async with receive:
@@ -320,6 +319,10 @@ class _Restorer:
         where = f"s3://{self.url.bucket}/{get.key}"
         mismatched: set[str] = set()
         try:
+            if size > self.budget.capacity:  # overlapping members, merged into one range
+                raise IntegrityError(
+                    f"{where}: members overlap over {size} bytes, more than --max-memory"
+                )
             await self.budget.acquire(size)
             try:
                 view = memoryview(bytearray(size))  # members are views of it: no copy per file
@@ -371,7 +374,9 @@ class _Restorer:
     async def _large(self, item: Item) -> None:
         try:
             part_size, crc32 = item.part_size, item.crc32
-            if not part_size and crc32 is None:  # not s3xfer's: ask S3 how it was uploaded
+            if item.offset >= 0:
+                part_size = 0  # the shard's parts, not the member's: any range will do
+            elif not part_size and crc32 is None:  # not s3xfer's: ask S3 how it was uploaded
                 part_size, crc32 = await self._layout(item)
             job = RangedDownload(
                 bucket=self.url.bucket,
@@ -379,9 +384,11 @@ class _Restorer:
                 size=item.size,
                 etag=item.etag,
                 dest=self.targets[item.path],
+                partial=self.staging.partial(item.path),
                 mtime_ns=item.mtime_ns,
                 mode=item.mode,
                 expected_crc32=crc32,
+                offset=max(item.offset, 0),
             )
             result = await download_ranges(
                 self.s3,
@@ -426,14 +433,17 @@ class _Restorer:
             for item, data in files
         ]
         async with self.file_writer:
-            await write_files(batch)
-        for item, data in files:
-            self._done(item, len(data))
+            errors = await self.staging.write_files(batch)
+        for (item, data), error in zip(files, errors, strict=True):
+            if error is None:
+                self._done(item, len(data))
+            else:  # each file fails alone, with its own error
+                self.counters.failures.append((item.path, str(error)))
 
     async def _write(self, item: Item, data: bytes) -> None:
         mode = item.mode if item.mode is not None else 0o644
         mtime = item.mtime_ns if item.mtime_ns is not None else time.time_ns()
-        await write_file(self.targets[item.path], data, mtime_ns=mtime, mode=mode)
+        await self.staging.write_file(self.targets[item.path], data, mtime_ns=mtime, mode=mode)
         self._done(item, len(data))
 
 
@@ -467,18 +477,20 @@ async def download(
         except NoSuchKeyError:
             kind = "prefix"
             listing_prefix = f"{url.prefix}/" if url.prefix else ""
-            items = [
+            listed_items = [
                 prefix_item(url, listed)
                 async for listed in s3.list_objects(url.bucket, listing_prefix)
                 if not str(listed["Key"]).endswith("/")
             ]
+            # s3xfer's own objects (of an upload not finalized) are not files of the prefix.
+            items = [i for i in listed_items if not is_reserved_path(i.path)]
         else:
             kind = "dataset"
             where = f"s3://{url.bucket}/{manifest_key(url)}"
             items = dataset_items(Manifest.from_bytes(raw, where=where))
-        items = [i for i in items if not i.path.startswith(f"{META_DIR}/")]
         if not items:
             raise NotInDatasetError(f"nothing to download: no dataset and no objects at {url}")
+        every_path = [i.path for i in items]  # the staging directory's name must be none of them
         items = select(items, include, exclude)
         if not items:
             globs = " ".join(
@@ -510,19 +522,21 @@ async def download(
             todo.append(item)
         if on_start is not None:
             on_start(len(todo), sum(i.size for i in todo), skipped)
-        restorer = _Restorer(
-            s3,
-            url,
-            dest,
-            concurrency=concurrency,
-            max_memory=max_memory,
-            range_size=range_size,
-            gap=gap,
-            on_progress=on_progress or (lambda _b, _f: None),
-        )
-        restorer.targets = targets
-        with first_error():
-            await restorer.run(todo, listed=len(items))
+        async with staging_in(safe.root, in_use=used_by(every_path)) as staging:
+            del every_path
+            restorer = _Restorer(
+                s3,
+                url,
+                staging,
+                concurrency=concurrency,
+                max_memory=max_memory,
+                range_size=range_size,
+                gap=gap,
+                on_progress=on_progress or (lambda _b, _f: None),
+            )
+            restorer.targets = targets
+            with first_error():
+                await restorer.run(todo, listed=len(items))
         counters = restorer.counters
         return DownloadReport(
             source=str(url),

@@ -11,8 +11,15 @@ from .errors import UsageError
 # Bucket names per S3 rules (lowercase, digits, dots, hyphens, 3-63 characters).
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
 
-# Where s3xfer keeps its own objects (manifest, later the catalog) under a dataset prefix.
+# Where s3xfer keeps its own objects (manifest, catalog, shards) under a dataset prefix.
 META_DIR = ".s3xfer"
+# Why a source path under META_DIR is not uploaded: its objects would overwrite s3xfer's own.
+RESERVED_REASON = "reserved for s3xfer's own objects at the dataset root"
+
+
+def is_reserved_path(relative_path: str) -> bool:
+    """Whether a dataset path is s3xfer's: META_DIR at the dataset root, or anything in it."""
+    return relative_path == META_DIR or relative_path.startswith(META_DIR + "/")
 
 
 @dataclass(frozen=True, slots=True)

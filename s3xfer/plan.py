@@ -24,7 +24,14 @@ from .config import (
 )
 from .config import format_size as _fmt
 from .errors import SourceError, UsageError
-from .keys import META_DIR, S3Url, object_key, shard_index_key
+from .keys import (
+    META_DIR,
+    RESERVED_REASON,
+    S3Url,
+    is_reserved_path,
+    object_key,
+    shard_index_key,
+)
 from .survey import FileEntry, Problem, Survey
 from .tarpack import ShardLayout, ShardMember, member_footprint
 
@@ -73,6 +80,8 @@ class FileUnit:
     @classmethod
     def from_json(cls, row: list[Any]) -> FileUnit:
         kind, path, key, size, mtime_ns, mode, part_size = row
+        if is_reserved_path(str(path)):
+            raise ValueError(f"file unit path {path!r} is {RESERVED_REASON}")
         return cls(
             Kind(kind), str(path), str(key), int(size), int(mtime_ns), int(mode), int(part_size)
         )

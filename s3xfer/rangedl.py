@@ -1,11 +1,13 @@
-"""Downloading one large object: parallel ranged GETs written at their offsets into a
-preallocated temporary file beside the destination, resumable after a kill, and renamed into
-place only when complete and verified.
+"""Downloading one large object (or one large member of a shard): parallel ranged GETs
+written at their offsets into a preallocated partial file, resumable after a kill, and renamed
+into place only when complete and verified.
 
-Beside `dest` live, while a download is unfinished, `.<name>.s3xfer-part` (the data) and
-`.<name>.s3xfer-part.json` (which ranges of it are written, and their CRC32s). The sidecar is
-replaced atomically after each range, and only ever lists ranges whose bytes were written
-before, so a process killed at any moment leaves a state the next call can continue from.
+The partial file is `job.partial`, in the destination's staging directory (localfs.Staging,
+never beside a user's file); beside it, while the download is unfinished, its sidecar
+(`<hash>.json`: which ranges are written, and their CRC32s). The sidecar is replaced
+atomically after each range, and only ever lists ranges whose bytes were written before, so
+a process killed at any moment leaves a state the next call can continue from. Neither file
+is ever opened through a link, nor reused when it is not a plain file of its own.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import errno
 import functools
 import json
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,14 +29,13 @@ import anyio
 from .budget import ByteBudget
 from .checksums import combine_parts, crc32, crc32_from_base64, crc32_to_base64
 from .errors import IntegrityError, UsageError, first_error
-from .localfs import destination_error
+from .localfs import destination_error, move_into_place
 from .ranges import RangeGet, check_ranged_response
 from .rawhttp import PIECE_SIZE
 from .retry import RetryPolicy, TransientError, call_with_retries
 
 SIDECAR_VERSION = 1
-PARTIAL_SUFFIX = ".s3xfer-part"
-SIDECAR_SUFFIX = ".s3xfer-part.json"
+_NEW_FILE = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC  # never an existing one
 _VERIFY_CHUNK = 1024 * 1024  # reading back reused ranges: bounded memory, not budgeted
 
 
@@ -54,18 +56,20 @@ class RangeSource(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class RangedDownload:
-    """One object to fetch into `dest`."""
+    """One object, or bytes [offset, offset + size) of it, to fetch into `dest`."""
 
     bucket: str
     key: str
     size: int
     etag: str  # sent as If-Match on every GET: a replaced object fails instead of mixing bytes
     dest: Path  # final path, written only by an atomic rename once complete and verified
+    partial: Path  # where the bytes are gathered meanwhile (Staging.partial), its sidecar beside
     mtime_ns: int | None  # set on the final file when given
     mode: int | None
     # Base64 big-endian whole-object CRC32 (s3xfer manifest, or S3's FULL_OBJECT ChecksumCRC32);
     # None when no checksum is known: the computed value is still returned.
     expected_crc32: str | None
+    offset: int = 0  # where the bytes start in the object (a member of a shard)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,16 +113,12 @@ def split_ranges(size: int, *, range_size: int) -> list[ByteRange]:
     ]
 
 
-def partial_path(dest: Path) -> Path:
-    return dest.with_name(f".{dest.name}{PARTIAL_SUFFIX}")
+def sidecar_path(partial: Path) -> Path:
+    return partial.with_suffix(".json")
 
 
-def sidecar_path(dest: Path) -> Path:
-    return dest.with_name(f".{dest.name}{SIDECAR_SUFFIX}")
-
-
-def _sidecar_temp_path(dest: Path) -> Path:
-    return dest.with_name(f".{dest.name}{SIDECAR_SUFFIX}.tmp")
+def _sidecar_temp_path(partial: Path) -> Path:
+    return partial.with_suffix(".json.tmp")
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +131,7 @@ class PartialState:
     size: int
     range_size: int
     crcs: Mapping[int, int] = field(default_factory=dict)
+    offset: int = 0
 
     @property
     def done(self) -> frozenset[int]:
@@ -138,22 +139,16 @@ class PartialState:
 
     @classmethod
     def start(cls, job: RangedDownload, *, range_size: int) -> PartialState:
-        return cls(job.bucket, job.key, job.etag, job.size, range_size, {})
+        return cls(job.bucket, job.key, job.etag, job.size, range_size, {}, job.offset)
 
     def continues(self, job: RangedDownload, *, range_size: int) -> bool:
         """Whether the recorded ranges are bytes of this very object, cut the same way."""
-        return (self.bucket, self.key, self.etag, self.size, self.range_size) == (
-            job.bucket,
-            job.key,
-            job.etag,
-            job.size,
-            range_size,
-        )
+        mine = (self.bucket, self.key, self.etag, self.offset, self.size, self.range_size)
+        return mine == (job.bucket, job.key, job.etag, job.offset, job.size, range_size)
 
     def with_range(self, index: int, crc: int) -> PartialState:
-        return PartialState(
-            self.bucket, self.key, self.etag, self.size, self.range_size, {**self.crcs, index: crc}
-        )
+        crcs = {**self.crcs, index: crc}
+        return replace(self, crcs=crcs)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -162,6 +157,7 @@ class PartialState:
                 "bucket": self.bucket,
                 "key": self.key,
                 "etag": self.etag,
+                "offset": self.offset,
                 "size": self.size,
                 "range_size": self.range_size,
                 "done": sorted(self.crcs),
@@ -178,7 +174,8 @@ class PartialState:
             if not isinstance(raw, dict) or raw.get("version") != SIDECAR_VERSION:
                 raise ValueError("not an s3xfer sidecar of a known version")
             strings = [raw["bucket"], raw["key"], raw["etag"]]
-            numbers = [raw["size"], raw["range_size"]]
+            offset = raw.get("offset", 0)
+            numbers = [raw["size"], raw["range_size"], offset]
             if not all(isinstance(s, str) for s in strings) or not all(
                 isinstance(n, int) and n >= 0 for n in numbers
             ):
@@ -190,12 +187,14 @@ class PartialState:
         # "done" is redundant with the CRC keys; a disagreement means the file is not ours.
         if not isinstance(done, list) or sorted(done) != sorted(crcs):
             raise ValueError("sidecar done list and CRCs disagree")
-        return cls(raw["bucket"], raw["key"], raw["etag"], raw["size"], raw["range_size"], crcs)
+        return cls(
+            raw["bucket"], raw["key"], raw["etag"], raw["size"], raw["range_size"], crcs, offset
+        )
 
 
-def clean_partial(dest: Path) -> None:
-    """Remove the temporary file and sidecar of an unfinished download of dest, if any."""
-    for path in (sidecar_path(dest), _sidecar_temp_path(dest), partial_path(dest)):
+def clean_partial(partial: Path) -> None:
+    """Remove a partial file and its sidecar, if any (a link is removed, not followed)."""
+    for path in (sidecar_path(partial), _sidecar_temp_path(partial), partial):
         path.unlink(missing_ok=True)
 
 
@@ -207,18 +206,23 @@ def _local_errors(path: Path) -> Iterator[None]:
         raise destination_error(path, exc) from exc
 
 
-def _write_sidecar(dest: Path, state: PartialState) -> None:
-    temp = _sidecar_temp_path(dest)
+def _write_sidecar(partial: Path, state: PartialState) -> None:
+    temp = _sidecar_temp_path(partial)
     with _local_errors(temp):
-        temp.write_text(state.to_json(), encoding="utf-8")
-        os.replace(temp, sidecar_path(dest))
+        temp.unlink(missing_ok=True)  # left by a killed run: made anew, never written through
+        fd = os.open(temp, os.O_WRONLY | _NEW_FILE, 0o600)
+        with open(fd, "w", encoding="utf-8") as out:
+            out.write(state.to_json())
+        os.replace(temp, sidecar_path(partial))
 
 
-def _read_sidecar(dest: Path) -> PartialState | None:
+def _read_sidecar(partial: Path) -> PartialState | None:
     try:
-        return PartialState.from_json(sidecar_path(dest).read_text(encoding="utf-8"))
+        fd = os.open(sidecar_path(partial), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with open(fd, encoding="utf-8") as sidecar:
+            return PartialState.from_json(sidecar.read())
     except (OSError, UnicodeDecodeError, ValueError):
-        return None  # missing or unreadable: nothing to resume
+        return None  # missing, unreadable or a link: nothing to resume
 
 
 def _crc_of_file_range(fd: int, start: int, length: int) -> int | None:
@@ -247,15 +251,15 @@ def _preallocate(fd: int, size: int) -> None:
 def _open_partial(
     job: RangedDownload, ranges: list[ByteRange], *, range_size: int, verify_reused: bool
 ) -> tuple[int, PartialState]:
-    """Open the temporary file, continuing a matching earlier download or starting afresh."""
-    temp = partial_path(job.dest)
-    state = _read_sidecar(job.dest)
+    """Open the partial file, continuing a matching earlier download or starting afresh."""
+    temp = job.partial
+    state = _read_sidecar(temp)
     if state is not None and state.continues(job, range_size=range_size):
         try:
-            fd = os.open(temp, os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(temp, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             fd = -1
-        if fd >= 0 and os.fstat(fd).st_size == job.size:
+        if fd >= 0 and _reusable(os.fstat(fd), job.size):
             crcs = {i: c for i, c in state.crcs.items() if 0 <= i < len(ranges)}
             if verify_reused:
                 # The sidecar outlives a power loss that the page cache may not: re-read what
@@ -265,14 +269,13 @@ def _open_partial(
                     for i, c in crcs.items()
                     if _crc_of_file_range(fd, ranges[i].start, ranges[i].length) == c
                 }
-            return fd, PartialState(job.bucket, job.key, job.etag, job.size, range_size, crcs)
+            return fd, replace(state, crcs=crcs)
         if fd >= 0:
             os.close(fd)
     with _local_errors(job.dest):
         # Sidecar first: from here on no stale record can describe the new file.
-        clean_partial(job.dest)
-        job.dest.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        clean_partial(temp)
+        fd = os.open(temp, os.O_RDWR | _NEW_FILE, 0o600)
         try:
             _preallocate(fd, job.size)
         except BaseException:
@@ -281,8 +284,14 @@ def _open_partial(
             temp.unlink(missing_ok=True)
             raise
     fresh = PartialState.start(job, range_size=range_size)
-    _write_sidecar(job.dest, fresh)
+    _write_sidecar(temp, fresh)
     return fd, fresh
+
+
+def _reusable(info: os.stat_result, size: int) -> bool:
+    """A partial file worth continuing: a plain file of the object's size, and no other
+    name's (a hard link planted there would have its bytes overwritten)."""
+    return stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and info.st_size == size
 
 
 class _RangeWriter:
@@ -310,24 +319,29 @@ class _RangeWriter:
                 self.written += done
 
 
-def _finish(job: RangedDownload) -> None:
-    temp = partial_path(job.dest)
+def _set_mode_and_times(fd: int, job: RangedDownload) -> None:
+    """On the open partial file: never through a link put in its place."""
     with _local_errors(job.dest):
         if job.mode is not None:
-            os.chmod(temp, job.mode & 0o7777)
+            os.fchmod(fd, job.mode & 0o7777)
         if job.mtime_ns is not None:
-            os.utime(temp, ns=(job.mtime_ns, job.mtime_ns))
-        os.replace(temp, job.dest)
+            os.utime(fd, ns=(job.mtime_ns, job.mtime_ns))
+
+
+def _finish(job: RangedDownload) -> None:
+    with _local_errors(job.dest):
+        job.dest.parent.mkdir(parents=True, exist_ok=True)
+        move_into_place(job.partial, job.dest)
         # A kill right here leaves a sidecar without its data file: the next call starts over.
-        sidecar_path(job.dest).unlink(missing_ok=True)
+        sidecar_path(job.partial).unlink(missing_ok=True)
 
 
 class _Journal:
     """The in-memory sidecar state and its persistence: one write at a time, newest wins,
     and a write already covered by a newer one is skipped."""
 
-    def __init__(self, dest: Path, state: PartialState) -> None:
-        self.dest = dest
+    def __init__(self, partial: Path, state: PartialState) -> None:
+        self.partial = partial
         self.state = state
         self._version = 0
         self._persisted = 0
@@ -341,7 +355,7 @@ class _Journal:
             if self._persisted >= wanted:
                 return
             snapshot, version = self.state, self._version
-            await anyio.to_thread.run_sync(_write_sidecar, self.dest, snapshot)
+            await anyio.to_thread.run_sync(_write_sidecar, self.partial, snapshot)
             self._persisted = version
 
 
@@ -377,7 +391,7 @@ async def download_ranges(
     fd, state = await anyio.to_thread.run_sync(
         lambda: _open_partial(job, ranges, range_size=range_size, verify_reused=verify_reused)
     )
-    journal = _Journal(job.dest, state)
+    journal = _Journal(job.partial, state)
     file_lock = threading.Lock()
     reused = state.done
     todo = [r for r in ranges if r.index not in reused]
@@ -392,7 +406,7 @@ async def download_ranges(
 
     async def get(piece: ByteRange) -> int:
         """The range written at its offset: its CRC32."""
-        asked = RangeGet(job.key, piece.start, piece.end, ())
+        asked = RangeGet(job.key, job.offset + piece.start, job.offset + piece.end, ())
         writer = _RangeWriter(fd, piece.start, job.dest, file_lock)  # afresh for each attempt
 
         def check(status: int, content_range: str | None, length: int) -> None:
@@ -407,14 +421,14 @@ async def download_ranges(
         length = await s3.get_range_to(
             job.bucket,
             job.key,
-            byte_range=piece.header,
+            byte_range=asked.header,
             if_match=job.etag,
             on_head=check,
             sink=writer.write,
         )
         if length < piece.length:  # a connection cut short: worth another try
             raise TransientError(
-                f"{where} ({piece.header}): truncated response, {length} of {piece.length} bytes"
+                f"{where} ({asked.header}): truncated response, {length} of {piece.length} bytes"
             )
         return writer.crc
 
@@ -449,21 +463,22 @@ async def download_ranges(
                     for piece in todo:
                         await waiting.acquire()  # released by fetch
                         group.start_soon(fetch, piece)
+            crcs = journal.state.crcs
+            whole = combine_parts((crcs[r.index], r.length) for r in ranges)
+            if expected is not None and whole != expected:
+                raise IntegrityError(
+                    f"{where}: checksum mismatch, downloaded bytes have CRC32 "
+                    f"{crc32_to_base64(whole)}, expected {job.expected_crc32}"
+                )
+            await anyio.to_thread.run_sync(_set_mode_and_times, fd, job)
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(os.close, fd)
-        crcs = journal.state.crcs
-        whole = combine_parts((crcs[r.index], r.length) for r in ranges)
-        if expected is not None and whole != expected:
-            raise IntegrityError(
-                f"{where}: checksum mismatch, downloaded bytes have CRC32 "
-                f"{crc32_to_base64(whole)}, expected {job.expected_crc32}"
-            )
         await anyio.to_thread.run_sync(_finish, job)
     except IntegrityError:
         # The partial bytes are of an object that no longer matches: nothing worth resuming.
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(clean_partial, job.dest)
+            await anyio.to_thread.run_sync(clean_partial, job.partial)
         raise
     return DownloadResult(
         bytes_fetched=fetched_bytes,

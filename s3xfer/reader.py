@@ -38,7 +38,7 @@ from .errors import (
     first_error,
 )
 from .keys import S3Url, manifest_key
-from .localfs import SafeDestination, write_files
+from .localfs import SafeDestination, make_directory, staging_in, used_by
 from .manifest import Manifest, ManifestRecord
 from .ranges import DEFAULT_GAP, RangeGet, Wanted, check_ranged_response, coalesce
 from .retry import RetryPolicy, TransientError, call_with_retries
@@ -335,17 +335,23 @@ class Dataset:
         ordered = sorted(matched.values(), key=lambda r: (r.key, r.offset))
         batch: list[ManifestRecord] = []
         written: list[ManifestRecord] = []
-        for index, record in enumerate(ordered):
-            batch.append(record)
-            if index + 1 == len(ordered) or sum(r.size for r in batch) >= GET_BATCH_BYTES:
-                data, failed = await self._fetch(batch)
-                failures.extend((path, str(error)) for path, error in failed.items())
-                good = [r for r in batch if r.path not in failed]
-                await write_files(
-                    [(targets[r.path], data[r.path], r.mtime_ns, r.mode) for r in good]
-                )
-                written.extend(good)
-                batch = []
+        await anyio.to_thread.run_sync(make_directory, safe.root)
+        async with staging_in(safe.root, in_use=used_by(list(matched))) as staging:
+            for index, record in enumerate(ordered):
+                batch.append(record)
+                if index + 1 == len(ordered) or sum(r.size for r in batch) >= GET_BATCH_BYTES:
+                    data, failed = await self._fetch(batch)
+                    failures.extend((path, str(error)) for path, error in failed.items())
+                    good = [r for r in batch if r.path not in failed]
+                    errors = await staging.write_files(
+                        [(targets[r.path], data[r.path], r.mtime_ns, r.mode) for r in good]
+                    )
+                    for r, write_error in zip(good, errors, strict=True):
+                        if write_error is None:
+                            written.append(r)
+                        else:  # each file fails alone, with its own error
+                            failures.append((r.path, str(write_error)))
+                    batch = []
         return GetReport(
             files=len(written),
             bytes=sum(r.size for r in written),

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from s3xfer.errors import SourceError
+from s3xfer.keys import RESERVED_REASON, is_reserved_path
 
 FORMAT_VERSION = 1
 DEFAULT_TOP_N = 10
@@ -35,6 +36,7 @@ DEVICE = "device"
 UNSUPPORTED_TYPE = "unsupported file type"
 VANISHED = "vanished"
 NOT_UTF8 = "name is not valid UTF-8"
+RESERVED = RESERVED_REASON  # `.s3xfer` at the root: its objects would overwrite s3xfer's own
 
 _NOT_FILES = frozenset(
     {
@@ -71,6 +73,8 @@ class FileEntry:
         path, size, mtime_ns, mode = data
         if not isinstance(path, str) or not is_safe_relative_path(path):
             raise ValueError(f"file entry path must be a safe relative path, got {path!r}")
+        if is_reserved_path(path):
+            raise ValueError(f"file entry path {path!r} is {RESERVED}")
         for name, value in (("size", size), ("mtime_ns", mtime_ns), ("mode", mode)):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"file entry {name} must be an integer, got {value!r}")
@@ -89,8 +93,9 @@ class Problem:
 
     @property
     def unreadable(self) -> bool:
-        """A file that should have been transferred but could not be read (as opposed to a
-        path that is not a regular file: links not followed, loops, fifos, devices)."""
+        """A file that should have been transferred but could not be read, or may not be
+        (as opposed to a path that is not a regular file: links not followed, loops, fifos,
+        devices): the upload names it and fails."""
         return self.reason not in _NOT_FILES
 
     def to_json(self) -> dict[str, str]:
@@ -143,6 +148,8 @@ def scan(root: Path, *, follow_symlinks: bool = True) -> Iterator[FileEntry | Pr
             raise SourceError(f"permission denied: {root}")
         if not _is_utf8(name):
             return iter([Problem(_printable_name(name), NOT_UTF8)])
+        if is_reserved_path(name):
+            return iter([Problem(name, RESERVED)])
         return iter([_file_entry(name, root_stat)])
     if not stat.S_ISDIR(root_stat.st_mode):
         raise SourceError(f"not a regular file or directory: {root}")
@@ -175,6 +182,9 @@ def _walk(
             if not _is_utf8(entry.name):
                 # S3 keys are UTF-8; below a bad directory name every path would be bad too.
                 yield Problem(_printable_name(rel), NOT_UTF8)
+                continue
+            if not prefix and is_reserved_path(rel):
+                yield Problem(rel, RESERVED)  # not walked: none of it is uploaded
                 continue
             is_link = False
             try:

@@ -50,7 +50,7 @@ DATASET_FILES = {
     "big/blob.bin": 3 * 1024 * 1024,
 }
 SOURCE_FILES = {"a.txt": 10, "sub/b.txt": 1_000, "sub/c.json": 200}
-TEMPORARY_NAMES = ("*.s3xfer-tmp", "*.s3xfer-part", "*.s3xfer-part.json", "*.s3xfer-part.json.tmp")
+TEMPORARY_NAMES = (".s3xfer-*",)  # s3xfer's staging directories (localfs.Staging)
 SMALL_DISK = "1m"  # tmpfs size for the disk-full cases: smaller than the dataset
 
 
@@ -229,36 +229,32 @@ def garbage_manifest(stage: Stage, url: S3Url) -> None:
     stage.client.put_object(Bucket=url.bucket, Key=manifest_key(url), Body=b"{ not json")
 
 
-def hostile_manifest(stage: Stage) -> None:
-    """A dataset whose manifest sends one file out of DEST with '..'."""
-    prefix = stage.fresh_prefix()
-    stage.client.put_object(Bucket=stage.bucket, Key=f"{prefix}/data", Body=b"evil")
-    etag = stage.client.head_object(Bucket=stage.bucket, Key=f"{prefix}/data")["ETag"]
-    rows = [
-        [path, f"{prefix}/data", 4, 0, 0o644, "", 0, -1, etag]
-        for path in ("../escape.txt", "ok.txt")
-    ]
-    manifest = {
-        "format": "s3xfer-manifest",
-        "version": 1,
-        "dest": f"s3://{stage.bucket}/{prefix}",
-        "files": rows,
-        "shards": [],
-    }
-    body = gzip.compress(json.dumps(manifest).encode())
-    stage.client.put_object(
-        Bucket=stage.bucket, Key=f"{prefix}/.s3xfer/manifest.json.gz", Body=body
-    )
-    stage.out.mkdir()
-    stage.names["fresh"] = f"s3://{stage.bucket}/{prefix}"
+def hostile_manifest(bad_path: str) -> Setup:
+    """A dataset whose manifest lists bad_path (out of DEST, or a name no file system holds)
+    beside ok.txt."""
 
+    def setup(stage: Stage) -> None:
+        prefix = stage.fresh_prefix()
+        stage.client.put_object(Bucket=stage.bucket, Key=f"{prefix}/data", Body=b"evil")
+        etag = stage.client.head_object(Bucket=stage.bucket, Key=f"{prefix}/data")["ETag"]
+        rows = [
+            [path, f"{prefix}/data", 4, 0, 0o644, "", 0, -1, etag] for path in (bad_path, "ok.txt")
+        ]
+        manifest = {
+            "format": "s3xfer-manifest",
+            "version": 1,
+            "dest": f"s3://{stage.bucket}/{prefix}",
+            "files": rows,
+            "shards": [],
+        }
+        body = gzip.compress(json.dumps(manifest).encode())
+        stage.client.put_object(
+            Bucket=stage.bucket, Key=f"{prefix}/.s3xfer/manifest.json.gz", Body=body
+        )
+        stage.out.mkdir()
+        stage.names["fresh"] = f"s3://{stage.bucket}/{prefix}"
 
-def hostile_plain_prefix(stage: Stage) -> None:
-    """A plain prefix (no dataset) with a key that names a drive (this server refuses '..')."""
-    prefix = stage.fresh_prefix()
-    for name in ("C:/win", "ok.txt"):
-        stage.client.put_object(Bucket=stage.bucket, Key=f"{prefix}/{name}", Body=b"evil")
-    stage.names["fresh"] = f"s3://{stage.bucket}/{prefix}"
+    return setup
 
 
 # --- checks beyond the common ones ----------------------------------------------------------
@@ -677,15 +673,16 @@ CASES = [
         "download {fresh} {out} --quiet",
         1,
         "REFUSED '../escape.txt'",
-        setup=hostile_manifest,
+        setup=hostile_manifest("../escape.txt"),
         check=only_safe_file_written,
     ),
     case(
-        "download-prefix-drive-letter",
+        "download-dataset-name-too-long",
         "download {fresh} {out} --quiet",
         1,
-        "REFUSED 'C:/win'",
-        setup=hostile_plain_prefix,
+        f"REFUSED 'd/{'n' * 300}'",
+        "a name of 300 bytes, longer than the 255",
+        setup=hostile_manifest(f"d/{'n' * 300}"),
         check=only_safe_file_written,
     ),
 ]
@@ -791,15 +788,14 @@ def run_with_faked_full_disk(
     from s3xfer import localfs
     from s3xfer.cli import main
 
-    def half_then_full(path: Path, data: bytes | memoryview) -> None:
-        with path.open("wb") as out:
-            out.write(memoryview(data)[: len(data) // 2])
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    def half_then_full(fd: int, data: bytes | memoryview) -> None:
+        os.write(fd, memoryview(data)[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     def no_space(fd: int, offset: int, length: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(localfs, "_write_new", half_then_full)
+    monkeypatch.setattr(localfs, "_write_all", half_then_full)
     monkeypatch.setattr(os, "posix_fallocate", no_space)
     monkeypatch.setattr(sys, "argv", ["s3xfer", *argv])
     capsys.readouterr()

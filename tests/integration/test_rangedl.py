@@ -28,7 +28,6 @@ from s3xfer.rangedl import (
     PartialState,
     RangedDownload,
     download_ranges,
-    partial_path,
     sidecar_path,
 )
 from s3xfer.retry import RetryPolicy
@@ -45,15 +44,23 @@ def put(client: Any, bucket: str, data: bytes) -> str:
     return etag
 
 
+def partial_of(dest: Path) -> Path:
+    """The test's partial file, in a staging directory of its own (download.py uses the
+    destination's, localfs.Staging)."""
+    return dest.parent / ".staging" / f"{dest.name}.part"
+
+
 def job(
     bucket: str, data: bytes, etag: str, dest: Path, *, crc: str | None = None
 ) -> RangedDownload:
+    partial_of(dest).parent.mkdir(parents=True, exist_ok=True)
     return RangedDownload(
         bucket=bucket,
         key=KEY,
         size=len(data),
         etag=etag,
         dest=dest,
+        partial=partial_of(dest),
         mtime_ns=1_500_000_000_000_000_000,
         mode=0o600,
         expected_crc32=crc if crc is not None else crc32_to_base64(zlib.crc32(data)),
@@ -91,7 +98,8 @@ def test_download_gives_identical_verified_bytes(
     assert (result.ranges_fetched, result.ranges_reused, result.bytes_fetched) == (5, 0, len(data))
     assert dest.stat().st_mtime_ns == 1_500_000_000_000_000_000
     assert dest.stat().st_mode & 0o7777 == 0o600
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".staging", "big.bin"]
+    assert list((tmp_path / ".staging").iterdir()) == []
 
 
 def test_a_wrong_expected_checksum_fails_and_leaves_no_file(
@@ -101,7 +109,7 @@ def test_a_wrong_expected_checksum_fails_and_leaves_no_file(
     wrong = crc32_to_base64(zlib.crc32(data) ^ 0x80000000)
     with pytest.raises(IntegrityError, match=f"s3://{bucket}/{KEY}"):
         download(local_s3, job(bucket, data, etag, tmp_path / "big.bin", crc=wrong))
-    assert list(tmp_path.iterdir()) == []
+    assert list((tmp_path / ".staging").iterdir()) == [] and not (tmp_path / "big.bin").exists()
 
 
 def test_an_object_replaced_after_it_was_listed_is_refused_then_downloaded_afresh(
@@ -115,7 +123,7 @@ def test_an_object_replaced_after_it_was_listed_is_refused_then_downloaded_afres
     # The listing (or catalog) still says the old ETag: S3 answers 412, nothing is kept.
     with pytest.raises(IntegrityError, match="replaced"):
         download(local_s3, job(bucket, data, old_etag, dest))
-    assert list(tmp_path.iterdir()) == []
+    assert list((tmp_path / ".staging").iterdir()) == [] and not dest.exists()
     result = download(local_s3, job(bucket, new, new_etag, dest))
     assert dest.read_bytes() == new and result.ranges_reused == 0
 
@@ -135,7 +143,13 @@ async def main() -> None:
     async with open_s3(Connection(**args["connection"]), max_pool_connections=2) as s3:
         await download_ranges(
             s3,
-            RangedDownload(**{**args["job"], "dest": Path(args["job"]["dest"])}),
+            RangedDownload(
+                **{
+                    **args["job"],
+                    "dest": Path(args["job"]["dest"]),
+                    "partial": Path(args["job"]["partial"]),
+                }
+            ),
             range_size=args["range_size"],
             limiter=anyio.CapacityLimiter(1),
             budget=ByteBudget(2 * args["range_size"]),
@@ -168,6 +182,7 @@ def test_a_download_killed_with_sigkill_resumes_from_the_ranges_written(
             "size": len(data),
             "etag": etag,
             "dest": str(dest),
+            "partial": str(target.partial),
             "mtime_ns": None,
             "mode": None,
             "expected_crc32": target.expected_crc32,
@@ -184,7 +199,7 @@ def test_a_download_killed_with_sigkill_resumes_from_the_ranges_written(
         done: frozenset[int] = frozenset()
         while not done and child.poll() is None and time.monotonic() < deadline:
             with contextlib.suppress(OSError, ValueError):  # not written yet
-                done = PartialState.from_json(sidecar_path(dest).read_text()).done
+                done = PartialState.from_json(sidecar_path(partial_of(dest)).read_text()).done
             time.sleep(0.01)
         assert child.poll() is None, f"finished before the kill: {child.communicate()}"
         assert done, "no range was recorded in time"
@@ -193,11 +208,11 @@ def test_a_download_killed_with_sigkill_resumes_from_the_ranges_written(
         child.kill()
         child.communicate()
     assert child.returncode == -signal.SIGKILL
-    assert not dest.exists() and partial_path(dest).exists()
+    assert not dest.exists() and partial_of(dest).exists()
 
     result = download(local_s3, target)
     assert dest.read_bytes() == data
     assert result.ranges_reused >= 1
     assert result.ranges_reused + result.ranges_fetched == 5
     assert result.bytes_fetched < len(data)
-    assert not sidecar_path(dest).exists() and not partial_path(dest).exists()
+    assert not sidecar_path(partial_of(dest)).exists() and not partial_of(dest).exists()

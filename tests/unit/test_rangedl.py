@@ -27,7 +27,6 @@ from s3xfer.rangedl import (
     PartialState,
     RangedDownload,
     download_ranges,
-    partial_path,
     sidecar_path,
     split_ranges,
 )
@@ -142,15 +141,23 @@ class ScriptedS3:
         return len(body)
 
 
+def partial_of(dest: Path) -> Path:
+    """Where a test's partial file goes: a staging directory of its own (download.py uses
+    the destination's, localfs.Staging)."""
+    return dest.parent / ".staging" / f"{dest.name}.part"
+
+
 def job_for(
     data: bytes, dest: Path, *, crc: str | None = "auto", etag: str = '"e1"'
 ) -> RangedDownload:
+    partial_of(dest).parent.mkdir(parents=True, exist_ok=True)
     return RangedDownload(
         bucket="b",
         key="big.bin",
         size=len(data),
         etag=etag,
         dest=dest,
+        partial=partial_of(dest),
         mtime_ns=1_600_000_000_123_456_789,
         mode=0o640,
         expected_crc32=crc32_to_base64(zlib.crc32(data)) if crc == "auto" else crc,
@@ -202,7 +209,8 @@ def test_download_writes_verified_bytes_with_mtime_and_mode_and_leaves_no_partia
         retries=0,
     )
     assert sum(progress) == len(DATA)
-    assert sorted(p.name for p in dest.parent.iterdir()) == ["big.bin"]
+    assert sorted(p.name for p in dest.parent.iterdir()) == [".staging", "big.bin"]
+    assert list(partial_of(dest).parent.iterdir()) == []
     assert budget.peak <= 3 * PIECE_SIZE and budget.used == 0
     assert 1 < s3.peak_in_flight <= 3
 
@@ -221,7 +229,7 @@ def test_a_wrong_content_range_fails_and_removes_the_partial_files(tmp_path: Pat
     dest = tmp_path / "big.bin"
     with pytest.raises(IntegrityError, match=r"big\.bin.*bytes=3000-3999"):
         run(s3, job_for(DATA, dest))
-    assert list(tmp_path.iterdir()) == []
+    assert list(partial_of(dest).parent.iterdir()) == [] and not dest.exists()
 
 
 def test_a_checksum_mismatch_names_the_key_and_leaves_nothing(tmp_path: Path) -> None:
@@ -231,7 +239,7 @@ def test_a_checksum_mismatch_names_the_key_and_leaves_nothing(tmp_path: Path) ->
     with pytest.raises(IntegrityError, match=r"s3://b/big\.bin: checksum mismatch"):
         run(ScriptedS3(DATA), job_for(DATA, dest, crc=wrong))
     assert dest.read_bytes() == b"previous version"  # an old file is not replaced by bad bytes
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.bin"]
+    assert list(partial_of(dest).parent.iterdir()) == []
 
 
 class Interrupted(Exception):
@@ -258,7 +266,7 @@ def test_an_interrupted_download_continues_from_the_ranges_already_written(
     with pytest.raises(Interrupted):
         run(s3, job_for(DATA, dest), limit=1, progress=interrupt_after(3))
     assert not dest.exists()
-    recorded = PartialState.from_json(sidecar_path(dest).read_text())
+    recorded = PartialState.from_json(sidecar_path(partial_of(dest)).read_text())
     assert len(recorded.done) >= 3
     s3.gets.clear()
     progress: list[int] = []
@@ -276,10 +284,10 @@ def test_a_reused_range_whose_bytes_are_not_on_disk_is_fetched_again(tmp_path: P
     dest = tmp_path / "big.bin"
     with pytest.raises(Interrupted):
         run(s3, job_for(DATA, dest), limit=1, progress=interrupt_after(2))
-    recorded = PartialState.from_json(sidecar_path(dest).read_text())
+    recorded = PartialState.from_json(sidecar_path(partial_of(dest)).read_text())
     lost = min(recorded.done)
     # As after a power loss: the sidecar says this range is written, the disk holds zeros.
-    with partial_path(dest).open("r+b") as partial:
+    with partial_of(dest).open("r+b") as partial:
         partial.seek(lost * 1000)
         partial.write(bytes(1000))
     result = run(s3, job_for(DATA, dest))
@@ -339,7 +347,7 @@ def test_transient_errors_are_not_swallowed_past_the_retry_limit(tmp_path: Path)
     with pytest.raises(TransientError, match="truncated"):
         run(AlwaysShort(DATA), job_for(DATA, dest))
     # Not an integrity problem: the partial files stay for the next call to continue.
-    assert partial_path(dest).exists() and sidecar_path(dest).exists()
+    assert partial_of(dest).exists() and sidecar_path(partial_of(dest)).exists()
 
 
 def test_pieces_are_written_at_their_offsets_with_their_crc(tmp_path: Path) -> None:
