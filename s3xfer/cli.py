@@ -31,7 +31,7 @@ from .config import (
     format_size,
     parse_size,
 )
-from .errors import S3XferError, UsageError, first_leaf
+from .errors import NoDatasetError, NoSuchKeyError, S3XferError, UsageError, first_leaf
 from .keys import S3Url
 from .render import _printable, human_bytes, render_plan, render_report, render_survey
 from .s3 import SSE_ALGORITHMS, Connection, open_s3
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 
     from .cleanup import CleanupReport
     from .download import DownloadReport
-    from .manifest import ManifestRecord
     from .plan import Plan
     from .reader import Dataset, GetReport
     from .survey import Survey
@@ -918,31 +917,76 @@ def ls_command(
     """List the files of the dataset at URL (optionally matching a glob PATTERN).
 
     Shows each file's size, where it is stored (its own object, or a tar shard) and path.
+    A prefix that holds no s3xfer dataset is listed like `aws s3 ls --recursive`: date,
+    size and path of every object under it, streamed, with the total at the end.
     """
     connection = make_connection(endpoint_url, profile, region, no_verify_ssl)
 
-    async def run() -> list[ManifestRecord]:
+    async def run() -> None:
         async with _dataset(url, connection) as ds:
-            return await ds.ls(pattern)
+            try:
+                records = await ds.ls(pattern)
+            except NoDatasetError:
+                await _ls_objects(ds, pattern, as_json=as_json)
+                return
+        if as_json:
+            from . import catalog
 
-    records = runner.run(run)
+            _emit_json([catalog.to_json(r) for r in records])
+            return
+        lines = (
+            f"{r.size:>14,}  {'shard ' if r.packed else 'object'}  {_printable(r.path)}\n"
+            for r in records
+        )
+        emit("".join(lines).encode())
+        total = human_bytes(sum(r.size for r in records))
+        click.echo(f"{len(records):,} files, {total}", err=True)
+
+    runner.run(run)
+
+
+async def _ls_objects(ds: Dataset, pattern: str | None, *, as_json: bool) -> None:
+    """The objects of a plain prefix, written as they are listed (a page at a time)."""
+    import anyio
+
+    count = size = 0
+    batch: list[str] = []
+
+    async def flush() -> None:
+        if batch:
+            text = "".join(batch)
+            batch.clear()
+            await anyio.to_thread.run_sync(emit, text.encode())
+
+    async for stored in ds.ls_objects(pattern):
+        if as_json:
+            item = json.dumps(stored.to_json(), ensure_ascii=False)
+            batch.append(("[\n  " if count == 0 else ",\n  ") + item)
+        else:
+            when = stored.last_modified.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+            batch.append(f"{when} {stored.size:>14,}  {_printable(stored.path)}\n")
+        count += 1
+        size += stored.size
+        if len(batch) >= 1000:
+            await flush()
     if as_json:
-        from . import catalog
-
-        _emit_json([catalog.to_json(r) for r in records])
-        return
-    lines = (f"{r.size:>14,}  {'shard ' if r.packed else 'object'}  {r.path}\n" for r in records)
-    emit("".join(lines).encode())
-    click.echo(f"{len(records):,} files, {human_bytes(sum(r.size for r in records))}", err=True)
+        batch.append("[]\n" if count == 0 else "\n]\n")
+    await flush()
+    if count == 0:
+        raise NoDatasetError(f"no s3xfer dataset at {ds.url}, and no objects under it")
+    click.echo(
+        f"{count:,} objects, {human_bytes(size)} (a plain prefix, not an s3xfer dataset)",
+        err=True,
+    )
 
 
 @cli.command("cat")
 @click.argument("url")
-@click.argument("path")
+@click.argument("path", required=False)
 @connection_options
 def cat_command(
     url: str,
-    path: str,
+    path: str | None,
     endpoint_url: str | None,
     profile: str | None,
     region: str | None,
@@ -951,17 +995,37 @@ def cat_command(
     """Write the file PATH of the dataset at URL to standard output.
 
     One small catalog GET finds it, one ranged GET fetches it, and its CRC32 is checked
-    before a single byte is written.
+    before a single byte is written. Without PATH, URL names one plain object (s3://bucket/key);
+    with PATH under a prefix that holds no dataset, the object URL/PATH is written. Plain
+    objects are streamed in 8 MiB ranges of the one version first seen.
     """
+    import anyio
+
     connection = make_connection(endpoint_url, profile, region, no_verify_ssl)
 
-    async def run() -> bytes:
-        async with _dataset(url, connection) as ds:
-            return await ds.read(path)
+    async def write(data: bytes) -> None:
+        await anyio.to_thread.run_sync(emit, data)
 
-    data = runner.run(run)
+    async def run() -> None:
+        async with _dataset(url, connection) as ds:
+            if path is None:
+                await ds.read_object("", write)
+                return
+            try:
+                data = await ds.read(path)
+            except NoDatasetError as no_dataset:
+                try:
+                    await ds.read_object(path, write)
+                except NoSuchKeyError:
+                    where = ds.url.key(path)
+                    raise NoDatasetError(
+                        f"{no_dataset}, and no object s3://{ds.url.bucket}/{where}"
+                    ) from None
+            else:
+                await write(data)
+
     try:
-        emit(data)
+        runner.run(run)
     except BrokenPipeError:  # `s3xfer cat ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 

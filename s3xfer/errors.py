@@ -80,6 +80,10 @@ class NotInDatasetError(S3XferError, FileNotFoundError):
     exit_code = 2
 
 
+class NoDatasetError(NotInDatasetError):
+    """The prefix holds no s3xfer dataset (no catalog, no manifest): it may hold plain objects."""
+
+
 def first_leaf(error: BaseException) -> BaseException:
     """The first non-group exception inside (nested) exception groups."""
     while isinstance(error, BaseExceptionGroup) and error.exceptions:

@@ -11,12 +11,13 @@ verified against its catalogued CRC32; many files with nearby ranges merged into
 
 from __future__ import annotations
 
+import datetime
 import fnmatch
 import io
 import os
 import re
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import Future
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from . import catalog
 from .checksums import crc32, crc32_to_base64
 from .errors import (
     IntegrityError,
+    NoDatasetError,
     NoSuchKeyError,
     NotInDatasetError,
     PartialReadError,
@@ -46,6 +48,8 @@ from .s3 import S3, Connection, open_s3
 
 if TYPE_CHECKING:
     from anyio.from_thread import BlockingPortal
+
+OBJECT_RANGE = 8 * 1024 * 1024  # a plain object is streamed in ranges of this size
 
 GET_BATCH_BYTES = 64 * 1024 * 1024  # `get` fetches and writes this much at a time
 
@@ -76,6 +80,28 @@ class GetReport:
             "catalog_requests": self.catalog_requests,
             "seconds": round(self.seconds, 3),
             "failures": [{"path": p, "error": e} for p, e in self.failures],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    """An object under a prefix that holds no s3xfer dataset, as S3 lists it."""
+
+    key: str
+    path: str  # relative to the prefix
+    size: int
+    last_modified: datetime.datetime
+    etag: str
+    storage_class: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "key": self.key,
+            "size": self.size,
+            "last_modified": self.last_modified.isoformat(),
+            "etag": self.etag,
+            "storage_class": self.storage_class,
         }
 
 
@@ -151,7 +177,7 @@ class Dataset:
             try:
                 raw = await self._get(key)
             except NoSuchKeyError as exc:
-                raise NotInDatasetError(
+                raise NoDatasetError(
                     f"no s3xfer dataset at {self.url} (no catalog at s3://{self.url.bucket}/{key})"
                 ) from exc
             self._root = catalog.CatalogRoot.from_bytes(raw, where=f"s3://{self.url.bucket}/{key}")
@@ -189,7 +215,7 @@ class Dataset:
         try:
             raw = await self._get(key)
         except NoSuchKeyError as exc:
-            raise NotInDatasetError(
+            raise NoDatasetError(
                 f"no s3xfer dataset at {self.url} (no manifest at s3://{self.url.bucket}/{key})"
             ) from exc
         manifest = Manifest.from_bytes(raw, where=f"s3://{self.url.bucket}/{key}")
@@ -198,6 +224,66 @@ class Dataset:
             matches = path_matcher([pattern])
             records = [r for r in records if matches(r.path)]
         return records
+
+    async def ls_objects(self, pattern: str | None = None) -> AsyncIterator[StoredObject]:
+        """Every object under the URL's prefix (matching a glob on the path below it, if
+        given), in key order, streamed page by page: for prefixes that are not s3xfer
+        datasets, as `aws s3 ls --recursive` lists them."""
+        prefix = f"{self.url.prefix}/" if self.url.prefix else ""
+        matches = path_matcher([pattern]) if pattern is not None else None
+        async for item in self.s3.list_objects(self.url.bucket, prefix):
+            key = str(item["Key"])
+            path = key[len(prefix) :]
+            if not path or (matches is not None and not matches(path)):
+                continue
+            yield StoredObject(
+                key=key,
+                path=path,
+                size=int(item["Size"]),
+                last_modified=item["LastModified"],
+                etag=str(item.get("ETag", "")),
+                storage_class=str(item.get("StorageClass", "STANDARD")),
+            )
+
+    async def read_object(self, path: str, sink: Callable[[bytes], Awaitable[None]]) -> int:
+        """A plain object, not a dataset's file: `path` below the URL's prefix ("" for the
+        object the URL names), streamed to `sink` in ranges of OBJECT_RANGE bytes (memory
+        stays bounded), all of the same object (If-Match on the ETag HEAD saw). One that fits
+        one GET is checked against the checksum S3 stored with it, when there is one."""
+        bucket, key = self.url.bucket, self.url.key(path) if path else self.url.prefix
+        head = await call_with_retries(
+            lambda: self.s3.head_object(bucket, key), policy=self._policy
+        )
+        size, etag = int(head["ContentLength"]), str(head["ETag"])
+        if size <= OBJECT_RANGE:
+            body, _, _ = await call_with_retries(
+                lambda: self.s3.get_range(
+                    bucket, key, byte_range=None, if_match=etag, verify_checksum=True
+                ),
+                policy=self._policy,
+            )
+            if len(body) != size:
+                raise IntegrityError(f"s3://{bucket}/{key}: {len(body)} bytes, expected {size}")
+            await sink(body)
+            return size
+        for start in range(0, size, OBJECT_RANGE):
+            get = RangeGet(key, start, min(size, start + OBJECT_RANGE), (), etag)
+
+            async def attempt(get: RangeGet = get) -> bytes:
+                body, status, content_range = await self.s3.get_range(
+                    bucket, key, byte_range=get.header, if_match=etag
+                )
+                check_ranged_response(
+                    get,
+                    status=status,
+                    content_range=content_range,
+                    body_length=len(body),
+                    where=f"s3://{bucket}/{key}",
+                )
+                return body
+
+            await sink(await call_with_retries(attempt, policy=self._policy))
+        return size
 
     async def read(self, path: str) -> bytes:
         """One file's bytes: one ranged GET (when the catalog piece is cached), verified."""

@@ -295,7 +295,8 @@ def test_unknown_dataset_is_one_clear_line(s3_env: LocalS3Info, bucket: str) -> 
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"s3xfer: error: no s3xfer dataset at s3://{bucket}/nothing-here "
-        f"(no catalog at s3://{bucket}/nothing-here/.s3xfer/catalog.json)"
+        f"(no catalog at s3://{bucket}/nothing-here/.s3xfer/catalog.json), "
+        f"and no object s3://{bucket}/nothing-here/a.txt"
     ]
     listing = run_cli("ls", f"s3://{bucket}/nothing-here")
     assert listing.returncode == 2 and "no s3xfer dataset" in listing.stderr
