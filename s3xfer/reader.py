@@ -7,6 +7,8 @@ verified against its catalogued CRC32; many files with nearby ranges merged into
 
     with SyncDataset("s3://bucket/data") as ds:    # the same from synchronous code
         image = ds.read("images/07/img_00742.jpg")
+        for path, data in ds.iter_epoch(seed=7):   # every file once, shuffled, big reads
+            ...
 """
 
 from __future__ import annotations
@@ -16,11 +18,21 @@ import fnmatch
 import io
 import os
 import re
+import sys
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections import deque
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from concurrent.futures import Future
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, cast
@@ -28,7 +40,14 @@ from typing import TYPE_CHECKING, Any, Self, cast
 import anyio
 
 from . import catalog
+from .budget import ByteBudget
 from .checksums import crc32, crc32_to_base64
+from .epoch import (
+    DEFAULT_BLOCK_BYTES,
+    DEFAULT_BUFFER_BYTES,
+    EpochState,
+    ReaderPlan,
+)
 from .errors import (
     IntegrityError,
     NoDatasetError,
@@ -38,6 +57,7 @@ from .errors import (
     S3XferError,
     UsageError,
     first_error,
+    first_leaf,
 )
 from .keys import S3Url, manifest_key
 from .localfs import SafeDestination, make_directory, staging_in, used_by
@@ -48,10 +68,14 @@ from .s3 import S3, Connection, open_s3
 
 if TYPE_CHECKING:
     from anyio.from_thread import BlockingPortal
+    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 OBJECT_RANGE = 8 * 1024 * 1024  # a plain object is streamed in ranges of this size
 
 GET_BATCH_BYTES = 64 * 1024 * 1024  # `get` fetches and writes this much at a time
+# An epoch hands its files to the consumer in batches of at most this many (one portal call
+# each for SyncDataset), or fewer when the next file is still being read.
+EPOCH_BATCH_FILES = 256
 
 
 @dataclass
@@ -209,8 +233,8 @@ class Dataset:
             raise NotInDatasetError(f"{path!r} is not in the dataset {self.url}")
         return record
 
-    async def ls(self, pattern: str | None = None) -> list[ManifestRecord]:
-        """Every file of the dataset (matching a glob, if given), sorted by path."""
+    async def _manifest(self) -> tuple[Manifest, str]:
+        """The manifest (every file), and a fingerprint of it: the CRC32 of its bytes."""
         key = manifest_key(self.url)
         try:
             raw = await self._get(key)
@@ -219,6 +243,11 @@ class Dataset:
                 f"no s3xfer dataset at {self.url} (no manifest at s3://{self.url.bucket}/{key})"
             ) from exc
         manifest = Manifest.from_bytes(raw, where=f"s3://{self.url.bucket}/{key}")
+        return manifest, f"{crc32(raw):08x}"
+
+    async def ls(self, pattern: str | None = None) -> list[ManifestRecord]:
+        """Every file of the dataset (matching a glob, if given), sorted by path."""
+        manifest, _ = await self._manifest()
         records = sorted(manifest.records.values(), key=lambda r: r.path)
         if pattern is not None:
             matches = path_matcher([pattern])
@@ -284,6 +313,47 @@ class Dataset:
 
             await sink(await call_with_retries(attempt, policy=self._policy))
         return size
+
+    def iter_epoch(
+        self,
+        seed: int,
+        *,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        pattern: str | Sequence[str] | None = None,
+        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+        block_bytes: int = DEFAULT_BLOCK_BYTES,
+    ) -> Epoch:
+        """This reader's share of a shuffled epoch: every file of the dataset (matching the
+        globs, if given) once across `world_size` ranks (and the DataLoader workers of each),
+        in an order fixed by (seed, epoch). Neighbouring members of a shard are read as blocks
+        of up to `block_bytes` with one GET each, the blocks in shuffled order, the files
+        shuffled again in a pool; at most `buffer_bytes` of files are held. Iterate it inside
+        `async with` (it reads ahead in a task group); `state_dict()` resumes it."""
+        return Epoch(
+            self,
+            epoch_state(
+                seed,
+                epoch=epoch,
+                rank=rank,
+                world_size=world_size,
+                pattern=pattern,
+                buffer_bytes=buffer_bytes,
+                block_bytes=block_bytes,
+            ),
+        )
+
+    async def _epoch_records(self, patterns: Sequence[str]) -> tuple[list[ManifestRecord], str]:
+        """The files of an epoch in path order, and the manifest's fingerprint. The whole
+        manifest is parsed (it is one object); the caller keeps only its own share."""
+        manifest, fingerprint = await self._manifest()
+        matches = path_matcher(patterns) if patterns else None
+        records = sorted(
+            (r for r in manifest.records.values() if matches is None or matches(r.path)),
+            key=lambda r: r.path,
+        )
+        return records, fingerprint
 
     async def read(self, path: str) -> bytes:
         """One file's bytes: one ranged GET (when the catalog piece is cached), verified."""
@@ -458,6 +528,288 @@ def path_matcher(patterns: Sequence[str]) -> Callable[[str], bool]:
     return lambda path: path in literal or (regex is not None and regex.match(path) is not None)
 
 
+def dataloader_worker() -> tuple[int, int]:
+    """(worker id, number of workers) of the torch DataLoader worker this runs in; (0, 1)
+    outside one. torch is never imported here: a DataLoader worker has it loaded already."""
+    data = sys.modules.get("torch.utils.data")
+    info = data.get_worker_info() if data is not None else None
+    return (0, 1) if info is None else (int(info.id), int(info.num_workers))
+
+
+def epoch_state(
+    seed: int,
+    *,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    pattern: str | Sequence[str] | None,
+    buffer_bytes: int,
+    block_bytes: int,
+) -> EpochState:
+    """The start of one reader's epoch, split by DataLoader worker inside one."""
+    worker, num_workers = dataloader_worker()
+    patterns = () if pattern is None else (pattern,) if isinstance(pattern, str) else pattern
+    return EpochState(
+        seed,
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+        worker=worker,
+        num_workers=num_workers,
+        block_bytes=block_bytes,
+        buffer_bytes=buffer_bytes,
+        patterns=tuple(patterns),
+    )
+
+
+@dataclass
+class EpochStats:
+    files: int = 0  # handed out so far by this iterator
+    bytes: int = 0
+    blocks: int = 0  # segments read: one coalesced GET each (a loose file: its own GET)
+    # File bytes read ahead or in flight, in the shuffle pool, or handed out and not yet
+    # done with (the consumer asks for the next batch): at most buffer_bytes, unless one file
+    # alone is larger than the read-ahead (a quarter of it).
+    bytes_held: int = 0
+    peak_bytes_held: int = 0
+
+
+Batch = list[tuple[str, bytes]]
+
+
+@dataclass
+class _Block:
+    """A segment being read: its files' verified bytes, taken out as they are handed on."""
+
+    ready: anyio.Event
+    data: dict[str, bytes] = field(default_factory=dict)
+    error: S3XferError | None = None
+    unreleased: int = 0  # bytes of the budget it still holds
+
+
+class Epoch:
+    """One reader's share of a shuffled epoch (`Dataset.iter_epoch`): an async iterator of
+    (path, bytes), used inside `async with`, which runs the read-ahead in a task group:
+
+        async with ds.iter_epoch(seed=7, rank=rank, world_size=world) as epoch:
+            async for path, data in epoch:
+                ...
+            saved = epoch.state_dict()  # small JSON; load_state_dict(saved) resumes there
+
+    A producer task walks the pure schedule (s3xfer/epoch.py) and hands files on in batches;
+    a read-ahead task reads the segments in order, as many at once as a ByteBudget of
+    buffer_bytes and the dataset's concurrency allow. The bytes of a batch go back to the
+    budget when the consumer asks for the next one."""
+
+    def __init__(
+        self, dataset: Dataset, state: EpochState, *, stats: EpochStats | None = None
+    ) -> None:
+        self._dataset = dataset
+        self._state = state
+        self.stats = stats or EpochStats()
+        self.position = state.position  # files handed out (by __anext__) since the start
+        self.catalog = state.catalog  # the manifest's fingerprint, once read
+        self._receive: MemoryObjectReceiveStream[tuple[Batch, int]] | None = None
+        self._batch: deque[tuple[str, bytes]] = deque()
+        self._handed = 0  # budget bytes of the batch last handed out
+        self._budget: ByteBudget | None = None
+        self._failure: BaseException | None = None
+        self._scope: anyio.CancelScope | None = None
+        self._finished: anyio.Event | None = None
+        self._closing = False
+        self._stack = AsyncExitStack()
+
+    @property
+    def dataset(self) -> Dataset:
+        return self._dataset
+
+    def __repr__(self) -> str:
+        s = self._state
+        return (
+            f"<Epoch seed={s.seed} epoch={s.epoch} reader={s.reader}/{s.readers} "
+            f"position={self.position} held={self.stats.bytes_held}>"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return replace(self._state, position=self.position, catalog=self.catalog).to_json()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume at a saved state (same reader and shape), before iterating."""
+        if self._receive is not None:
+            raise UsageError("load_state_dict() must come before the epoch is iterated")
+        self._state = self._state.resumed_from(EpochState.from_json(state))
+        self.position, self.catalog = self._state.position, self._state.catalog
+
+    async def __aenter__(self) -> Self:
+        send = self._begin()
+        group = await self._stack.enter_async_context(anyio.create_task_group())
+        group.start_soon(self._produce, send)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self.aclose()
+        finally:
+            await self._stack.aclose()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> tuple[str, bytes]:
+        if not self._batch:
+            batch = await self._next_batch()
+            if batch is None:
+                raise StopAsyncIteration
+            self._batch.extend(batch)
+        path, data = self._batch.popleft()
+        self.position += 1
+        self.stats.files += 1
+        self.stats.bytes += len(data)
+        return path, data
+
+    def _begin(self) -> MemoryObjectSendStream[tuple[Batch, int]]:
+        """The stream the producer hands batches on (with the budget bytes they hold)."""
+        if self._receive is not None:
+            raise UsageError("an epoch iterator is iterated once: call iter_epoch() again")
+        send, self._receive = anyio.create_memory_object_stream[tuple[Batch, int]](0)
+        return send
+
+    async def _next_batch(self) -> Batch | None:
+        """The next files, None at the end of the share. The batch handed out before goes
+        back to the budget: the consumer is done with it."""
+        if self._receive is None:
+            raise UsageError(
+                "iterate an epoch inside `async with ds.iter_epoch(...) as epoch:` "
+                "(it reads ahead in a task group the block holds)"
+            )
+        self._release(self._handed)
+        self._handed = 0
+        try:
+            batch, self._handed = await self._receive.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            if self._failure is not None:
+                raise self._failure from None
+            return None
+        return batch
+
+    async def aclose(self) -> None:
+        """Stop reading, and return once nothing is left running or in flight."""
+        self._closing = True
+        if self._scope is not None:
+            self._scope.cancel()
+        if self._finished is not None:
+            await self._finished.wait()
+        if self._receive is not None:
+            self._receive.close()
+
+    def _release(self, amount: int) -> None:
+        if self._budget is not None and amount:
+            self._budget.release(amount)
+            self.stats.bytes_held = self._budget.used
+
+    async def _produce(self, send: MemoryObjectSendStream[tuple[Batch, int]]) -> None:
+        self._finished = anyio.Event()
+        try:
+            with anyio.CancelScope() as self._scope:
+                async with send:
+                    if self._closing:
+                        return
+                    try:
+                        await self._hand_out(send)
+                    except Exception as exc:  # the consumer raises it where it iterates
+                        self._failure = first_leaf(exc)
+        finally:
+            self._finished.set()
+
+    async def _hand_out(self, send: MemoryObjectSendStream[tuple[Batch, int]]) -> None:
+        state, dataset = self._state, self._dataset
+        records, fingerprint = await dataset._epoch_records(state.patterns)
+        if state.catalog and state.catalog != fingerprint:
+            raise UsageError(
+                f"{dataset.url} changed since this epoch state was saved (manifest "
+                f"{state.catalog}, now {fingerprint}): start the epoch again"
+            )
+        self.catalog = fingerprint
+        plan = state.plan(records, gap=dataset.gap)
+        del records  # only this reader's share is kept
+        shuffle = state.shuffle(plan)
+        shuffle.skip(self.position)
+        self._budget = ByteBudget(state.buffer_bytes)
+        blocks: dict[int, _Block] = {}
+        async with anyio.create_task_group() as group:
+            # What to read is fixed before the shuffle moves on.
+            wanted = plan.still_wanted(shuffle)
+            group.start_soon(self._read_ahead, plan, wanted, blocks, group)
+            batch: Batch = []
+            held = 0  # budget bytes of the batch
+            for item in shuffle:
+                record, segment = plan.records[item], plan.segment_of(item)
+                block = blocks.setdefault(segment, _Block(anyio.Event()))
+                if not block.ready.is_set():
+                    if batch:  # hand on what is ready rather than sit on it
+                        await send.send((batch, held))
+                        batch, held = [], 0
+                    await block.ready.wait()
+                if block.error is not None:
+                    raise block.error
+                batch.append((record.path, block.data.pop(record.path)))
+                amount = min(record.size, block.unreleased)
+                block.unreleased -= amount
+                held += amount
+                if not block.data:
+                    del blocks[segment]
+                if len(batch) >= EPOCH_BATCH_FILES:
+                    await send.send((batch, held))
+                    batch, held = [], 0
+            if batch:
+                await send.send((batch, held))
+
+    async def _read_ahead(
+        self,
+        plan: ReaderPlan,
+        wanted: Iterator[tuple[int, list[int]]],
+        blocks: dict[int, _Block],
+        group: anyio.abc.TaskGroup,
+    ) -> None:
+        """Reads the segments still wanted, in order: each reserves its bytes (a single file
+        larger than the read-ahead reserves the read-ahead) and takes one of `concurrency`
+        slots. A resumed reader reads only the files it has not handed out."""
+        assert self._budget is not None
+        slots = anyio.Semaphore(self._dataset.concurrency)
+        for segment, items in wanted:
+            records = [plan.records[i] for i in items]
+            amount = min(sum(r.size for r in records), self._state.readahead_bytes)
+            await self._budget.acquire(amount)
+            self.stats.bytes_held = self._budget.used
+            self.stats.peak_bytes_held = max(self.stats.peak_bytes_held, self._budget.peak)
+            await slots.acquire()
+            block = blocks.setdefault(segment, _Block(anyio.Event()))
+            block.unreleased = amount
+            group.start_soon(self._read_block, records, block, slots)
+
+    async def _read_block(
+        self, records: list[ManifestRecord], block: _Block, slots: anyio.Semaphore
+    ) -> None:
+        """One segment: coalesced ranged GETs (one, for a block), each file CRC-checked."""
+        try:
+            data, failures = await self._dataset._fetch(records)
+            if failures:
+                block.error = PartialReadError(data, failures)
+            else:
+                block.data = data
+            self.stats.blocks += 1
+        except S3XferError as exc:
+            block.error = exc
+        finally:
+            slots.release()
+            block.ready.set()
+
+
 class SyncDataset:
     """Dataset for synchronous code (a training loop, a notebook, DataLoader workers).
 
@@ -475,6 +827,7 @@ class SyncDataset:
         self._loop: _LoopThread | None = None
         self._dataset: Dataset | None = None
         self._closed = False
+        self._epochs: set[Epoch] = set()  # epochs reading ahead on the loop, closed with it
         Dataset(url, **options)  # a bad URL or option fails here, before any thread starts
 
     def __getstate__(self) -> dict[str, Any]:
@@ -519,6 +872,32 @@ class SyncDataset:
     def stat(self, path: str) -> ManifestRecord:
         return cast(ManifestRecord, self._call("stat", path))
 
+    def iter_epoch(
+        self,
+        seed: int,
+        *,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        pattern: str | Sequence[str] | None = None,
+        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+        block_bytes: int = DEFAULT_BLOCK_BYTES,
+    ) -> SyncEpoch:
+        """Dataset.iter_epoch as a plain iterator of (path, bytes), reading ahead on the
+        dataset's loop thread while the caller works. Starts nothing until iterated."""
+        return SyncEpoch(
+            self,
+            epoch_state(
+                seed,
+                epoch=epoch,
+                rank=rank,
+                world_size=world_size,
+                pattern=pattern,
+                buffer_bytes=buffer_bytes,
+                block_bytes=block_bytes,
+            ),
+        )
+
     @property
     def stats(self) -> ReadStats:
         return self._opened()[1].stats
@@ -529,7 +908,10 @@ class SyncDataset:
             self._closed = True
             if loop is None or dataset is None or self._pid != os.getpid():
                 return  # nothing opened in this process: a forked child leaves the parent's be
+            epochs, self._epochs = [e for e in self._epochs if e.dataset is dataset], set()
         try:
+            for epoch in epochs:  # their producers would wait for a reader forever
+                loop.portal.call(epoch.aclose)
             loop.portal.call(dataset.__aexit__, None, None, None)
         finally:
             loop.stop()
@@ -539,6 +921,116 @@ class SyncDataset:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class SyncEpoch:
+    """SyncDataset.iter_epoch: one reader's share of a shuffled epoch as a plain iterator of
+    (path, bytes). Its Epoch runs on the dataset's loop thread, reading ahead while the caller
+    works; files come over in batches, one portal call each.
+
+    Used in another process than the one that started it (a forked DataLoader worker), it
+    starts again there from its own position: `position` counts the files it handed out."""
+
+    def __init__(self, owner: SyncDataset, state: EpochState) -> None:
+        self._owner = owner
+        self._state = state
+        self.stats = EpochStats()
+        self.position = state.position
+        self._catalog = state.catalog
+        self._pid = -1  # the process whose loop runs self._epoch
+        self._loop: _LoopThread | None = None
+        self._epoch: Epoch | None = None
+        self._batch: deque[tuple[str, bytes]] = deque()
+        self._done = False
+
+    def __repr__(self) -> str:
+        s = self._state
+        return (
+            f"<SyncEpoch seed={s.seed} epoch={s.epoch} reader={s.reader}/{s.readers} "
+            f"position={self.position}>"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return replace(self._state, position=self.position, catalog=self._catalog).to_json()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume at a saved state (same reader and shape), before iterating."""
+        if self._epoch is not None or self._done:
+            raise UsageError("load_state_dict() must come before the epoch is iterated")
+        self._state = self._state.resumed_from(EpochState.from_json(state))
+        self.position, self._catalog = self._state.position, self._state.catalog
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> tuple[str, bytes]:
+        if not self._batch or self._pid != os.getpid():
+            batch = self._next_batch()
+            if batch is None:
+                raise StopIteration
+            self._batch = deque(batch)
+        path, data = self._batch.popleft()
+        self.position += 1
+        self.stats.files += 1
+        self.stats.bytes += len(data)
+        return path, data
+
+    def _next_batch(self) -> Batch | None:
+        if self._done:
+            return None
+        if self._epoch is None or self._pid != os.getpid():
+            self._start()
+        loop, epoch = self._loop, self._epoch
+        assert loop is not None and epoch is not None
+        try:
+            batch = loop.portal.call(epoch._next_batch)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            self._catalog = epoch.catalog
+        if batch is None:
+            self.close()
+        return batch
+
+    def _start(self) -> None:
+        """Start (or, in a new process, start again) at this iterator's position. The files
+        of a batch inherited from the parent and not yet handed out are read again."""
+        loop, dataset = self._owner._opened()
+        state = replace(self._state, position=self.position, catalog=self._catalog)
+        epoch = Epoch(dataset, state, stats=self.stats)
+        send = loop.portal.call(epoch._begin)
+        loop.portal.start_task_soon(epoch._produce, send)
+        self._owner._epochs.add(epoch)
+        self._loop, self._epoch, self._pid = loop, epoch, os.getpid()
+        self._batch.clear()
+
+    def close(self) -> None:
+        """Stop reading ahead (at the end of the share this happens by itself)."""
+        self._done = True
+        epoch, self._epoch = self._epoch, None
+        if epoch is None or self._loop is None or self._pid != os.getpid():
+            return
+        self._owner._epochs.discard(epoch)
+        self._loop.portal.call(epoch.aclose)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # Dropped unfinished: stop its producer without waiting (the garbage collector may
+        # run on the loop thread itself, where a blocking portal call is not allowed).
+        epoch, loop = self._epoch, self._loop
+        if epoch is None or loop is None or self._pid != os.getpid():
+            return
+        try:
+            loop.portal.start_task_soon(epoch.aclose)
+        except RuntimeError:  # on the loop thread, or the loop is gone: close() does it
+            return
+        self._owner._epochs.discard(epoch)
 
 
 class _LoopThread:
