@@ -20,7 +20,7 @@ import struct
 import threading
 import urllib.parse
 from collections import Counter
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
 from email.utils import formatdate
 from types import TracebackType
@@ -177,6 +177,46 @@ def parse_upstream(url: str) -> tuple[str, int]:
     ):
         raise ValueError(f"upstream must be an http://{LOOPBACK}:<port> URL, got {url!r}")
     return LOOPBACK, 80 if port is None else port
+
+
+class Hold:
+    """Requests whose target (path?query) matches `targets` wait at the proxy, before anything
+    of them is forwarded, until `release()`: a test holds one request (a chosen part) while it
+    changes the world, then lets it go. `arrived` is set when the first one starts waiting.
+    Thread-safe: the proxy may run in its own thread (FaultProxy.running)."""
+
+    def __init__(self, targets: str) -> None:
+        self.targets = re.compile(targets)
+        self.arrived = threading.Event()
+        self._released = False
+        self._wakers: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+
+    def matches(self, target: str) -> bool:
+        return self.targets.search(target) is not None
+
+    def release(self) -> None:
+        """Let every waiting request (and any later one) through."""
+        with self._lock:
+            self._released = True
+            wakers, self._wakers = self._wakers, []
+        for wake in wakers:
+            wake()
+
+    async def wait(self) -> None:
+        loop = asyncio.get_running_loop()
+        released = asyncio.Event()
+
+        def wake() -> None:
+            with contextlib.suppress(RuntimeError):  # the proxy's loop is already closed
+                loop.call_soon_threadsafe(released.set)
+
+        with self._lock:
+            if self._released:
+                return
+            self._wakers.append(wake)
+        self.arrived.set()
+        await released.wait()
 
 
 # --------------------------------------------------------------------------- HTTP pieces
@@ -432,6 +472,13 @@ class FaultProxy:
         # run in different tasks (running()), so no task group can own them: they are kept
         # here and cancelled on stop.
         self._tasks: set[asyncio.Task[None]] = set()
+        self._holds: list[Hold] = []
+
+    def hold(self, targets: str) -> Hold:
+        """Hold the requests whose target matches the regex `targets` until released."""
+        hold = Hold(targets)
+        self._holds.append(hold)
+        return hold
 
     def __repr__(self) -> str:
         state = f"port={self._port}" if self._server is not None else "not running"
@@ -565,6 +612,9 @@ class _Connection:
             version == "HTTP/1.0" and not head.has_token("connection", "keep-alive")
         )
         entry = self._proxy._arrive(method, target, head)
+        for hold in self._proxy._holds:
+            if hold.matches(target):
+                await hold.wait()
         resource = target.partition("?")[0]
         request_id = f"FAULTPROXY{self._proxy.requests:08d}"
 

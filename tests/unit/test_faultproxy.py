@@ -575,6 +575,29 @@ async def test_running_serves_blocking_callers_from_a_daemon_thread() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_held_request_waits_unforwarded_until_released() -> None:
+    async with upstream_server() as upstream:
+        proxy = FaultProxy(upstream.url)
+        held = proxy.hold(r"^/bucket/big\?partNumber=2&")
+        with proxy.running() as url:
+            part = f"{url}/bucket/big?partNumber=%d&x=1"
+            passed = await anyio.to_thread.run_sync(fetch, part % 12)
+            answers: list[tuple[int, bytes]] = []
+
+            async def fetch_held() -> None:
+                answers.append(await anyio.to_thread.run_sync(fetch, part % 2))
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(fetch_held)
+                assert await anyio.to_thread.run_sync(held.arrived.wait, 10)
+                assert len(upstream.seen) == 1 and not answers  # only the first one went on
+                held.release()
+            later = await anyio.to_thread.run_sync(fetch, part % 2)
+    assert passed == answers[0] == later == (200, BIG)
+    assert len(upstream.seen) == 3
+
+
+@pytest.mark.anyio
 async def test_botocore_sees_slowdown_before_sending_its_body_then_succeeds() -> None:
     """botocore sends `Expect: 100-continue` with file-like bodies: an injected error is
     answered before the body, which botocore then does not send."""
