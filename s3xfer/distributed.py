@@ -36,7 +36,7 @@ from .engine import EngineStats, ProgressCallback
 from .errors import RemoteError, S3XferError, UsageError, first_error
 from .keys import S3Url
 from .manifest import ManifestRecord, ShardRecord
-from .plan import Kind, Plan, WorkUnit, work_units
+from .plan import Kind, Plan, UploadKeys, WorkUnit, work_units
 from .retry import RetryCount, RetryPolicy
 from .s3 import S3, Connection, open_s3
 from .upload import (
@@ -1080,7 +1080,7 @@ async def _abort_leftovers(s3: S3, plan: Plan, work: list[WorkUnit]) -> int:
     if not keys:
         return 0
     policy = RetryPolicy(max_attempts=plan.config.max_attempts)
-    found = await incomplete_uploads(s3, plan.dest, policy=policy, keys=keys)
+    found = await incomplete_uploads(s3, plan.dest, policy=policy, keys=UploadKeys(frozenset(keys)))
     return len(await abort_uploads(s3, plan.dest.bucket, found, policy=policy))
 
 

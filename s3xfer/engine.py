@@ -6,13 +6,22 @@ slow part never stalls the others. Before reading any bytes a worker reserves th
 ByteBudget; they are released once S3 has acknowledged them. Requests in flight are therefore
 at most `concurrency`, and file bytes buffered at most `max_memory`.
 
-A shard's parts are built independently from its planned layout (tarpack.ShardLayout): each
-reads just the member ranges it covers. The part that holds the shard's index waits until every
+A shard's parts are built independently from its layout (tarpack.ShardLayout): each reads
+just the member ranges it covers. The part that holds the shard's index waits until every
 member's CRC32 is known, then writes the index with them.
+
+Files that change: every file is identified (device, inode, size, mtime, ctime) before its
+first read and every read is checked against that identity, and the path is looked at again
+after the last one (localfs.py). Before a shard's parts are built its members are looked at:
+one that vanished or grew too large to pack is left out and fails alone, one that changed since
+planning is packed as it is now, and the shard is laid out again from what is left. A member
+that changes while the shard is read fails alone: the shard's upload is aborted and the shard
+laid out again without it (at most MAX_SHARD_LAYOUTS times).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -20,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from anyio.abc import ObjectReceiveStream
+from anyio.abc import ObjectReceiveStream, TaskGroup
+from anyio.streams.memory import MemoryObjectSendStream
 
 from .budget import ByteBudget
 from .checksums import combine_parts, crc32, crc32_to_base64
@@ -29,15 +39,30 @@ from .config import TransferConfig
 from .errors import NoSuchUploadError, S3XferError
 from .journal import FSYNC_INTERVAL, Journal
 from .keys import S3Url
-from .localfs import fill_part, freeze, read_range
+from .localfs import (
+    FileIdentity,
+    MemberChangedError,
+    changed_members,
+    check_unchanged,
+    describe_change,
+    fill_part,
+    freeze,
+    identify,
+    identify_members,
+    read_range,
+)
 from .malloc import return_large_buffers_promptly
-from .manifest import ManifestRecord, ShardRecord
-from .plan import FileUnit, Kind, Part, ShardUnit, parts_of
+from .manifest import Manifest, ManifestRecord, ShardRecord
+from .plan import FileUnit, Kind, Part, ShardUnit, UploadKeys, parts_of
 from .retry import RetryCount, RetryPolicy, call_with_retries
 from .s3 import S3
+from .survey import FileEntry
 from .tarpack import FixedPiece, ShardLayout
 
 ProgressCallback = Callable[[int, int], None]  # (bytes done, files done) increments
+# Layouts of one shard before its members that keep changing fail with it: each layout leaves
+# out every member seen changing, so more than a couple means a tree rewritten as it is read.
+MAX_SHARD_LAYOUTS = 4
 
 
 @dataclass
@@ -50,6 +75,7 @@ class EngineStats:
     uploads_resumed: int = 0
     uploads_kept: int = 0  # multipart uploads left open on interruption, for the next run
     files_failed: int = 0
+    files_unchanged: int = 0  # found stored once their shard was laid out as they are now
     shards_done: int = 0
     retried: RetryCount = field(default_factory=RetryCount)  # requests retried, throttled
     in_flight: int = 0
@@ -59,16 +85,24 @@ class EngineStats:
 
 @dataclass(eq=False)
 class _ShardBuild:
-    """What the parts of one shard share: member CRC pieces, and the index once known."""
+    """What the parts of one shard share: its members as they were found before it was laid
+    out, member CRC pieces, the index once known, and the members seen changing."""
 
-    unit: ShardUnit
+    unit: ShardUnit  # as laid out now (ShardUnit.relaid of the planned one)
+    planned: ShardUnit
+    identities: list[FileIdentity]  # of unit.members, taken before the layout
     layout: ShardLayout
     data_parts_left: int
+    layouts: int = 1  # this is the shard's n-th layout in this run
     data_ready: anyio.Event = field(default_factory=anyio.Event)
     crc_pieces: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
     crcs: list[int] = field(default_factory=list)  # of every member, once all are read
     index: bytes | None = None
     failed: bool = False
+    # Members (by index) that changed while the shard was read. When the shard failed only
+    # for them, it is laid out again without them.
+    changed: dict[int, str] = field(default_factory=dict)
+    relayable: bool = False
 
     def member_crcs(self) -> list[int]:
         crcs = []
@@ -95,6 +129,10 @@ class _Multipart:
     reused: set[int] = field(default_factory=set)  # parts that were already there (not sent)
     listed: dict[int, dict[str, Any]] = field(default_factory=dict)  # parts S3 has, on resume
     lock: anyio.Lock = field(default_factory=anyio.Lock)
+    identity: FileIdentity | None = None  # of the file, taken before its first part is read
+    # A shard's own handle on the job stream, kept open until the shard is settled: a shard
+    # laid out again sends its new parts through it.
+    jobs: MemoryObjectSendStream[_PutJob | _PartJob] | None = None
 
     @property
     def paths(self) -> list[str]:
@@ -128,6 +166,7 @@ class Engine:
         journal: Journal | None = None,
         prefix: str | None = None,
         adopt_uploads: bool = False,
+        stored: Manifest | None = None,
     ) -> None:
         return_large_buffers_promptly()
         self.s3 = s3
@@ -147,6 +186,11 @@ class Engine:
         # Without a journal (a unit redelivered to another machine): continue any incomplete
         # upload of the same key, its parts verified like a journaled one's.
         self.adopt_uploads = adopt_uploads
+        # What the destination holds: a shard laid out again as its members are now may be
+        # stored already (by an earlier run of the same plan).
+        self.stored = stored
+        self._group: TaskGroup | None = None
+        self._job_streams: set[MemoryObjectSendStream[_PutJob | _PartJob]] = set()
 
     def __repr__(self) -> str:
         s = self.stats
@@ -176,21 +220,16 @@ class Engine:
         send, receive = anyio.create_memory_object_stream[_PutJob | _PartJob](0)
         try:
             async with anyio.create_task_group() as group:
+                self._group = group
                 async with receive:
                     for _ in range(self.config.concurrency):
                         group.start_soon(self._worker, receive.clone())
                 async with send:
                     # Shards first: each is many files, and their parts keep every worker busy.
                     for shard in shards:
-                        layout = shard.layout()
-                        parts = list(parts_of(layout.size, shard.part_size))
-                        data_parts = sum(p.offset < layout.index_header_offset for p in parts)
-                        build = _ShardBuild(shard, layout, data_parts_left=data_parts)
-                        if data_parts == 0:
-                            build.data_ready.set()
-                        upload = _Multipart(shard.key, remaining=len(parts), shard=build)
-                        for part in parts:
-                            await send.send(_PartJob(upload, part))
+                        build = await self._lay_out(shard, shard.members, found_before=None)
+                        if build is not None:
+                            await self._send_shard(build, send)
                     for unit in units:
                         if unit.kind is Kind.MULTIPART:
                             parts = list(parts_of(unit.size, unit.part_size))
@@ -200,6 +239,9 @@ class Engine:
                         else:
                             await send.send(_PutJob(unit))
         finally:
+            self._group = None
+            for stream in self._job_streams:
+                stream.close()
             # Interrupted or crashed: leave no multipart upload behind to be billed, except
             # the journaled uploads of large files, which the next run resumes.
             with anyio.CancelScope(shield=True), anyio.move_on_after(30):
@@ -208,6 +250,100 @@ class Engine:
                         self.stats.uploads_kept += 1
                     else:
                         await self._abort(upload)
+
+    async def _lay_out(
+        self,
+        planned: ShardUnit,
+        members: list[FileEntry],
+        *,
+        found_before: list[FileIdentity] | None,
+        layouts: int = 1,
+    ) -> _ShardBuild | None:
+        """Look at `members` (one worker-thread call for them all) and lay the shard out from
+        those that can be packed; the others fail alone. Without `found_before` (the first
+        layout) a member that changed since planning is packed as it is now, unless it grew
+        too large to pack; with it (a layout after members changed while being read), a member
+        that is not the file found before fails. None when nothing is left to upload."""
+        since = "after it was planned" if found_before is None else "while it was read"
+        found = await identify_members(self.source, members, since=since)
+        kept: list[FileEntry] = []
+        identities: list[FileIdentity] = []
+        for n, (member, now) in enumerate(zip(members, found, strict=True)):
+            path = self.source / member.path
+            if isinstance(now, str):
+                self._fail([member.path], now)
+            elif found_before is not None and now != found_before[n]:
+                self._fail([member.path], describe_change(path, found_before[n], now))
+            elif now.size >= self.config.pack_threshold:
+                self._fail(
+                    [member.path],
+                    f"{path}: changed since it was planned: {now.size:,} bytes now, too large "
+                    "to pack with small files (plan again)",
+                )
+            else:
+                kept.append(FileEntry(member.path, now.size, now.mtime_ns, now.mode))
+                identities.append(now)
+        if not kept:
+            return None
+        try:
+            unit = planned.relaid(kept, max_memory=self.config.max_memory)
+        except S3XferError as error:
+            self._fail([m.path for m in kept], str(error))
+            return None
+        if unit is not planned and self.stored is not None and self.stored.shard_unchanged(unit):
+            self.stats.files_unchanged += len(kept)
+            self._on_progress(0, len(kept))
+            return None
+        return _ShardBuild(unit, planned, identities, unit.layout(), 0, layouts=layouts)
+
+    async def _send_shard(
+        self, build: _ShardBuild, jobs: MemoryObjectSendStream[_PutJob | _PartJob]
+    ) -> None:
+        layout = build.layout
+        parts = list(parts_of(layout.size, build.unit.part_size))
+        build.data_parts_left = sum(p.offset < layout.index_header_offset for p in parts)
+        if build.data_parts_left == 0:
+            build.data_ready.set()
+        upload = _Multipart(build.unit.key, remaining=len(parts), shard=build, jobs=jobs.clone())
+        assert upload.jobs is not None
+        self._job_streams.add(upload.jobs)
+        for part in parts:
+            await jobs.send(_PartJob(upload, part))
+
+    def _settle(self, jobs: MemoryObjectSendStream[_PutJob | _PartJob] | None) -> None:
+        """A shard is done with the job stream: once every shard is, the workers stop."""
+        if jobs is not None:
+            jobs.close()
+            self._job_streams.discard(jobs)
+
+    async def _lay_out_again(
+        self, build: _ShardBuild, jobs: MemoryObjectSendStream[_PutJob | _PartJob]
+    ) -> None:
+        """The shard failed only because members changed while it was read: they fail alone,
+        and the shard is laid out again without them (and without any other member that is no
+        longer the file found before) and sent again."""
+        try:
+            unit = build.unit
+            for n, reason in sorted(build.changed.items()):
+                self._fail([unit.members[n].path], reason)
+            rest = [n for n in range(len(unit.members)) if n not in build.changed]
+            if build.layouts >= MAX_SHARD_LAYOUTS:
+                self._fail(
+                    [unit.members[n].path for n in rest],
+                    f"not uploaded: shard {build.planned.key} was laid out {build.layouts} "
+                    "times and its members kept changing while it was read",
+                )
+                return
+            again = await self._lay_out(
+                build.planned,
+                [unit.members[n] for n in rest],
+                found_before=[build.identities[n] for n in rest],
+                layouts=build.layouts + 1,
+            )
+            if again is not None:
+                await self._send_shard(again, jobs)
+        finally:
+            self._settle(jobs)
 
     async def _abort_stale_uploads(self, units: list[FileUnit], shards: list[ShardUnit]) -> None:
         """Abort the journaled uploads this run will not resume: those of shards (a shard in
@@ -235,7 +371,10 @@ class Engine:
         if self.prefix is not None:
             keys = {u.key for u in units if u.kind is Kind.MULTIPART} | {s.key for s in shards}
             listed = await incomplete_uploads(
-                self.s3, S3Url(self.bucket, self.prefix), policy=self._policy, keys=keys
+                self.s3,
+                S3Url(self.bucket, self.prefix),
+                policy=self._policy,
+                keys=UploadKeys(frozenset(keys)),
             )
             stale += [(u.key, u.upload_id) for u in listed if u.upload_id not in state.uploads]
         limiter = anyio.CapacityLimiter(self.config.concurrency)
@@ -274,12 +413,13 @@ class Engine:
     async def _put(self, unit: FileUnit) -> None:
         await self.budget.acquire(unit.size)
         try:
-            body, crc = await read_range(
+            body, crc, _identity = await read_range(
                 self.source / unit.path,
                 offset=0,
                 length=unit.size,
                 size=unit.size,
                 mtime_ns=unit.mtime_ns,
+                whole=True,
             )
             checksum = crc32_to_base64(crc)
             etag = await self._request(
@@ -300,13 +440,15 @@ class Engine:
     async def _read_part(self, upload: _Multipart, part: Part) -> tuple[bytes, int]:
         if upload.file is not None:
             unit = upload.file
-            return await read_range(
+            body, crc, _identity = await read_range(
                 self.source / unit.path,
                 offset=part.offset,
                 length=part.length,
                 size=unit.size,
                 mtime_ns=unit.mtime_ns,
+                identity=upload.identity,
             )
+            return body, crc
         build = upload.shard
         assert build is not None
         layout = build.layout
@@ -314,7 +456,10 @@ class Engine:
         needs_index = layout.needs_index(start, end)
         placeholder = bytes(layout.index_size) if needs_index else None
         buffer, file_pieces, crcs = await fill_part(
-            self.source, build.unit.members, lambda: layout.pieces(start, end, index=placeholder)
+            self.source,
+            build.unit.members,
+            build.identities,
+            lambda: layout.pieces(start, end, index=placeholder),
         )
         for piece, crc in zip(file_pieces, crcs, strict=True):
             build.crc_pieces.setdefault(piece.member, []).append((piece.offset, crc, piece.length))
@@ -382,9 +527,15 @@ class Engine:
                 self._on_progress(part.length, 0)
         except S3XferError as error:
             upload.error = upload.error or str(error)
-            if upload.shard is not None:  # wake the part waiting to write the index
-                upload.shard.failed = True
-                upload.shard.data_ready.set()
+            build = upload.shard
+            if build is not None:
+                if isinstance(error, MemberChangedError):
+                    build.changed.setdefault(error.member, str(error))
+                if not build.failed:
+                    # Only a shard that failed for a changed member is laid out again.
+                    build.failed = True
+                    build.relayable = isinstance(error, MemberChangedError)
+                build.data_ready.set()  # wake the part waiting to write the index
         finally:
             upload.remaining -= 1
         if upload.remaining == 0:
@@ -394,6 +545,12 @@ class Engine:
         async with upload.lock:
             if upload.upload_id is not None:
                 return
+            unit = upload.file
+            if unit is not None and upload.identity is None:
+                # Every part will be read from this very file, and checked to be it.
+                upload.identity = await identify(
+                    self.source / unit.path, size=unit.size, mtime_ns=unit.mtime_ns
+                )
             if await self._resume(upload):
                 self._open_uploads.add(upload)
                 return
@@ -402,7 +559,6 @@ class Engine:
             )
             self._open_uploads.add(upload)
             if self.journal is not None:
-                unit = upload.file
                 self.journal.multipart_created(
                     key=upload.key,
                     upload_id=upload.upload_id,
@@ -410,6 +566,7 @@ class Engine:
                     size=unit.size if unit is not None else 0,
                     mtime_ns=unit.mtime_ns if unit is not None else 0,
                     part_size=unit.part_size if unit is not None else 0,
+                    identity=upload.identity,
                 )
                 # On disk before any part is sent: an upload id lost to a machine crash is an
                 # upload nobody can resume (the next run finds it by listing, and aborts it).
@@ -438,6 +595,11 @@ class Engine:
                 part_size=unit.part_size,
             )
             upload_id = found.upload_id if found is not None else None
+            if found is not None and not _same_file(found.identity, upload.identity):
+                # Not the file the interrupted run read: start afresh. (Its parts would be
+                # checked against the file's bytes anyway; this does not lean on that.)
+                await self._abort_id(found.key, found.upload_id)
+                upload_id = None
         elif self.adopt_uploads:
             upload_id = await self._newest_upload_of(unit.key)
         if upload_id is None:
@@ -455,7 +617,26 @@ class Engine:
         self.stats.uploads_resumed += 1
         return True
 
+    async def _check_sources(self, upload: _Multipart) -> None:
+        """The re-stat after the last part: the file, or every member of the shard, must still
+        be what was read, or the object would claim bytes the files no longer hold."""
+        try:
+            if upload.file is not None:
+                assert upload.identity is not None
+                await check_unchanged(self.source / upload.file.path, upload.identity)
+            elif upload.shard is not None:
+                build = upload.shard
+                changed = await changed_members(self.source, build.unit.members, build.identities)
+                if changed:
+                    build.changed.update(changed)
+                    build.failed = build.relayable = True
+                    upload.error = next(iter(changed.values()))
+        except S3XferError as error:
+            upload.error = str(error)
+
     async def _finish(self, upload: _Multipart) -> None:
+        if upload.error is None:
+            await self._check_sources(upload)
         if upload.error is None:
             numbers = sorted(upload.done)
             full = combine_parts((upload.done[n][1], upload.done[n][2]) for n in numbers)
@@ -474,6 +655,7 @@ class Engine:
                     self.journal.multipart_closed(upload_id)
                 if upload.shard is not None:
                     await self._finish_shard(upload.shard, etag)
+                    self._settle(upload.jobs)
                 else:
                     assert upload.file is not None
                     self._record(upload.file, checksum, etag)
@@ -483,14 +665,21 @@ class Engine:
             except S3XferError as error:
                 upload.error = str(error)
         await self._abort(upload)
-        where = f" (in shard {upload.key})" if upload.shard is not None else ""
-        self._fail(upload.paths, f"{upload.error or 'failed'}{where}")
         # Bytes of parts that were sent but will not count: take them off the progress.
         sent = sum(upload.done[n][2] for n in upload.done if n not in upload.reused)
         reused = sum(upload.done[n][2] for n in upload.reused)
         self.stats.bytes_done -= sent
         self.stats.bytes_reused -= reused
         self._on_progress(-sent - reused, 0)
+        build = upload.shard
+        if build is not None and build.relayable and upload.jobs is not None:
+            jobs, upload.jobs = upload.jobs, None
+            assert self._group is not None
+            self._group.start_soon(self._lay_out_again, build, jobs)
+            return
+        where = f" (in shard {upload.key})" if upload.shard is not None else ""
+        self._fail(upload.paths, f"{upload.error or 'failed'}{where}")
+        self._settle(upload.jobs)
 
     async def _finish_shard(self, build: _ShardBuild, etag: str) -> None:
         """The shard is complete: store its index beside it and record every member."""
@@ -561,6 +750,16 @@ class Engine:
         self.records.append(record)
         if self.journal is not None:
             self.journal.file_done(record)
+
+
+def _same_file(journaled: FileIdentity | None, now: FileIdentity | None) -> bool:
+    """Whether the file a journal saw is this one. The device number is left out: it can
+    differ for the same file after a reboot or another mount of a network file system, and
+    inode, size, mtime and ctime together already name one version of one file. A journal
+    written before identities were recorded says nothing against it."""
+    if journaled is None or now is None:
+        return True
+    return dataclasses.replace(journaled, dev=0) == dataclasses.replace(now, dev=0)
 
 
 async def _already_uploaded(listed: dict[str, Any], body: bytes, crc: int) -> bool:

@@ -10,7 +10,9 @@ done is skipped on resume, so losing lines only means redoing work, never losing
 
 Lines (field `e`):
   run    the header: format version, source, destination
-  mpu    a multipart upload was created: key, upload id, and what it uploads
+  mpu    a multipart upload was created: key, upload id, and what it uploads (with the file's
+         identity, `ident`: device, inode, size, mtime, ctime, mode; journals written before
+         it existed lack it, and their uploads resume with each part checked by its bytes)
   part   a part was acknowledged: upload id, number, ETag, CRC32, length
   closed a multipart upload was completed or aborted
   file   a file is stored as its own object: its manifest record
@@ -32,6 +34,7 @@ from typing import Any
 
 from .checksums import crc32
 from .errors import UsageError
+from .localfs import FileIdentity
 from .manifest import ManifestRecord, ShardRecord
 
 JOURNAL_FORMAT = "s3xfer-journal"
@@ -85,6 +88,7 @@ class OpenUpload:
     mtime_ns: int
     part_size: int
     parts: dict[int, tuple[str, int, int]] = field(default_factory=dict)  # n → etag, crc, len
+    identity: FileIdentity | None = None  # of the file when the upload was created
 
 
 @dataclass
@@ -114,6 +118,7 @@ class JournalState:
                 size=int(event["size"]),
                 mtime_ns=int(event["mtime_ns"]),
                 part_size=int(event["part_size"]),
+                identity=FileIdentity.from_json(event["ident"]) if "ident" in event else None,
             )
         elif kind == "part":
             upload = self.uploads.get(event["id"])
@@ -270,18 +275,20 @@ class Journal:
         size: int,
         mtime_ns: int,
         part_size: int,
+        identity: FileIdentity | None = None,
     ) -> None:
-        self.write(
-            {
-                "e": "mpu",
-                "key": key,
-                "id": upload_id,
-                "path": path,
-                "size": size,
-                "mtime_ns": mtime_ns,
-                "part_size": part_size,
-            }
-        )
+        event: dict[str, Any] = {
+            "e": "mpu",
+            "key": key,
+            "id": upload_id,
+            "path": path,
+            "size": size,
+            "mtime_ns": mtime_ns,
+            "part_size": part_size,
+        }
+        if identity is not None:
+            event["ident"] = identity.to_json()
+        self.write(event)
 
     def part_done(self, *, upload_id: str, number: int, etag: str, crc: int, length: int) -> None:
         self.write(

@@ -20,8 +20,9 @@ import shutil
 import stat
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -34,7 +35,8 @@ if TYPE_CHECKING:  # downloads and reads never load the survey or the tar layout
 
 
 class FileChangedError(SourceError):
-    """The file is not the one that was planned: it changed size or mtime, or vanished."""
+    """The file is not the one that was planned, or not the one first read: it changed size,
+    mtime, inode or ctime, or vanished."""
 
 
 class DestinationError(S3XferError):
@@ -55,32 +57,138 @@ def destination_error(path: Path, exc: OSError) -> DestinationError:
     )
 
 
-def _read_unchanged(path: Path, size: int, mtime_ns: int, read: Callable[[int], bool]) -> None:
-    """Open path, check it is still the planned file, `read(fd)` (True when it got every byte
-    it wanted), and check the file did not change meanwhile. The one place reads are checked."""
+class MemberChangedError(FileChangedError):
+    """A shard member changed while its shard was being read: that member, by its index."""
+
+    def __init__(self, message: str, *, member: int) -> None:
+        super().__init__(message)
+        self.member = member
+
+
+@dataclass(frozen=True, slots=True)
+class FileIdentity:
+    """What a file was when it was first looked at. Size and mtime alone miss a file replaced
+    by another of the same size and mtime (a new inode) or written in place with its mtime set
+    back (ctime moves: no one can set it); every later read is compared with all of it. The
+    mode is kept too: a file packed as it is now gets its current mode in its tar header."""
+
+    dev: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    mode: int  # permission bits
+
+    @classmethod
+    def of(cls, status: os.stat_result) -> FileIdentity:
+        return cls(
+            status.st_dev,
+            status.st_ino,
+            status.st_size,
+            status.st_mtime_ns,
+            status.st_ctime_ns,
+            status.st_mode & 0o7777,
+        )
+
+    def to_json(self) -> list[int]:
+        return [self.dev, self.inode, self.size, self.mtime_ns, self.ctime_ns, self.mode]
+
+    @classmethod
+    def from_json(cls, data: Any) -> FileIdentity:
+        """Raises ValueError on anything but six integers."""
+        if (
+            not isinstance(data, list)
+            or len(data) != 6
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in data)
+        ):
+            raise ValueError(f"file identity must be six integers, got {data!r:.100}")
+        return cls(*data)
+
+
+def describe_change(path: Path, identity: FileIdentity, now: FileIdentity) -> str:
+    """Why `now` is not the file first read as `identity`, in one line."""
+    if now.inode != identity.inode or now.dev != identity.dev:
+        how = "replaced by another file"
+    elif (now.size, now.mtime_ns) != (identity.size, identity.mtime_ns):
+        how = "size or mtime differ"
+    else:
+        how = "written to in place, or its mode changed: its ctime moved"
+    return f"{path}: changed while it was read ({how})"
+
+
+def _changed(path: Path, identity: FileIdentity, now: FileIdentity) -> FileChangedError:
+    return FileChangedError(describe_change(path, identity, now))
+
+
+def _stat_identity(path: Path, *, since: str = "while it was read") -> FileIdentity:
+    """The identity of path now (following symlinks, as the survey does)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        status = os.stat(path)
     except FileNotFoundError as exc:
-        raise FileChangedError(f"{path}: vanished after it was planned") from exc
+        raise FileChangedError(f"{path}: vanished {since}") from exc
+    except OSError as exc:
+        raise SourceError(f"cannot read {path}: {exc.strerror}") from exc
+    if not stat.S_ISREG(status.st_mode):
+        raise FileChangedError(f"{path}: changed {since} (no longer a regular file)")
+    return FileIdentity.of(status)
+
+
+def _check_still(path: Path, identity: FileIdentity) -> None:
+    now = _stat_identity(path)
+    if now != identity:
+        raise _changed(path, identity, now)
+
+
+def _read_checked(
+    path: Path,
+    read: Callable[[int], bool],
+    *,
+    size: int,
+    mtime_ns: int,
+    identity: FileIdentity | None,
+) -> FileIdentity:
+    """Open path, check it is the planned file (size, mtime) and, when `identity` is given,
+    still the file first read; `read(fd)` (True when it got every byte it wanted); check the
+    file did not change meanwhile. The identity read against. The one place reads are checked."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        when = "after it was planned" if identity is None else "while it was read"
+        raise FileChangedError(f"{path}: vanished {when}") from exc
     except OSError as exc:
         raise SourceError(f"cannot read {path}: {exc.strerror}") from exc
     try:
-        before = os.fstat(fd)
-        if before.st_size != size or before.st_mtime_ns != mtime_ns:
-            raise FileChangedError(f"{path}: changed since it was planned (size or mtime differ)")
+        before = FileIdentity.of(os.fstat(fd))
+        if identity is None:
+            if (before.size, before.mtime_ns) != (size, mtime_ns):
+                raise FileChangedError(
+                    f"{path}: changed since it was planned (size or mtime differ)"
+                )
+            identity = before
+        elif before != identity:
+            raise _changed(path, identity, before)
         complete = read(fd)
-        after = os.fstat(fd)
+        after = FileIdentity.of(os.fstat(fd))
     except OSError as exc:
         raise SourceError(f"cannot read {path}: {exc.strerror}") from exc
     finally:
         os.close(fd)
-    if not complete or after.st_size != size or after.st_mtime_ns != mtime_ns:
-        raise FileChangedError(f"{path}: changed while it was read")
+    if after != identity:
+        raise _changed(path, identity, after)
+    if not complete:
+        raise FileChangedError(f"{path}: changed while it was read (fewer bytes than planned)")
+    return identity
 
 
 def _read_range(
-    path: Path, offset: int, length: int, size: int, mtime_ns: int
-) -> tuple[bytes, int]:
+    path: Path,
+    offset: int,
+    length: int,
+    size: int,
+    mtime_ns: int,
+    identity: FileIdentity | None,
+    whole: bool,
+) -> tuple[bytes, int, FileIdentity]:
     data = b""
 
     def read(fd: int) -> bool:
@@ -88,20 +196,96 @@ def _read_range(
         data = os.pread(fd, length, offset)
         return len(data) == length
 
-    _read_unchanged(path, size, mtime_ns, read)
-    return data, crc32(data)
+    identity = _read_checked(path, read, size=size, mtime_ns=mtime_ns, identity=identity)
+    if whole:
+        # The one read of a file: what it read must still be what the path names (a copy
+        # renamed over it during the read leaves the open file unchanged).
+        _check_still(path, identity)
+    return data, crc32(data), identity
 
 
 async def read_range(
-    path: Path, *, offset: int, length: int, size: int, mtime_ns: int
-) -> tuple[bytes, int]:
-    """Bytes [offset, offset+length) of a file and their CRC32, checking the file is unchanged."""
-    return await anyio.to_thread.run_sync(_read_range, path, offset, length, size, mtime_ns)
+    path: Path,
+    *,
+    offset: int,
+    length: int,
+    size: int,
+    mtime_ns: int,
+    identity: FileIdentity | None = None,
+    whole: bool = False,
+) -> tuple[bytes, int, FileIdentity]:
+    """Bytes [offset, offset+length) of a file, their CRC32, and the file's identity. Without
+    `identity` (the first read) the file must have the planned size and mtime; with it, every
+    part of it (inode, ctime...) must be unchanged. `whole`: this read is the file's only one,
+    so the path is looked at again afterwards. Raises FileChangedError."""
+    return await anyio.to_thread.run_sync(
+        _read_range, path, offset, length, size, mtime_ns, identity, whole
+    )
+
+
+def _identify(path: Path, size: int, mtime_ns: int) -> FileIdentity:
+    identity = _stat_identity(path, since="after it was planned")
+    if (identity.size, identity.mtime_ns) != (size, mtime_ns):
+        raise FileChangedError(f"{path}: changed since it was planned (size or mtime differ)")
+    return identity
+
+
+async def identify(path: Path, *, size: int, mtime_ns: int) -> FileIdentity:
+    """The identity of a file about to be read in parts, checked against the plan (size and
+    mtime). Raises FileChangedError."""
+    return await anyio.to_thread.run_sync(_identify, path, size, mtime_ns)
+
+
+async def check_unchanged(path: Path, identity: FileIdentity) -> None:
+    """The re-stat after the last part: raises FileChangedError unless path is still the file
+    with this identity."""
+    await anyio.to_thread.run_sync(_check_still, path, identity)
+
+
+def _identify_members(
+    root: Path, members: Sequence[FileEntry], since: str
+) -> list[FileIdentity | str]:
+    found: list[FileIdentity | str] = []
+    for member in members:
+        try:
+            found.append(_stat_identity(root / member.path, since=since))
+        except SourceError as exc:
+            found.append(str(exc))
+    return found
+
+
+async def identify_members(
+    root: Path, members: Sequence[FileEntry], *, since: str = "after it was planned"
+) -> list[FileIdentity | str]:
+    """Each shard member as it is now: its identity, or why it cannot be read (vanished
+    `since`..., no longer a regular file, unreadable). One worker-thread call for the shard."""
+    return await anyio.to_thread.run_sync(_identify_members, root, members, since)
+
+
+def _changed_members(
+    root: Path, members: Sequence[FileEntry], identities: Sequence[FileIdentity]
+) -> dict[int, str]:
+    changed: dict[int, str] = {}
+    for n, (member, identity) in enumerate(zip(members, identities, strict=True)):
+        try:
+            _check_still(root / member.path, identity)
+        except SourceError as exc:
+            changed[n] = str(exc)
+    return changed
+
+
+async def changed_members(
+    root: Path, members: Sequence[FileEntry], identities: Sequence[FileIdentity]
+) -> dict[int, str]:
+    """The re-stat of a shard's members after its last part was read: the members (by index)
+    that are no longer the files that were read, and why."""
+    return await anyio.to_thread.run_sync(_changed_members, root, members, identities)
 
 
 def _fill_part(
     root: Path,
     members: Sequence[FileEntry],
+    identities: Sequence[FileIdentity],
     make_pieces: Callable[[], Sequence[FixedPiece | FilePiece]],
 ) -> tuple[bytearray, list[FilePiece], list[int]]:
     from .tarpack import FilePiece, FixedPiece  # here: only uploads of shards need tarpack
@@ -118,28 +302,34 @@ def _fill_part(
             continue
         member = members[piece.member]
         target = view[position : position + piece.length]
-        _read_into(root / member.path, target, piece.offset, member.size, member.mtime_ns)
+        try:
+            _read_into(root / member.path, target, piece.offset, identities[piece.member])
+        except FileChangedError as exc:
+            raise MemberChangedError(str(exc), member=piece.member) from exc
         crcs.append(crc32(target))
         position += piece.length
     return buffer, [p for p in pieces if isinstance(p, FilePiece)], crcs
 
 
-def _read_into(path: Path, target: memoryview, offset: int, size: int, mtime_ns: int) -> None:
+def _read_into(path: Path, target: memoryview, offset: int, identity: FileIdentity) -> None:
     def read(fd: int) -> bool:
         return (os.preadv(fd, [target], offset) if len(target) else 0) == len(target)
 
-    _read_unchanged(path, size, mtime_ns, read)
+    _read_checked(path, read, size=identity.size, mtime_ns=identity.mtime_ns, identity=identity)
 
 
 async def fill_part(
     root: Path,
     members: Sequence[FileEntry],
+    identities: Sequence[FileIdentity],
     make_pieces: Callable[[], Sequence[FixedPiece | FilePiece]],
 ) -> tuple[bytearray, list[FilePiece], list[int]]:
     """A shard part built in one buffer, member ranges read straight into it (one allocation,
-    no small chunks): the buffer, its FilePieces and their CRC32s. Laying out the pieces
-    (tar headers) happens in the same worker-thread call, off the event loop."""
-    return await anyio.to_thread.run_sync(_fill_part, root, members, make_pieces)
+    no small chunks): the buffer, its FilePieces and their CRC32s. Each member must still be
+    the file of its identity (taken before the shard was laid out); MemberChangedError names
+    the one that is not. Laying out the pieces (tar headers) happens in the same
+    worker-thread call, off the event loop."""
+    return await anyio.to_thread.run_sync(_fill_part, root, members, identities, make_pieces)
 
 
 def _freeze(buffer: bytearray) -> tuple[bytes, int]:

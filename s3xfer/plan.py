@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import json
 import math
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -157,6 +158,22 @@ class ShardUnit:
         """The shard's index, also stored beside it so a reader need not touch the shard."""
         return shard_index_key(self.key)
 
+    def relaid(self, members: list[FileEntry], *, max_memory: int) -> ShardUnit:
+        """This shard laid out again from its members as they are at upload time (some left
+        out, some changed since planning): the same shard when nothing differs. Its key is
+        the planned one with a digest of those members, so one key always names one layout:
+        a unit run twice over files that changed in between never overwrites the shard the
+        other run catalogued. Raises UsageError when the parts no longer fit S3's limits."""
+        if members == self.members:
+            return self
+        digest = hashlib.blake2b(digest_size=8)
+        for member in members:
+            digest.update(json.dumps(member.to_json()).encode("utf-8") + b"\n")
+        key = f"{self.key.removesuffix('.tar')}-{digest.hexdigest()}.tar"
+        size = ShardUnit("", 0, members).layout().size
+        part_size = fit_part_size(size, preferred=self.part_size, max_memory=max_memory)
+        return ShardUnit(key, part_size, members)
+
     def to_json(self) -> list[Any]:
         return [self.key, self.part_size, [m.to_json() for m in self.members]]
 
@@ -177,6 +194,22 @@ def shard_key(dest: S3Url, members: Iterable[FileEntry]) -> str:
         digest.update(json.dumps(member.to_json(), ensure_ascii=False).encode("utf-8") + b"\n")
     name = digest.hexdigest()
     return dest.key(f"{META_DIR}/shards/{name[:4]}/{name}.tar")
+
+
+_RELAID_SUFFIX = re.compile(r"-[0-9a-f]{16}\.tar$")
+
+
+@dataclass(frozen=True)
+class UploadKeys:
+    """The keys a run writes with multipart uploads, for finding the uploads it left behind:
+    the planned ones, and any re-laid variant of a planned shard key (ShardUnit.relaid)."""
+
+    keys: frozenset[str]
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str):
+            return False
+        return key in self.keys or _RELAID_SUFFIX.sub(".tar", key) in self.keys
 
 
 def _soft_cut(path: str) -> bool:

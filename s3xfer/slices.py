@@ -152,15 +152,19 @@ async def upload_slice(
             prepared.shards_unchanged = [s for s in prepared.shards_unchanged if s.key in my_shards]
             if on_start is not None:
                 on_start(prepared.files_todo, prepared.bytes_todo, 0)
-            engine = make_engine(s3, plan, on_progress=on_progress, journal=journal)
+            engine = make_engine(
+                s3, plan, on_progress=on_progress, journal=journal, stored=prepared.manifest
+            )
             await engine.run(prepared.todo, prepared.shards_todo)
             # Everything this slice has done, whichever run did it.
             member_paths = {m.path for unit in mine for shard in unit.shards for m in shard.members}
             known = prepared.manifest.records
             records = {path: known[path] for path in my_paths | member_paths if path in known}
             records.update((r.path, r) for r in engine.records)
+            # Shards laid out again as their files were at upload time have keys of their own.
+            stored = {r.key for r in records.values() if r.packed} | my_shards
             shards = {
-                k: prepared.manifest.shards[k] for k in my_shards if k in prepared.manifest.shards
+                k: prepared.manifest.shards[k] for k in stored if k in prepared.manifest.shards
             }
             shards.update((s.key, s) for s in engine.shard_records)
             result = SliceResult(

@@ -347,7 +347,10 @@ def make_engine(
     on_progress: ProgressCallback | None = None,
     journal: Journal | None = None,
     adopt_uploads: bool = False,
+    stored: Manifest | None = None,
 ) -> Engine:
+    """The engine of a plan; `stored`: what the destination holds (the manifest an upload
+    starts from), so that a shard laid out again as its files are now is not sent twice."""
     return Engine(
         s3,
         bucket=plan.dest.bucket,
@@ -357,6 +360,7 @@ def make_engine(
         journal=journal,
         prefix=plan.dest.prefix,
         adopt_uploads=adopt_uploads,
+        stored=stored,
     )
 
 
@@ -377,7 +381,7 @@ def make_report(
         dest=str(plan.dest),
         files_uploaded=stats.files_done,
         bytes_uploaded=stats.bytes_done,
-        files_unchanged=prepared.files_unchanged,
+        files_unchanged=prepared.files_unchanged + stats.files_unchanged,
         bytes_unchanged=prepared.bytes_unchanged,
         files_failed=stats.files_failed,
         failures=sorted(stats.failures),
@@ -420,7 +424,9 @@ async def execute_plan(
     prepared = await prepare(s3, plan, journal=journal)
     if on_start is not None:
         on_start(prepared.files_todo, prepared.bytes_todo, prepared.files_unchanged)
-    engine = make_engine(s3, plan, on_progress=on_progress, journal=journal)
+    engine = make_engine(
+        s3, plan, on_progress=on_progress, journal=journal, stored=prepared.manifest
+    )
     await engine.run(prepared.todo, prepared.shards_todo)
     warnings = list(journal.warnings) if journal is not None else []
     committed = await commit(

@@ -18,6 +18,7 @@ from s3xfer.journal import (
     journal_path,
     replay,
 )
+from s3xfer.localfs import FileIdentity
 from s3xfer.manifest import ManifestRecord, ShardRecord
 
 SOURCE = Path("/data/src")
@@ -83,6 +84,46 @@ def test_replay_folds_the_events_into_what_was_done(tmp_path: Path) -> None:
     assert not state.open_upload_for(
         "big.bin", key="prefix/big.bin", size=100, mtime_ns=5, part_size=50
     )
+
+
+def test_a_multipart_upload_remembers_the_identity_of_its_file(tmp_path: Path) -> None:
+    path = journal_path(SOURCE, DEST, state_dir=tmp_path)
+    journal = Journal.open(path, source=SOURCE, dest=DEST)
+    identity = FileIdentity(dev=2049, inode=77, size=100, mtime_ns=5, ctime_ns=9, mode=0o640)
+    journal.multipart_created(
+        key="prefix/big.bin",
+        upload_id="U2",
+        path="big.bin",
+        size=100,
+        mtime_ns=5,
+        part_size=40,
+        identity=identity,
+    )
+    journal.close()
+    assert replay(path.read_bytes()).state.uploads["U2"].identity == identity
+
+
+def test_a_journal_written_before_identities_were_recorded_still_resumes() -> None:
+    header = {"e": "run", "format": "s3xfer-journal", "version": 1, "dest": DEST, "source": "/s"}
+    mpu = {
+        "e": "mpu", "key": "prefix/big.bin", "id": "U1", "path": "big.bin",
+        "size": 100, "mtime_ns": 5, "part_size": 40,
+    }  # fmt: skip
+    state = replay(encode_line(header) + encode_line(mpu)).state
+    assert state.uploads["U1"].identity is None
+    assert state.open_upload_for(
+        "big.bin", key="prefix/big.bin", size=100, mtime_ns=5, part_size=40
+    )
+
+
+def test_a_damaged_identity_is_damage(tmp_path: Path) -> None:
+    header = {"e": "run", "format": "s3xfer-journal", "version": 1, "dest": DEST, "source": "/s"}
+    mpu = {
+        "e": "mpu", "key": "k", "id": "U1", "path": "p", "size": 1, "mtime_ns": 1,
+        "part_size": 1, "ident": [1, 2, "3"],
+    }  # fmt: skip
+    result = replay(encode_line(header) + encode_line(mpu))
+    assert result.damaged_at == 2 and not result.state.uploads
 
 
 def test_reopening_keeps_what_was_done_and_appends(tmp_path: Path) -> None:

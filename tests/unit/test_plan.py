@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,15 @@ from s3xfer.config import (
 )
 from s3xfer.errors import SourceError, UsageError
 from s3xfer.keys import S3Url, hashed_prefix, object_key
-from s3xfer.plan import Kind, Plan, classify, fit_part_size, make_plan, parts_of
+from s3xfer.plan import (
+    Kind,
+    Plan,
+    UploadKeys,
+    classify,
+    fit_part_size,
+    make_plan,
+    parts_of,
+)
 from s3xfer.survey import FileEntry, SizeStats, Survey
 
 TiB = 1024 * GiB
@@ -162,6 +171,25 @@ def test_shard_keys_are_deterministic_and_hashed() -> None:
         re.fullmatch(r"p/\.s3xfer/shards/[0-9a-f]{4}/[0-9a-f]{16}\.tar", s.key)
         for s in first.shards
     )
+
+
+def test_a_shard_laid_out_again_has_a_key_of_its_own_for_each_layout() -> None:
+    config = TransferConfig(shard_size=8 * MiB)
+    (shard,) = make_plan(make_survey(many_small(100)), S3Url.parse("s3://bkt/p"), config).shards
+    assert shard.relaid(list(shard.members), max_memory=config.max_memory) is shard
+    touched = [*shard.members[:5], replace(shard.members[5], mtime_ns=7), *shard.members[6:]]
+    without = shard.members[1:]
+    relaid = [shard.relaid(m, max_memory=config.max_memory) for m in (touched, without)]
+    assert [r.members for r in relaid] == [touched, without]
+    assert len({shard.key, *(r.key for r in relaid)}) == 3  # one key, one layout
+    assert [r.key for r in relaid] == [  # and the same members give the same key
+        shard.relaid(m, max_memory=config.max_memory).key for m in (touched, without)
+    ]
+    assert all(r.key.startswith(shard.key.removesuffix(".tar") + "-") for r in relaid)
+    # Uploads left behind under a re-laid key are found by the planned one.
+    keys = UploadKeys(frozenset([shard.key]))
+    assert all(r.key in keys for r in relaid) and shard.key in keys
+    assert "p/.s3xfer/shards/0000/0000000000000000.tar" not in keys
 
 
 def test_adding_a_file_moves_few_shard_boundaries() -> None:
