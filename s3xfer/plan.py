@@ -161,15 +161,13 @@ class ShardUnit:
     def relaid(self, members: list[FileEntry], *, max_memory: int) -> ShardUnit:
         """This shard laid out again from its members as they are at upload time (some left
         out, some changed since planning): the same shard when nothing differs. Its key is
-        the planned one with a digest of those members, so one key always names one layout:
-        a unit run twice over files that changed in between never overwrites the shard the
-        other run catalogued. Raises UsageError when the parts no longer fit S3's limits."""
+        the planned one with a digest of those members (named after its content, as planned
+        keys are, so a unit run twice over files that changed in between never writes two
+        layouts under one key), and stays derivable from the planned key (UploadKeys).
+        Raises UsageError when the parts no longer fit S3's limits."""
         if members == self.members:
             return self
-        digest = hashlib.blake2b(digest_size=8)
-        for member in members:
-            digest.update(json.dumps(member.to_json()).encode("utf-8") + b"\n")
-        key = f"{self.key.removesuffix('.tar')}-{digest.hexdigest()}.tar"
+        key = f"{self.key.removesuffix('.tar')}-{_content_digest(members)}.tar"
         size = ShardUnit("", 0, members).layout().size
         part_size = fit_part_size(size, preferred=self.part_size, max_memory=max_memory)
         return ShardUnit(key, part_size, members)
@@ -189,11 +187,15 @@ def shard_key(dest: S3Url, members: Iterable[FileEntry]) -> str:
     written over the old one, which stays valid for the manifest that refers to it until a
     new manifest is written (and is deleted then, once nothing refers to it). A hashed
     prefix spreads the load over S3's partitions."""
+    name = _content_digest(members)
+    return dest.key(f"{META_DIR}/shards/{name[:4]}/{name}.tar")
+
+
+def _content_digest(members: Iterable[FileEntry]) -> str:
     digest = hashlib.blake2b(digest_size=8)
     for member in members:
         digest.update(json.dumps(member.to_json(), ensure_ascii=False).encode("utf-8") + b"\n")
-    name = digest.hexdigest()
-    return dest.key(f"{META_DIR}/shards/{name[:4]}/{name}.tar")
+    return digest.hexdigest()
 
 
 _RELAID_SUFFIX = re.compile(r"-[0-9a-f]{16}\.tar$")
