@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from .config import PriceTable, TransferConfig
     from .errors import (
         AccessDeniedError,
+        CorruptMetadataError,
         EndpointError,
         IntegrityError,
         NoSuchBucketError,
@@ -42,6 +43,7 @@ _HOMES = {
     "PriceTable": "config",
     "TransferConfig": "config",
     "AccessDeniedError": "errors",
+    "CorruptMetadataError": "errors",
     "EndpointError": "errors",
     "IntegrityError": "errors",
     "NoSuchBucketError": "errors",
@@ -73,6 +75,7 @@ _HOMES = {
 __all__ = (
     "AccessDeniedError",
     "Connection",
+    "CorruptMetadataError",
     "Dataset",
     "EndpointError",
     "Estimate",

@@ -15,21 +15,22 @@ detected instead of returning wrong bytes (reads send If-Match).
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import IntegrityError
+from . import validate
+from .config import MAX_OBJECT_SIZE
 from .keys import META_DIR, S3Url
-from .manifest import Manifest, ManifestRecord, ShardRecord
+from .manifest import Manifest, ManifestRecord, ShardRecord, parse_rows
 
 CATALOG_FORMAT = "s3xfer-catalog"
 PIECE_FORMAT = "s3xfer-catalog-piece"
 CATALOG_VERSION = 1
 # 1,000,000 files make pieces of about 4,000 records (~100 KB compressed): still one small GET.
 FANOUT = 256
+MAX_CATALOG_FILES = 10**12  # a sanity bound on the root's count, far above any real dataset
 
 
 def root_key(dest: S3Url) -> str:
@@ -67,23 +68,24 @@ class CatalogRoot:
 
     @classmethod
     def from_bytes(cls, raw: bytes, *, where: str) -> CatalogRoot:
+        """Raises CorruptMetadataError naming the value, and `where`, on anything malformed."""
         try:
-            data = json.loads(raw)
-            if data.get("format") != CATALOG_FORMAT or data.get("version") != CATALOG_VERSION:
-                raise ValueError(f"unknown format {data.get('format')!r} v{data.get('version')}")
-            fanout = int(data["fanout"])
+            data = validate.json_object(raw)
+            validate.envelope(data, format=CATALOG_FORMAT, version=CATALOG_VERSION)
+            fanout = validate.field(data, "fanout")
             if fanout != FANOUT:
-                raise ValueError(f"fan-out {fanout}, expected {FANOUT}")
-            shards = [ShardRecord.from_json(row) for row in data["shards"]]
-            return cls(
-                str(data["dest"]),
-                fanout,
-                int(data["files"]),
-                int(data["bytes"]),
-                {s.key: s for s in shards},
+                raise validate.BadValue(f"fan-out {fanout!r:.40}, expected {FANOUT}")
+            files = validate.integer(
+                validate.field(data, "files"), "files", low=0, high=MAX_CATALOG_FILES
             )
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise IntegrityError(f"corrupt catalog {where}: {exc}") from exc
+            total = validate.integer(
+                validate.field(data, "bytes"), "bytes", low=0, high=files * MAX_OBJECT_SIZE
+            )
+            _, shards = parse_rows([], validate.field(data, "shards"))
+            dest = validate.text(validate.field(data, "dest"), "dest", max_bytes=2048)
+        except validate.BadValue as exc:
+            raise validate.corrupt("catalog", where, exc) from exc
+        return cls(dest, fanout, files, total, shards)
 
 
 def piece_bytes(records: list[ManifestRecord], *, fanout: int, bucket: int) -> bytes:
@@ -95,20 +97,27 @@ def piece_bytes(records: list[ManifestRecord], *, fanout: int, bucket: int) -> b
         "files": [r.to_json() for r in sorted(records, key=lambda r: r.path)],
     }
     text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-    return gzip.compress(text.encode("utf-8"), mtime=0)
+    return validate.compress_bounded(text.encode("utf-8"))
 
 
 def parse_piece(raw: bytes, *, fanout: int, bucket: int, where: str) -> dict[str, ManifestRecord]:
+    """The records of one piece. Raises CorruptMetadataError naming the value, and `where`, on
+    anything malformed, or a record whose path belongs to another piece."""
     try:
-        data = json.loads(gzip.decompress(raw))
-        if data.get("format") != PIECE_FORMAT or data.get("version") != CATALOG_VERSION:
-            raise ValueError(f"unknown format {data.get('format')!r} v{data.get('version')}")
+        data = validate.json_object(validate.gunzip(raw))
+        validate.envelope(data, format=PIECE_FORMAT, version=CATALOG_VERSION)
         if (data.get("fanout"), data.get("bucket")) != (fanout, bucket):
-            raise ValueError("piece belongs to another fan-out or bucket")
-        records = [ManifestRecord.from_json(row) for row in data["files"]]
-    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise IntegrityError(f"corrupt catalog piece {where}: {exc}") from exc
-    return {r.path: r for r in records}
+            raise validate.BadValue(
+                f"piece of fan-out {data.get('fanout')!r:.40} bucket {data.get('bucket')!r:.40}, "
+                f"expected {fanout} and {bucket}"
+            )
+        records, _ = parse_rows(validate.field(data, "files"))
+        for path in records:
+            if bucket_of(path, fanout) != bucket:
+                raise validate.BadValue(f"file {path!r} belongs to another piece")
+    except validate.BadValue as exc:
+        raise validate.corrupt("catalog piece", where, exc) from exc
+    return records
 
 
 def _buckets(manifest: Manifest) -> dict[int, list[ManifestRecord]]:

@@ -68,6 +68,12 @@ class PartialReadError(IntegrityError):
         self.failures = failures
 
 
+class CorruptMetadataError(IntegrityError):
+    """s3xfer's own metadata (manifest, catalog, shard index, slice result) holds a value
+    that is malformed or out of range: nothing is read or written on its say-so. The message
+    starts "corrupt dataset metadata:" and names the object and the value."""
+
+
 class LocalS3Error(S3XferError):
     """The embedded local S3 server could not be started."""
 

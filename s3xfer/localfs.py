@@ -28,6 +28,7 @@ import anyio
 
 from .checksums import crc32
 from .errors import S3XferError, SourceError
+from .validate import restored_mode
 
 if TYPE_CHECKING:  # downloads and reads never load the survey or the tar layout
     from .survey import FileEntry
@@ -438,7 +439,7 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
 
 def _set_mode_and_times(fd: int, mode: int, mtime_ns: int) -> None:
     """On the open file, so that a link put in its place is never followed."""
-    os.fchmod(fd, mode & 0o7777)
+    os.fchmod(fd, restored_mode(mode))
     os.utime(fd, ns=(mtime_ns, mtime_ns))
 
 

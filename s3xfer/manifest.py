@@ -8,13 +8,13 @@ ETag so that a replaced shard is detected instead of returning wrong bytes.
 
 from __future__ import annotations
 
-import gzip
 import json
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import IntegrityError
+from . import validate
+from .config import MAX_OBJECT_SIZE, MAX_SHARD_MEMBERS
 from .keys import shard_index_key
 
 if TYPE_CHECKING:  # the planner is not loaded by commands that only read a manifest
@@ -54,18 +54,56 @@ class ManifestRecord:
         ]
 
     @classmethod
-    def from_json(cls, row: list[Any]) -> ManifestRecord:
-        path, key, size, mtime_ns, mode, crc32, part_size, offset, etag = row
+    def from_json(cls, row: Any) -> ManifestRecord:
+        """A record checked value by value (see validate.py); BadValue names what is wrong."""
+        if type(row) is list and len(row) == 9:
+            path, key, size, mtime_ns, mode, crc32, part_size, offset, etag = row
+            if (  # the usual record, accepted at a fraction of the cost of _checked
+                validate.is_plain_path(path)
+                and validate.is_plain_text(key, validate.MAX_KEY_BYTES)
+                and type(size) is int
+                and 0 <= size <= MAX_OBJECT_SIZE
+                and type(mtime_ns) is int
+                and -validate.MTIME_NS_LIMIT <= mtime_ns < validate.MTIME_NS_LIMIT
+                and type(mode) is int
+                and 0 <= mode <= validate.PERMISSION_BITS
+                and validate.is_plain_crc32(crc32)
+                and type(part_size) is int
+                and part_size == 0
+                and type(offset) is int
+                and (
+                    offset == -1
+                    or (
+                        offset >= validate.TAR_BLOCK
+                        and offset % validate.TAR_BLOCK == 0
+                        and offset + size <= MAX_OBJECT_SIZE
+                    )
+                )
+                and validate.is_plain_etag(etag)
+            ):
+                return cls(path, key, size, mtime_ns, mode, crc32, part_size, offset, etag)
+        return cls._checked(row)
+
+    @classmethod
+    def _checked(cls, row: Any) -> ManifestRecord:
+        path, key, size, mtime_ns, mode, crc32, part_size, offset, etag = validate.array(
+            row, "file record", length=9
+        )
+        path = validate.relative_path(path)
+        what = f"file {path!r}:"
+        size = validate.size(size, f"{what} size")
+        if offset != -1 or type(offset) is not int:  # -1: the file is its own object
+            offset = validate.shard_offset(offset, size, f"{what} offset in its shard")
         return cls(
-            str(path),
-            str(key),
-            int(size),
-            int(mtime_ns),
-            int(mode),
-            str(crc32),
-            int(part_size),
-            int(offset),
-            str(etag),
+            path,
+            validate.object_key(key, f"{what} key"),
+            size,
+            validate.mtime_ns(mtime_ns, f"{what} mtime_ns"),
+            validate.mode(mode, f"{what} mode"),
+            validate.crc32_base64(crc32, f"{what} crc32"),
+            validate.part_size(part_size, size, f"{what} part_size"),
+            offset,
+            validate.etag(etag, f"{what} etag"),
         )
 
     def matches(self, unit: FileUnit) -> bool:
@@ -91,9 +129,42 @@ class ShardRecord:
         return [self.key, self.size, self.etag, self.members]
 
     @classmethod
-    def from_json(cls, row: list[Any]) -> ShardRecord:
-        key, size, etag, members = row
-        return cls(str(key), int(size), str(etag), int(members))
+    def from_json(cls, row: Any) -> ShardRecord:
+        key, size, etag, members = validate.array(row, "shard record", length=4)
+        key = validate.object_key(key, "shard key")
+        what = f"shard {key!r}:"
+        return cls(
+            key,
+            validate.size(size, f"{what} size"),
+            validate.etag(etag, f"{what} etag"),
+            validate.integer(members, f"{what} members", low=0, high=MAX_SHARD_MEMBERS),
+        )
+
+
+def parse_rows(
+    files: Any, shards: Any = None
+) -> tuple[dict[str, ManifestRecord], dict[str, ShardRecord]]:
+    """File and shard rows (of a manifest, catalog piece or slice result), checked together:
+    each path and shard once, and a packed file inside its shard when the shard is listed."""
+    shard_records: dict[str, ShardRecord] = {}
+    for row in validate.array([] if shards is None else shards, "shards"):
+        listed = ShardRecord.from_json(row)
+        if listed.key in shard_records:
+            raise validate.BadValue(f"shard {listed.key!r} is listed twice")
+        shard_records[listed.key] = listed
+    records: dict[str, ManifestRecord] = {}
+    for row in validate.array(files, "files"):
+        record = ManifestRecord.from_json(row)
+        if record.path in records:
+            raise validate.BadValue(f"file {record.path!r} is listed twice")
+        shard = shard_records.get(record.key) if record.packed else None
+        if shard is not None and record.offset + record.size > shard.size:
+            raise validate.BadValue(
+                f"file {record.path!r}: bytes {record.offset}-{record.offset + record.size} "
+                f"are past the end of its shard {shard.key!r} ({shard.size} bytes)"
+            )
+        records[record.path] = record
+    return records, shard_records
 
 
 @dataclass
@@ -111,23 +182,20 @@ class Manifest:
             "shards": [r.to_json() for r in sorted(self.shards.values(), key=lambda r: r.key)],
         }
         text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-        return gzip.compress(text.encode("utf-8"), mtime=0)
+        return validate.compress_bounded(text.encode("utf-8"))
 
     @classmethod
     def from_bytes(cls, raw: bytes, *, where: str) -> Manifest:
+        """Raises CorruptMetadataError naming the value, and `where`, on anything malformed
+        or out of range; inflates at most validate.inflate_limit(len(raw)) bytes."""
         try:
-            data = json.loads(gzip.decompress(raw))
-            if data.get("format") != MANIFEST_FORMAT or data.get("version") != MANIFEST_VERSION:
-                raise ValueError(f"unknown format {data.get('format')!r} v{data.get('version')}")
-            records = [ManifestRecord.from_json(row) for row in data["files"]]
-            shards = [ShardRecord.from_json(row) for row in data.get("shards", [])]
-        except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise IntegrityError(f"corrupt manifest {where}: {exc}") from exc
-        return cls(
-            dest=str(data.get("dest", "")),
-            records={r.path: r for r in records},
-            shards={r.key: r for r in shards},
-        )
+            data = validate.json_object(validate.gunzip(raw))
+            validate.envelope(data, format=MANIFEST_FORMAT, version=MANIFEST_VERSION)
+            dest = validate.text(validate.field(data, "dest"), "dest", max_bytes=2048)
+            records, shards = parse_rows(validate.field(data, "files"), data.get("shards", []))
+        except validate.BadValue as exc:
+            raise validate.corrupt("manifest", where, exc) from exc
+        return cls(dest=dest, records=records, shards=shards)
 
     def is_stale(self, record: ManifestRecord) -> bool:
         """A packed record whose shard was rewritten since (the shard's ETag is no longer the

@@ -3,7 +3,6 @@ sizes, and what the upload will cost. A plan is plain data: saved, read back, ex
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import math
@@ -14,6 +13,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from . import validate
 from .config import (
     MAX_PART_SIZE,
     MAX_PARTS,
@@ -79,12 +79,24 @@ class FileUnit:
         ]
 
     @classmethod
-    def from_json(cls, row: list[Any]) -> FileUnit:
-        kind, path, key, size, mtime_ns, mode, part_size = row
-        if is_reserved_path(str(path)):
-            raise ValueError(f"file unit path {path!r} is {RESERVED_REASON}")
+    def from_json(cls, row: Any) -> FileUnit:
+        """A unit checked value by value (see validate.py); BadValue names what is wrong."""
+        kind, path, key, size, mtime_ns, mode, part_size = validate.array(row, "unit", length=7)
+        path = validate.relative_path(path, "unit path")
+        what = f"unit {path!r}:"
+        if kind not in (Kind.PUT, Kind.MULTIPART):
+            raise validate.BadValue(f"{what} kind {kind!r:.40} is not put or multipart")
+        size = validate.size(size, f"{what} size")
+        if is_reserved_path(path):
+            raise validate.BadValue(f"{what} path is {RESERVED_REASON}")
         return cls(
-            Kind(kind), str(path), str(key), int(size), int(mtime_ns), int(mode), int(part_size)
+            Kind(kind),
+            path,
+            validate.object_key(key, f"{what} key"),
+            size,
+            validate.mtime_ns(mtime_ns, f"{what} mtime_ns"),
+            validate.mode(mode, f"{what} mode"),
+            validate.part_size(part_size, size, f"{what} part_size"),
         )
 
 
@@ -176,9 +188,24 @@ class ShardUnit:
         return [self.key, self.part_size, [m.to_json() for m in self.members]]
 
     @classmethod
-    def from_json(cls, row: list[Any]) -> ShardUnit:
-        key, part_size, members = row
-        return cls(str(key), int(part_size), [FileEntry.from_json(m) for m in members])
+    def from_json(cls, row: Any) -> ShardUnit:
+        key, part_size, members = validate.array(row, "shard", length=3)
+        key = validate.object_key(key, "shard key")
+        entries = [FileEntry.from_json(m) for m in validate.array(members, f"members of {key!r}")]
+        for entry in entries:
+            validate.mtime_ns(entry.mtime_ns, f"member {entry.path!r}: mtime_ns")
+            validate.size(entry.size, f"member {entry.path!r}: size")
+        if not 0 < len(entries) <= MAX_SHARD_MEMBERS:
+            raise validate.BadValue(f"shard {key!r} has {len(entries)} members")
+        shard = cls(
+            key,
+            validate.integer(
+                part_size, f"shard {key!r}: part_size", low=MIN_PART_SIZE, high=MAX_PART_SIZE
+            ),
+            entries,
+        )
+        validate.part_size(shard.part_size, shard.layout().size, f"shard {key!r}: part_size")
+        return shard
 
 
 def shard_key(dest: S3Url, members: Iterable[FileEntry]) -> str:
@@ -382,7 +409,7 @@ class Plan:
         text = json.dumps(self.to_json(), separators=(",", ":"), ensure_ascii=False)
         payload = text.encode("utf-8")
         if path.suffix == ".gz":
-            payload = gzip.compress(payload, mtime=0)
+            payload = validate.compress_bounded(payload)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_bytes(payload)
         tmp.replace(path)
@@ -395,12 +422,10 @@ class Plan:
             raise UsageError(f"cannot read plan {path}: {exc.strerror or exc}") from exc
         try:
             if raw[:2] == b"\x1f\x8b":
-                raw = gzip.decompress(raw)
-            data = json.loads(raw)
-        except (OSError, EOFError, ValueError) as exc:
+                raw = validate.gunzip(raw)
+            data = validate.json_object(raw)
+        except validate.BadValue as exc:
             raise UsageError(f"corrupt plan file {path}: {exc}") from exc
-        if not isinstance(data, dict):
-            raise UsageError(f"corrupt plan file {path}: not a JSON object")
         return cls.from_json(data, where=f"plan file {path}")
 
 

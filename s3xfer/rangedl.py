@@ -33,6 +33,7 @@ from .localfs import destination_error, move_into_place
 from .ranges import RangeGet, check_ranged_response
 from .rawhttp import PIECE_SIZE
 from .retry import RetryPolicy, TransientError, call_with_retries
+from .validate import restored_mode
 
 SIDECAR_VERSION = 1
 _NEW_FILE = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC  # never an existing one
@@ -323,7 +324,7 @@ def _set_mode_and_times(fd: int, job: RangedDownload) -> None:
     """On the open partial file: never through a link put in its place."""
     with _local_errors(job.dest):
         if job.mode is not None:
-            os.fchmod(fd, job.mode & 0o7777)
+            os.fchmod(fd, restored_mode(job.mode))
         if job.mtime_ns is not None:
             os.utime(fd, ns=(job.mtime_ns, job.mtime_ns))
 

@@ -9,7 +9,6 @@ done. The plan id is a hash of the plan, so results of another plan are never mi
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import time
@@ -18,10 +17,11 @@ from pathlib import Path
 
 import anyio
 
+from . import validate
 from .engine import EngineStats, ProgressCallback
-from .errors import IntegrityError, S3XferError
+from .errors import S3XferError
 from .keys import META_DIR, S3Url
-from .manifest import Manifest, ManifestRecord, ShardRecord
+from .manifest import Manifest, ManifestRecord, ShardRecord, parse_rows
 from .plan import Plan, slice_of, work_units
 from .retry import RetryPolicy
 from .s3 import Connection, open_s3
@@ -42,6 +42,7 @@ from .upload import (
 
 SLICE_FORMAT = "s3xfer-slice"
 SLICE_VERSION = 1
+MAX_SLICES = 100_000  # slice numbers are written with 5 digits
 
 
 class MissingSlicesError(S3XferError):
@@ -88,25 +89,34 @@ class SliceResult:
             "failures": [list(f) for f in sorted(self.failures)],
         }
         text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-        return gzip.compress(text.encode("utf-8"), mtime=0)
+        return validate.compress_bounded(text.encode("utf-8"))
 
     @classmethod
     def from_bytes(cls, raw: bytes, *, where: str) -> SliceResult:
+        """Raises CorruptMetadataError naming the value, and `where`, on anything malformed."""
         try:
-            data = json.loads(gzip.decompress(raw))
-            if data.get("format") != SLICE_FORMAT or data.get("version") != SLICE_VERSION:
-                raise ValueError(f"unknown format {data.get('format')!r} v{data.get('version')}")
-            index, count = data["slice"]
-            return cls(
-                plan=str(data["plan"]),
-                index=int(index),
-                count=int(count),
-                records=[ManifestRecord.from_json(row) for row in data["files"]],
-                shards=[ShardRecord.from_json(row) for row in data["shards"]],
-                failures=[(str(p), str(e)) for p, e in data["failures"]],
+            data = validate.json_object(validate.gunzip(raw))
+            validate.envelope(data, format=SLICE_FORMAT, version=SLICE_VERSION)
+            index, count = validate.array(validate.field(data, "slice"), "slice", length=2)
+            count = validate.integer(count, "slice count", low=1, high=MAX_SLICES)
+            index = validate.integer(index, "slice index", low=1, high=count)
+            records, shards = parse_rows(
+                validate.field(data, "files"), validate.field(data, "shards")
             )
-        except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise IntegrityError(f"corrupt slice result {where}: {exc}") from exc
+            failures = [
+                (
+                    validate.relative_path(path, "failed path"),
+                    validate.text(error, "failure", max_bytes=64 * 1024, empty=True),
+                )
+                for path, error in (
+                    validate.array(row, "failure", length=2)
+                    for row in validate.array(validate.field(data, "failures"), "failures")
+                )
+            ]
+            plan = validate.text(validate.field(data, "plan"), "plan id", max_bytes=64)
+        except validate.BadValue as exc:
+            raise validate.corrupt("slice result", where, exc) from exc
+        return cls(plan, index, count, list(records.values()), list(shards.values()), failures)
 
     def as_manifest(self, dest: S3Url) -> Manifest:
         return Manifest(

@@ -12,8 +12,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from . import validate
 from .checksums import crc32
-from .errors import IntegrityError, SourceError, UsageError
+from .errors import SourceError, UsageError
 
 BLOCK: Final = 512
 END_OF_ARCHIVE: Final = bytes(2 * BLOCK)
@@ -38,16 +39,10 @@ def _padded(size: int) -> int:
 def _check_name(name: str) -> None:
     # Canonical relative names only: they must extract inside the destination, and one path
     # must have one spelling so that index lookups and `tar -x` agree.
-    if not name or "\x00" in name:
-        raise UsageError(f"tar member name must be non-empty and without NUL: {name!r}")
-    if any(part in ("", ".", "..") for part in name.split("/")):
-        raise UsageError(
-            f"tar member name must be relative, without empty, '.' or '..' components: {name!r}"
-        )
     try:
-        _encode_name(name)
-    except UnicodeEncodeError as exc:
-        raise UsageError(f"tar member name is not encodable as bytes: {name!r}") from exc
+        validate.relative_path(name, "tar member name")
+    except validate.BadValue as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def _encode_name(name: str) -> bytes:
@@ -238,26 +233,30 @@ class IndexEntry:
 
     @classmethod
     def from_json(cls, data: Any) -> IndexEntry:
-        """Raises IntegrityError on anything but the exact shape to_json produces."""
+        """Raises BadValue on anything but the exact shape to_json produces, with values in
+        range (see validate.py)."""
         if not isinstance(data, dict) or set(data) != set(cls.__dataclass_fields__):
-            raise IntegrityError(f"shard index entry has the wrong fields: {data!r:.200}")
-        path = data["path"]
-        if not isinstance(path, str):
-            raise IntegrityError(f"shard index entry path is not a string: {path!r:.200}")
+            raise validate.BadValue(f"shard index entry has the wrong fields: {data!r:.200}")
+        path = validate.relative_path(data["path"], "shard index entry path")
+        what = f"shard index entry {path!r}:"
         crc = data["crc32"]
         if not isinstance(crc, str) or len(crc) != 8:
-            raise IntegrityError(f"shard index entry {path!r}: crc32 is not 8 hex digits")
+            raise validate.BadValue(f"{what} crc32 is not 8 hex digits")
         try:
-            ints = {"crc32": int(crc, 16)}
+            crc_value = int(crc, 16)
         except ValueError as exc:
-            raise IntegrityError(f"shard index entry {path!r}: crc32 is not hex") from exc
-        for field in ("header_offset", "data_offset", "size", "mtime", "mode"):
-            value = data[field]
-            # bool is an int subclass, and JSON true must not pass for 1.
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise IntegrityError(f"shard index entry {path!r}: {field} is not an integer")
-            ints[field] = value
-        return cls(path=path, **ints)
+            raise validate.BadValue(f"{what} crc32 is not hex") from exc
+        if not 0 <= crc_value < 2**32:
+            raise validate.BadValue(f"{what} crc32 {crc!r} out of range")
+        return cls(
+            path=path,
+            header_offset=validate.size(data["header_offset"], f"{what} header_offset"),
+            data_offset=validate.size(data["data_offset"], f"{what} data_offset"),
+            size=validate.size(data["size"], f"{what} size"),
+            mtime=validate.mtime_seconds(data["mtime"], f"{what} mtime"),
+            mode=validate.mode(data["mode"], f"{what} mode"),
+            crc32=crc_value,
+        )
 
 
 def index_to_bytes(entries: Iterable[IndexEntry], *, shard_key: str) -> bytes:
@@ -271,64 +270,55 @@ def index_to_bytes(entries: Iterable[IndexEntry], *, shard_key: str) -> bytes:
     return json.dumps(envelope, separators=(",", ":")).encode("ascii")
 
 
-def _check_entries(entries: Sequence[IndexEntry]) -> None:
+def _check_entries(entries: Sequence[IndexEntry], *, shard_size: int | None) -> None:
+    """Members in order, on tar blocks, not overlapping, and inside the shard when its size
+    is known. Raises BadValue."""
     seen: set[str] = set()
     next_free = 0  # first byte not taken by the previous member
     for entry in entries:
         where = f"shard index entry {entry.path!r}"
-        try:
-            _check_name(entry.path)
-        except UsageError as exc:
-            raise IntegrityError(f"{where}: {exc}") from exc
         if entry.path in seen:
-            raise IntegrityError(f"{where}: listed twice")
+            raise validate.BadValue(f"{where}: listed twice")
         seen.add(entry.path)
-        if entry.size < 0:
-            raise IntegrityError(f"{where}: negative size {entry.size}")
         if entry.header_offset % BLOCK or entry.data_offset % BLOCK:
-            raise IntegrityError(
+            raise validate.BadValue(
                 f"{where}: offsets {entry.header_offset}/{entry.data_offset} not 512-aligned"
             )
         if entry.header_offset < next_free:
-            raise IntegrityError(
+            raise validate.BadValue(
                 f"{where}: header at {entry.header_offset} overlaps the previous member "
                 f"(ends at {next_free})"
             )
         if entry.data_offset < entry.header_offset + BLOCK:
-            raise IntegrityError(
+            raise validate.BadValue(
                 f"{where}: data at {entry.data_offset} leaves no header after {entry.header_offset}"
             )
-        if not 0 <= entry.mode <= 0o7777:
-            raise IntegrityError(f"{where}: mode {entry.mode:o} is not permission bits")
-        if not 0 <= entry.crc32 < 2**32:
-            raise IntegrityError(f"{where}: crc32 {entry.crc32} out of range")
         next_free = entry.data_offset + _padded(entry.size)
+        if shard_size is not None and entry.data_offset + entry.size > shard_size:
+            raise validate.BadValue(
+                f"{where}: bytes {entry.data_offset}-{entry.data_offset + entry.size} are past "
+                f"the end of the shard ({shard_size} bytes)"
+            )
 
 
-def index_from_bytes(data: bytes, *, shard_key: str | None = None) -> list[IndexEntry]:
-    """Parse and validate a shard index; IntegrityError on anything malformed, or when
-    shard_key is given and the index names another shard."""
+def index_from_bytes(
+    data: bytes, *, shard_key: str | None = None, shard_size: int | None = None
+) -> list[IndexEntry]:
+    """Parse and validate a shard index; CorruptMetadataError (an IntegrityError) on anything
+    malformed, when shard_key is given and the index names another shard, or when shard_size
+    is given and a member lies past it."""
+    where = repr(shard_key) if shard_key is not None else "(of an unnamed shard)"
     try:
-        envelope = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise IntegrityError(f"shard index is not JSON: {exc}") from exc
-    if not isinstance(envelope, dict):
-        raise IntegrityError("shard index is not a JSON object")
-    if envelope.get("format") != INDEX_FORMAT or envelope.get("version") != INDEX_VERSION:
-        raise IntegrityError(
-            f"not an {INDEX_FORMAT} version {INDEX_VERSION}: "
-            f"format={envelope.get('format')!r:.80} version={envelope.get('version')!r:.80}"
-        )
-    key = envelope.get("shard_key")
-    if not isinstance(key, str):
-        raise IntegrityError("shard index has no shard_key")
-    if shard_key is not None and key != shard_key:
-        raise IntegrityError(f"shard index belongs to {key!r}, not {shard_key!r}")
-    members = envelope.get("members")
-    if not isinstance(members, list):
-        raise IntegrityError(f"shard index of {key!r} has no members list")
-    entries = [IndexEntry.from_json(member) for member in members]
-    _check_entries(entries)
+        envelope = validate.json_object(data)
+        validate.envelope(envelope, format=INDEX_FORMAT, version=INDEX_VERSION)
+        key = validate.object_key(envelope.get("shard_key"), "shard_key")
+        if shard_key is not None and key != shard_key:
+            raise validate.BadValue(f"shard index belongs to {key!r}, not {shard_key!r}")
+        members = validate.array(envelope.get("members"), f"members of the index of {key!r}")
+        entries = [IndexEntry.from_json(member) for member in members]
+        _check_entries(entries, shard_size=shard_size)
+    except validate.BadValue as exc:
+        raise validate.corrupt("shard index", where, exc) from exc
     return entries
 
 

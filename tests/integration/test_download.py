@@ -225,7 +225,9 @@ def test_large_objects_of_a_plain_prefix_come_in_ranges_aligned_to_their_parts_a
 def test_hostile_names_stay_inside_dest(
     local_s3: LocalS3Info, bucket: str, sync_s3_client: Any, tmp_path: Path
 ) -> None:
-    # A manifest crafted to point outside DEST, and a symlink inside DEST pointing out.
+    # A manifest crafted to point outside DEST, and a symlink inside DEST pointing out. ('..'
+    # and absolute paths never get this far: the manifest is refused whole, exit 4, see
+    # tests/faults/test_hostile_metadata.py.)
     outside = tmp_path / "outside"
     outside.mkdir()
     sync_s3_client.put_object(Bucket=bucket, Key="h/data", Body=b"evil")
@@ -233,9 +235,6 @@ def test_hostile_names_stay_inside_dest(
     rows = [
         [path, "h/data", 4, 0, 0o644, "", 0, -1, etag]
         for path in [
-            "../escape.txt",
-            "/etc/s3xfer-abs",
-            "a/../../x",
             "C:/win",
             "link/inside",
             "ok.txt",
@@ -260,7 +259,7 @@ def test_hostile_names_stay_inside_dest(
     assert result.returncode == 1
     report = json.loads(result.stdout)
     refused = {r["path"] for r in report["refused"]}
-    assert refused == {"../escape.txt", "/etc/s3xfer-abs", "a/../../x", "link/inside"}
+    assert refused == {"link/inside"}
     assert (out / "ok.txt").read_bytes() == b"evil"
     assert (out / "C:" / "win").read_bytes() == b"evil"  # an ordinary name on POSIX
     assert list(outside.iterdir()) == []

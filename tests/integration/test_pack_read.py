@@ -284,7 +284,7 @@ def test_a_corrupt_catalog_is_refused(
                 await ds.read(path)
         sync_s3_client.put_object(Bucket=bucket, Key=key, Body=b"not gzip")
         async with Dataset(f"s3://{bucket}/c", connection=connection(s3_env)) as ds:
-            with pytest.raises(IntegrityError, match="corrupt catalog piece"):
+            with pytest.raises(IntegrityError, match="corrupt dataset metadata: catalog piece"):
                 await ds.read(path)
 
     anyio.run(main)

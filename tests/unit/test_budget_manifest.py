@@ -78,7 +78,7 @@ def test_manifest_round_trip_and_corruption() -> None:
     manifest = Manifest("s3://b/p", {"a": record(unit("a"))})
     again = Manifest.from_bytes(manifest.to_bytes(), where="x")
     assert again.records == manifest.records
-    with pytest.raises(IntegrityError, match="corrupt manifest"):
+    with pytest.raises(IntegrityError, match="corrupt dataset metadata: manifest"):
         Manifest.from_bytes(b"\x1f\x8bgarbage", where="s3://b/p/.s3xfer/manifest.json.gz")
 
 
