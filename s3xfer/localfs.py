@@ -35,6 +35,9 @@ if TYPE_CHECKING:  # downloads and reads never load the survey or the tar layout
     from .tarpack import FilePiece, FixedPiece
 
 
+StrPath = str | os.PathLike[str]
+
+
 class FileChangedError(SourceError):
     """The file is not the one that was planned, or not the one first read: it changed size,
     mtime, inode or ctime, or vanished."""
@@ -106,7 +109,7 @@ class FileIdentity:
         return cls(*data)
 
 
-def describe_change(path: Path, identity: FileIdentity, now: FileIdentity) -> str:
+def describe_change(path: StrPath, identity: FileIdentity, now: FileIdentity) -> str:
     """Why `now` is not the file first read as `identity`, in one line."""
     if now.inode != identity.inode or now.dev != identity.dev:
         how = "replaced by another file"
@@ -117,11 +120,11 @@ def describe_change(path: Path, identity: FileIdentity, now: FileIdentity) -> st
     return f"{path}: changed while it was read ({how})"
 
 
-def _changed(path: Path, identity: FileIdentity, now: FileIdentity) -> FileChangedError:
+def _changed(path: StrPath, identity: FileIdentity, now: FileIdentity) -> FileChangedError:
     return FileChangedError(describe_change(path, identity, now))
 
 
-def _stat_identity(path: Path, *, since: str = "while it was read") -> FileIdentity:
+def _stat_identity(path: StrPath, *, since: str = "while it was read") -> FileIdentity:
     """The identity of path now (following symlinks, as the survey does)."""
     try:
         status = os.stat(path)
@@ -134,14 +137,14 @@ def _stat_identity(path: Path, *, since: str = "while it was read") -> FileIdent
     return FileIdentity.of(status)
 
 
-def _check_still(path: Path, identity: FileIdentity) -> None:
+def _check_still(path: StrPath, identity: FileIdentity) -> None:
     now = _stat_identity(path)
     if now != identity:
         raise _changed(path, identity, now)
 
 
 def _read_checked(
-    path: Path,
+    path: StrPath,
     read: Callable[[int], bool],
     *,
     size: int,
@@ -247,9 +250,10 @@ def _identify_members(
     root: Path, members: Sequence[FileEntry], since: str
 ) -> list[FileIdentity | str]:
     found: list[FileIdentity | str] = []
+    base = f"{root}/"  # strings: a Path join per member costs as much as its stat
     for member in members:
         try:
-            found.append(_stat_identity(root / member.path, since=since))
+            found.append(_stat_identity(base + member.path, since=since))
         except SourceError as exc:
             found.append(str(exc))
     return found
@@ -267,9 +271,10 @@ def _changed_members(
     root: Path, members: Sequence[FileEntry], identities: Sequence[FileIdentity]
 ) -> dict[int, str]:
     changed: dict[int, str] = {}
+    base = f"{root}/"
     for n, (member, identity) in enumerate(zip(members, identities, strict=True)):
         try:
-            _check_still(root / member.path, identity)
+            _check_still(base + member.path, identity)
         except SourceError as exc:
             changed[n] = str(exc)
     return changed
@@ -296,6 +301,7 @@ def _fill_part(
     view = memoryview(buffer)
     crcs: list[int] = []
     position = 0
+    base = f"{root}/"
     for piece in pieces:
         if isinstance(piece, FixedPiece):
             view[position : position + len(piece.data)] = piece.data
@@ -304,7 +310,7 @@ def _fill_part(
         member = members[piece.member]
         target = view[position : position + piece.length]
         try:
-            _read_into(root / member.path, target, piece.offset, identities[piece.member])
+            _read_into(base + member.path, target, piece.offset, identities[piece.member])
         except FileChangedError as exc:
             raise MemberChangedError(str(exc), member=piece.member) from exc
         crcs.append(crc32(target))
@@ -312,7 +318,7 @@ def _fill_part(
     return buffer, [p for p in pieces if isinstance(p, FilePiece)], crcs
 
 
-def _read_into(path: Path, target: memoryview, offset: int, identity: FileIdentity) -> None:
+def _read_into(path: StrPath, target: memoryview, offset: int, identity: FileIdentity) -> None:
     def read(fd: int) -> bool:
         return (os.preadv(fd, [target], offset) if len(target) else 0) == len(target)
 
