@@ -175,10 +175,15 @@ def plan_options(function: F) -> F:
 
 _OWNER_META = "s3xfer.expected_bucket_owner"
 _STALL_META = "s3xfer.stall_timeout"
+_UNSIGNED_META = "s3xfer.no_sign_request"
 
 
 def _remember_owner(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
     ctx.meta[_OWNER_META] = value
+
+
+def _remember_unsigned(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    ctx.meta[_UNSIGNED_META] = value
 
 
 def _remember_stall_timeout(ctx: click.Context, _param: click.Parameter, value: float) -> None:
@@ -193,9 +198,9 @@ def connection_options(function: F) -> F:
     options = [
         click.option(
             "--endpoint-url",
-            envvar="AWS_ENDPOINT_URL",
             default=None,
-            help="S3-compatible endpoint, e.g. http://127.0.0.1:8333 [env AWS_ENDPOINT_URL].",
+            help="S3-compatible endpoint, e.g. http://127.0.0.1:8333 (else, as for awscli: "
+            "AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, the profile's endpoint_url or services).",
         ),
         click.option("--profile", default=None, help="Named profile from ~/.aws/config."),
         click.option("--region", default=None, help="AWS region (default from the profile)."),
@@ -203,6 +208,13 @@ def connection_options(function: F) -> F:
             "--no-verify-ssl",
             is_flag=True,
             help="Do not verify TLS certificates (insecure; warns).",
+        ),
+        click.option(
+            "--no-sign-request",
+            is_flag=True,
+            expose_value=False,
+            callback=_remember_unsigned,
+            help="Send requests unsigned, without credentials (public buckets).",
         ),
         click.option(
             "--expected-bucket-owner",
@@ -276,6 +288,7 @@ def make_connection(
         sse_kms_key_id=sse_kms_key_id,
         expected_bucket_owner=meta.get(_OWNER_META),
         stall_timeout=meta.get(_STALL_META, 60.0),
+        unsigned=bool(meta.get(_UNSIGNED_META)),
     )
     if no_verify_ssl:
         click.echo("s3xfer: warning: TLS certificate verification is off", err=True)

@@ -31,8 +31,8 @@ from .checksums import combine_parts, crc32, crc32_from_base64, crc32_to_base64
 from .errors import IntegrityError, UsageError, first_error
 from .localfs import destination_error, move_into_place
 from .ranges import RangeGet, check_ranged_response
-from .rawhttp import PIECE_SIZE
 from .retry import RetryPolicy, TransientError, call_with_retries
+from .transport.http import PIECE_SIZE
 from .validate import restored_mode
 
 SIDECAR_VERSION = 1

@@ -1,30 +1,32 @@
-"""The only module that talks to S3 (aiobotocore, plus lean single PUTs over aiohttp and lean
-GETs in worker threads): one client per run, errors translated here, and the options every
-request carries (expected bucket owner, server-side encryption) added here.
+"""The S3 facade: every request s3xfer sends, counted, admitted by the adaptive gate, retried
+by its callers, and its errors translated to s3xfer's own, with the options every request
+carries (expected bucket owner, server-side encryption).
 
-aiobotocore and aiohttp are imported, and the client made, only when a request needs them:
-together they cost about 0.3 s of start-up, which a download served by the lean paths (given
-an endpoint and credentials in the environment) never pays.
+The data path (PUT, UploadPart, GET, ranged GET, HEAD) goes through the transport package
+(awscrt); control requests (List, Create/Complete/Abort multipart) through aiobotocore. Both
+take endpoint, credentials, CA bundle and proxies from botocore's view of the environment and
+config, so they always agree. aiobotocore and aiohttp are imported, and the client made, only
+when a request needs them (about 0.3 s of start-up).
 
-Every botocore / aiohttp exception is mapped, in `_translate`, to s3xfer's own: permanent
-failures to RemoteError subclasses with a readable message, and retryable ones to
-TransientError. botocore's own retries are off so that retries are counted and bounded in
-one place (retry.py).
+Every exception is mapped, in `_translate`, to s3xfer's own: permanent failures to
+RemoteError subclasses with a readable message, and retryable ones to TransientError.
+botocore's own retries are off so that retries are counted and bounded in one place
+(retry.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime
+import base64
+import hashlib
 import io
-import math
+import logging
 import os
 import re
 import ssl
 import sys
-import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -33,7 +35,7 @@ from urllib.parse import urlsplit
 import anyio
 import botocore.exceptions as bx
 
-from . import rawhttp, sigv4
+from .checksums import crc32, crc32_to_base64
 from .errors import (
     AccessDeniedError,
     EndpointError,
@@ -47,12 +49,23 @@ from .errors import (
 )
 from .retry import TransientError
 from .throttle import AdaptiveGate
+from .transport import (
+    BodyCheck,
+    Endpoints,
+    NetworkSettings,
+    Response,
+    Sink,
+    Transport,
+    UnreachableError,
+)
+from .transport.http import Credentials
 
 if TYPE_CHECKING:
-    import aiohttp
     from aiobotocore.session import AioSession
     from botocore.model import OperationModel
     from types_aiobotocore_s3 import S3Client
+
+__all__ = ("S3", "BodyCheck", "Connection", "ObjectLayout", "Sink", "UnreachableError", "open_s3")
 
 _THROTTLE_CODES = {
     "SlowDown",
@@ -120,44 +133,29 @@ class _SharedBytesIO(io.BytesIO):
         return memoryview(self._shared)
 
 
-class _WatchedBody(_SharedBytesIO):
-    """A large request body that pushes back a deadline each time it is read: aiohttp reads
-    the next chunk only once the socket took the previous one, so no read for `timeout`
-    means the far end has stopped taking the body (a write that hangs, which no read timeout
-    notices). Once it is all read, the response's read timeout takes over.
-
-    A deadline on a cancel scope rather than a watchdog task: a task's closure over the body
-    made a reference cycle that kept every part's bytes alive until the next GC pass."""
-
-    def __init__(self, data: bytes, scope: anyio.CancelScope, timeout: float) -> None:
-        super().__init__(data)
-        self._scope = scope
-        self._timeout = timeout
-
-    def read(self, size: int | None = -1) -> bytes:
-        chunk = super().read(size)
-        self._scope.deadline = anyio.current_time() + self._timeout if chunk else math.inf
-        return chunk
-
-
 @dataclass(frozen=True, slots=True)
 class Connection:
-    """Where and how to connect. Credentials come from the usual AWS chain unless given here
-    (they are then kept out of repr, and so out of logs and reports)."""
+    """Where and how to connect. Unset, everything comes from where awscli takes it (AWS_*
+    variables, ~/.aws/config and credentials, the profile). Credentials given here are kept
+    out of repr, and so out of logs and reports."""
 
+    # Takes precedence over AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL and the profile's settings.
     endpoint_url: str | None = None
     profile: str | None = None
     region: str | None = None
     verify_ssl: bool = True
     access_key: str | None = field(default=None, repr=False)
     secret_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    # Send requests unsigned (public buckets), as awscli's --no-sign-request.
+    unsigned: bool = False
     # Server-side encryption of the objects written (PutObject, CreateMultipartUpload).
     sse: str | None = None
     sse_kms_key_id: str | None = None
     # Every request then fails (403) unless the bucket belongs to this account: a bucket name
     # deleted and re-created by someone else does not silently receive the data.
     expected_bucket_owner: str | None = None
-    # A request whose response makes no progress for this long is cut and retried.
+    # A request that makes no progress (sending or receiving) for this long is cut and retried.
     stall_timeout: float = 60.0
 
     def __post_init__(self) -> None:
@@ -176,15 +174,8 @@ class Connection:
         owner = self.expected_bucket_owner
         if owner is not None and not _ACCOUNT_ID.fullmatch(owner):
             raise UsageError(f"expected bucket owner must be a 12-digit AWS account id: {owner!r}")
-
-
-# Accepts or refuses (by raising) a GET's answer before its body: status, Content-Range,
-# Content-Length (-1 when not given).
-BodyCheck = Callable[[int, str | None, int], None]
-
-
-class UnreachableError(TransientError):
-    """The connection could not even be opened (refused, no route, DNS, connect timeout)."""
+        if bool(self.access_key) != bool(self.secret_key):
+            raise UsageError("an access key needs its secret key, and the other way round")
 
 
 def _where(bucket: str, key: str | None, byte_range: str | None) -> str:
@@ -192,8 +183,17 @@ def _where(bucket: str, key: str | None, byte_range: str | None) -> str:
     return f"{where} ({byte_range})" if byte_range else where
 
 
+def _sso_profile(profile: str | None) -> str:
+    return profile or os.environ.get("AWS_PROFILE") or "default"
+
+
 def _translate(
-    exc: BaseException, *, bucket: str, key: str | None, byte_range: str | None
+    exc: BaseException,
+    *,
+    bucket: str,
+    key: str | None,
+    byte_range: str | None,
+    profile: str | None = None,
 ) -> Exception | None:
     where = _where(bucket, key, byte_range)
     if isinstance(exc, bx.ClientError):
@@ -223,9 +223,22 @@ def _translate(
             return AccessDeniedError(
                 f"access denied to {where}: {code} (check the credentials and their permissions)"
             )
+        if status in (301, 307) or code in ("PermanentRedirect", "AuthorizationHeaderMalformed"):
+            return RemoteError(
+                f"s3://{bucket} is not in the region requests are sent to ({code or status}), "
+                "and S3 did not say which it is in: pass its region with --region"
+            )
         return RemoteError(f"{code or status} on {where}: {message}")
     if isinstance(exc, bx.FlexibleChecksumError):
         return IntegrityError(f"{where}: the body does not match the checksum S3 stored: {exc}")
+    if isinstance(
+        exc, bx.SSOTokenLoadError | bx.UnauthorizedSSOTokenError | bx.TokenRetrievalError
+    ):
+        name = _sso_profile(profile)
+        return AccessDeniedError(
+            f"the AWS SSO session of profile {name} is not logged in or has expired: "
+            f"run aws sso login --profile {name}"
+        )
     if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
         return AccessDeniedError(
             "no AWS credentials found: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
@@ -235,17 +248,13 @@ def _translate(
         return UsageError(f"no such AWS profile: {exc.kwargs.get('profile')}")
     if isinstance(exc, bx.EndpointConnectionError | bx.ConnectTimeoutError):
         return UnreachableError(f"cannot reach the endpoint for {where}: {exc}")
-    if isinstance(exc, rawhttp.ConnectError) and isinstance(
-        exc.__cause__, ssl.SSLCertVerificationError
-    ):
+    if isinstance(exc, bx.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc):
         return EndpointError(
-            f"TLS certificate verification failed for {where}: {exc.__cause__.verify_message} "
-            "(--no-verify-ssl turns the check off, for an endpoint you trust)"
+            f"TLS certificate verification failed for {where}: set AWS_CA_BUNDLE (or ca_bundle "
+            "in the profile) to the CA that signed it, or --no-verify-ssl for an endpoint you trust"
         )
     loaded = sys.modules.get("aiohttp")  # no aiohttp error can happen before it is imported
-    if isinstance(exc, rawhttp.ConnectError) or (
-        loaded is not None and isinstance(exc, loaded.ClientConnectorError)
-    ):
+    if loaded is not None and isinstance(exc, loaded.ClientConnectorError):
         return UnreachableError(f"cannot reach the endpoint for {where}: {exc}")
     if isinstance(exc, bx.ReadTimeoutError | bx.ConnectionClosedError | bx.ResponseStreamingError):
         return TransientError(f"connection failed on {where}: {exc}")
@@ -253,8 +262,10 @@ def _translate(
         loaded is not None and isinstance(exc, loaded.ClientError)
     ):
         return TransientError(f"connection failed on {where}: {type(exc).__name__}: {exc}")
-    if isinstance(exc, ConnectionError | ssl.SSLError):  # the threaded GETs of rawhttp.py
+    if isinstance(exc, ConnectionError | ssl.SSLError):
         return TransientError(f"connection failed on {where}: {type(exc).__name__}: {exc}")
+    if isinstance(exc, bx.InvalidConfigError | bx.ConfigParseError):
+        return UsageError(f"bad AWS configuration: {exc}")
     if isinstance(exc, bx.NoRegionError):
         return UsageError("no AWS region configured: pass --region or set AWS_DEFAULT_REGION")
     return None
@@ -274,14 +285,18 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 
 @contextmanager
 def map_errors(
-    bucket: str, key: str | None = None, byte_range: str | None = None
+    bucket: str,
+    key: str | None = None,
+    byte_range: str | None = None,
+    *,
+    profile: str | None = None,
 ) -> Iterator[None]:
     try:
         yield
     except S3XferError:
         raise  # ours already (EndpointError is a ConnectionError too)
     except _network_errors() as exc:
-        mapped = _translate(exc, bucket=bucket, key=key, byte_range=byte_range)
+        mapped = _translate(exc, bucket=bucket, key=key, byte_range=byte_range, profile=profile)
         if mapped is None:
             where = _where(bucket, key, byte_range)
             raise RemoteError(f"{type(exc).__name__} on {where}: {exc}") from exc
@@ -301,10 +316,11 @@ def _expect_bucket_owner(owner: str) -> Callable[..., None]:
 
 
 class S3:
-    """Thin async helpers over one S3 client; every call raises only s3xfer errors.
+    """Thin async helpers over the transport (data path) and one botocore client (control
+    requests); every call raises only s3xfer errors.
 
     With expected_bucket_owner, every request carries it (botocore through a client hook, the
-    lean path as a signed header). With sse, every object written is encrypted: PutObject and
+    transport as a signed header). With sse, every object written is encrypted: PutObject and
     CreateMultipartUpload carry it, UploadPart must not (S3 refuses SSE-S3/KMS headers there:
     the parts inherit the upload's encryption)."""
 
@@ -312,37 +328,37 @@ class S3:
         self,
         botocore: _Botocore,
         *,
+        transport: Transport,
         endpoint_label: str,
-        lean: _LeanPut | None = None,
         sse: str | None = None,
         sse_kms_key_id: str | None = None,
         expected_bucket_owner: str | None = None,
         gate: AdaptiveGate | None = None,
     ) -> None:
         self._botocore = botocore
+        self.transport = transport
         self.gate = gate
         self._answered = False  # has the endpoint ever answered (a response, even an error)?
         self.endpoint_label = endpoint_label
-        self.lean = lean
         self.calls: Counter[str] = Counter()  # requests sent per operation, retries included
         # botocore parameters of the writes that create objects
         self._encryption: dict[str, Any] = {}
-        # the same as headers, for the lean path: every request, and PutObject's own
-        self._lean_headers: dict[str, str] = {}
-        self._lean_put_headers: dict[str, str] = {}
+        # the same as headers, for the transport: every request, and PutObject's own
+        self._headers: dict[str, str] = {}
+        self._put_headers: dict[str, str] = {}
         if sse:
             self._encryption["ServerSideEncryption"] = sse
-            self._lean_put_headers["x-amz-server-side-encryption"] = sse
+            self._put_headers["x-amz-server-side-encryption"] = sse
         if sse_kms_key_id:
             self._encryption["SSEKMSKeyId"] = sse_kms_key_id
-            self._lean_put_headers["x-amz-server-side-encryption-aws-kms-key-id"] = sse_kms_key_id
+            self._put_headers["x-amz-server-side-encryption-aws-kms-key-id"] = sse_kms_key_id
         if expected_bucket_owner:
             hook = _expect_bucket_owner(expected_bucket_owner)
             botocore.on_client.append(
                 lambda client: client.meta.events.register("before-parameter-build.s3", hook)
             )
-            self._lean_headers["x-amz-expected-bucket-owner"] = expected_bucket_owner
-        self._lean_put_headers.update(self._lean_headers)
+            self._headers["x-amz-expected-bucket-owner"] = expected_bucket_owner
+        self._put_headers.update(self._headers)
 
     async def client(self) -> S3Client:
         """The botocore client (made on the first call)."""
@@ -366,13 +382,13 @@ class S3:
         self.calls[operation] += 1
         async with self.gate.slot() if self.gate is not None else nullcontext():
             try:
-                with map_errors(bucket, key, byte_range):
+                with map_errors(bucket, key, byte_range, profile=self._botocore.connection.profile):
                     yield
             except UnreachableError as error:
                 # Never answered at all: a wrong endpoint, not a passing failure worth retrying.
                 if not self._answered:
                     raise EndpointError(
-                        f"cannot reach S3 endpoint {self.endpoint_label}"
+                        f"cannot reach S3 endpoint {self.endpoint_label}: {error}"
                     ) from error
                 raise
             except TransientError as error:
@@ -386,45 +402,72 @@ class S3:
             if self.gate is not None:
                 self.gate.succeeded()
 
+    async def _send(
+        self,
+        operation: str,
+        method: str,
+        bucket: str,
+        key: str | None,
+        *,
+        query: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+        on_head: BodyCheck | None = None,
+        sink: Sink | None = None,
+        collect: bool = False,
+    ) -> Response:
+        """One request on the transport: its answer when 2xx, else S3's error raised (as
+        botocore's ClientError, so that one mapping serves both paths)."""
+        response = await self.transport.request(
+            method,
+            bucket,
+            key,
+            query=query,
+            headers={**self._headers, **(headers or {})},
+            body=body,
+            on_head=on_head,
+            sink=sink,
+            collect=collect,
+        )
+        if 200 <= response.status < 300:
+            return response
+        raise _client_error(response.status, response.error_text, operation)
+
     async def prepare_reads(self, bucket: str) -> None:
-        """Before the first GETs of bucket. An AWS bucket (no endpoint given) is checked
-        with HEAD, which tells its region, which the lean GETs need; elsewhere nothing is
-        sent: the first GET fails as the check would (no such bucket, access denied, no
-        endpoint), one round trip sooner."""
-        if self.lean is not None and not self.lean.can_put(bucket):
-            await self.check_bucket(bucket)
+        """Before the first GETs of bucket: nothing to send. The first GET fails as a bucket
+        check would (no such bucket, access denied, no endpoint), one round trip sooner, and
+        a bucket in another region is followed there by the transport."""
 
     async def check_bucket(self, bucket: str) -> None:
         """Fail early, with one clear line, on a missing bucket, bad credentials or no endpoint."""
-        if self.lean is not None and self.lean.endpoint_url is not None:
-            async with self._request("check_bucket", bucket):
-                await self.lean.head_bucket(bucket, headers=self._lean_headers)
-            return
         async with self._request("check_bucket", bucket):
-            client = await self.client()
-            response = await client.head_bucket(Bucket=bucket)
-        if self.lean is not None:
-            self.lean.learn_region(bucket, response.get("BucketRegion"))
+            await self._send("HeadBucket", "HEAD", bucket, None)
 
     async def put_object(
         self, bucket: str, key: str, body: bytes, *, crc32: str, extra: dict[str, Any] | None = None
     ) -> str:
-        if self.lean is not None and not extra and self.lean.can_put(bucket):
+        if not extra:
             async with self._request("put_object", bucket, key):
-                return await self.lean.put(
-                    bucket, key, body, crc32=crc32, headers=self._lean_put_headers
+                response = await self._send(
+                    "PutObject",
+                    "PUT",
+                    bucket,
+                    key,
+                    headers={**self._put_headers, "x-amz-checksum-crc32": crc32},
+                    body=body,
                 )
-        async with self._request("put_object", bucket, key):
+            return response.headers.get("etag", "")
+        async with self._request("put_object", bucket, key):  # parameters only botocore knows
             client = await self.client()
-            response = await client.put_object(
+            answer = await client.put_object(
                 Bucket=bucket,
                 Key=key,
                 Body=_SharedBytesIO(body),
                 ChecksumCRC32=crc32,
                 **self._encryption,
-                **(extra or {}),
+                **extra,
             )
-        return response.get("ETag", "")
+        return answer.get("ETag", "")
 
     async def create_multipart_upload(self, bucket: str, key: str) -> str:
         async with self._request("create_multipart_upload", bucket, key):
@@ -441,23 +484,17 @@ class S3:
     async def upload_part(
         self, bucket: str, key: str, *, upload_id: str, number: int, body: bytes, crc32: str
     ) -> str:
-        if self.lean is not None and self.lean.can_put(bucket):
-            query = {"partNumber": str(number), "uploadId": upload_id}
-            async with self._request("upload_part", bucket, key, f"part {number}"):
-                return await self.lean.put(
-                    bucket, key, body, crc32=crc32, query=query, headers=self._lean_headers
-                )
         async with self._request("upload_part", bucket, key, f"part {number}"):
-            client = await self.client()
-            response = await client.upload_part(
-                Bucket=bucket,
-                Key=key,
-                UploadId=upload_id,
-                PartNumber=number,
-                Body=_SharedBytesIO(body),
-                ChecksumCRC32=crc32,
+            response = await self._send(
+                "UploadPart",
+                "PUT",
+                bucket,
+                key,
+                query={"partNumber": str(number), "uploadId": upload_id},
+                headers={"x-amz-checksum-crc32": crc32},
+                body=body,
             )
-        return response["ETag"]
+        return response.headers.get("etag", "")
 
     async def complete_multipart_upload(
         self,
@@ -566,44 +603,26 @@ class S3:
         if_match: str | None = None,
         verify_checksum: bool = False,
     ) -> tuple[bytes, int, str | None]:
-        """One GET (of one range, or the whole object): body, HTTP status, Content-Range. On
-        the lean path (in a worker thread) unless botocore must check S3's stored checksum.
+        """One GET (of one range, or the whole object): body, HTTP status, Content-Range.
 
         With if_match, an object replaced since its ETag was recorded is refused by S3 (412)
-        instead of returning other bytes. With verify_checksum (whole objects only), botocore
-        checks the body against the checksum S3 stored with it, when there is one."""
-        if self.lean is not None and self.lean.can_put(bucket) and not verify_checksum:
-            answer: list[Any] = [0, None]
-            pieces: list[bytes] = []
-
-            def keep_head(status: int, content_range: str | None, length: int) -> None:
-                answer[:] = [status, content_range]
-
-            async with self._request("get_object", bucket, key, byte_range):
-                await self.lean.get_to(
-                    bucket,
-                    key,
-                    byte_range=byte_range,
-                    if_match=if_match,
-                    on_head=keep_head,
-                    sink=lambda piece: pieces.append(bytes(piece)),
-                    headers=self._lean_headers,
-                )
-            return b"".join(pieces), int(answer[0]), answer[1]
-        kwargs: dict[str, Any] = {}
+        instead of returning other bytes. With verify_checksum (whole objects only), the body
+        is checked against the checksum S3 stored with it, when there is one (what botocore's
+        response checksum validation does)."""
+        headers: dict[str, str] = {}
         if byte_range:
-            kwargs["Range"] = byte_range
+            headers["range"] = byte_range
         elif verify_checksum:
-            kwargs["ChecksumMode"] = "ENABLED"
+            headers["x-amz-checksum-mode"] = "ENABLED"
         if if_match:
-            kwargs["IfMatch"] = if_match
+            headers["if-match"] = if_match
         async with self._request("get_object", bucket, key, byte_range):
-            client = await self.client()
-            response = await client.get_object(Bucket=bucket, Key=key, **kwargs)
-            async with response["Body"] as stream:
-                body: bytes = await stream.read()
-        status = int(response["ResponseMetadata"]["HTTPStatusCode"])
-        return body, status, response.get("ContentRange")
+            response = await self._send(
+                "GetObject", "GET", bucket, key, headers=headers, collect=True
+            )
+        if verify_checksum and not byte_range:
+            _check_stored_checksum(response, where=_where(bucket, key, None))
+        return response.body, response.status, response.headers.get("content-range")
 
     async def get_range_to(
         self,
@@ -613,47 +632,20 @@ class S3:
         byte_range: str,
         if_match: str | None = None,
         on_head: BodyCheck,
-        sink: rawhttp.Sink,
+        sink: Sink,
     ) -> int:
-        """One ranged GET whose body goes to the sink (a callable given each piece, in a
-        worker thread, or a buffer filled from its start) once on_head(status, Content-Range,
-        Content-Length) has accepted the answer: the body length.
-
-        On the lean path the bytes come straight from the socket (rawhttp.py); otherwise
-        they are botocore's chunks. A retry must start its own sink state afresh."""
-        if self.lean is not None and self.lean.can_put(bucket):
-            async with self._request("get_object", bucket, key, byte_range):
-                return await self.lean.get_to(
-                    bucket,
-                    key,
-                    byte_range=byte_range,
-                    if_match=if_match,
-                    on_head=on_head,
-                    sink=sink,
-                    headers=self._lean_headers,
-                )
-        kwargs: dict[str, Any] = {"Range": byte_range}
+        """One ranged GET whose body goes to the sink (a callable given each piece, on a
+        transport thread or a worker thread, or a buffer filled from its start) once
+        on_head(status, Content-Range, Content-Length) has accepted the answer: the body
+        length. A retry must start its own sink state afresh."""
+        headers = {"range": byte_range}
         if if_match:
-            kwargs["IfMatch"] = if_match
-        length = 0
+            headers["if-match"] = if_match
         async with self._request("get_object", bucket, key, byte_range):
-            client = await self.client()
-            response = await client.get_object(Bucket=bucket, Key=key, **kwargs)
-            status = int(response["ResponseMetadata"]["HTTPStatusCode"])
-            on_head(status, response.get("ContentRange"), int(response.get("ContentLength", -1)))
-            async with response["Body"] as stream:
-                async for chunk in stream.iter_chunks(rawhttp.PIECE_SIZE):
-                    if not isinstance(sink, memoryview):
-                        await anyio.to_thread.run_sync(sink, memoryview(chunk))
-                    elif length + len(chunk) <= len(sink):
-                        sink[length : length + len(chunk)] = chunk
-                    else:
-                        raise TransientError(
-                            f"{_where(bucket, key, byte_range)}: more bytes answered than the "
-                            f"{len(sink):,} asked for"
-                        )
-                    length += len(chunk)
-        return length
+            response = await self._send(
+                "GetObject", "GET", bucket, key, headers=headers, on_head=on_head, sink=sink
+            )
+        return response.length
 
     async def delete_objects(self, bucket: str, keys: Sequence[str]) -> list[tuple[str, str]]:
         """Delete at most 1,000 keys with one request; the keys S3 did not delete, each with
@@ -708,242 +700,65 @@ class S3:
         self, bucket: str, key: str, *, etag: str | None = None, part_number: int | None = None
     ) -> dict[str, Any]:
         """HeadObject, with the checksum S3 keeps; of the object with this ETag (If-Match),
-        or of one of its parts."""
-        kwargs: dict[str, Any] = {"ChecksumMode": "ENABLED"}
+        or of one of its parts. The answer under botocore's names (those s3xfer reads)."""
+        headers = {"x-amz-checksum-mode": "ENABLED"}
         if etag is not None:
-            kwargs["IfMatch"] = etag
-        if part_number is not None:
-            kwargs["PartNumber"] = part_number
+            headers["if-match"] = etag
+        query = {"partNumber": str(part_number)} if part_number is not None else None
         async with self._request("head_object", bucket, key):
-            client = await self.client()
-            return dict(await client.head_object(Bucket=bucket, Key=key, **kwargs))
-
-
-class _LeanPut:
-    """Single PUTs without botocore's per-request machinery: signed by sigv4.py, sent with
-    aiohttp on a pool of its own (made on the first PUT); GETs and HEADs in worker threads
-    (rawhttp.py). Used only where addressing is certain (a given endpoint, or an AWS bucket
-    whose region head_bucket reported); everything else goes through botocore."""
-
-    def __init__(
-        self,
-        stack: AsyncExitStack,
-        *,
-        endpoint_url: str | None,
-        region: Callable[[], str],
-        credentials: Callable[[], Awaitable[sigv4.Credentials | None]],
-        stall_timeout: float = 60.0,
-        verify_ssl: bool = True,
-        pool_size: int = 32,
-    ) -> None:
-        self._stack = stack
-        self._http: aiohttp.ClientSession | None = None
-        self.stall_timeout = stall_timeout
-        self.verify_ssl = verify_ssl
-        self.pool_size = pool_size
-        self._raw_pools: dict[str, rawhttp.HttpPool] = {}  # by origin: GETs in worker threads
-        self.endpoint_url = endpoint_url.rstrip("/") if endpoint_url else None
-        self._region = region
-        self.credentials = credentials
-        self._regions: dict[str, str] = {}
-
-    @property
-    def region(self) -> str:
-        """The signing region of the given endpoint (resolved on first use)."""
-        return self._region()
-
-    def http(self) -> aiohttp.ClientSession:
-        """The aiohttp session of PUTs, made (and aiohttp imported) on the first one."""
-        if self._http is None:
-            import aiohttp
-
-            self._http = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self.pool_size, ssl=self.verify_ssl),
-                timeout=aiohttp.ClientTimeout(sock_connect=10, sock_read=self.stall_timeout),
-                skip_auto_headers=("Content-Type",),
+            response = await self._send(
+                "HeadObject", "HEAD", bucket, key, query=query, headers=headers
             )
-            self._stack.push_async_callback(self._http.close)
-        return self._http
+        answer: dict[str, Any] = {}
+        for header, name in _HEAD_FIELDS.items():
+            value = response.headers.get(header)
+            if value is not None:
+                answer[name] = int(value) if name in ("ContentLength", "PartsCount") else value
+        return answer
 
-    def learn_region(self, bucket: str, region: str | None) -> None:
-        if region:
-            self._regions[bucket] = region
 
-    def can_put(self, bucket: str) -> bool:
-        # Virtual-hosted AWS URLs need a known region, and dotted names break TLS host checks.
-        return self.endpoint_url is not None or (bucket in self._regions and "." not in bucket)
+# HeadObject's answer: header -> botocore's name
+_HEAD_FIELDS = {
+    "content-length": "ContentLength",
+    "etag": "ETag",
+    "x-amz-mp-parts-count": "PartsCount",
+    "x-amz-checksum-type": "ChecksumType",
+    "x-amz-checksum-crc32": "ChecksumCRC32",
+    "x-amz-checksum-crc32c": "ChecksumCRC32C",
+    "x-amz-checksum-crc64nvme": "ChecksumCRC64NVME",
+    "x-amz-checksum-sha1": "ChecksumSHA1",
+    "x-amz-checksum-sha256": "ChecksumSHA256",
+}
 
-    def _url(self, bucket: str, key: str, query: dict[str, str]) -> tuple[str, str]:
-        suffix = sigv4.quote_key(key) + sigv4.canonical_query(query)
-        if self.endpoint_url is not None:
-            return f"{self.endpoint_url}/{bucket}/{suffix}", self.region
-        region = self._regions[bucket]
-        return f"https://{bucket}.s3.{region}.amazonaws.com/{suffix}", region
 
-    async def put(
-        self,
-        bucket: str,
-        key: str,
-        body: bytes,
-        *,
-        crc32: str,
-        query: dict[str, str] | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> str:
-        """PutObject, or UploadPart when query holds partNumber and uploadId; headers (lower
-        case) are sent and signed too."""
-        credentials = await self.credentials()
-        if credentials is None:
-            raise bx.NoCredentialsError()
-        url, region = self._url(bucket, key, query or {})
-        signed = sigv4.sign(
-            "PUT",
-            url,
-            {**(headers or {}), "x-amz-checksum-crc32": crc32, "content-length": str(len(body))},
-            credentials=credentials,
-            region=region,
-            now=datetime.datetime.now(datetime.UTC),
-        )
-        if len(body) <= 1024 * 1024:
-            return await self._send(url, body, signed)
-        # Large bodies as a (non-copying) file object: aiohttp then writes them in chunks,
-        # and a body the far end stops taking is cut after stall_timeout, like a response.
-        with anyio.CancelScope(deadline=anyio.current_time() + self.stall_timeout) as scope:
-            return await self._send(url, _WatchedBody(body, scope, self.stall_timeout), signed)
-        raise TransientError(
-            f"no progress sending {len(body):,} bytes for {self.stall_timeout:g} s"
-        )
+def _stored_checksum(algorithm: str, body: bytes) -> str:
+    """The base64 value S3 would report for body under algorithm."""
+    if algorithm == "crc32":
+        return crc32_to_base64(crc32(body))
+    if algorithm in ("crc32c", "crc64nvme"):
+        from awscrt import checksums
 
-    async def _send(self, url: str, data: bytes | io.BytesIO, signed: dict[str, str]) -> str:
-        import yarl  # loaded with aiohttp
+        if algorithm == "crc32c":
+            return base64.b64encode(checksums.crc32c(body).to_bytes(4, "big")).decode()
+        return base64.b64encode(checksums.crc64nvme(body).to_bytes(8, "big")).decode()
+    return base64.b64encode(hashlib.new(algorithm, body).digest()).decode()
 
-        async with self.http().put(
-            yarl.URL(url, encoded=True), data=data, headers=signed
-        ) as response:
-            if response.status == 200:
-                await response.read()
-                return response.headers.get("ETag", "")
-            text = await response.text(errors="replace")
-        raise _client_error(response.status, text, "PutObject")
 
-    def _raw_pool(self, url: str) -> rawhttp.HttpPool:
-        scheme, _, rest = url.partition("://")
-        origin = f"{scheme}://{rest.split('/', 1)[0]}"
-        pool = self._raw_pools.get(origin)
-        if pool is None:
-            pool = rawhttp.HttpPool(
-                origin, verify_ssl=self.verify_ssl, timeout=self.stall_timeout, size=self.pool_size
+def _check_stored_checksum(response: Response, *, where: str) -> None:
+    """The whole body against the checksum S3 stored with the object, if any. A composite
+    checksum (of the parts of a multipart upload, `value-N`) says nothing of the whole body,
+    so it is not checked (nor does botocore check it)."""
+    for algorithm in ("crc32", "crc32c", "crc64nvme", "sha1", "sha256"):
+        stored = response.headers.get(f"x-amz-checksum-{algorithm}")
+        if not stored:
+            continue
+        if "-" in stored or response.headers.get("x-amz-checksum-type") == "COMPOSITE":
+            return
+        if _stored_checksum(algorithm, response.body) != stored:
+            raise IntegrityError(
+                f"{where}: the body does not match the {algorithm.upper()} S3 stored with it"
             )
-            self._raw_pools[origin] = pool
-        return pool
-
-    def close(self) -> None:
-        for pool in self._raw_pools.values():
-            pool.close()
-        self._raw_pools.clear()
-
-    async def head_bucket(self, bucket: str, *, headers: Mapping[str, str]) -> None:
-        """HeadBucket in a worker thread (rawhttp.py): returns, or raises what S3 answered."""
-        credentials = await self.credentials()
-        if credentials is None:
-            raise bx.NoCredentialsError()
-        assert self.endpoint_url is not None  # AWS buckets are checked by botocore
-        url = f"{self.endpoint_url}/{bucket}"
-        signed = sigv4.sign(
-            "HEAD",
-            url,
-            dict(headers),
-            credentials=credentials,
-            region=self.region,
-            now=datetime.datetime.now(datetime.UTC),
-        )
-        pool = self._raw_pool(url)
-        target = f"/{bucket}"
-        token = rawhttp.CancelToken()
-        response = await _cancellable_in_thread(
-            lambda: pool.get(
-                target,
-                signed,
-                on_head=lambda *_: None,
-                sink=lambda _: None,
-                cancel=token,
-                method="HEAD",
-            ),
-            token,
-        )
-        if not 200 <= response.status < 300:
-            raise _client_error(response.status, "", "HeadBucket")
-
-    async def get_to(
-        self,
-        bucket: str,
-        key: str,
-        *,
-        byte_range: str | None,
-        if_match: str | None,
-        on_head: BodyCheck,
-        sink: rawhttp.Sink,
-        headers: Mapping[str, str] | None = None,
-    ) -> int:
-        """GetObject (of one range, or whole) in a worker thread (rawhttp.py): the body
-        length."""
-        credentials = await self.credentials()
-        if credentials is None:
-            raise bx.NoCredentialsError()
-        url, region = self._url(bucket, key, {})
-        wanted = dict(headers or {})
-        if byte_range:
-            wanted["range"] = byte_range
-        if if_match:
-            wanted["if-match"] = if_match
-        signed = sigv4.sign(
-            "GET",
-            url,
-            wanted,
-            credentials=credentials,
-            region=region,
-            now=datetime.datetime.now(datetime.UTC),
-        )
-        pool = self._raw_pool(url)
-        target = "/" + url.split("://", 1)[1].split("/", 1)[1]
-        token = rawhttp.CancelToken()
-
-        def check(status: int, answered: Mapping[str, str]) -> None:
-            on_head(status, answered.get("content-range"), int(answered.get("content-length", -1)))
-
-        response = await _cancellable_in_thread(
-            lambda: pool.get(target, signed, on_head=check, sink=sink, cancel=token), token
-        )
-        if 200 <= response.status < 300:
-            return response.length
-        raise _client_error(response.status, response.error_text, "GetObject")
-
-
-async def _cancellable_in_thread(
-    call: Callable[[], rawhttp.Response], token: rawhttp.CancelToken
-) -> rawhttp.Response:
-    """Run a blocking GET in a worker thread. When the caller is cancelled, the GET's socket is
-    shut down and a GET already started is waited for (it ends at once): it must not outlive
-    the file it writes to. One not started yet never starts: anyio drops it, and were it
-    picked up anyway, the cancelled token stops it before it sends anything."""
-    started = threading.Event()
-    finished = threading.Event()
-
-    def run() -> rawhttp.Response:
-        started.set()
-        try:
-            return call()
-        finally:
-            finished.set()
-
-    try:
-        return await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
-    except anyio.get_cancelled_exc_class():
-        token.cancel()
-        if started.is_set():
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(finished.wait)
-        raise
+        return
 
 
 def _client_error(status: int, text: str, operation: str) -> bx.ClientError:
@@ -962,7 +777,9 @@ def _client_error(status: int, text: str, operation: str) -> bx.ClientError:
 
 class _Botocore:
     """aiobotocore's session and S3 client, made on first use: importing them and loading
-    S3's service model cost about 0.3 s, which a run served by the lean paths skips."""
+    S3's service model cost about 0.3 s, which a run that needs no control request skips.
+    Also where the transport takes the region, credentials and CA bundle from, so both paths
+    always agree."""
 
     def __init__(self, connection: Connection, stack: AsyncExitStack, *, pool: int) -> None:
         self.connection = connection
@@ -978,7 +795,16 @@ class _Botocore:
         if self._session is None:
             from aiobotocore.session import AioSession
 
-            self._session = AioSession(profile=self.connection.profile)
+            # botocore logs a failed credential refresh (an SSO session not logged in...) with
+            # its traceback before raising it; s3xfer reports the error itself, in one line.
+            # (A handler configured by the application still receives the record.)
+            for name in ("botocore", "aiobotocore"):
+                logging.getLogger(name).addHandler(logging.NullHandler())
+
+            try:
+                self._session = AioSession(profile=self.connection.profile)
+            except bx.ProfileNotFound as exc:
+                raise UsageError(f"no such AWS profile: {self.connection.profile}") from exc
         return self._session
 
     async def client(self) -> S3Client:
@@ -990,6 +816,7 @@ class _Botocore:
         return self._client
 
     async def _create(self) -> S3Client:
+        import botocore
         from aiobotocore.config import AioConfig
 
         connection = self.connection
@@ -1002,7 +829,7 @@ class _Botocore:
             # We send our own CRC32 values; no second pass over the bytes by botocore.
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
-            s3={"addressing_style": "path"} if connection.endpoint_url else None,
+            signature_version=botocore.UNSIGNED if connection.unsigned else None,
         )
         try:
             client: S3Client = await self.stack.enter_async_context(
@@ -1010,16 +837,18 @@ class _Botocore:
                     "s3",
                     endpoint_url=connection.endpoint_url,
                     region_name=connection.region,
-                    verify=connection.verify_ssl,
+                    # None: botocore's own choice, AWS_CA_BUNDLE or the profile's ca_bundle
+                    verify=None if connection.verify_ssl else False,
                     aws_access_key_id=connection.access_key,
                     aws_secret_access_key=connection.secret_key,
+                    aws_session_token=connection.session_token,
                     config=config,
                 )
             )
         except bx.ProfileNotFound as exc:
             raise UsageError(f"no such AWS profile: {connection.profile}") from exc
         except ValueError as exc:
-            raise UsageError(f"bad endpoint URL {connection.endpoint_url!r}: {exc}") from exc
+            raise UsageError(f"bad endpoint URL: {exc}") from exc
         for hook in self.on_client:
             hook(client)
         return client
@@ -1036,54 +865,65 @@ class _Botocore:
             )
         return self._region
 
-    async def credentials(self) -> sigv4.Credentials | None:
-        """The credentials of the lean paths: given, else the environment's (as botocore's
-        chain, which reads them first unless a profile is named), else botocore's chain."""
+    def ca_bundle(self) -> str | None:
+        """The CAs botocore would trust: AWS_CA_BUNDLE, else the profile's ca_bundle."""
+        return os.environ.get("AWS_CA_BUNDLE") or self.session().get_config_variable("ca_bundle")
+
+    async def credentials(self) -> Credentials | None:
+        """The credentials to sign the next request with: given, else the environment's (as
+        botocore's chain, which reads them first unless a profile is named), else botocore's
+        chain, whose refreshable credentials renew themselves as they near expiry."""
         connection = self.connection
+        if connection.unsigned:
+            return None
         if connection.access_key and connection.secret_key:
-            return sigv4.Credentials(connection.access_key, connection.secret_key)
+            return Credentials(
+                connection.access_key, connection.secret_key, connection.session_token
+            )
         access_key = os.environ.get("AWS_ACCESS_KEY_ID")
         secret_key = os.environ.get("AWS_SECRET_ACCESS_KEY")
         if connection.profile is None and access_key and secret_key:
-            return sigv4.Credentials(access_key, secret_key, os.environ.get("AWS_SESSION_TOKEN"))
-        try:
-            source = await self.session().get_credentials()
-        except bx.ProfileNotFound as exc:
-            raise UsageError(f"no such AWS profile: {connection.profile}") from exc
+            return Credentials(access_key, secret_key, os.environ.get("AWS_SESSION_TOKEN"))
+        source = await self.session().get_credentials()  # one object, kept by the session
         if source is None:
             return None
         frozen = await source.get_frozen_credentials()  # refreshed when near expiry
         if not frozen.access_key or not frozen.secret_key:
             return None
-        return sigv4.Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+        return Credentials(frozen.access_key, frozen.secret_key, frozen.token)
 
 
 @asynccontextmanager
 async def open_s3(
     connection: Connection, *, max_pool_connections: int = 32, adaptive: bool = True
 ) -> AsyncIterator[S3]:
-    """One client for the whole run, its pool sized to the requests allowed in flight.
+    """One transport and one client for the whole run, their pools sized to the requests
+    allowed in flight.
 
     `adaptive`: requests in flight follow an AIMD window (throttle.py), lowered when S3
     answers SlowDown; off for measurements that must hold a concurrency (bench)."""
-    endpoint = connection.endpoint_url
-    with map_errors("-"):
+    with map_errors("-", profile=connection.profile):
         async with AsyncExitStack() as stack:
             botocore = _Botocore(connection, stack, pool=max_pool_connections)
-            lean = _LeanPut(
-                stack,
-                endpoint_url=endpoint,
-                region=botocore.region,
-                credentials=botocore.credentials,
-                stall_timeout=connection.stall_timeout,
-                verify_ssl=connection.verify_ssl,
-                pool_size=max_pool_connections,
+            endpoints = Endpoints(
+                explicit=connection.endpoint_url, region=botocore.region, client=botocore.client
             )
-            stack.callback(lean.close)
+            transport = Transport(
+                endpoints,
+                NetworkSettings(
+                    verify=connection.verify_ssl,
+                    stall_timeout=connection.stall_timeout,
+                    pool_size=max_pool_connections,
+                ),
+                credentials=botocore.credentials,
+                ca_bundle=botocore.ca_bundle,
+                unsigned=connection.unsigned,
+            )
+            stack.callback(transport.close)
             yield S3(
                 botocore,
-                endpoint_label=endpoint or "AWS S3",
-                lean=lean,
+                transport=transport,
+                endpoint_label=connection.endpoint_url or endpoints.label,
                 sse=connection.sse,
                 sse_kms_key_id=connection.sse_kms_key_id,
                 expected_bucket_owner=connection.expected_bucket_owner,

@@ -1,0 +1,167 @@
+"""The transport's requests as a server sees them: a small HTTP server on loopback records
+each request and answers from a script (a region redirect, an object). What is signed with
+which credentials and region, and what is not signed at all."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import anyio
+import pytest
+
+from s3xfer.errors import RemoteError
+from s3xfer.s3 import Connection, open_s3
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+
+
+class ScriptedServer:
+    def __init__(self) -> None:
+        self.seen: list[Seen] = []
+        self.script: list[Answer] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _answer(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                if length:
+                    self.rfile.read(length)
+                owner.seen.append(
+                    Seen(self.command, self.path, {k.lower(): v for k, v in self.headers.items()})
+                )
+                answer = owner.script.pop(0) if owner.script else Answer(200)
+                self.send_response(answer.status)
+                for name, value in answer.headers.items():
+                    self.send_header(name, value)
+                self.send_header("content-length", str(len(answer.body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(answer.body)
+
+            do_GET = do_PUT = do_HEAD = _answer
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def server() -> Iterator[ScriptedServer]:
+    running = ScriptedServer()
+    yield running
+    running.close()
+
+
+@pytest.fixture(autouse=True)
+def no_aws_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in [name for name in os.environ if name.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+
+
+def scope_region(seen: Seen) -> str:
+    match = re.search(
+        r"Credential=[^/]+/[0-9]{8}/([^/]+)/s3/aws4_request", seen.headers["authorization"]
+    )
+    assert match is not None, seen.headers["authorization"]
+    return match.group(1)
+
+
+def test_a_session_token_given_is_sent_and_signed(server: ScriptedServer) -> None:
+    server.script = [Answer(200, {"etag": '"e"'})]
+    connection = Connection(
+        endpoint_url=server.url,
+        region="eu-west-1",
+        access_key="AKIDGIVEN",
+        secret_key="secret",
+        session_token="the-token",
+    )
+
+    async def put() -> str:
+        async with open_s3(connection) as s3:
+            return await s3.put_object("bucket", "a key", b"data", crc32="AAAAAA==")
+
+    assert anyio.run(put) == '"e"'
+    (request,) = server.seen
+    assert request.method == "PUT" and request.path == "/bucket/a%20key"
+    assert request.headers["x-amz-security-token"] == "the-token"
+    assert "x-amz-security-token" in request.headers["authorization"]
+    assert "Credential=AKIDGIVEN/" in request.headers["authorization"]
+    assert scope_region(request) == "eu-west-1"
+
+
+def test_unsigned_requests_carry_no_signature(server: ScriptedServer) -> None:
+    server.script = [Answer(200, {}, b"public bytes")]
+
+    async def get() -> bytes:
+        async with open_s3(Connection(endpoint_url=server.url, unsigned=True)) as s3:
+            return await s3.get_object("bucket", "k")
+
+    assert anyio.run(get) == b"public bytes"
+    (request,) = server.seen
+    assert "authorization" not in request.headers
+    assert "x-amz-security-token" not in request.headers
+
+
+def test_a_region_redirect_is_followed_once(server: ScriptedServer) -> None:
+    server.script = [
+        Answer(
+            301,
+            {"x-amz-bucket-region": "ap-south-1"},
+            b"<Error><Code>PermanentRedirect</Code></Error>",
+        ),
+        Answer(200, {}, b"moved bytes"),
+        Answer(200, {}, b"again"),
+    ]
+    connection = Connection(
+        endpoint_url=server.url, region="us-east-1", access_key="AKID", secret_key="s"
+    )
+
+    async def get_twice() -> list[bytes]:
+        async with open_s3(connection) as s3:
+            return [await s3.get_object("bucket", "k"), await s3.get_object("bucket", "k")]
+
+    assert anyio.run(get_twice) == [b"moved bytes", b"again"]
+    assert [scope_region(s) for s in server.seen] == ["us-east-1", "ap-south-1", "ap-south-1"]
+
+
+def test_a_redirect_that_names_no_region_says_what_to_do(server: ScriptedServer) -> None:
+    server.script = [Answer(301, {}, b"<Error><Code>PermanentRedirect</Code></Error>")]
+    connection = Connection(endpoint_url=server.url, access_key="AKID", secret_key="s")
+
+    async def get() -> bytes:
+        async with open_s3(connection) as s3:
+            return await s3.get_object("bucket", "k")
+
+    with pytest.raises(RemoteError, match="--region"):
+        anyio.run(get)
