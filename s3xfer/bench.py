@@ -98,7 +98,6 @@ MAX_PREPARE_CONCURRENCY = 32
 # A multipart point uploads objects of max(this, concurrency) parts, so every part in flight
 # can belong to one upload (as with one large file) and create/complete are amortised alike.
 MULTIPART_MIN_PARTS = 8
-READ_CHUNK = 1 * MiB  # GET bodies are read in chunks and dropped: memory stays bounded
 DELETE_BATCH = 1000  # S3's DeleteObjects limit
 CLEANUP_TIMEOUT_SECONDS = 300.0
 # Throughput samples per point: a window of this many samples must be stable to stop early.
@@ -839,34 +838,30 @@ class _Get:
         return result
 
     async def _get(self, key: str, span: tuple[int, int] | None) -> tuple[int, float]:
-        """One GET; its TTFB is the time until the response headers (get_object returns then),
-        its body is read in chunks and dropped so memory stays at chunk x concurrency."""
+        """One GET through the transport, as downloads send them; its TTFB is the time until
+        the response headers, its body counted and dropped piece by piece (memory stays at
+        one piece per request)."""
         byte_range = None if span is None else f"bytes={span[0]}-{span[1]}"
-        self.s3.calls["get_object"] += 1
-        with map_errors(self.bucket, key, byte_range):
-            client = await self.s3.client()  # made once, before any timing
-            started = self.clock()
-            kwargs: dict[str, Any] = {} if byte_range is None else {"Range": byte_range}
-            response = await client.get_object(Bucket=self.bucket, Key=key, **kwargs)
-            ttfb = self.clock() - started
-            nbytes = 0
-            async with response["Body"] as stream:
-                while chunk := await stream.read(READ_CHUNK):
-                    nbytes += len(chunk)
-        if span is not None:
-            status = response["ResponseMetadata"]["HTTPStatusCode"]
-            content_range = response.get("ContentRange") or ""
-            expected = span[1] - span[0] + 1
-            if status != 206 or not content_range.startswith(f"bytes {span[0]}-{span[1]}/"):
+        answered: list[float] = []
+        where = f"s3://{self.bucket}/{key} ({byte_range})"
+
+        def check(status: int, content_range: str | None, _length: int) -> None:
+            answered.append(self.clock())
+            if span is not None and (
+                status != 206 or not (content_range or "").startswith(f"bytes {span[0]}-{span[1]}/")
+            ):
                 raise IntegrityError(
-                    f"s3://{self.bucket}/{key} ({byte_range}): the server answered {status} "
-                    f"with Content-Range {content_range!r}, not the range asked for"
+                    f"{where}: the server answered {status} with Content-Range "
+                    f"{content_range!r}, not the range asked for"
                 )
-            if nbytes != expected:
-                raise IntegrityError(
-                    f"s3://{self.bucket}/{key} ({byte_range}): {nbytes} bytes, not {expected}"
-                )
-        return nbytes, ttfb
+
+        started = self.clock()
+        nbytes = await self.s3.get_range_to(
+            self.bucket, key, byte_range=byte_range, on_head=check, sink=lambda _piece: None
+        )
+        if span is not None and nbytes != span[1] - span[0] + 1:
+            raise IntegrityError(f"{where}: {nbytes} bytes, not {span[1] - span[0] + 1}")
+        return nbytes, (answered[0] if answered else self.clock()) - started
 
 
 @dataclass(slots=True)

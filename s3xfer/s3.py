@@ -629,16 +629,17 @@ class S3:
         bucket: str,
         key: str,
         *,
-        byte_range: str,
+        byte_range: str | None,
         if_match: str | None = None,
         on_head: BodyCheck,
         sink: Sink,
     ) -> int:
-        """One ranged GET whose body goes to the sink (a callable given each piece, on a
-        transport thread or a worker thread, or a buffer filled from its start) once
+        """One GET (ranged, or whole when byte_range is None) whose body goes to the sink (a
+        callable given each piece, on a transport thread or a worker thread, or a buffer
+        filled from its start) once
         on_head(status, Content-Range, Content-Length) has accepted the answer: the body
         length. A retry must start its own sink state afresh."""
-        headers = {"range": byte_range}
+        headers = {"range": byte_range} if byte_range else {}
         if if_match:
             headers["if-match"] = if_match
         async with self._request("get_object", bucket, key, byte_range):

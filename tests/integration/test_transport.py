@@ -165,3 +165,32 @@ def test_a_redirect_that_names_no_region_says_what_to_do(server: ScriptedServer)
 
     with pytest.raises(RemoteError, match="--region"):
         anyio.run(get)
+
+
+def test_aws_endpoint_url_s3_receives_every_request(
+    server: ScriptedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that names its region (as S3 and MinIO do) on the bucket check: the data
+    requests still go to AWS_ENDPOINT_URL_S3, not to an AWS host built for that region."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", server.url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKID")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    server.script = [
+        Answer(200, {"x-amz-bucket-region": "eu-west-1"}),
+        Answer(200, {"etag": '"e"'}),
+        Answer(200, {}, b"stored"),
+    ]
+
+    async def check_put_get() -> bytes:
+        async with open_s3(Connection()) as s3:
+            await s3.check_bucket("bucket")
+            await s3.put_object("bucket", "k", b"stored", crc32="AAAAAA==")
+            return await s3.get_object("bucket", "k")
+
+    assert anyio.run(check_put_get) == b"stored"
+    assert [(s.method, s.path) for s in server.seen] == [
+        ("HEAD", "/bucket"),
+        ("PUT", "/bucket/k"),
+        ("GET", "/bucket/k"),
+    ]
