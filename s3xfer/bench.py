@@ -51,6 +51,7 @@ from .keys import S3Url
 from .netem import PathEmulator
 from .retry import RetryPolicy, TransientError, call_with_retries
 from .s3 import S3, Connection, map_errors, open_s3
+from .transport.endpoints import configured_endpoint
 
 T = TypeVar("T")
 
@@ -1297,8 +1298,11 @@ async def run_sweep(
 
 
 def emulation_upstream(endpoint_url: str | None) -> tuple[str, int]:
-    """(host, port) to put the path emulator in front of. Only a plain-http endpoint on
-    loopback: the emulator is a test instrument and must never relay traffic elsewhere."""
+    """(host, port) to put the path emulator in front of: the endpoint given, else the one
+    configured in the environment (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL). Only a plain-http
+    endpoint on loopback: the emulator is a test instrument and must never relay traffic
+    elsewhere."""
+    endpoint_url = configured_endpoint(endpoint_url, os.environ)
     parts = urlsplit(endpoint_url or "")
     if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "localhost"):
         raise UsageError(
@@ -1318,7 +1322,7 @@ async def bench(
 ) -> BenchResult:
     """Run `s3xfer bench`: one client (its pool sized to the highest concurrency), optionally
     behind an emulated network path, the bucket checked first."""
-    endpoint = connection.endpoint_url or "AWS S3"
+    endpoint = configured_endpoint(connection.endpoint_url, os.environ) or "AWS S3"
     async with AsyncExitStack() as stack:
         if emulate is not None:
             host, port = emulation_upstream(connection.endpoint_url)

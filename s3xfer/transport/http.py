@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import os
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Future
@@ -65,19 +66,23 @@ class Response:
 
 
 class _Runtime:
-    """awscrt's event-loop threads and DNS resolver: one set per process, made on first use."""
+    """awscrt's event-loop threads and DNS resolver: one set per process, made on first use.
+    A forked child has none of its parent's threads, so it makes its own (and never touches
+    the parent's, or their connections)."""
 
     _lock = threading.Lock()
     _bootstrap: Any = None
+    _pid = 0
 
     @classmethod
     def bootstrap(cls) -> Any:
         with cls._lock:
-            if cls._bootstrap is None:
+            if cls._bootstrap is None or cls._pid != os.getpid():
                 from awscrt.io import ClientBootstrap, DefaultHostResolver, EventLoopGroup
 
                 group = EventLoopGroup()  # one thread per core
                 cls._bootstrap = ClientBootstrap(group, DefaultHostResolver(group))
+                cls._pid = os.getpid()
             return cls._bootstrap
 
 
