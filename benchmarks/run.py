@@ -89,6 +89,8 @@ PATH_DATASET = "path"
 PATH_RTT = 0.030  # seconds
 PATH_LINK = 40e6  # bytes/s each way, shared by every connection
 DOWNLOAD_DATASETS = ("small", "large", PATH_DATASET)
+# The row of s3xfer downloading another tool's upload: a plain prefix, no manifest.
+PREFIX_READER = "s3xfer-prefix"
 # s3xfer downloads at its defaults: this is the memory budget its RSS target allows for.
 S3XFER_MAX_MEMORY = DEFAULT_MAX_MEMORY
 
@@ -806,20 +808,23 @@ def download_once(
             if attempt.error is None:
                 attempt.error = "no JSON report on stdout"
         if attempt.error is None and attempt.report is not None:
-            attempt.error = check_download_report(attempt.report, dataset)
+            kind = "prefix" if tool.name == PREFIX_READER else "dataset"
+            attempt.error = check_download_report(attempt.report, dataset, kind=kind)
     if attempt.error is None:
         attempt.error = verify_fetched(dest, expected)
-    if attempt.error is None and tool.name.startswith("s3xfer"):
-        attempt.error = verify_metadata(dataset, dest)
+    if attempt.error is None and tool.name.startswith("s3xfer") and tool.name != PREFIX_READER:
+        attempt.error = verify_metadata(dataset, dest)  # another tool's objects carry neither
     if not session.keep_downloads:
         shutil.rmtree(dest, ignore_errors=True)
     return attempt
 
 
-def check_download_report(report: Mapping[str, Any], dataset: Dataset) -> str | None:
+def check_download_report(
+    report: Mapping[str, Any], dataset: Dataset, *, kind: str = "dataset"
+) -> str | None:
     """s3xfer's own account of a full restore into an empty directory."""
-    if report.get("kind") != "dataset":
-        return f"s3xfer read the prefix as {report.get('kind')!r}, not as its dataset"
+    if report.get("kind") != kind:
+        return f"s3xfer read the prefix as {report.get('kind')!r}, not as a {kind}"
     if report.get("failures") or report.get("files_failed"):
         failed = report.get("failures") or []
         first = f": {failed[0]}" if failed else ""
@@ -1266,7 +1271,9 @@ def run_downloads(
 ) -> list[Row]:
     """Each tool downloads all of the dataset from its own upload: s3xfer restores its
     dataset (from shards; `s3xfer-nopack` from loose objects), the peers download objects.
-    A peer whose own upload failed reads another peer's; s3xfer needs its own."""
+    A peer whose own upload failed reads another peer's; s3xfer needs its own. One more row,
+    `s3xfer-prefix`: s3xfer downloading s5cmd's upload (any peer's, without s5cmd) as the
+    plain prefix it is."""
     name = dataset.spec.name
     peer_uploads = [t for t in uploaded if not t.startswith("s3xfer")]
     rows: dict[str, Row] = {}
@@ -1290,6 +1297,17 @@ def run_downloads(
             runnable.append((tool, uploaded[source]))
             continue
         log(f"    {tool.name} (download): skipped ({row.skipped})")
+    # s3xfer on a plain prefix another tool wrote (no manifest: list, then one GET per
+    # object), the download most users start with.
+    s3xfer = next((t for t in installed if t.name == "s3xfer" and t.download), None)
+    writer = next((t for t in ("s5cmd", *peer_uploads) if t in uploaded), None)
+    if s3xfer is not None and writer is not None:
+        reader = dataclasses.replace(s3xfer, name=PREFIX_READER)
+        row = rows[PREFIX_READER] = Row(
+            name, "download", PREFIX_READER, dataset.count, dataset.total_bytes
+        )
+        row.source = writer
+        runnable.append((reader, uploaded[writer]))
     if not runnable:
         return list(rows.values())
     expected = file_digests(dataset.root, list(dataset.files))
