@@ -18,9 +18,15 @@ The `path` dataset is uploaded and downloaded the same way, but through the path
 (s3xfer/netem.py: a 30 ms round trip and a 40 MB/s link shared by every connection), where
 concurrency and request counts matter as they do on a real network.
 
-Last, on the `small` dataset, each tool fetches the same 1,000 seeded-random files from its
+Then, on the `small` dataset, each tool fetches the same 1,000 seeded-random files from its
 own upload: s3xfer through its catalog (`s3xfer get`, default --gap and --gap 0), s5cmd and
 rclone as objects; a fetch counts only if every file arrives byte-identical (SHA-256).
+
+Last, a shuffled epoch of `small` read by 4 worker processes as a DataLoader reads it
+(benchmarks/epoch_loader.py): s3xfer's `iter_epoch` over its packed upload (and over its
+`--no-pack` upload), boto3 with one GET per file over a peer's loose objects; on loopback and
+through the path emulator (30 ms round trip). An epoch counts only if every file came exactly
+once with its size and CRC32.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -82,6 +90,13 @@ FETCH_FILES = 1_000
 # Room left for s3xfer's argv of literal paths: a quarter of ARG_MAX (the environment and the
 # other arguments share it). 1,000 paths of `small` take ~15 kB, far below.
 ARGV_BUDGET = os.sysconf("SC_ARG_MAX") // 4
+# The epoch benchmark: a shuffled epoch of `small` read by EPOCH_WORKERS worker processes as a
+# DataLoader reads it (benchmarks/epoch_loader.py), on loopback and through the path emulator
+# with a PATH_RTT round trip and no link cap: PATH_LINK alone would need 4 s to carry the
+# 168 MB of `small`, whatever the loader, and this compares request patterns, not links.
+EPOCH_WORKERS = 4
+EPOCH_SEED = 1
+EPOCH_LOADER = REPO / "benchmarks" / "epoch_loader.py"
 # The datasets every tool downloads in full, each from its own upload.
 # The `path` dataset goes through the path emulator (s3xfer/netem.py) instead of loopback:
 # the round trip and link capacity of a real network, where concurrency matters.
@@ -1137,6 +1152,7 @@ def run_benchmarks(
     repeat: int,
     downloads: bool,
     fetch_files: int,
+    epochs: bool = True,
 ) -> tuple[list[Row], str]:
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     rows: list[Row] = []
@@ -1168,6 +1184,7 @@ def run_benchmarks(
                     repeat=repeat,
                     downloads=downloads,
                     fetch_files=fetch_files,
+                    epochs=epochs,
                     run_id=run_id,
                 )
     finally:
@@ -1214,7 +1231,14 @@ def run_through_path(
         info = dataclasses.replace(session.info, endpoint_url=url)
         far = dataclasses.replace(session, info=info, env=tool_env(info, session.work))
         return run_dataset(
-            far, dataset, tools, repeat=repeat, downloads=downloads, fetch_files=0, run_id=run_id
+            far,
+            dataset,
+            tools,
+            repeat=repeat,
+            downloads=downloads,
+            fetch_files=0,
+            epochs=False,
+            run_id=run_id,
         )
     finally:
         stop()
@@ -1229,6 +1253,7 @@ def run_dataset(
     downloads: bool,
     fetch_files: int,
     run_id: str,
+    epochs: bool = False,
 ) -> list[Row]:
     name = dataset.spec.name
     log(f"dataset {name}: {dataset.count:,} files, {dataset.total_bytes / 1e6:,.1f} MB")
@@ -1257,6 +1282,8 @@ def run_dataset(
         rows += run_fetches(
             session, dataset, make_fetch_tools(tools), uploaded, count=fetch_files, repeat=repeat
         )
+    if name == "small" and epochs:
+        rows += run_epochs(session, dataset, uploaded, repeat=repeat)
     return rows
 
 
@@ -1335,6 +1362,242 @@ def run_downloads(
     return list(rows.values())
 
 
+# --------------------------------------------------------------------------- epochs
+
+
+@dataclass(frozen=True)
+class EpochLoader:
+    """One way to read a shuffled epoch with EPOCH_WORKERS processes (epoch_loader.py)."""
+
+    name: str
+    loader: str  # epoch_loader.py's first argument
+    sources: tuple[str, ...]  # whose upload it reads: the first verified one
+
+
+EPOCH_LOADERS = (
+    EpochLoader("s3xfer", "s3xfer", ("s3xfer",)),
+    EpochLoader("s3xfer (loose)", "s3xfer", ("s3xfer-nopack",)),
+    EpochLoader("boto3", "boto3", ("s5cmd", "rclone", "awscli", "s3xfer-nopack")),
+)
+
+
+def far_label(dataset: str) -> str:
+    return f"{dataset}, {PATH_RTT * 1000:g} ms path"
+
+
+def verify_epoch(
+    seen: Sequence[Sequence[Any]], expected: Mapping[str, tuple[int, int]]
+) -> str | None:
+    """None when every expected file came exactly once, with its size and CRC32."""
+    counts = Counter(str(item[0]) for item in seen)
+    problems = []
+    missing = sorted(expected.keys() - counts.keys())
+    if missing:
+        problems.append(f"{len(missing):,} files missing (e.g. {missing[0]})")
+    extra = sorted(counts.keys() - expected.keys())
+    if extra:
+        problems.append(f"{len(extra):,} unexpected (e.g. {extra[0]})")
+    repeated = sorted(path for path, n in counts.items() if n > 1)
+    if repeated:
+        problems.append(f"{len(repeated):,} files more than once (e.g. {repeated[0]})")
+    wrong = sorted(str(path) for path, size, crc in seen if expected.get(str(path)) != (size, crc))
+    if wrong and not extra:
+        problems.append(f"{len(wrong):,} files with other bytes (e.g. {wrong[0]})")
+    return "; ".join(problems) or None
+
+
+def epoch_once(
+    session: Session,
+    loader: EpochLoader,
+    *,
+    source_prefix: str,
+    keys: Path,
+    expected: Mapping[str, tuple[int, int]],
+    log_name: str,
+) -> Attempt:
+    argv = [
+        sys.executable,
+        str(EPOCH_LOADER),
+        loader.loader,
+        f"s3://{BUCKET}/{source_prefix}",
+        "--workers",
+        str(EPOCH_WORKERS),
+        "--seed",
+        str(EPOCH_SEED),
+    ]
+    if loader.loader == "boto3":
+        argv += ["--keys", str(keys)]
+    measured, attempt = session.measure(argv, log_name=log_name)
+    if attempt.error is not None:
+        return attempt
+    try:
+        report = json.loads(measured.stdout)
+    except json.JSONDecodeError:
+        attempt.error = "no JSON report on stdout"
+        return attempt
+    attempt.error = verify_epoch(report["seen"], expected)
+    attempt.report = {k: report[k] for k in ("seconds", "files", "bytes", "workers")}
+    return attempt
+
+
+def run_epochs(
+    session: Session, dataset: Dataset, uploaded: Mapping[str, str], *, repeat: int
+) -> list[Row]:
+    """Each loader reads a shuffled epoch of the dataset from its source's upload, on
+    loopback, then through the path emulator (a PATH_RTT round trip, no link cap)."""
+    name = dataset.spec.name
+    keys = session.logs / f"{name}-epoch-keys.txt"
+    keys.parent.mkdir(parents=True, exist_ok=True)
+    keys.write_text("\n".join(sorted(dataset.files)) + "\n")
+    expected = {
+        path: (size, zlib.crc32((dataset.root / path).read_bytes()))
+        for path, size in dataset.files.items()
+    }
+    log(f"epoch: {dataset.count:,} files of {name}, {EPOCH_WORKERS} worker processes")
+    rows = epoch_rows(
+        session, dataset, uploaded, label=name, keys=keys, expected=expected, repeat=repeat
+    )
+    host = urlsplit(session.info.endpoint_url).hostname or "127.0.0.1"
+    port = urlsplit(session.info.endpoint_url).port
+    assert port is not None
+    url, stop = start_in_thread(host, port, rtt=PATH_RTT)
+    try:
+        info = dataclasses.replace(session.info, endpoint_url=url)
+        far = dataclasses.replace(session, info=info, env=tool_env(info, session.work))
+        rows += epoch_rows(
+            far,
+            dataset,
+            uploaded,
+            label=far_label(name),
+            keys=keys,
+            expected=expected,
+            repeat=repeat,
+        )
+    finally:
+        stop()
+    return rows
+
+
+def epoch_rows(
+    session: Session,
+    dataset: Dataset,
+    uploaded: Mapping[str, str],
+    *,
+    label: str,
+    keys: Path,
+    expected: Mapping[str, tuple[int, int]],
+    repeat: int,
+) -> list[Row]:
+    rows: list[Row] = []
+    runnable: list[tuple[EpochLoader, Row]] = []
+    for loader in EPOCH_LOADERS:
+        row = Row(label, "epoch", loader.name, dataset.count, dataset.total_bytes)
+        rows.append(row)
+        row.source = next((s for s in loader.sources if s in uploaded), None)
+        if row.source is None:
+            row.skipped = f"no verified upload of {' or '.join(loader.sources)} to read"
+            log(f"    {loader.name} (epoch, {label}): skipped ({row.skipped})")
+        else:
+            runnable.append((loader, row))
+    for n in range(repeat):
+        for loader, row in rotated(runnable, n):
+            assert row.source is not None
+            slug = loader.name.replace(" ", "").replace("(", "-").replace(")", "")
+            attempt = epoch_once(
+                session,
+                loader,
+                source_prefix=uploaded[row.source],
+                keys=keys,
+                expected=expected,
+                log_name=f"{label.replace(' ', '').replace(',', '-')}-epoch-{slug}-{n}",
+            )
+            row.attempts.append(attempt)
+            log(describe_attempt(f"{loader.name} (epoch, {label})", attempt))
+    return rows
+
+
+def epoch_section(rows: Sequence[Row]) -> list[str]:
+    epochs = [r for r in rows if r.direction == "epoch"]
+    if not epochs:
+        return []
+    count = epochs[0].objects
+    lines = [
+        f"### Shuffled epoch of `{epochs[0].dataset}`, {EPOCH_WORKERS} worker processes",
+        "",
+        f"All {count:,} files of `{epochs[0].dataset}` read once in a shuffled order by "
+        f"{EPOCH_WORKERS} worker processes forked from one parent, as a PyTorch DataLoader "
+        "reads them (`benchmarks/epoch_loader.py`; torch itself is not needed). s3xfer: each "
+        "worker iterates its share of `SyncDataset(URL).iter_epoch(seed, rank=worker, "
+        f"world_size={EPOCH_WORKERS})` at the defaults (1 MiB blocks of neighbouring shard "
+        "members, one ranged GET each, a 64 MiB buffer), from s3xfer's packed upload above, "
+        "and, as `s3xfer (loose)`, from its `--no-pack` upload (every file its own object, "
+        "one GET each, 16 at once per worker). boto3: the paths shuffled with the seed and "
+        "dealt to the workers in turn (a map-style DataLoader's sampler), each worker with "
+        "its own client making one `get_object` per file, one after the other (a "
+        "`__getitem__` that reads its object), from a peer's loose objects. An epoch counts "
+        "only if every file came exactly once, with its size and CRC32. Seconds are wall time "
+        "of the whole loader (start-up included); epoch seconds are from starting the "
+        "workers to the last file. The path rows go through the path emulator with a "
+        f"{PATH_RTT * 1000:g} ms round trip and no link cap (the `path` dataset's "
+        f"{PATH_LINK / 1e6:g} MB/s link would hold every loader to the same transfer time: "
+        "4 s for the full `small`). The speed-up is boto3's seconds over the loader's.",
+        "",
+        "| path | loader | reads from | seconds | epoch seconds | files/s | peak RSS (MB) "
+        "| CPU s | server CPU s | speed-up vs boto3 |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    boto3 = {r.dataset: r.seconds for r in epochs if r.tool == "boto3"}
+    for row in epochs:
+        where = "loopback" if row.dataset == epochs[0].dataset else f"{PATH_RTT * 1000:g} ms"
+        label = [where, row.tool, f"{row.source}'s upload" if row.source else ""]
+        if row.skipped or row.seconds is None:
+            why = f"skipped: {row.skipped}" if row.skipped else "FAILED (see below)"
+            lines.append("| " + " | ".join([*label, why, *[""] * 6]) + " |")
+            continue
+        base = boto3.get(row.dataset)
+        rss = row.peak_rss_bytes
+        cells = [
+            fmt(row.seconds, 2),
+            fmt(report_median(row, lambda r: float(r["seconds"])), 2),
+            fmt(row.objects_per_s, 0),
+            fmt(rss / 1e6 if rss is not None else None, 0),
+            fmt(row.cpu_seconds, 1),
+            fmt(row.server_cpu_seconds, 1),
+            f"{base / row.seconds:.1f}×" if base else "—",
+        ]
+        lines.append("| " + " | ".join([*label, *cells]) + " |")
+    return lines
+
+
+def epoch_targets(rows: Sequence[Row], verdict: Callable[[bool | None], str]) -> list[str]:
+    """The epoch issue's targets: s3xfer's shuffled epoch with 4 workers at least 5× boto3's
+    one GET per file with 4 workers on loopback, 20× over the 30 ms path."""
+    epochs = {(r.dataset, r.tool): r for r in rows if r.direction == "epoch"}
+    loopback = next((r.dataset for r in rows if r.direction == "epoch"), None)
+    if loopback is None:
+        return []
+    lines: list[str] = []
+    for label, factor, where in (
+        (loopback, 5, "on loopback"),
+        (far_label(loopback), 20, f"over the {PATH_RTT * 1000:g} ms path"),
+    ):
+        ours, peer = epochs.get((label, "s3xfer")), epochs.get((label, "boto3"))
+        ok: bool | None
+        if ours is not None and ours.seconds and peer is not None and peer.seconds:
+            speedup = peer.seconds / ours.seconds
+            ok = speedup >= factor
+            detail = (
+                f"s3xfer {ours.seconds:.2f} s, boto3 {peer.seconds:.2f} s: {speedup:.1f}× as fast"
+            )
+        else:
+            ok, detail = None, "s3xfer or boto3 epoch missing"
+        lines.append(
+            f"- shuffled epoch with {EPOCH_WORKERS} workers {where}, s3xfer ≥ {factor}× boto3 "
+            f"with one GET per file: {verdict(ok)} ({detail})"
+        )
+    return lines
+
+
 # --------------------------------------------------------------------------- reporting
 
 
@@ -1350,8 +1613,8 @@ def results_table(rows: Sequence[Row]) -> list[str]:
     ]
     s3xfer_seconds = {(r.dataset, r.direction): r.seconds for r in rows if r.tool == "s3xfer"}
     for row in rows:
-        if row.direction == "fetch":
-            continue  # their own table, with request counts
+        if row.direction in ("fetch", "epoch"):
+            continue  # their own tables
         label = [row.dataset, row.direction, row.tool]
         if row.direction == "download" and row.source and row.source != row.tool:
             label[2] += f" (from {row.source}'s upload)"
@@ -1520,6 +1783,7 @@ def check_targets(rows: Sequence[Row]) -> list[str]:
     )
 
     lines += download_targets(rows, verdict)
+    lines += epoch_targets(rows, verdict)
 
     fetches = {r.tool: r for r in rows if r.direction == "fetch"}
     count = fetch_count(rows)
@@ -1729,6 +1993,14 @@ def commands_lines() -> list[str]:
         'cp "s3://bench/PREFIX/PATH" "DEST/PATH"',
         "rclone copy :s3:bench/PREFIX DEST --files-from LIST   # one PATH per line",
         "```",
+        "",
+        "Shuffled epochs of `small`, each loader from its source's upload:",
+        "",
+        "```sh",
+        f"python benchmarks/epoch_loader.py s3xfer s3://bench/PREFIX --workers {EPOCH_WORKERS}",
+        f"python benchmarks/epoch_loader.py boto3 s3://bench/PREFIX --workers {EPOCH_WORKERS} "
+        "--keys PATHS",
+        "```",
     ]
 
 
@@ -1826,7 +2098,7 @@ def render_section(
         "of downloads while it runs) or the smoke run "
         "`python benchmarks/run.py --quick` (datasets scaled down 10×). Other options: "
         "`--only NAME`, `--tools s3xfer,s5cmd`, `--repeat N` (median seconds, highest RSS), "
-        "`--no-downloads` (no download rows), `--no-fetch`, `--work DIR`.",
+        "`--no-downloads` (no download rows), `--no-fetch`, `--no-epoch`, `--work DIR`.",
         "",
         f"Run {run_id}, {when}"
         + (" — **quick run, scaled-down datasets**" if quick else "")
@@ -1847,6 +2119,9 @@ def render_section(
     fetch = fetch_section(rows)
     if fetch:
         lines += ["", *fetch]
+    epoch = epoch_section(rows)
+    if epoch:
+        lines += ["", *epoch]
     lines += [
         "",
         "### Targets",
@@ -1897,6 +2172,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--no-fetch",
         action="store_true",
         help=f"skip fetching {FETCH_FILES:,} random files of the small dataset (100 with --quick)",
+    )
+    parser.add_argument(
+        "--no-epoch",
+        action="store_true",
+        help="skip the shuffled epochs of the small dataset (s3xfer iter_epoch against boto3)",
     )
     parser.add_argument(
         "--docs",
@@ -1991,6 +2271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         repeat=args.repeat,
         downloads=not args.no_downloads,
         fetch_files=0 if args.no_fetch else FETCH_FILES // (QUICK_SCALE if args.quick else 1),
+        epochs=not args.no_epoch,
     )
     section = render_section(
         rows, datasets, tools, quick=args.quick, repeat=args.repeat, run_id=run_id
