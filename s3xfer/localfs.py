@@ -429,7 +429,7 @@ def partial_name(relative: str) -> str:
     return hashlib.blake2b(relative.encode("utf-8"), digest_size=16).hexdigest() + ".part"
 
 
-def staging_name(in_use: Callable[[str], bool]) -> Iterator[str]:
+def staging_names(in_use: Callable[[str], bool]) -> Iterator[str]:
     """The staging directory names to try, in order, skipping those a dataset path uses."""
     for number in range(1, _STAGING_NAMES + 1):
         name = STAGING_DIR if number == 1 else f"{STAGING_DIR}-{number}"
@@ -473,7 +473,7 @@ class Staging:
     def open(cls, root: Path, *, in_use: Callable[[str], bool]) -> Staging:
         """The staging directory under root (an existing directory), made or adopted, with a
         fresh run directory. `in_use(name)` says whether a dataset path starts with `name`."""
-        for name in staging_name(in_use):
+        for name in staging_names(in_use):
             try:
                 dir_fd = _own_directory(root, name)
             except OSError as exc:

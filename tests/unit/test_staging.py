@@ -23,7 +23,7 @@ from s3xfer.localfs import (
     SafeDestination,
     Staging,
     partial_name,
-    staging_name,
+    staging_names,
     used_by,
 )
 from s3xfer.plan import FileUnit
@@ -61,7 +61,7 @@ def test_a_name_longer_than_the_file_system_holds_is_refused(tmp_path: Path) -> 
 
 def test_the_staging_name_is_never_a_dataset_paths_first_component() -> None:
     paths = [".s3xfer-download", ".s3xfer-download-2/x", ".s3xfer-download-30", "a/b"]
-    names = list(staging_name(used_by(paths)))
+    names = list(staging_names(used_by(paths)))
     assert names[:3] == [".s3xfer-download-3", ".s3xfer-download-4", ".s3xfer-download-5"]
     assert not any(used_by(paths)(name) for name in names)
     assert used_by(["a/.s3xfer-download"])(STAGING_DIR) is False  # only at the root
