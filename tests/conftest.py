@@ -12,9 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
+
 
 from s3xfer.errors import LocalS3Error
 from s3xfer.locals3 import LocalS3, LocalS3Info, sync_client
+
+# No per-example deadline: it is a timed assertion, and a loaded machine (CI, a laptop running
+# a build) made property tests fail on code they did not exercise any slower.
+settings.register_profile("s3xfer", deadline=None)
+settings.load_profile("s3xfer")
 
 S3_FIXTURES = frozenset({"local_s3", "bucket", "s3_env", "sync_s3_client"})
 
