@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
-
 from s3xfer.errors import LocalS3Error
 from s3xfer.locals3 import LocalS3, LocalS3Info, sync_client
 
