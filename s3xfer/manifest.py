@@ -203,9 +203,14 @@ class Manifest:
         shard = self.shards.get(record.key)
         return record.packed and shard is not None and shard.etag != record.etag
 
+    def _current(self, record: ManifestRecord, etags: dict[str, str]) -> bool:
+        # is_stale, inlined for a million records: `etags` maps shard keys to their ETags.
+        return record.offset < 0 or etags.get(record.key, record.etag) == record.etag
+
     def drop_stale(self) -> list[str]:
         """Forget every stale record (see is_stale); their paths, sorted."""
-        stale = sorted(path for path, record in self.records.items() if self.is_stale(record))
+        etags = {key: shard.etag for key, shard in self.shards.items()}
+        stale = sorted(p for p, r in self.records.items() if not self._current(r, etags))
         for path in stale:
             del self.records[path]
         return stale
@@ -215,19 +220,20 @@ class Manifest:
         `rclone sync` leaves it: the records of files in the tree, and of files no longer in
         it only where `keep` says so (--keep-deleted, or a path the survey could not read);
         no stale record; only the shards those records point into. Pure."""
+        etags = {key: shard.etag for key, shard in self.shards.items()}
         records = {
             path: record
             for path, record in self.records.items()
-            if (path in tree or keep(path)) and not self.is_stale(record)
+            if (path in tree or keep(path)) and self._current(record, etags)
         }
-        used = {r.key for r in records.values() if r.packed}
+        used = {r.key for r in records.values() if r.offset >= 0}
         shards = {key: shard for key, shard in self.shards.items() if key in used}
         return Manifest(self.dest, records, shards)
 
     def object_keys(self) -> set[str]:
         """Every key this manifest refers to: files' own objects, shards and their indexes."""
         keys = {r.key for r in self.records.values()}
-        shards = {*self.shards, *(r.key for r in self.records.values() if r.packed)}
+        shards = {*self.shards, *(r.key for r in self.records.values() if r.offset >= 0)}
         return keys | shards | {shard_index_key(key) for key in shards}
 
     def same_as(self, other: Manifest | None) -> bool:
