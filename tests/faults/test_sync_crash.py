@@ -91,7 +91,8 @@ def test_killed_between_the_manifest_and_the_deletions_leaves_only_unreferenced_
     referenced = referenced_keys(sync_s3_client, bucket, "c")
     assert referenced <= after  # nothing the manifest refers to was deleted
     leftovers = after - referenced
-    assert "c/loose.bin" in leftovers and leftovers <= before  # garbage only, none new
+    # Garbage only: the deleted file's object, the old shard and its index.
+    assert "c/loose.bin" in leftovers and leftovers <= before and len(leftovers) == 3
     again = upload_json(src, url, env)
     assert (again["write_requests"], again["files_removed"]) == (0, 0)
 
