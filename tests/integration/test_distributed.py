@@ -32,6 +32,7 @@ from s3xfer.survey import survey
 
 from .helpers import list_keys, run_cli, write_tree
 from .redis_server import redis_url_fixture  # noqa: F401  (the `redis_url` fixture)
+from .test_sync import referenced_keys, tree_of
 
 SIZES = ["--part-size", "5MiB", "--multipart-threshold", "8MiB", "--shard-size", "5MiB"]
 CONFIG = TransferConfig(part_size=5 * MiB, multipart_threshold=8 * MiB, shard_size=5 * MiB)
@@ -265,6 +266,41 @@ def test_workers_upload_a_dataset_completely_and_verified(
     second = json.loads(again.stdout)
     assert second["files_uploaded"] == 0 and second["write_requests"] == 0
     assert second["units"] == 0
+
+
+def test_a_broker_upload_makes_the_dataset_equal_the_tree(
+    tmp_path: Path, local_s3: LocalS3Info, sync_s3_client: Any, bucket: str, redis_url: str
+) -> None:
+    broker = database(redis_url, 7)
+    env = local_s3.env()
+    src, url = tmp_path / "src", f"s3://{bucket}/ds"
+    write_tree(
+        src,
+        {**{f"loose/{n}.dat": 1200 * 1024 + n for n in range(3)}, "small/a.txt": 10},
+        seed=8,
+    )
+    (src / "small/b.txt").write_text("b\n")
+
+    def upload(logs: str) -> dict[str, Any]:
+        with workers(1, broker, env, tmp_path / logs):
+            result = run_cli("upload", str(src), url, *SIZES, "--broker", broker, "--json", env=env)
+        assert result.returncode == 0, result.stderr
+        report: dict[str, Any] = json.loads(result.stdout)
+        return report
+
+    upload("first")
+    (src / "loose/0.dat").unlink()
+    (src / "small/b.txt").unlink()
+    report = upload("second")
+
+    # The producer's commit removed them; their objects went after the manifest was written.
+    assert (report["files_removed"], report["objects_deleted"]) == (2, 3)  # file, shard, index
+    assert set(list_keys(sync_s3_client, bucket, "ds/")) == referenced_keys(
+        sync_s3_client, bucket, "ds"
+    )
+    restored = run_cli("download", url, str(tmp_path / "out"), env=env)
+    assert restored.returncode == 0, restored.stderr
+    assert tree_of(tmp_path / "out") == tree_of(src)
 
 
 def test_a_worker_killed_mid_unit_loses_and_duplicates_nothing(
