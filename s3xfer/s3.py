@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import hashlib
 import io
 import logging
@@ -776,6 +777,23 @@ def _client_error(status: int, text: str, operation: str) -> bx.ClientError:
     return bx.ClientError(error, operation)
 
 
+def _parse_timestamp(value: Any) -> datetime.datetime:
+    """A timestamp of a botocore response, as botocore's own parser returns it (timezone
+    aware), by the fast standard-library parser whenever it is ISO 8601."""
+    if isinstance(value, str):
+        try:
+            parsed = datetime.datetime.fromisoformat(value)
+        except ValueError:
+            pass
+        else:
+            if parsed.tzinfo is not None:
+                return parsed
+    from botocore.utils import parse_timestamp
+
+    result: datetime.datetime = parse_timestamp(value)
+    return result
+
+
 class _Botocore:
     """aiobotocore's session and S3 client, made on first use: importing them and loading
     S3's service model cost about 0.3 s, which a run that needs no control request skips.
@@ -806,6 +824,11 @@ class _Botocore:
                 self._session = AioSession(profile=self.connection.profile)
             except bx.ProfileNotFound as exc:
                 raise UsageError(f"no such AWS profile: {self.connection.profile}") from exc
+            # S3's timestamps are ISO 8601, which the standard library parses in 2 µs; botocore's
+            # general parser (dateutil) took 0.6 ms each: 6 CPU-s for a 10,000-object listing.
+            self._session.get_component("response_parser_factory").set_parser_defaults(
+                timestamp_parser=_parse_timestamp
+            )
         return self._session
 
     async def client(self) -> S3Client:

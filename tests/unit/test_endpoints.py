@@ -165,3 +165,16 @@ def test_the_configured_endpoint_follows_botocores_precedence() -> None:
     assert configured_endpoint(None, {"AWS_ENDPOINT_URL": "http://a"}) == "http://a"
     ignored = {**both, "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS": "true"}
     assert configured_endpoint(None, ignored) is None
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["2026-12-07T13:40:17.000Z", "2026-12-07T13:40:17Z", "Mon, 07 Dec 2026 13:40:17 GMT", "0"],
+)
+def test_listing_timestamps_parse_as_botocore_parses_them(value: str) -> None:
+    from botocore.utils import parse_timestamp
+
+    from s3xfer.s3 import _parse_timestamp
+
+    assert _parse_timestamp(value) == parse_timestamp(value)
+    assert _parse_timestamp(value).tzinfo is not None
