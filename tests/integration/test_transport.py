@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -194,3 +195,35 @@ def test_aws_endpoint_url_s3_receives_every_request(
         ("PUT", "/bucket/k"),
         ("GET", "/bucket/k"),
     ]
+
+
+def test_a_listing_is_the_one_botocore_reads(
+    s3_env: object, bucket: str, sync_s3_client: Any
+) -> None:
+    """Across pages, with keys that need encoding: the same keys, sizes, ETags and times."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    keys = [f"list/{n:04d}" for n in range(1003)] + ["list/a b+c%d é.txt", "list/x&y<z>.bin"]
+    with ThreadPoolExecutor(16) as pool:
+        list(
+            pool.map(
+                lambda k: sync_s3_client.put_object(Bucket=bucket, Key=k, Body=k.encode()), keys
+            )
+        )
+    expected = [
+        (o["Key"], o["Size"], o["ETag"], o["LastModified"])
+        for page in sync_s3_client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix="list/"
+        )
+        for o in page.get("Contents", [])
+    ]
+
+    async def listing() -> list[tuple[str, int, str, object]]:
+        async with open_s3(Connection()) as s3:
+            return [
+                (o["Key"], o["Size"], o["ETag"], o["LastModified"])
+                async for o in s3.list_objects(bucket, "list/")
+            ]
+
+    assert anyio.run(listing) == expected
+    assert len(expected) == len(keys)
