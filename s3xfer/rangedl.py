@@ -32,7 +32,7 @@ from .errors import IntegrityError, UsageError, first_error
 from .localfs import destination_error, move_into_place
 from .ranges import RangeGet, check_ranged_response
 from .retry import RetryPolicy, TransientError, call_with_retries
-from .transport.http import PIECE_SIZE
+from .transport.rawhttp import PIECE_SIZE
 from .validate import restored_mode
 
 SIDECAR_VERSION = 1

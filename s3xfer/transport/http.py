@@ -1,14 +1,15 @@
-"""The data path: one HTTP request to S3 (PUT, UploadPart, GET, ranged GET, HEAD) on awscrt's
-HTTP client, signed by awscrt's SigV4 signer, with keep-alive connections per origin.
+"""The data path: one HTTP request to S3 (PUT, UploadPart, GET, ranged GET, HEAD), signed by
+awscrt's SigV4 signer, with keep-alive connections per origin.
 
-awscrt does the network work in C on its own event-loop threads: connecting (through a proxy
-when the environment names one), TLS with the configured CAs, HTTP/1.1, signing. A response
-body is handed, piece by piece on those threads, to the request's sink: a buffer it is
-copied into, or a callable given 256 KiB pieces (the receive pieces, gathered) that writes
-them where they belong. So a large download is never held whole and never joined.
+Requests go out on awscrt's HTTP client, which does the network work in C on its own
+event-loop threads: connecting (through a proxy when the environment names one), TLS with the
+configured CAs, HTTP/1.1. A GET whose body goes to a sink (large objects, shard ranges) goes
+out on rawhttp.py instead, in a worker thread that receives straight into 256 KiB pieces:
+awscrt hands a body to Python in 16 KiB callbacks, which doubled a large download's CPU
+(docs/architecture.md). Both take the same address, signature, proxy and CA bundle from here.
 
-Cancelling the awaiting task closes the request's connection and waits for its callbacks to
-end: a cancelled GET never outlives the file it writes to.
+Cancelling the awaiting task closes the request's connection (or shuts its socket down) and
+waits for its callbacks or thread to end: a cancelled GET never outlives the file it writes to.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import asyncio
 import contextlib
 import io
 import os
+import ssl
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Future
@@ -28,10 +30,11 @@ import anyio
 
 from ..errors import EndpointError
 from ..retry import TransientError
+from . import rawhttp
 from .endpoints import BucketAddress, Endpoints
 from .network import NetworkSettings, Proxy, environment_proxy
+from .rawhttp import PIECE_SIZE
 
-PIECE_SIZE = 256 * 1024  # bytes per sink call: small enough to stay in the CPU cache
 _MAX_ERROR_BODY = 64 * 1024  # of an error document; the rest is dropped
 _REDIRECT_STATUSES = (301, 307, 400)  # answers that may name the bucket's real region
 
@@ -286,6 +289,7 @@ class Transport:
         self._credentials = credentials
         self._unsigned = unsigned
         self._pools: dict[str, _Pool] = {}
+        self._bulk_pools: dict[str, rawhttp.HttpPool | None] = {}
         self._tls_context: Any = None
         self._signing: dict[tuple[Credentials, str, str], Any] = {}
 
@@ -296,6 +300,10 @@ class Transport:
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
+        for bulk in self._bulk_pools.values():
+            if bulk is not None:
+                bulk.close()
+        self._bulk_pools.clear()
 
     # -- awscrt options, made once -------------------------------------------------------
 
@@ -414,7 +422,7 @@ class Transport:
         endpoint, as botocore does."""
         address = await self.endpoints.address(bucket)
         send = (method, key, query, headers, body, on_head, sink, collect)
-        response = await self._send(address, *send)
+        response = await self._route(address, *send)
         region = response.headers.get("x-amz-bucket-region")
         if (
             response.status in _REDIRECT_STATUSES
@@ -422,8 +430,88 @@ class Transport:
             and self.endpoints.learn_region(bucket, region)
         ):
             address = await self.endpoints.address(bucket)
-            response = await self._send(address, *send)
+            response = await self._route(address, *send)
         return response
+
+    async def _route(
+        self,
+        address: BucketAddress,
+        method: str,
+        key: str | None,
+        query: Mapping[str, str] | None,
+        headers: Mapping[str, str] | None,
+        body: bytes | None,
+        on_head: BodyCheck | None,
+        sink: Sink | None,
+        collect: bool,
+    ) -> Response:
+        """A streamed GET on rawhttp (unless its proxy speaks TLS, which only awscrt does),
+        everything else on awscrt."""
+        if method == "GET" and sink is not None:
+            pool = self._bulk_pool(address.origin)
+            if pool is not None:
+                return await self._send_bulk(pool, address, key, query, headers, on_head, sink)
+        return await self._send(address, method, key, query, headers, body, on_head, sink, collect)
+
+    def _bulk_pool(self, origin: str) -> rawhttp.HttpPool | None:
+        if origin not in self._bulk_pools:
+            proxy = environment_proxy(origin)
+            self._bulk_pools[origin] = (
+                None
+                if proxy is not None and proxy.scheme != "http"
+                else rawhttp.HttpPool(
+                    origin,
+                    verify_ssl=self.settings.verify,
+                    timeout=self.settings.stall_timeout,
+                    size=self.settings.pool_size,
+                    ca_bundle=self._ca_bundle() if origin.startswith("https:") else None,
+                    proxy=proxy,
+                )
+            )
+        return self._bulk_pools[origin]
+
+    async def _send_bulk(
+        self,
+        pool: rawhttp.HttpPool,
+        address: BucketAddress,
+        key: str | None,
+        query: Mapping[str, str] | None,
+        headers: Mapping[str, str] | None,
+        on_head: BodyCheck | None,
+        sink: Sink,
+    ) -> Response:
+        from awscrt.http import HttpHeaders, HttpRequest
+
+        target = address.target(key, query)
+        request = HttpRequest(
+            "GET", target, HttpHeaders([("host", pool.netloc), *(headers or {}).items()])
+        )
+        if not self._unsigned:
+            await self._sign(request, address)
+        signed = {name: value for name, value in request.headers if name.lower() != "host"}
+        token = rawhttp.CancelToken()
+
+        def check(status: int, answered: Mapping[str, str]) -> None:
+            if on_head is not None:
+                length = answered.get("content-length", "")
+                on_head(
+                    status, answered.get("content-range"), int(length) if length.isdigit() else -1
+                )
+
+        try:
+            answer = await _cancellable_in_thread(
+                lambda: pool.get(target, signed, on_head=check, sink=sink, cancel=token), token
+            )
+        except rawhttp.ConnectError as exc:
+            via = f" through proxy {pool.proxy.host}:{pool.proxy.port}" if pool.proxy else ""
+            if isinstance(exc.__cause__, ssl.SSLCertVerificationError):
+                raise EndpointError(
+                    f"TLS certificate verification failed for {pool.netloc}{via}: "
+                    f"{exc.__cause__.verify_message}: set AWS_CA_BUNDLE (or ca_bundle in the "
+                    "profile) to its CA, or --no-verify-ssl for an endpoint you trust"
+                ) from exc
+            raise UnreachableError(str(exc)) from exc
+        return Response(answer.status, answer.headers, answer.length, answer.error_text)
 
     async def _send(
         self,
@@ -516,6 +604,33 @@ class Transport:
             if exchange.status is None:
                 raise _ClosedWhileIdle(_crt_error_name(error)) from error
             raise TransientError(f"connection failed: {_crt_error_name(error)}") from error
+
+
+async def _cancellable_in_thread(
+    call: Callable[[], rawhttp.Response], token: rawhttp.CancelToken
+) -> rawhttp.Response:
+    """Run a blocking GET in a worker thread. When the caller is cancelled, the GET's socket is
+    shut down and a GET already started is waited for (it ends at once): it must not outlive
+    the file it writes to. One not started yet never starts: anyio drops it, and were it
+    picked up anyway, the cancelled token stops it before it sends anything."""
+    started = threading.Event()
+    finished = threading.Event()
+
+    def run() -> rawhttp.Response:
+        started.set()
+        try:
+            return call()
+        finally:
+            finished.set()
+
+    try:
+        return await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
+    except anyio.get_cancelled_exc_class():
+        token.cancel()
+        if started.is_set():
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(finished.wait)
+        raise
 
 
 class _ClosedWhileIdle(Exception):

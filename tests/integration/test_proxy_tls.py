@@ -65,7 +65,7 @@ def test_upload_and_download_through_the_proxy_trusting_the_private_ca(
 ) -> None:
     env = proxied_env(tls_endpoint, proxy, pki.ca_file)
     contents = write_tree(
-        tmp_path / "src", {"small/a.txt": 1000, "small/b.txt": 20_000, "big.bin": 9 * 2**20}
+        tmp_path / "src", {"small/a.txt": 1000, "small/b.txt": 20_000, "big.bin": 20 * 2**20}
     )
     url = f"s3://{bucket}/behind-proxy"
     for name, options in (("packed", ()), ("loose", ("--no-pack",))):
@@ -142,3 +142,25 @@ def test_no_proxy_goes_direct(
     failed = run_cli("download", url, str(tmp_path / "out2"), "--quiet", env=proxied)
     assert failed.returncode == 3, failed.stderr
     assert not os.path.exists(tmp_path / "out2/big.bin")
+
+
+def test_a_plain_http_endpoint_is_reached_through_http_proxy(
+    tmp_path: Path, bucket: str, s3_env: LocalS3Info, proxy: Tinyproxy, no_endpoint_env: None
+) -> None:
+    """HTTP_PROXY forwards plain-HTTP requests (the whole URL in the request line): every
+    request of an upload and a download, large ranged GETs included, is in the proxy's log."""
+    env = {
+        "AWS_ENDPOINT_URL_S3": s3_env.endpoint_url,
+        "HTTP_PROXY": proxy.url,
+        "http_proxy": proxy.url,
+    }
+    contents = write_tree(tmp_path / "src", {"a.txt": 100, "big.bin": 20 * 2**20})
+    url = f"s3://{bucket}/http-proxy"
+    uploaded = run_cli("upload", str(tmp_path / "src"), url, "--quiet", env=env)
+    assert uploaded.returncode == 0, uploaded.stderr
+    restored = run_cli("download", url, str(tmp_path / "out"), "--quiet", env=env)
+    assert restored.returncode == 0, restored.stderr
+    assert (tmp_path / "out/big.bin").read_bytes() == contents["big.bin"]
+    log = proxy.log_text()
+    for method in ("PUT", "GET", "HEAD"):
+        assert f"{method} {s3_env.endpoint_url}/{bucket}" in log, log[-3000:]

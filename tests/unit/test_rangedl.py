@@ -31,7 +31,7 @@ from s3xfer.rangedl import (
     split_ranges,
 )
 from s3xfer.retry import RetryPolicy, TransientError
-from s3xfer.transport.http import PIECE_SIZE
+from s3xfer.transport.rawhttp import PIECE_SIZE
 
 FAST_RETRIES = RetryPolicy(max_attempts=3, base_delay=0.0, max_delay=0.0)
 
