@@ -130,6 +130,9 @@ async def load_manifest(
     return Manifest.from_bytes(raw, where=f"s3://{plan.dest.bucket}/{key}")
 
 
+# DeleteObjects requests at once (1,000 keys each): a million deletions need not be 1,000
+# requests in flight.
+DELETE_REQUESTS_IN_FLIGHT = 8
 StartCallback = Callable[[int, int, int], None]  # (files to send, bytes to send, unchanged)
 
 
@@ -150,6 +153,7 @@ class Prepared:
     # Every key the manifest, journal or earlier results referred to: those the new
     # manifest no longer refers to are deleted once it is written.
     known_keys: set[str] = field(default_factory=set)
+    stale: list[str] = field(default_factory=list)  # records dropped: their shard is gone
 
     @property
     def files_todo(self) -> int:
@@ -197,7 +201,7 @@ async def prepare(
             manifest.records.update(earlier.records)
             manifest.shards.update(earlier.shards)
             known_keys |= earlier.object_keys()
-    manifest.drop_stale()  # never "unchanged" on the word of a record whose bytes are gone
+    stale = manifest.drop_stale()  # never "unchanged" on the word of bytes that are gone
     todo, unchanged = manifest.select_changed(plan.units)
     shards_todo, shards_unchanged = manifest.select_changed_shards(plan.shards)
     return Prepared(
@@ -211,6 +215,7 @@ async def prepare(
         policy,
         metadata_retries,
         known_keys,
+        stale,
     )
 
 
@@ -267,31 +272,27 @@ async def commit(
     longer referred to are returned, for `delete_unreferenced` once nothing that could
     still vouch for them (the journal) is left."""
     merged = prepared.manifest
-    new_keys: set[str] = set()
-    for record in records:
-        merged.records[record.path] = record
-        new_keys.add(record.key)
-    for shard in shard_records:
-        merged.shards[shard.key] = shard
-        new_keys.add(shard.key)
+    merged.records.update((record.path, record) for record in records)
+    merged.shards.update((shard.key, shard) for shard in shard_records)
     # A shard rewritten in place holds its new members only: records of other files still
     # pointing into it (deleted, moved to another shard, replaced by a directory) must go.
-    stale = merged.drop_stale()
+    stale = [*prepared.stale, *merged.drop_stale()]
     tree = tree_paths(plan)
     keep = kept_paths(plan, keep_deleted=keep_deleted)
     final = merged.synced(tree, keep=keep)
     warnings = []
     gone = [p for p in stale if p not in tree and keep(p)]
-    if keep_deleted and gone:
+    if gone:
         warnings.append(
-            f"{len(gone)} deleted files could not be kept, their shard having been rewritten "
-            f"by an earlier s3xfer: {', '.join(gone[:5])}{' …' if len(gone) > 5 else ''}"
+            f"{len(gone)} files no longer in the tree could not be kept, their shard having "
+            f"been rewritten by an earlier s3xfer: {', '.join(gone[:5])}"
+            + (" …" if len(gone) > 5 else "")
         )
     before = prepared.old.records if prepared.old is not None else {}
     referenced = final.object_keys()
     unreferenced = sorted(
         key
-        for key in (prepared.known_keys | merged.object_keys() | new_keys) - referenced
+        for key in (prepared.known_keys | merged.object_keys()) - referenced
         if sync_deletable(plan.dest, key)
     )
     committed = Committed(
@@ -316,14 +317,16 @@ async def delete_unreferenced(
     were deleted, and a warning for those that could not be (left behind, harmless: nothing
     refers to them)."""
     failed: list[tuple[str, str]] = []
+    limiter = anyio.CapacityLimiter(DELETE_REQUESTS_IN_FLIGHT)
 
     async def delete(batch: list[str]) -> None:
         try:
-            failed.extend(
-                await call_with_retries(
-                    lambda: s3.delete_objects(dest.bucket, batch), policy=policy
+            async with limiter:
+                failed.extend(
+                    await call_with_retries(
+                        lambda: s3.delete_objects(dest.bucket, batch), policy=policy
+                    )
                 )
-            )
         except S3XferError as error:
             failed.extend((key, str(error)) for key in batch)
 

@@ -310,3 +310,40 @@ def test_finalize_of_a_sliced_upload_makes_the_dataset_equal_the_plan(
     restored = run_cli("download", url, str(tmp_path / "out"))
     assert restored.returncode == 0, restored.stderr
     assert tree_of(tmp_path / "out") == tree_of(src)
+
+
+def make_stale(sync_s3_client: Any, bucket: str, prefix: str, path: str) -> None:
+    """What an earlier s3xfer left: the record of `path` pointing into its shard with an ETag
+    the shard no longer has (it was written over, without or with other bytes for it)."""
+    dest = S3Url(bucket, prefix)
+    for key in (manifest_key(dest), piece_key(dest, bucket_of(path))):
+        data = json.loads(gzip.decompress(read_object(sync_s3_client, bucket, key)))
+        for row in data["files"]:
+            if row[0] == path:
+                row[8] = '"an-older-shard"'
+        body = gzip.compress(json.dumps(data).encode())
+        sync_s3_client.put_object(Bucket=bucket, Key=key, Body=body)
+
+
+def test_a_stale_record_never_skips_its_file_and_a_rerun_repairs_the_dataset(
+    tmp_path: Path, s3_env: LocalS3Info, bucket: str, sync_s3_client: Any
+) -> None:
+    src, url = tmp_path / "src", f"s3://{bucket}/st"
+    letters(src)
+    upload(src, url)
+    make_stale(sync_s3_client, bucket, "st", "c.txt")  # still in the tree
+    make_stale(sync_s3_client, bucket, "st", "b.txt")
+    (src / "b.txt").unlink()
+
+    result = run_cli("upload", str(src), url, "--json", "--keep-deleted", *SMALL_PACK)
+
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["files_uploaded"] == 3  # the shard of c.txt, sent again: not "unchanged"
+    assert result.stderr.strip() == (
+        "s3xfer: warning: 1 files no longer in the tree could not be kept, their shard "
+        "having been rewritten by an earlier s3xfer: b.txt"
+    )
+    restored = run_cli("download", url, str(tmp_path / "out"))
+    assert restored.returncode == 0, restored.stderr
+    assert tree_of(tmp_path / "out") == tree_of(src)
