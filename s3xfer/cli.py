@@ -1114,11 +1114,29 @@ def get_command(
     *patterns, dest = args
     connection = make_connection(endpoint_url, profile, region, no_verify_ssl)
 
-    async def run() -> GetReport:
+    async def run() -> GetReport | DownloadReport:
         async with _dataset(url, connection, gap=gap, concurrency=concurrency) as ds:
-            return await ds.get(patterns, Path(dest), overwrite=overwrite)
+            try:
+                return await ds.get(patterns, Path(dest), overwrite=overwrite)
+            except NoDatasetError:
+                pass
+        # A plain prefix: its objects matching the globs, as `download --include` takes them.
+        return await download(
+            ds.url,
+            Path(dest),
+            connection=connection,
+            include=patterns,
+            overwrite=overwrite,
+            concurrency=concurrency,
+            gap=gap,
+        )
+
+    from .download import DownloadReport, download
 
     report = runner.run(run)
+    if isinstance(report, DownloadReport):
+        _print_prefix_get(report, as_json=as_json)
+        return
     if as_json:
         _emit_json(report.to_json())
     else:
@@ -1129,6 +1147,23 @@ def get_command(
     for path, error in report.failures:  # as download names them: on stderr, one line each
         click.echo(f"s3xfer: FAILED {path}: {error}", err=True)
     if report.failures:
+        sys.exit(1)
+
+
+def _print_prefix_get(report: DownloadReport, *, as_json: bool) -> None:
+    if as_json:
+        _emit_json(report.to_json())
+    else:
+        click.echo(
+            f"fetched {report.files_downloaded:,} objects, {human_bytes(report.bytes_downloaded)}"
+            f" with {report.requests:,} requests in {report.seconds:.2f} s into {report.dest} "
+            f"(a plain prefix; {report.files_skipped:,} already there)"
+        )
+    for path, reason in report.refused:
+        click.echo(f"s3xfer: REFUSED {_printable(path)}: {reason}", err=True)
+    for path, error in report.failures:
+        click.echo(f"s3xfer: FAILED {_printable(path)}: {error}", err=True)
+    if not report.ok:
         sys.exit(1)
 
 

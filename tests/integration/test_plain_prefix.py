@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -92,3 +93,18 @@ def test_cat_of_a_missing_object_is_one_clear_line(
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "no-such.txt" in lines[0], result.stderr
+
+
+def test_get_takes_the_matching_objects_of_a_plain_prefix(
+    plain_prefix: dict[str, bytes], bucket: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    result = run_cli("get", f"s3://{bucket}/other", "img/*", "a.txt", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["files_downloaded"] == 3
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert written == ["a.txt", "img/cat.jpg", "img/dog.jpg"]
+    for path in written:
+        assert (out / path).read_bytes() == plain_prefix[path]
+    nothing = run_cli("get", f"s3://{bucket}/other", "no/*", str(tmp_path / "none"))
+    assert nothing.returncode == 2 and "no file of" in nothing.stderr
