@@ -749,10 +749,11 @@ class Epoch:
             for item in shuffle:
                 record, segment = plan.records[item], plan.segment_of(item)
                 block = blocks.setdefault(segment, _Block(anyio.Event()))
+                if batch and (not block.ready.is_set() or block.error is not None):
+                    # Hand on what is ready rather than sit on it (or fail with it).
+                    await send.send((batch, held))
+                    batch, held = [], 0
                 if not block.ready.is_set():
-                    if batch:  # hand on what is ready rather than sit on it
-                        await send.send((batch, held))
-                        batch, held = [], 0
                     await block.ready.wait()
                 if block.error is not None:
                     raise block.error

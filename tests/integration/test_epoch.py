@@ -24,11 +24,12 @@ from s3xfer import S3Url, TransferConfig, make_plan, survey, upload
 from s3xfer.checksums import crc32
 from s3xfer.config import KiB, MiB
 from s3xfer.epoch import block_starts
-from s3xfer.errors import UsageError
+from s3xfer.errors import PartialReadError, UsageError
 from s3xfer.locals3 import LocalS3Info
 from s3xfer.reader import Dataset, SyncDataset
 
 from .helpers import connection, write_tree
+from .test_sync import spoil_crc32
 
 SHAPED = TransferConfig(
     concurrency=8,
@@ -380,3 +381,24 @@ def test_closing_the_dataset_stops_an_unfinished_epoch(
     ds.close()  # does not wait for that producer forever
     with pytest.raises(Exception, match="closed"):
         ds.read("labels.json")
+
+
+def test_a_file_that_fails_its_checksum_stops_the_epoch_naming_it(
+    s3_env: LocalS3Info, bucket: str, tmp_path: Path, sync_s3_client: Any
+) -> None:
+    url = f"s3://{bucket}/ds"
+    contents = write_tree(tmp_path / "src", {f"f{n:02d}": 300 + n for n in range(30)})
+    do_upload(tmp_path / "src", url, s3_env)
+    spoil_crc32(sync_s3_client, bucket, "ds", "f17")
+    got: list[tuple[str, bytes]] = []
+    with (
+        SyncDataset(url) as ds,
+        ds.iter_epoch(3, block_bytes=2 * KiB, buffer_bytes=8 * KiB) as epoch,
+    ):
+        with pytest.raises(PartialReadError) as failed:
+            got.extend(epoch)
+        assert epoch.state_dict()["position"] == len(got)
+    assert list(failed.value.failures) == ["f17"]
+    assert "checksum mismatch" in str(failed.value)
+    assert 0 < len(got) < len(contents)
+    assert all(contents[path] == data for path, data in got)
