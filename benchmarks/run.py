@@ -1128,7 +1128,9 @@ def describe_attempt(tool: str, attempt: Attempt) -> str:
         f"server CPU {attempt.server_cpu_seconds:.2f} s, peak RSS {rss:.0f} MB"
     )
     r = attempt.report
-    if r and "catalog_requests" in r:
+    if r and "workers" in r:  # an epoch loader
+        line += f" (workers' epoch {r.get('seconds')} s)"
+    elif r and "catalog_requests" in r:
         line += f" ({r.get('gets')} data GETs + {r.get('catalog_requests')} catalog requests)"
     elif r:
         line += (
