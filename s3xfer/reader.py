@@ -748,7 +748,7 @@ class Epoch:
             held = 0  # budget bytes of the batch
             for item in shuffle:
                 record, segment = plan.records[item], plan.segment_of(item)
-                block = blocks.setdefault(segment, _Block(anyio.Event()))
+                block = blocks.get(segment) or blocks.setdefault(segment, _Block(anyio.Event()))
                 if batch and (not block.ready.is_set() or block.error is not None):
                     # Hand on what is ready rather than sit on it (or fail with it).
                     await send.send((batch, held))
@@ -788,7 +788,7 @@ class Epoch:
             self.stats.bytes_held = self._budget.used
             self.stats.peak_bytes_held = max(self.stats.peak_bytes_held, self._budget.peak)
             await slots.acquire()
-            block = blocks.setdefault(segment, _Block(anyio.Event()))
+            block = blocks.get(segment) or blocks.setdefault(segment, _Block(anyio.Event()))
             block.unreleased = amount
             group.start_soon(self._read_block, records, block, slots)
 
