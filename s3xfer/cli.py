@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
@@ -31,7 +31,15 @@ from .config import (
     format_size,
     parse_size,
 )
-from .errors import NoDatasetError, NoSuchKeyError, S3XferError, UsageError, first_leaf
+from .errors import (
+    DeadlineError,
+    NoDatasetError,
+    NoSuchKeyError,
+    S3XferError,
+    UsageError,
+    first_leaf,
+    redact_credentials,
+)
 from .keys import S3Url
 from .render import _printable, human_bytes, render_plan, render_report, render_survey
 from .s3 import SSE_ALGORITHMS, Connection, open_s3
@@ -176,6 +184,12 @@ def plan_options(function: F) -> F:
 _OWNER_META = "s3xfer.expected_bucket_owner"
 _STALL_META = "s3xfer.stall_timeout"
 _UNSIGNED_META = "s3xfer.no_sign_request"
+_READ_META = "s3xfer.read_timeout"
+# cat and get: a response that has not started within 10 s is cut and tried once more, then
+# the read fails (RetryPolicy.max_timeouts): an endpoint that accepts connections and never
+# answers fails them in about 20 s, not 10 x 60 s.
+READ_TIMEOUT_FOR_READS = 10.0
+TIMEOUTS_PER_READ = 2
 
 
 def _remember_owner(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
@@ -188,6 +202,12 @@ def _remember_unsigned(ctx: click.Context, _param: click.Parameter, value: bool)
 
 def _remember_stall_timeout(ctx: click.Context, _param: click.Parameter, value: float) -> None:
     ctx.meta[_STALL_META] = value
+
+
+def _remember_read_timeout(
+    ctx: click.Context, _param: click.Parameter, value: float | None
+) -> None:
+    ctx.meta[_READ_META] = value
 
 
 def connection_options(function: F) -> F:
@@ -235,6 +255,17 @@ def connection_options(function: F) -> F:
             callback=_remember_stall_timeout,
             help="Cut and retry a request whose response makes no progress for this long.",
         ),
+        click.option(
+            "--read-timeout",
+            metavar="SECONDS",
+            type=click.FloatRange(min=0.1),
+            default=None,
+            expose_value=False,
+            callback=_remember_read_timeout,
+            help="Cut and retry a response that has not started, or stopped arriving, for "
+            f"this long. Default: {READ_TIMEOUT_FOR_READS:g} for cat and get (a read that "
+            f"times out {TIMEOUTS_PER_READ} times fails), else --stall-timeout.",
+        ),
     ]
     for option in reversed(options):
         function = option(function)
@@ -272,9 +303,11 @@ def make_connection(
     *,
     sse: str | None = None,
     sse_kms_key_id: str | None = None,
+    read_timeout: float | None = None,
 ) -> Connection:
-    """The Connection of a command; --expected-bucket-owner comes from the click context (see
-    connection_options)."""
+    """The Connection of a command; --expected-bucket-owner, --stall-timeout and
+    --read-timeout come from the click context (see connection_options). `read_timeout`:
+    the command's own default for the last."""
     if sse_kms_key_id and sse != "aws:kms":
         raise UsageError("--sse-kms-key-id needs --sse aws:kms")
     context = click.get_current_context(silent=True)
@@ -289,6 +322,7 @@ def make_connection(
         expected_bucket_owner=meta.get(_OWNER_META),
         stall_timeout=meta.get(_STALL_META, 60.0),
         unsigned=bool(meta.get(_UNSIGNED_META)),
+        read_timeout=meta.get(_READ_META) or read_timeout,
     )
     if no_verify_ssl:
         click.echo("s3xfer: warning: TLS certificate verification is off", err=True)
@@ -654,9 +688,9 @@ def upload_command(
     if not report.ok:
         if quiet:
             for failed_path, error in report.failures:
-                click.echo(f"s3xfer: FAILED {failed_path}: {error}", err=True)
+                click.echo(f"s3xfer: FAILED {_printable(failed_path)}: {error}", err=True)
             for skipped_path, reason in report.unreadable:
-                click.echo(f"s3xfer: NOT UPLOADED {skipped_path}: {reason}", err=True)
+                click.echo(f"s3xfer: NOT UPLOADED {_printable(skipped_path)}: {reason}", err=True)
         sys.exit(1)
 
 
@@ -891,7 +925,7 @@ def worker_command(
             line = f"unit {result.index} of job {result.job} FAILED: {result.error}"
         click.echo(line)
         for path, error in result.failures:
-            click.echo(f"  FAILED {path}: {error}")
+            click.echo(f"  FAILED {_printable(path)}: {error}")
         sys.stdout.flush()
 
     code = run_worker(
@@ -993,10 +1027,37 @@ async def _ls_objects(ds: Dataset, pattern: str | None, *, as_json: bool) -> Non
     )
 
 
+def deadline_option(function: F) -> F:
+    """--deadline: the whole command's time, for the reads a person waits on (cat, get)."""
+    option = click.option(
+        "--deadline",
+        metavar="SECONDS",
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        help="Give up after this long in all, retries included (exit 3). Default: no limit.",
+    )
+    return option(function)
+
+
+@contextmanager
+def within(deadline: float | None) -> Iterator[None]:
+    """Run the block (in the event loop) under --deadline: DeadlineError once it is past."""
+    if deadline is None:
+        yield
+        return
+    import anyio
+
+    with anyio.CancelScope(deadline=anyio.current_time() + deadline) as scope:
+        yield
+    if scope.cancelled_caught:
+        raise DeadlineError(f"gave up after {deadline:g} s (--deadline)")
+
+
 @cli.command("cat")
 @click.argument("url")
 @click.argument("path", required=False)
 @connection_options
+@deadline_option
 def cat_command(
     url: str,
     path: str | None,
@@ -1004,6 +1065,7 @@ def cat_command(
     profile: str | None,
     region: str | None,
     no_verify_ssl: bool,
+    deadline: float | None,
 ) -> None:
     """Write the file PATH of the dataset at URL to standard output.
 
@@ -1014,13 +1076,19 @@ def cat_command(
     """
     import anyio
 
-    connection = make_connection(endpoint_url, profile, region, no_verify_ssl)
+    connection = make_connection(
+        endpoint_url, profile, region, no_verify_ssl, read_timeout=READ_TIMEOUT_FOR_READS
+    )
 
     async def write(data: bytes) -> None:
         await anyio.to_thread.run_sync(emit, data)
 
     async def run() -> None:
-        async with _dataset(url, connection) as ds:
+        with within(deadline):
+            await cat(_dataset(url, connection, max_timeouts=TIMEOUTS_PER_READ))
+
+    async def cat(dataset: Dataset) -> None:
+        async with dataset as ds:
             if path is None:
                 await ds.read_object("", write)
                 return
@@ -1083,6 +1151,7 @@ def write_all(fd: int, data: bytes) -> None:
     help="Take concurrency (and range size) from a `s3xfer bench --save NAME` profile.",
 )
 @connection_options
+@deadline_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def get_command(
     url: str,
@@ -1096,6 +1165,7 @@ def get_command(
     profile: str | None,
     region: str | None,
     no_verify_ssl: bool,
+    deadline: float | None,
 ) -> None:
     """Fetch the files of the dataset at URL matching GLOB... into DEST.
 
@@ -1112,10 +1182,20 @@ def get_command(
     apply_bench_profile(tuned, command="get")
     concurrency = tuned["concurrency"]
     *patterns, dest = args
-    connection = make_connection(endpoint_url, profile, region, no_verify_ssl)
+    connection = make_connection(
+        endpoint_url, profile, region, no_verify_ssl, read_timeout=READ_TIMEOUT_FOR_READS
+    )
 
     async def run() -> GetReport | DownloadReport:
-        async with _dataset(url, connection, gap=gap, concurrency=concurrency) as ds:
+        with within(deadline):
+            report = await fetch()
+        return report
+
+    async def fetch() -> GetReport | DownloadReport:
+        dataset = _dataset(
+            url, connection, gap=gap, concurrency=concurrency, max_timeouts=TIMEOUTS_PER_READ
+        )
+        async with dataset as ds:
             try:
                 return await ds.get(patterns, Path(dest), overwrite=overwrite)
             except NoDatasetError:
@@ -1145,7 +1225,7 @@ def get_command(
             f"GETs (+{report.catalog_requests} catalog reads) in {report.seconds:.2f} s into {dest}"
         )
     for path, error in report.failures:  # as download names them: on stderr, one line each
-        click.echo(f"s3xfer: FAILED {path}: {error}", err=True)
+        click.echo(f"s3xfer: FAILED {_printable(path)}: {error}", err=True)
     if report.failures:
         sys.exit(1)
 
@@ -1292,7 +1372,7 @@ def download_command(
     for path, reason in report.refused:
         click.echo(f"s3xfer: REFUSED {path!r}: {reason}", err=True)
     for path, error in report.failures:
-        click.echo(f"s3xfer: FAILED {path}: {error}", err=True)
+        click.echo(f"s3xfer: FAILED {_printable(path)}: {error}", err=True)
     if not report.ok:
         sys.exit(1)
 
@@ -1464,24 +1544,20 @@ def main() -> None:
         click.echo("s3xfer: interrupted", err=True)
         sys.exit(130)
     except click.UsageError as exc:  # one line, like every other error (not click's three)
-        click.echo(f"s3xfer: error: {exc.format_message()}", err=True)
-        sys.exit(exc.exit_code)
+        _error(f"error: {exc.format_message()}", exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+        _error(f"error: {exc.format_message()}", exc.exit_code)
     except S3XferError as exc:
         if debug:
             raise
-        click.echo(f"s3xfer: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        _error(f"error: {exc}", exc.exit_code)
     except KeyboardInterrupt:
         click.echo("s3xfer: interrupted", err=True)
         sys.exit(130)
     except OSError as exc:
         if debug:
             raise
-        click.echo(f"s3xfer: error: {exc}", err=True)
-        sys.exit(1)
+        _error(f"error: {exc}", 1)
     except SystemExit:
         raise
     except BaseException as exc:  # an exception group from a task group, or a bug
@@ -1489,11 +1565,15 @@ def main() -> None:
             raise
         leaf = first_leaf(exc)
         if isinstance(leaf, S3XferError):
-            click.echo(f"s3xfer: error: {leaf}", err=True)
-            sys.exit(leaf.exit_code)
-        click.echo(
-            f"s3xfer: internal error: {type(leaf).__name__}: {leaf} "
-            "(run with --debug for the traceback)",
-            err=True,
+            _error(f"error: {leaf}", leaf.exit_code)
+        _error(
+            f"internal error: {type(leaf).__name__}: {leaf} (run with --debug for the traceback)",
+            70,
         )
-        sys.exit(70)
+
+
+def _error(message: str, code: int) -> NoReturn:
+    """The one line of a failed command, on stderr, with no credentials of any URL in it
+    (an endpoint or proxy URL may come back in a library's message), then exit."""
+    click.echo(f"s3xfer: {redact_credentials(message)}", err=True)
+    sys.exit(code)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -50,6 +51,10 @@ class EndpointError(RemoteError, ConnectionError):
     """The endpoint cannot be reached."""
 
 
+class DeadlineError(RemoteError, TimeoutError):
+    """The command ran out of the time it was given (--deadline)."""
+
+
 class IntegrityError(S3XferError):
     """Bytes did not match their recorded checksum, size or range: never returned to the caller."""
 
@@ -88,6 +93,16 @@ class NotInDatasetError(S3XferError, FileNotFoundError):
 
 class NoDatasetError(NotInDatasetError):
     """The prefix holds no s3xfer dataset (no catalog, no manifest): it may hold plain objects."""
+
+
+_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#@\s'\"]*@")
+REDACTED_USERINFO = "***@"
+
+
+def redact_credentials(text: str) -> str:
+    """text with the user:password@ part of every URL in it replaced by ***@: for every URL
+    s3xfer prints or logs (endpoints, proxies), whoever wrote the message."""
+    return _URL_CREDENTIALS.sub(lambda m: m.group(1) + REDACTED_USERINFO, text)
 
 
 def first_leaf(error: BaseException) -> BaseException:

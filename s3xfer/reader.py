@@ -140,13 +140,15 @@ class Dataset:
         concurrency: int = 16,
         gap: int = DEFAULT_GAP,
         max_attempts: int = 10,
+        max_timeouts: int | None = None,
     ) -> None:
         self.url = S3Url.parse(url) if isinstance(url, str) else url
         self.connection = connection or Connection()
         self.concurrency = concurrency
         self.gap = gap
         self.stats = ReadStats()
-        self._policy = RetryPolicy(max_attempts=max_attempts)
+        # max_timeouts: read timeouts one request may have before it fails (RetryPolicy).
+        self._policy = RetryPolicy(max_attempts=max_attempts, max_timeouts=max_timeouts)
         self._stack = AsyncExitStack()
         self._s3: S3 | None = None
         self._pid = -1  # the process that opened it

@@ -121,10 +121,26 @@ def _bar_length(count: int, biggest: int) -> int:
 
 
 def _printable(text: str) -> str:
-    # File names may hold newlines or escapes; one item must stay one harmless line.
-    if text.isprintable():
+    """A name as one harmless line, like `ls -b`: control characters, other unprintable ones
+    (bidirectional overrides, line separators) and undecodable bytes (lone surrogates) as
+    escapes, and a backslash doubled, so that every name prints differently. --json output
+    keeps the exact names."""
+    if text.isprintable() and "\\" not in text:
         return text
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+    return "".join(_escape(c) for c in text)
+
+
+def _escape(char: str) -> str:
+    if char == "\\":
+        return "\\\\"
+    if char.isprintable():
+        return char
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape): the byte
+        return f"\\x{code - 0xDC00:02x}"
+    if code < 0x80:  # so \x80 and up always mean a byte, never a character
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def render_plan(plan: Plan) -> str:
@@ -195,5 +211,5 @@ def render_report(report: UploadReport) -> str:
         lines.append(f"  skipped {path}: {reason}")
     if len(report.problems) > 20:
         lines.append(f"  … and {len(report.problems) - 20} more skipped paths")
-    lines.extend(f"  FAILED {path}: {error}" for path, error in report.failures)
+    lines.extend(f"  FAILED {_printable(path)}: {error}" for path, error in report.failures)
     return "\n".join(lines)

@@ -16,7 +16,6 @@ botocore's own retries are off so that retries are counted and bounded in one pl
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import datetime
 import hashlib
@@ -31,7 +30,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote_plus, urlsplit
+from urllib.parse import unquote_plus
 
 import anyio
 import botocore.exceptions as bx
@@ -47,6 +46,7 @@ from .errors import (
     RemoteError,
     S3XferError,
     UsageError,
+    redact_credentials,
 )
 from .retry import TransientError
 from .throttle import AdaptiveGate
@@ -59,6 +59,7 @@ from .transport import (
     Transport,
     UnreachableError,
 )
+from .transport.endpoints import check_endpoint_url
 from .transport.http import Credentials
 
 if TYPE_CHECKING:
@@ -158,14 +159,17 @@ class Connection:
     expected_bucket_owner: str | None = None
     # A request that makes no progress (sending or receiving) for this long is cut and retried.
     stall_timeout: float = 60.0
+    # A response that has not started, or stopped arriving, for this long is cut and retried;
+    # None: stall_timeout. cat and get use 10 s (transport.NetworkSettings.read_timeout).
+    read_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if self.endpoint_url is not None:
-            parts = urlsplit(self.endpoint_url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise UsageError(
-                    f"bad endpoint URL {self.endpoint_url!r} (expected http(s)://host[:port])"
-                )
+            check_endpoint_url(self.endpoint_url)
+        for name in ("stall_timeout", "read_timeout"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < float("inf"):
+                raise UsageError(f"{name.replace('_', ' ')} must be a positive number of seconds")
         if self.sse is not None and self.sse not in SSE_ALGORITHMS:
             raise UsageError(
                 f"unknown server-side encryption {self.sse!r} (use {' or '.join(SSE_ALGORITHMS)})"
@@ -257,9 +261,13 @@ def _translate(
     loaded = sys.modules.get("aiohttp")  # no aiohttp error can happen before it is imported
     if loaded is not None and isinstance(exc, loaded.ClientConnectorError):
         return UnreachableError(f"cannot reach the endpoint for {where}: {exc}")
-    if isinstance(exc, bx.ReadTimeoutError | bx.ConnectionClosedError | bx.ResponseStreamingError):
+    if isinstance(exc, bx.ReadTimeoutError | TimeoutError):  # botocore's; rawhttp's, aiohttp's
+        return TransientError(
+            f"connection failed on {where}: {type(exc).__name__}: {exc}", timed_out=True
+        )
+    if isinstance(exc, bx.ConnectionClosedError | bx.ResponseStreamingError):
         return TransientError(f"connection failed on {where}: {exc}")
-    if isinstance(exc, bx.HTTPClientError | asyncio.TimeoutError) or (
+    if isinstance(exc, bx.HTTPClientError) or (
         loaded is not None and isinstance(exc, loaded.ClientError)
     ):
         return TransientError(f"connection failed on {where}: {type(exc).__name__}: {exc}")
@@ -896,7 +904,7 @@ class _Botocore:
             retries={"total_max_attempts": 1},  # retry.py owns retries
             parameter_validation=False,
             connect_timeout=10,
-            read_timeout=connection.stall_timeout,
+            read_timeout=connection.read_timeout or connection.stall_timeout,
             # We send our own CRC32 values; no second pass over the bytes by botocore.
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
@@ -984,6 +992,7 @@ async def open_s3(
                 NetworkSettings(
                     verify=connection.verify_ssl,
                     stall_timeout=connection.stall_timeout,
+                    read_timeout=connection.read_timeout,
                     pool_size=max_pool_connections,
                 ),
                 credentials=botocore.credentials,
@@ -994,7 +1003,7 @@ async def open_s3(
             yield S3(
                 botocore,
                 transport=transport,
-                endpoint_label=connection.endpoint_url or endpoints.label,
+                endpoint_label=redact_credentials(connection.endpoint_url or endpoints.label),
                 sse=connection.sse,
                 sse_kms_key_id=connection.sse_kms_key_id,
                 expected_bucket_owner=connection.expected_bucket_owner,

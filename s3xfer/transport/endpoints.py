@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
+from ..errors import UsageError, redact_credentials
+
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
@@ -48,6 +50,25 @@ class BucketAddress:
                 f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in sorted(query.items())
             )
         return path
+
+
+def check_endpoint_url(url: str) -> None:
+    """Refuse (UsageError, the URL shown without credentials) an endpoint URL that is not
+    http(s)://host[:port]..., or that holds a user:password@ part: S3 requests are signed with
+    AWS credentials, so those would only end up in messages and logs."""
+    shown = redact_credentials(repr(url))
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError on a port that is not a number)
+    except ValueError as exc:
+        raise UsageError(f"bad endpoint URL {shown}: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"bad endpoint URL {shown} (expected http(s)://host[:port])")
+    if parts.username is not None or parts.password is not None:
+        raise UsageError(
+            f"endpoint URL {shown} holds credentials: give them as "
+            "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or --profile, not in the URL"
+        )
 
 
 def configured_endpoint(explicit: str | None, environ: Mapping[str, str]) -> str | None:
@@ -89,6 +110,8 @@ class Endpoints:
         environ: Mapping[str, str] | None = None,
     ) -> None:
         self._endpoint = configured_endpoint(explicit, os.environ if environ is None else environ)
+        if self._endpoint is not None:
+            check_endpoint_url(self._endpoint)  # one from the environment, too
         self._region = region
         self._client = client
         self._known: dict[str, BucketAddress] = {}

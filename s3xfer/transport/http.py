@@ -462,7 +462,7 @@ class Transport:
                 else rawhttp.HttpPool(
                     origin,
                     verify_ssl=self.settings.verify,
-                    timeout=self.settings.stall_timeout,
+                    timeout=self.settings.response_timeout,
                     size=self.settings.pool_size,
                     ca_bundle=self._ca_bundle() if origin.startswith("https:") else None,
                     proxy=proxy,
@@ -580,14 +580,15 @@ class Transport:
             connection.close()
             raise _ClosedWhileIdle(_crt_error_name(exc)) from exc
         done = _notify(stream.completion_future)
-        stall = self.settings.stall_timeout
+        stall = self.settings.response_timeout
         try:
             while not done.is_set():
                 progress = exchange.progress
                 with anyio.move_on_after(stall):
                     await done.wait()
                 if not done.is_set() and exchange.progress == progress:
-                    exchange._fail(TransientError(f"no progress for {stall:g} s"))
+                    what = "response" if exchange.status is None else "progress"
+                    exchange._fail(TransientError(f"no {what} for {stall:g} s", timed_out=True))
                     with anyio.CancelScope(shield=True):
                         await done.wait()
         except anyio.get_cancelled_exc_class():

@@ -67,9 +67,17 @@ def environment_proxy(origin: str) -> Proxy | None:
 @dataclass(frozen=True, slots=True)
 class NetworkSettings:
     """verify: check the server's certificate (against the CA bundle the Transport is given,
-    else the system's CAs). stall_timeout: a request that makes no progress this long is cut."""
+    else the system's CAs). stall_timeout: a request that makes no progress this long is cut.
+    read_timeout: a response that has not started, or stopped arriving, this long is cut
+    (None: stall_timeout); cat and get set it short."""
 
     verify: bool = True
     stall_timeout: float = 60.0
+    read_timeout: float | None = None
     connect_timeout: float = CONNECT_TIMEOUT
     pool_size: int = 32
+
+    @property
+    def response_timeout(self) -> float:
+        """How long a response may keep silent: read_timeout, else stall_timeout."""
+        return self.read_timeout if self.read_timeout is not None else self.stall_timeout

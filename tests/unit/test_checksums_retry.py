@@ -101,3 +101,34 @@ def test_permanent_errors_are_not_retried() -> None:
     with pytest.raises(AccessDeniedError):
         anyio.run(main)
     assert calls == 1
+
+
+def test_read_timeouts_have_a_bound_of_their_own() -> None:
+    # A timeout, SlowDown, a timeout: the second timeout ends it (max_timeouts=2), though
+    # attempts are left; other transient errors still get every attempt.
+    errors = [
+        TransientError("no response", timed_out=True),
+        TransientError("SlowDown", throttled=True),
+        TransientError("no response", timed_out=True),
+        TransientError("never reached"),
+    ]
+    calls = 0
+
+    async def failing() -> None:
+        nonlocal calls
+        calls += 1
+        raise errors[calls - 1]
+
+    async def no_sleep(_seconds: float) -> None:
+        return None
+
+    async def main(policy: RetryPolicy) -> None:
+        await call_with_retries(failing, policy=policy, sleep=no_sleep)
+
+    with pytest.raises(TransientError, match="no response"):
+        anyio.run(main, RetryPolicy(max_attempts=10, max_timeouts=2))
+    assert calls == 3
+    calls = 0
+    with pytest.raises(TransientError, match="never reached"):
+        anyio.run(main, RetryPolicy(max_attempts=4))  # no bound of their own: attempts only
+    assert calls == 4
