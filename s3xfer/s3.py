@@ -863,6 +863,7 @@ class _Botocore:
         self._session: AioSession | None = None
         self._client: S3Client | None = None
         self._region: str | None = None
+        self._static: Credentials | bool | None = None  # False: none given nor in the env
         self._lock = anyio.Lock()
 
     def session(self) -> AioSession:
@@ -955,14 +956,22 @@ class _Botocore:
         connection = self.connection
         if connection.unsigned:
             return None
-        if connection.access_key and connection.secret_key:
-            return Credentials(
-                connection.access_key, connection.secret_key, connection.session_token
-            )
-        access_key = os.environ.get("AWS_ACCESS_KEY_ID")
-        secret_key = os.environ.get("AWS_SECRET_ACCESS_KEY")
-        if connection.profile is None and access_key and secret_key:
-            return Credentials(access_key, secret_key, os.environ.get("AWS_SESSION_TOKEN"))
+        if self._static is None:
+            # Given or in the environment: fixed for the run (botocore, too, reads the
+            # environment's once), so made once and not for every request.
+            access_key = os.environ.get("AWS_ACCESS_KEY_ID")
+            secret_key = os.environ.get("AWS_SECRET_ACCESS_KEY")
+            if connection.access_key and connection.secret_key:
+                self._static = Credentials(
+                    connection.access_key, connection.secret_key, connection.session_token
+                )
+            elif connection.profile is None and access_key and secret_key:
+                token = os.environ.get("AWS_SESSION_TOKEN")
+                self._static = Credentials(access_key, secret_key, token)
+            else:
+                self._static = False
+        if isinstance(self._static, Credentials):
+            return self._static
         source = await self.session().get_credentials()  # one object, kept by the session
         if source is None:
             return None
