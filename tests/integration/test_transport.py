@@ -227,3 +227,38 @@ def test_a_listing_is_the_one_botocore_reads(
 
     assert anyio.run(listing) == expected
     assert len(expected) == len(keys)
+
+
+def test_a_cancelled_request_ends_with_its_connection_at_once() -> None:
+    """A server that accepts and never answers: cancelling the waiting task closes the
+    request's connection and returns, long before the stall timeout would."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    accepting = threading.Thread(target=lambda: accepted.append(listener.accept()[0]))
+    accepting.start()
+    connection = Connection(
+        endpoint_url=f"http://127.0.0.1:{listener.getsockname()[1]}",
+        access_key="AKID",
+        secret_key="s",
+        stall_timeout=3600,
+    )
+
+    async def cancelled_get() -> bool:
+        async with open_s3(connection) as s3:
+            with anyio.move_on_after(0.5) as scope:
+                await s3.get_object("bucket", "k")
+            return scope.cancelled_caught
+
+    try:
+        assert anyio.run(cancelled_get)
+        accepting.join(timeout=30)
+        (server_side,) = accepted
+        server_side.settimeout(30)
+        while server_side.recv(65536):  # the request, then the end: the client closed it
+            pass
+    finally:
+        listener.close()
+        for sock in accepted:
+            sock.close()
