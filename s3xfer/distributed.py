@@ -134,7 +134,13 @@ SHARED_CONNECTION_FIELDS = (
 
 
 def connection_to_json(connection: Connection) -> dict[str, Any]:
-    return {name: getattr(connection, name) for name in SHARED_CONNECTION_FIELDS}
+    """What workers connect with: the producer's endpoint, also when it came from
+    AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (a worker's own environment may not say it)."""
+    from .transport.endpoints import configured_endpoint
+
+    data = {name: getattr(connection, name) for name in SHARED_CONNECTION_FIELDS}
+    data["endpoint_url"] = configured_endpoint(connection.endpoint_url, os.environ)
+    return data
 
 
 def connection_from_json(data: dict[str, Any]) -> Connection:
