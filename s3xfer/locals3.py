@@ -31,6 +31,7 @@ HOST = "127.0.0.1"
 REGION = "us-east-1"
 LOG_NAME = "weed.log"
 UPLOAD_BUDGET_MB = 256  # per stage (s3 gateway, filer, volume) of the server
+MAX_VOLUMES = 2000  # one per bucket at least: a test session makes hundreds of buckets
 # SeaweedFS derives some gRPC addresses as http port + 10000 even when the gRPC port is set
 # explicitly (the mini worker dials the admin server that way), so ports are taken in such pairs.
 GRPC_PORT_OFFSET = 10_000
@@ -317,6 +318,10 @@ class LocalS3:
             f"-filer.concurrentUploadLimitMB={UPLOAD_BUDGET_MB}",
             f"-volume.concurrentUploadLimitMB={UPLOAD_BUDGET_MB}",
             f"-s3.readerCacheSizeMB={UPLOAD_BUDGET_MB}",
+            # Every bucket takes a volume of its own, and by default there are only as many
+            # volumes as free GB on the disk (60 here: a test session's 61st bucket could
+            # store nothing, "no free volumes left"). Volumes are created empty and grow.
+            f"-volume.max={MAX_VOLUMES}",
         ]
         for name in _SERVICES:
             args += [
