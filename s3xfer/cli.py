@@ -40,6 +40,7 @@ from .errors import (
     first_leaf,
     redact_credentials,
 )
+from .globs import NO_FILTER, PathFilter
 from .keys import S3Url
 from .render import _printable, human_bytes, render_plan, render_report, render_survey
 from .s3 import SSE_ALGORITHMS, Connection, open_s3
@@ -179,6 +180,37 @@ def plan_options(function: F) -> F:
     for option in reversed(options):
         function = option(function)
     return function
+
+
+def selection_options(function: F) -> F:
+    """--include / --exclude for the commands that read a local tree (survey, plan, upload):
+    the same globs, matched the same way, as download's."""
+    options = [
+        click.option(
+            "--include",
+            multiple=True,
+            metavar="GLOB",
+            help="Only files whose path (relative to PATH) matches this glob (repeatable; "
+            "'*' also matches '/', as for download).",
+        ),
+        click.option(
+            "--exclude",
+            multiple=True,
+            metavar="GLOB",
+            help="Leave out files matching this glob (repeatable). A re-upload leaves the "
+            "dataset's files outside --include/--exclude alone.",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def make_selection(include: tuple[str, ...], exclude: tuple[str, ...]) -> PathFilter:
+    try:
+        return PathFilter(include, exclude)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 _OWNER_META = "s3xfer.expected_bucket_owner"
@@ -383,11 +415,11 @@ def survey_progress(quiet: bool) -> Iterator[Callable[[int, int], None]]:
         bar.close()
 
 
-def run_survey(path: Path, *, quiet: bool) -> Survey:
+def run_survey(path: Path, *, quiet: bool, selection: PathFilter = NO_FILTER) -> Survey:
     from .survey import survey
 
     with survey_progress(quiet) as progress:
-        return survey(path, on_progress=progress)
+        return survey(path, on_progress=progress, selection=selection)
 
 
 class TransferProgress:
@@ -488,16 +520,20 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 @cli.command("survey")
 @click.argument("path", type=click.Path(path_type=Path))
+@selection_options
 @click.option("--json", "as_json", is_flag=True, help="Print the survey as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
-def survey_command(path: Path, as_json: bool, quiet: bool) -> None:
+def survey_command(
+    path: Path, include: tuple[str, ...], exclude: tuple[str, ...], as_json: bool, quiet: bool
+) -> None:
     """Walk PATH once and summarise its file sizes.
 
     Prints the count, total bytes, min / max / mean / median / standard deviation, a log2
     size histogram, the largest files, and every path that cannot be uploaded (permission
     denied, broken or looping symlinks, fifos, sockets, devices) without stopping.
     """
-    result = run_survey(path, quiet=quiet or as_json)
+    selection = make_selection(include, exclude)
+    result = run_survey(path, quiet=quiet or as_json, selection=selection)
     if as_json:
         _emit_json(result.to_json())
     else:
@@ -508,6 +544,7 @@ def survey_command(path: Path, as_json: bool, quiet: bool) -> None:
 @click.argument("path", type=click.Path(path_type=Path))
 @click.argument("dest")
 @plan_options
+@selection_options
 @click.option(
     "--output",
     "-o",
@@ -517,7 +554,14 @@ def survey_command(path: Path, as_json: bool, quiet: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the plan summary as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 def plan_command(
-    path: Path, dest: str, output: Path | None, as_json: bool, quiet: bool, **options: Any
+    path: Path,
+    dest: str,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    output: Path | None,
+    as_json: bool,
+    quiet: bool,
+    **options: Any,
 ) -> None:
     """Plan the upload of PATH to DEST (s3://bucket/prefix) without sending anything.
 
@@ -530,7 +574,8 @@ def plan_command(
     url = S3Url.parse(dest)
     rate = apply_bench_profile(options, command="plan")
     config = make_config(**options)
-    plan = make_plan(run_survey(path, quiet=quiet or as_json), url, config)
+    selection = make_selection(include, exclude)
+    plan = make_plan(run_survey(path, quiet=quiet or as_json, selection=selection), url, config)
     seconds = plan.estimate.bytes / (rate * 1e6) if rate else None
     if output is not None:
         plan.save(output)
@@ -562,6 +607,7 @@ def plan_command(
     help="Execute a plan saved by `s3xfer plan --output` instead of PATH DEST.",
 )
 @plan_options
+@selection_options
 @connection_options
 @encryption_options
 @click.option(
@@ -613,6 +659,8 @@ def upload_command(
     state_dir: Path | None,
     slice_text: str | None,
     broker: str | None,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
     **options: Any,
 ) -> None:
     """Upload PATH to DEST (s3://bucket/prefix), or execute a saved --plan.
@@ -645,16 +693,20 @@ def upload_command(
         raise UsageError(
             "--keep-deleted applies where the manifest is written: give it to `s3xfer finalize`"
         )
+    selection = make_selection(include, exclude)
     if plan_file is not None:
         if path is not None or dest is not None:
             raise UsageError("give either PATH DEST or --plan, not both")
+        if selection:
+            raise UsageError("--include and --exclude go to `s3xfer plan`: a plan keeps them")
         plan = Plan.load(plan_file)
     else:
         if path is None or dest is None:
             raise UsageError("missing PATH and DEST (or --plan FILE); see s3xfer upload --help")
         url = S3Url.parse(dest)
         apply_bench_profile(options, command="upload")
-        plan = make_plan(run_survey(path, quiet=quiet or as_json), url, make_config(**options))
+        tree = run_survey(path, quiet=quiet or as_json, selection=selection)
+        plan = make_plan(tree, url, make_config(**options))
     progress = upload_progress(quiet=quiet or as_json)
     try:
         if broker is not None:

@@ -35,6 +35,7 @@ from .errors import (
     UsageError,
     first_error,
 )
+from .globs import PathFilter
 from .keys import S3Url, is_reserved_path, manifest_key
 from .localfs import (
     DestinationError,
@@ -49,7 +50,6 @@ from .malloc import return_large_buffers_promptly
 from .manifest import Manifest
 from .rangedl import RangedDownload, download_ranges
 from .ranges import DEFAULT_GAP, RangeGet, Wanted, check_ranged_response, coalesce
-from .reader import path_matcher
 from .retry import RetryCount, RetryPolicy, TransientError, call_with_retries
 from .s3 import S3, Connection, open_s3
 
@@ -113,9 +113,8 @@ class DownloadReport:
 
 def select(items: Sequence[Item], include: Sequence[str], exclude: Sequence[str]) -> list[Item]:
     """Items matching any include glob (all when none given) and no exclude glob."""
-    wanted = path_matcher(include) if include else (lambda _path: True)
-    unwanted = path_matcher(exclude) if exclude else (lambda _path: False)
-    return [i for i in items if wanted(i.path) and not unwanted(i.path)]
+    selects = PathFilter(tuple(include), tuple(exclude)).selects
+    return [i for i in items if selects(i.path)]
 
 
 def dataset_items(manifest: Manifest) -> list[Item]:

@@ -25,6 +25,7 @@ from .config import (
 )
 from .config import format_size as _fmt
 from .errors import SourceError, UsageError
+from .globs import NO_FILTER, PathFilter
 from .keys import (
     META_DIR,
     RESERVED_REASON,
@@ -37,7 +38,11 @@ from .survey import FileEntry, Problem, Survey
 from .tarpack import ShardLayout, ShardMember, member_footprint
 
 PLAN_FORMAT = "s3xfer-plan"
-PLAN_VERSION = 1
+# Version 2: the plan of a filtered tree (--include/--exclude), written only then. An s3xfer
+# that read it as version 1 would not know the filter, and delete the excluded files from the
+# dataset when it made the dataset equal the tree.
+PLAN_VERSION = 2
+PLAN_VERSIONS = (1, 2)
 
 
 class Kind(StrEnum):
@@ -360,15 +365,18 @@ class Plan:
     units: list[FileUnit]
     shards: list[ShardUnit] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    # The --include/--exclude the tree was surveyed with: the upload makes the dataset equal
+    # the selected files, and leaves the dataset's files outside the selection alone.
+    selection: PathFilter = NO_FILTER
 
     @property
     def estimate(self) -> Estimate:
         return estimate(self.units, self.shards, self.config)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "format": PLAN_FORMAT,
-            "version": PLAN_VERSION,
+            "version": PLAN_VERSION if self.selection else 1,
             "source": str(self.source),
             "dest": str(self.dest),
             "config": self.config.to_json(),
@@ -377,6 +385,9 @@ class Plan:
             "units": [unit.to_json() for unit in self.units],
             "shards": [shard.to_json() for shard in self.shards],
         }
+        if self.selection:
+            data["selection"] = self.selection.to_json()
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any], *, where: str = "plan") -> Plan:
@@ -384,11 +395,12 @@ class Plan:
         if data.get("format") != PLAN_FORMAT:
             raise UsageError(f"{where} is not an s3xfer plan (format {data.get('format')!r})")
         version = data.get("version")
-        if version != PLAN_VERSION:
+        if version not in PLAN_VERSIONS:
             newer = isinstance(version, int) and version > PLAN_VERSION
             raise UsageError(
-                f"{where} has format version {version!r}, this s3xfer reads version "
-                f"{PLAN_VERSION}" + (" (written by a newer s3xfer: upgrade it)" if newer else "")
+                f"{where} has format version {version!r}, this s3xfer reads versions "
+                f"{' and '.join(map(str, PLAN_VERSIONS))}"
+                + (" (written by a newer s3xfer: upgrade it)" if newer else "")
             )
         try:
             return cls(
@@ -398,6 +410,9 @@ class Plan:
                 units=[FileUnit.from_json(row) for row in data["units"]],
                 shards=[ShardUnit.from_json(row) for row in data.get("shards", [])],
                 problems=[Problem(path, reason) for path, reason in data.get("problems", [])],
+                selection=PathFilter.from_json(data.get("selection"))
+                if version == PLAN_VERSION
+                else NO_FILTER,
             )
         except KeyError as exc:
             raise UsageError(f"corrupt {where}: no {exc.args[0]!r} field") from exc
@@ -433,6 +448,11 @@ def make_plan(survey: Survey, dest: S3Url, config: TransferConfig | None = None)
     """The plan for uploading a surveyed tree to `dest`. Pure: no I/O."""
     config = config or TransferConfig()
     if not survey.files:
+        if survey.selection:
+            raise SourceError(
+                f"nothing to upload: no readable file under {survey.root} matches "
+                f"{survey.selection.describe()}"
+            )
         raise SourceError(f"nothing to upload: no readable files under {survey.root}")
     small = [e for e in survey.files if classify(e.size, config) is Kind.PACK]
     units = [
@@ -447,6 +467,7 @@ def make_plan(survey: Survey, dest: S3Url, config: TransferConfig | None = None)
         units=units,
         shards=list(group_into_shards(small, dest, config)),
         problems=list(survey.problems),
+        selection=survey.selection,
     )
 
 

@@ -54,6 +54,8 @@ def render_survey(survey: Survey) -> str:
     """The survey as readable lines: totals, size statistics, histogram, largest, problems."""
     stats = survey.stats
     lines = [f"Survey of {_printable(str(survey.root))}"]
+    if survey.selection:
+        lines.append(f"  only     {_printable(survey.selection.describe())}")
     rows = [
         ("files", f"{stats.count:,}"),
         ("total", f"{human_bytes(stats.total_bytes)} ({stats.total_bytes:,} bytes)"),
@@ -168,6 +170,11 @@ def render_plan(plan: Plan) -> str:
             else "no packing"
         ),
     ]
+    if plan.selection:
+        lines.append(
+            f"  selection         {_printable(plan.selection.describe())} (the dataset's files "
+            "outside it are left alone)"
+        )
     if plan.problems:
         lines.append(
             f"  skipped           {len(plan.problems):>12,}  unreadable paths (see survey)"
@@ -195,6 +202,11 @@ def render_report(report: UploadReport) -> str:
         lines.append(
             f"  kept {report.files_kept_deleted:,} files that are no longer in the tree "
             "(--keep-deleted, or under a path that could not be read)"
+        )
+    if report.files_not_selected:
+        lines.append(
+            f"  left alone {report.files_not_selected:,} files of the dataset outside "
+            "--include/--exclude"
         )
     if report.files_from_journal or report.uploads_resumed:
         lines.append(

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from s3xfer.errors import SourceError
+from s3xfer.globs import NO_FILTER, PathFilter
 from s3xfer.keys import RESERVED_REASON, is_reserved_path
 
 FORMAT_VERSION = 1
@@ -121,7 +122,9 @@ def is_safe_relative_path(path: str) -> bool:
 # The walk
 
 
-def scan(root: Path, *, follow_symlinks: bool = True) -> Iterator[FileEntry | Problem]:
+def scan(
+    root: Path, *, follow_symlinks: bool = True, selection: PathFilter = NO_FILTER
+) -> Iterator[FileEntry | Problem]:
     """Yield every regular file under `root`, and a Problem for everything else worth a word.
 
     Order: depth-first with the entries of each directory sorted so that the yielded paths
@@ -135,6 +138,9 @@ def scan(root: Path, *, follow_symlinks: bool = True) -> Iterator[FileEntry | Pr
 
     A root that is a regular file yields one entry named after it (relative to its parent).
     Errors about the root are raised at once as SourceError, not on the first `next()`.
+
+    With a `selection` (--include/--exclude) only the paths it selects are yielded, files and
+    problems alike, and a directory it excludes whole is not walked at all.
     """
     root_str = os.fspath(root)
     try:
@@ -150,6 +156,8 @@ def scan(root: Path, *, follow_symlinks: bool = True) -> Iterator[FileEntry | Pr
             return iter([Problem(_printable_name(name), NOT_UTF8)])
         if is_reserved_path(name):
             return iter([Problem(name, RESERVED)])
+        if not selection.selects(name):
+            return iter([])
         return iter([_file_entry(name, root_stat)])
     if not stat.S_ISDIR(root_stat.st_mode):
         raise SourceError(f"not a regular file or directory: {root}")
@@ -158,7 +166,7 @@ def scan(root: Path, *, follow_symlinks: bool = True) -> Iterator[FileEntry | Pr
     except OSError as exc:
         raise SourceError(f"{_root_error(exc)}: {root}") from exc
     root_id = (root_stat.st_dev, root_stat.st_ino)
-    return _walk(listing, root_id, follow_symlinks=follow_symlinks)
+    return _walk(listing, root_id, follow_symlinks=follow_symlinks, selection=selection)
 
 
 def base_dir(root: Path) -> Path:
@@ -171,6 +179,7 @@ def _walk(
     root_id: tuple[int, int],
     *,
     follow_symlinks: bool,
+    selection: PathFilter,
 ) -> Iterator[FileEntry | Problem]:
     # One frame per directory on the current path: (relative prefix, its entries, its id).
     stack = [("", iter(root_listing), root_id)]
@@ -185,6 +194,8 @@ def _walk(
                 continue
             if not prefix and is_reserved_path(rel):
                 yield Problem(rel, RESERVED)  # not walked: none of it is uploaded
+                continue
+            if selection and not _selected(entry, rel, selection, follow_symlinks):
                 continue
             is_link = False
             try:
@@ -224,6 +235,21 @@ def _walk(
         else:
             stack.pop()
             on_path.discard(dir_id)
+
+
+def _selected(
+    entry: os.DirEntry[str], rel: str, selection: PathFilter, follow_symlinks: bool
+) -> bool:
+    """Whether a directory entry is wanted, decided before it is looked at (no stat: the
+    sort's is_dir() is cached): a file by its path, a directory by whether anything below it
+    may be; an entry whose kind is unknown (it cannot be looked at) by either."""
+    try:
+        is_dir: bool | None = entry.is_dir(follow_symlinks=follow_symlinks)
+    except OSError:
+        is_dir = None
+    if is_dir is None:
+        return selection.selects(rel) or selection.may_select_under(rel)
+    return selection.may_select_under(rel) if is_dir else selection.selects(rel)
 
 
 def _sorted_listing(path: str, *, follow_symlinks: bool) -> list[os.DirEntry[str]]:
@@ -510,12 +536,14 @@ class SizeStats:
 @dataclass(frozen=True, slots=True)
 class Survey:
     """What `survey` found. `root` is the directory every path is relative to (the parent
-    directory when a single file was surveyed); `files` is empty when not kept."""
+    directory when a single file was surveyed); `files` is empty when not kept; `selection`:
+    the --include/--exclude globs the tree was walked with (only what they select was kept)."""
 
     root: Path
     files: list[FileEntry]
     problems: list[Problem]
     stats: SizeSummary
+    selection: PathFilter = NO_FILTER
 
     def to_json(self, *, include_files: bool = False) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -524,6 +552,8 @@ class Survey:
             "stats": self.stats.to_json(),
             "problems": [p.to_json() for p in self.problems],
         }
+        if self.selection:
+            data["selection"] = self.selection.to_json()
         if include_files:
             data["files"] = [f.to_json() for f in self.files]
         return data
@@ -537,6 +567,7 @@ class Survey:
             files=[FileEntry.from_json(f) for f in data.get("files", [])],
             problems=[Problem.from_json(p) for p in data["problems"]],
             stats=SizeSummary.from_json(data["stats"]),
+            selection=PathFilter.from_json(data.get("selection")),
         )
 
 
@@ -547,13 +578,14 @@ def survey(
     follow_symlinks: bool = True,
     top_n: int = DEFAULT_TOP_N,
     on_progress: Callable[[int, int], None] | None = None,
+    selection: PathFilter = NO_FILTER,
 ) -> Survey:
-    """Walk `root` once (see `scan`) and summarise it.
+    """Walk `root` once (see `scan`) and summarise it: of the paths `selection` selects only.
 
     on_progress(files_so_far, bytes_so_far) is called every PROGRESS_EVERY files and once
     at the end. Raises SourceError when the root itself cannot be read.
     """
-    entries = scan(root, follow_symlinks=follow_symlinks)
+    entries = scan(root, follow_symlinks=follow_symlinks, selection=selection)
     stats = SizeStats(top_n=top_n)
     files: list[FileEntry] = []
     problems: list[Problem] = []
@@ -577,4 +609,5 @@ def survey(
         files=files,
         problems=problems,
         stats=stats.summary(),
+        selection=selection,
     )

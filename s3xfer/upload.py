@@ -45,6 +45,7 @@ class UploadReport:
     # The dataset made equal to the tree (see Committed).
     files_removed: int = 0  # left the dataset: deleted, renamed or replaced in the tree
     files_kept_deleted: int = 0  # no longer in the tree, kept (--keep-deleted, unreadable)
+    files_not_selected: int = 0  # in the dataset, outside --include/--exclude: left alone
     objects_deleted: int = 0  # objects and shards nothing referred to any more
     # Resuming an interrupted run (see journal.py).
     files_from_journal: int = 0  # finished by the interrupted run: not sent again
@@ -228,6 +229,7 @@ class Committed:
     files_kept_deleted: int
     unreferenced: list[str]  # keys nothing refers to any more: delete after the manifest
     warnings: list[str]
+    files_not_selected: int = 0  # outside the plan's --include/--exclude: left alone
 
 
 NOT_COMMITTED = Committed(
@@ -242,19 +244,24 @@ def tree_paths(plan: Plan) -> set[str]:
 
 def kept_paths(plan: Plan, *, keep_deleted: bool) -> Callable[[str], bool]:
     """Which files no longer in the tree stay in the dataset: all with --keep-deleted, else
-    only those the survey could not read (or that lie under a directory it could not read):
-    a file that could not be read is not a deleted file."""
+    those outside the plan's --include/--exclude selection (the upload was not about them,
+    as `rclone sync` leaves excluded files alone), and those the survey could not read (or
+    that lie under a directory it could not read): a file that could not be read is not a
+    deleted file."""
     if keep_deleted:
         return lambda _path: True
+    selection = plan.selection
     unreadable = {p.path for p in plan.problems if p.unreadable}
-    if not unreadable:
+    if not unreadable and not selection:
         return lambda _path: False
 
-    def under_unreadable(path: str) -> bool:
+    def kept(path: str) -> bool:
+        if not selection.selects(path):
+            return True
         parts = path.split("/")
         return any("/".join(parts[:n]) in unreadable for n in range(1, len(parts) + 1))
 
-    return under_unreadable
+    return kept
 
 
 async def commit(
@@ -295,12 +302,16 @@ async def commit(
         for key in (prepared.known_keys | merged.object_keys()) - referenced
         if sync_deletable(plan.dest, key)
     )
+    selects = plan.selection.selects
     committed = Committed(
         written=not final.same_as(prepared.old),
         files_removed=sum(path not in final.records for path in before),
-        files_kept_deleted=sum(path not in tree for path in final.records),
+        files_kept_deleted=sum(path not in tree and selects(path) for path in final.records),
         unreferenced=unreferenced,
         warnings=warnings,
+        files_not_selected=sum(not selects(path) for path in final.records)
+        if plan.selection
+        else 0,
     )
     if committed.written:
         await save_catalog(
@@ -399,6 +410,7 @@ def make_report(
         extra={"shards_uploaded": stats.shards_done},
         files_removed=committed.files_removed,
         files_kept_deleted=committed.files_kept_deleted,
+        files_not_selected=committed.files_not_selected,
         objects_deleted=objects_deleted,
         files_from_journal=prepared.files_from_journal,
         bytes_reused=stats.bytes_reused,

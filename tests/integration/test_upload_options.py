@@ -1,0 +1,153 @@
+"""The upload options a user coming from `aws s3 cp` expects (issue 15): --include/--exclude,
+through the real CLI against the local server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from s3xfer.locals3 import LocalS3Info
+
+from .helpers import list_keys, run_cli, write_tree
+
+SMALL_PACK = ["--part-size", "5MiB", "--pack-threshold", "1MiB"]
+LOOSE = 1200 * 1024  # above the pack threshold: an object of its own
+
+
+def upload(src: Path, url: str, *options: str) -> dict[str, Any]:
+    result = run_cli("upload", str(src), url, "--json", *SMALL_PACK, *options)
+    assert result.returncode == 0, result.stderr
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report
+
+
+def listed(url: str) -> list[str]:
+    result = run_cli("ls", url, "--json")
+    assert result.returncode == 0, result.stderr
+    return sorted(r["path"] for r in json.loads(result.stdout))
+
+
+def restored(url: str, dest: Path) -> dict[str, bytes]:
+    result = run_cli("download", url, str(dest))
+    assert result.returncode == 0, result.stderr
+    files = [p for p in sorted(dest.rglob("*")) if p.is_file()]
+    return {p.relative_to(dest).as_posix(): p.read_bytes() for p in files}
+
+
+def photo_tree(src: Path) -> dict[str, bytes]:
+    return write_tree(
+        src,
+        {
+            "a.jpg": 300,
+            "b.jpg": 400,
+            "notes.txt": 50,
+            "deep/c.jpg": 500,
+            "deep/d.tmp": 60,
+            "cache/e.jpg": 70,
+            "cache/big.bin": LOOSE,
+            "big.tmp": LOOSE,
+        },
+        seed=3,
+    )
+
+
+def test_include_and_exclude_send_only_the_files_they_select(
+    tmp_path: Path, s3_env: LocalS3Info, bucket: str
+) -> None:
+    src, url = tmp_path / "src", f"s3://{bucket}/f"
+    contents = photo_tree(src)
+    # The same globs as download's: '*' crosses '/', an exclude wins over an include.
+    report = upload(src, url, "--include", "*.jpg", "--exclude", "cache/*")
+
+    assert report["files_uploaded"] == 3
+    expected = ["a.jpg", "b.jpg", "deep/c.jpg"]
+    assert listed(url) == expected
+    assert restored(url, tmp_path / "out") == {p: contents[p] for p in expected}
+    download = run_cli(
+        "download", url, str(tmp_path / "same"), "--include", "*.jpg", "--exclude", "cache/*"
+    )
+    assert download.returncode == 0, download.stderr
+
+
+def test_survey_and_plan_show_what_the_filters_select(
+    tmp_path: Path, s3_env: LocalS3Info, bucket: str
+) -> None:
+    src = tmp_path / "src"
+    photo_tree(src)
+    survey = run_cli("survey", str(src), "--exclude", "*.tmp", "--exclude", "cache/*", "--json")
+    assert survey.returncode == 0, survey.stderr
+    found = json.loads(survey.stdout)
+    assert found["stats"]["count"] == 4  # a, b, notes, deep/c.jpg: cache/ and *.tmp left out
+    assert found["selection"] == {"include": [], "exclude": ["*.tmp", "cache/*"]}
+
+    plan = run_cli("plan", str(src), f"s3://{bucket}/f", "--exclude", "*.tmp", *SMALL_PACK)
+    assert plan.returncode == 0, plan.stderr
+    assert "--exclude *.tmp" in plan.stdout
+    assert "files                        6" in plan.stdout
+    nothing = run_cli("plan", str(src), f"s3://{bucket}/f", "--include", "*.png")
+    assert nothing.returncode == 2  # SourceError, as for an empty tree
+    assert "no readable file under" in nothing.stderr and "--include *.png" in nothing.stderr
+
+
+def test_a_re_upload_with_filters_leaves_the_excluded_dataset_files_alone(
+    tmp_path: Path, s3_env: LocalS3Info, bucket: str, sync_s3_client: Any
+) -> None:
+    src, url = tmp_path / "src", f"s3://{bucket}/s"
+    contents = photo_tree(src)
+    upload(src, url)  # everything
+    everything = sorted(contents)
+    assert listed(url) == everything
+
+    # Excluded files, in the tree or gone from it, packed or loose, stay in the dataset,
+    # with their objects (as `rclone sync --exclude` leaves excluded destination files).
+    (src / "deep/d.tmp").unlink()
+    (src / "big.tmp").unlink()
+    report = upload(src, url, "--exclude", "*.tmp")
+    assert (report["files_removed"], report["objects_deleted"]) == (0, 0)
+    assert report["files_not_selected"] == 2
+    # The small selected files are packed again without d.tmp (a new shard); the old shard
+    # stays, d.tmp's record pointing into it.
+    assert report["files_uploaded"] == 5
+    assert listed(url) == everything
+    assert "s/big.tmp" in list_keys(sync_s3_client, bucket, "s/")
+    assert restored(url, tmp_path / "out1") == contents
+
+    # A selected file that left the tree leaves the dataset; the excluded ones still stay.
+    (src / "notes.txt").unlink()
+    (src / "cache/big.bin").unlink()
+    report = upload(src, url, "--exclude", "*.tmp")
+    assert report["files_removed"] == 2
+    assert "s/cache/big.bin" not in list_keys(sync_s3_client, bucket, "s/")
+    assert "s/big.tmp" in list_keys(sync_s3_client, bucket, "s/")
+    kept = {p: b for p, b in contents.items() if p not in ("notes.txt", "cache/big.bin")}
+    assert listed(url) == sorted(kept)
+    assert restored(url, tmp_path / "out2") == kept
+
+    # Without the filter the dataset is made equal the tree again: the .tmp files go.
+    report = upload(src, url)
+    assert report["files_removed"] == 2
+    assert listed(url) == sorted(p for p in kept if not p.endswith(".tmp"))
+    assert "s/big.tmp" not in list_keys(sync_s3_client, bucket, "s/")
+
+
+def test_a_saved_plan_keeps_its_filters(tmp_path: Path, s3_env: LocalS3Info, bucket: str) -> None:
+    src, url = tmp_path / "src", f"s3://{bucket}/p"
+    contents = photo_tree(src)
+    upload(src, url)
+    (src / "big.tmp").unlink()
+    plan_file = tmp_path / "plan.json"
+    made = run_cli(
+        "plan", str(src), url, "--exclude", "*.tmp", "--output", str(plan_file), *SMALL_PACK
+    )
+    assert made.returncode == 0, made.stderr
+    saved = json.loads(plan_file.read_text())
+    assert saved["version"] == 2 and saved["selection"]["exclude"] == ["*.tmp"]
+
+    result = run_cli("upload", "--plan", str(plan_file), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["files_removed"] == 0
+    assert listed(url) == sorted(contents)  # big.tmp, excluded, stays
+    again = run_cli("upload", "--plan", str(plan_file), "--exclude", "*.jpg")
+    assert again.returncode == 2
+    assert "go to `s3xfer plan`" in again.stderr
