@@ -468,6 +468,9 @@ class Staging:
         self._run_name = run_name
         self._run_fd = run_fd  # holds the run's lock
         self._names = itertools.count()
+        # Directories this run made or found: not made again for each of their files (three
+        # system calls and an exception per small file otherwise).
+        self._directories: set[Path] = set()
 
     @classmethod
     def open(cls, root: Path, *, in_use: Callable[[str], bool]) -> Staging:
@@ -518,18 +521,29 @@ class Staging:
         write that fails (a full disk) leaves nothing behind. Raises DestinationError."""
         name = str(next(self._names))
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            self._make_parent(target)
             fd = os.open(name, _NEW_FILE, 0o600, dir_fd=self._run_fd)
             try:
                 _write_all(fd, data)
                 _set_mode_and_times(fd, mode, mtime_ns)
             finally:
                 os.close(fd)
-            move_into_place(name, target, dir_fd=self._run_fd)
+            try:
+                move_into_place(name, target, dir_fd=self._run_fd)
+            except FileNotFoundError:  # its directory was removed meanwhile: made again
+                self._directories.discard(target.parent)
+                self._make_parent(target)
+                move_into_place(name, target, dir_fd=self._run_fd)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(name, dir_fd=self._run_fd)
             raise destination_error(target, exc) from exc
+
+    def _make_parent(self, target: Path) -> None:
+        parent = target.parent
+        if parent not in self._directories:
+            parent.mkdir(parents=True, exist_ok=True)
+            self._directories.add(parent)
 
     def write_many(
         self, files: Sequence[tuple[Path, bytes | memoryview, int, int]]

@@ -52,6 +52,7 @@ DATASET_FILES = {
 SOURCE_FILES = {"a.txt": 10, "sub/b.txt": 1_000, "sub/c.json": 200}
 TEMPORARY_NAMES = (".s3xfer-*",)  # s3xfer's staging directories (localfs.Staging)
 SMALL_DISK = "1m"  # tmpfs size for the disk-full cases: smaller than the dataset
+PLAIN_OBJECTS = 40  # of 64 KiB in the shared plain prefix: 2.5 MiB, more than SMALL_DISK
 
 
 @dataclass
@@ -659,6 +660,14 @@ CASES = [
         "No space left on device",
         small_disk=True,
     ),
+    case(  # loose objects of a plain prefix: written in batches as they arrive
+        "download-prefix-to-a-full-disk",
+        "download {plain} {out} --quiet",
+        1,
+        "cannot write {out}/",
+        "No space left on device",
+        small_disk=True,
+    ),
     case(
         "download-ranged-to-a-full-disk",
         "download {ds} {out} --quiet --range-size 1MiB",
@@ -815,6 +824,7 @@ class Shared:
     scratch: str
     dataset: str
     dataset_source: Path
+    plain: str  # a plain prefix of loose objects (no manifest), larger than SMALL_DISK
 
 
 @pytest.fixture(scope="module")
@@ -837,7 +847,11 @@ def shared(
         env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(missing / "credentials"))
         result = run_cli("upload", str(source), f"s3://{bucket}/ds", "--quiet")
     assert result.returncode == 0, result.stderr
-    return Shared(bucket, scratch, f"s3://{bucket}/ds", source)
+    for n in range(PLAIN_OBJECTS):
+        sync_s3_client.put_object(
+            Bucket=bucket, Key=f"plain/{n:03d}.bin", Body=os.urandom(64 << 10)
+        )
+    return Shared(bucket, scratch, f"s3://{bucket}/ds", source, f"s3://{bucket}/plain")
 
 
 def unlock(path: Path) -> None:
@@ -869,6 +883,7 @@ def test_bad_input(
         out=str(stage.out),  # a download's DEST, not created
         missing=str(stage.tmp / "nope"),
         ds=shared.dataset,  # the shared dataset, only read
+        plain=shared.plain,  # the shared plain prefix, only read
         bucket=shared.bucket,
         scratch=shared.scratch,
         void=f"s3://{shared.scratch}/x",  # where uploads that must fail are aimed

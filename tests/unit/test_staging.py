@@ -179,6 +179,19 @@ def test_each_file_of_a_batch_fails_alone_with_its_own_error(tmp_path: Path) -> 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b.txt", "c", "d"]
 
 
+def test_a_directory_removed_between_two_of_its_files_is_made_again(tmp_path: Path) -> None:
+    """Directories are made once per run (not once per file): one removed meanwhile is made
+    again for the next file written into it."""
+    staging = Staging.open(tmp_path, in_use=nothing_in_use)
+    staging.write(tmp_path / "d" / "e" / "one", b"1", mtime_ns=0, mode=0o644)
+    (tmp_path / "d" / "e" / "one").unlink()
+    (tmp_path / "d" / "e").rmdir()
+    (tmp_path / "d").rmdir()
+    staging.write(tmp_path / "d" / "e" / "two", b"2", mtime_ns=0, mode=0o644)
+    staging.close()
+    assert (tmp_path / "d" / "e" / "two").read_bytes() == b"2"
+
+
 def test_a_target_on_another_file_system_gets_a_copy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
