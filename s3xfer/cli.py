@@ -26,9 +26,11 @@ from .config import (
     DEFAULT_PACK_THRESHOLD,
     DEFAULT_PART_SIZE,
     DEFAULT_SHARD_SIZE,
+    ObjectOptions,
     PriceTable,
     TransferConfig,
     format_size,
+    parse_metadata,
     parse_size,
 )
 from .errors import (
@@ -175,6 +177,33 @@ def plan_options(function: F) -> F:
             default=_DEFAULT_PRICES.storage_gb_month,
             show_default=True,
             help="USD per GB-month stored, for the estimate.",
+        ),
+        click.option(
+            "--content-type",
+            metavar="TYPE",
+            default=None,
+            help="Content-Type of every file (e.g. 'text/plain; charset=utf-8'). Default: "
+            "guessed from each file's extension, as `aws s3 cp` does.",
+        ),
+        click.option(
+            "--no-guess-mime-type",
+            is_flag=True,
+            help="Do not guess Content-Types: S3 stores its default (binary/octet-stream).",
+        ),
+        click.option(
+            "--storage-class",
+            metavar="CLASS",
+            default=None,
+            help="Storage class of the objects holding file data (shards and files' own "
+            "objects), e.g. STANDARD_IA, INTELLIGENT_TIERING, GLACIER_IR; s3xfer's own "
+            "manifest and catalog stay STANDARD. GLACIER and DEEP_ARCHIVE are refused (their "
+            "objects cannot be read without a restore).",
+        ),
+        click.option(
+            "--metadata",
+            metavar="KEY=VALUE",
+            multiple=True,
+            help="User metadata (x-amz-meta-KEY) on the objects holding file data (repeatable).",
         ),
     ]
     for option in reversed(options):
@@ -394,7 +423,24 @@ def make_config(**options: Any) -> TransferConfig:
         prices=PriceTable(
             put_per_1000=options["price_put"], storage_gb_month=options["price_storage"]
         ),
+        objects=ObjectOptions(
+            content_type=options["content_type"],
+            guess_content_type=not options["no_guess_mime_type"],
+            storage_class=options["storage_class"].upper() if options["storage_class"] else None,
+            metadata=parse_metadata(options["metadata"]),
+        ),
     )
+
+
+# What a plan says to send: given with `upload --plan`, they would be silently ignored.
+_PLAN_ONLY = (
+    "include",
+    "exclude",
+    "content_type",
+    "no_guess_mime_type",
+    "storage_class",
+    "metadata",
+)
 
 
 @contextmanager
@@ -697,8 +743,15 @@ def upload_command(
     if plan_file is not None:
         if path is not None or dest is not None:
             raise UsageError("give either PATH DEST or --plan, not both")
-        if selection:
-            raise UsageError("--include and --exclude go to `s3xfer plan`: a plan keeps them")
+        context = click.get_current_context()
+        given = [
+            name
+            for name in _PLAN_ONLY
+            if context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+        ]
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise UsageError(f"{flags}: give them to `s3xfer plan`, the plan keeps them")
         plan = Plan.load(plan_file)
     else:
         if path is None or dest is None:

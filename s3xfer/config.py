@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import mimetypes
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -47,6 +49,131 @@ class PriceTable:
         return cls(**{k: float(v) for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
+# Storage classes whose objects cannot be read until restored (RestoreObject, hours later):
+# every ranged read of a shard, and every cat, get, download and Dataset read, would fail.
+OFFLINE_STORAGE_CLASSES = ("GLACIER", "DEEP_ARCHIVE")
+MAX_METADATA_BYTES = 2048  # S3's limit on user metadata: keys and values, UTF-8
+_METADATA_KEY = re.compile(r"[a-z0-9][a-z0-9._-]*")
+_CONTENT_TYPE = re.compile(r"[!-~]+/[!-~]+(?:[ !-~]*[!-~])?")
+
+
+@functools.cache
+def storage_classes() -> tuple[str, ...]:
+    """The storage classes S3's API names: botocore's service model (what awscli accepts),
+    read once, only when a storage class is asked for (0.3 s)."""
+    from botocore.loaders import create_loader
+
+    model = create_loader().load_service_model("s3", "service-2")
+    return tuple(model["shapes"]["StorageClass"]["enum"])
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectOptions:
+    """What the objects holding file data (files' own objects and shards) carry besides their
+    bytes: Content-Type, storage class, user metadata. s3xfer's own objects under .s3xfer/
+    (manifest, catalog, shard indexes) carry none of them."""
+
+    content_type: str | None = None  # --content-type: this one for every file
+    guess_content_type: bool = True  # by the name's extension (mimetypes), as awscli does
+    storage_class: str | None = None
+    metadata: tuple[tuple[str, str], ...] = ()  # keys lower-case, as S3 keeps them
+
+    def __post_init__(self) -> None:
+        if self.content_type is not None and not (
+            len(self.content_type) <= 256 and _CONTENT_TYPE.fullmatch(self.content_type)
+        ):
+            raise UsageError(
+                f"not a content type: {self.content_type!r:.80} (expected type/subtype in "
+                "printable ASCII, e.g. image/jpeg or 'text/plain; charset=utf-8')"
+            )
+        if self.storage_class is not None:
+            check_storage_class(self.storage_class)
+        seen: set[str] = set()
+        for key, value in self.metadata:
+            what = f"metadata {key!r:.60}"
+            if not _METADATA_KEY.fullmatch(key):
+                raise UsageError(
+                    f"{what}: a key is lower-case letters, digits, '-', '_' and '.' (S3 keeps "
+                    "x-amz-meta-* names lower-case)"
+                )
+            if key in seen:
+                raise UsageError(f"{what} is given twice")
+            seen.add(key)
+            if not all(" " <= c <= "~" for c in value) or value != value.strip():
+                raise UsageError(
+                    f"{what}: a value is printable ASCII without leading or trailing spaces "
+                    "(S3's REST API keeps nothing else intact)"
+                )
+        total = sum(len(k) + len(v) for k, v in self.metadata)
+        if total > MAX_METADATA_BYTES:
+            raise UsageError(f"metadata of {total:,} bytes: S3 allows {MAX_METADATA_BYTES:,}")
+
+    def content_type_of(self, path: str) -> str:
+        """The Content-Type a file's object is given: forced, or guessed from its name's
+        extension with the standard mimetypes module as awscli does (its first answer, so
+        `x.tar.gz` is application/x-tar); "" for none, when no guess can be made (S3 then
+        stores its default, binary/octet-stream) or guessing is off."""
+        if self.content_type is not None:
+            return self.content_type
+        if not self.guess_content_type:
+            return ""
+        # Rooted, so that a name such as "data:x.jpg" is not taken for a URL's scheme.
+        guessed = mimetypes.guess_type("/" + path)[0]
+        return guessed or ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "content_type": self.content_type,
+            "guess_content_type": self.guess_content_type,
+            "storage_class": self.storage_class,
+            "metadata": [list(pair) for pair in self.metadata],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ObjectOptions:
+        metadata = data.get("metadata", [])
+        if not isinstance(metadata, list) or not all(
+            isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)
+            for pair in metadata
+        ):
+            raise UsageError("metadata must be a list of [key, value] strings")
+        content_type, storage_class = data.get("content_type"), data.get("storage_class")
+        for name, value in (("content type", content_type), ("storage class", storage_class)):
+            if value is not None and not isinstance(value, str):
+                raise UsageError(f"{name} must be a string, got {value!r:.80}")
+        return cls(
+            content_type=content_type,
+            guess_content_type=bool(data.get("guess_content_type", True)),
+            storage_class=storage_class,
+            metadata=tuple((key, value) for key, value in metadata),
+        )
+
+
+def check_storage_class(name: str) -> None:
+    """A storage class S3 knows, and whose objects s3xfer can read back. Raises UsageError."""
+    if name in OFFLINE_STORAGE_CLASSES:
+        raise UsageError(
+            f"storage class {name} keeps objects offline until each is restored (RestoreObject, "
+            "hours), so every read of a file (cat, get, download, Dataset) would fail: use "
+            "GLACIER_IR (archive prices, reads in milliseconds) or a bucket lifecycle rule"
+        )
+    known = storage_classes()
+    if name not in known:
+        raise UsageError(f"unknown storage class {name!r:.60} (S3 knows {', '.join(known)})")
+
+
+def parse_metadata(items: tuple[str, ...] | list[str]) -> tuple[tuple[str, str], ...]:
+    """['Key=value', ...] (--metadata) → (('key', 'value'), ...), keys lower-case as S3 keeps
+    them. Raises UsageError; ObjectOptions checks the keys and values."""
+    pairs = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--metadata takes KEY=VALUE, got {item!r:.80}")
+        pairs.append((key.lower(), value))
+    return tuple(pairs)
+
+
 @dataclass(frozen=True, slots=True)
 class TransferConfig:
     """How an upload is shaped and bounded. Validated on construction."""
@@ -61,6 +188,7 @@ class TransferConfig:
     shard_size: int = DEFAULT_SHARD_SIZE
     max_attempts: int = 10  # as s5cmd and rclone: throttling can last a while
     prices: PriceTable = field(default_factory=PriceTable)
+    objects: ObjectOptions = field(default_factory=ObjectOptions)
 
     def __post_init__(self) -> None:
         if not 1 <= self.concurrency <= 1024:
@@ -88,6 +216,7 @@ class TransferConfig:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["prices"] = self.prices.to_json()
+        data["objects"] = self.objects.to_json()
         return data
 
     @classmethod
@@ -95,6 +224,10 @@ class TransferConfig:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         if "prices" in known:
             known["prices"] = PriceTable.from_json(known["prices"])
+        if "objects" in known:
+            if not isinstance(known["objects"], dict):
+                raise UsageError("objects must be an object of content type, storage class…")
+            known["objects"] = ObjectOptions.from_json(known["objects"])
         return cls(**known)
 
 

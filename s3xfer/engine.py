@@ -55,11 +55,12 @@ from .malloc import return_large_buffers_promptly
 from .manifest import Manifest, ManifestRecord, ShardRecord
 from .plan import FileUnit, Kind, Part, ShardUnit, UploadKeys, parts_of
 from .retry import RetryCount, RetryPolicy, call_with_retries
-from .s3 import S3
+from .s3 import S3, ObjectAttributes
 from .survey import FileEntry
 from .tarpack import FixedPiece, ShardLayout
 
 ProgressCallback = Callable[[int, int], None]  # (bytes done, files done) increments
+SHARD_CONTENT_TYPE = "application/x-tar"
 # Layouts of one shard before its members that keep changing fail with it: each layout leaves
 # out every member seen changing, so more than a couple means a tree rewritten as it is read.
 MAX_SHARD_LAYOUTS = 4
@@ -422,9 +423,15 @@ class Engine:
                 whole=True,
             )
             checksum = crc32_to_base64(crc)
+            attributes = self._attributes(unit.path)
             etag = await self._request(
                 lambda: self.s3.put_object(
-                    self.bucket, unit.key, body, crc32=checksum, extra=self._put_extra
+                    self.bucket,
+                    unit.key,
+                    body,
+                    crc32=checksum,
+                    attributes=attributes,
+                    extra=self._put_extra,
                 )
             )
         except S3XferError as error:
@@ -554,8 +561,11 @@ class Engine:
             if await self._resume(upload):
                 self._open_uploads.add(upload)
                 return
+            attributes = self._attributes(unit.path if unit is not None else None)
             upload.upload_id = await self._request(
-                lambda: self.s3.create_multipart_upload(self.bucket, upload.key)
+                lambda: self.s3.create_multipart_upload(
+                    self.bucket, upload.key, attributes=attributes
+                )
             )
             self._open_uploads.add(upload)
             if self.journal is not None:
@@ -735,6 +745,16 @@ class Engine:
             return
         if self.journal is not None:
             self.journal.multipart_closed(upload_id)
+
+    def _attributes(self, path: str | None) -> ObjectAttributes:
+        """What the object of the file at `path` carries (--content-type, --storage-class,
+        --metadata), or a shard's (path None): application/x-tar."""
+        options = self.config.objects
+        return ObjectAttributes(
+            options.content_type_of(path) if path is not None else SHARD_CONTENT_TYPE,
+            options.storage_class,
+            options.metadata,
+        )
 
     def _record(self, unit: FileUnit, checksum: str, etag: str) -> None:
         record = ManifestRecord(

@@ -170,6 +170,18 @@ def render_plan(plan: Plan) -> str:
             else "no packing"
         ),
     ]
+    objects = plan.config.objects
+    carried = [
+        f"Content-Type {objects.content_type}"
+        if objects.content_type
+        else "Content-Type by extension"
+        if objects.guess_content_type
+        else "no Content-Type",
+        f"storage class {objects.storage_class or 'STANDARD'}",
+    ]
+    if objects.metadata:
+        carried.append("metadata " + ", ".join(f"{k}={v}" for k, v in objects.metadata))
+    lines.append(f"  objects carry     {_printable(', '.join(carried))}")
     if plan.selection:
         lines.append(
             f"  selection         {_printable(plan.selection.describe())} (the dataset's files "

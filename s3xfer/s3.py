@@ -67,7 +67,16 @@ if TYPE_CHECKING:
     from botocore.model import OperationModel
     from types_aiobotocore_s3 import S3Client
 
-__all__ = ("S3", "BodyCheck", "Connection", "ObjectLayout", "Sink", "UnreachableError", "open_s3")
+__all__ = (
+    "S3",
+    "BodyCheck",
+    "Connection",
+    "ObjectAttributes",
+    "ObjectLayout",
+    "Sink",
+    "UnreachableError",
+    "open_s3",
+)
 
 _THROTTLE_CODES = {
     "SlowDown",
@@ -117,6 +126,38 @@ _ACCOUNT_ID = re.compile(r"[0-9]{12}")
 class ObjectLayout:
     part_size: int  # of its multipart upload (part 1's length); 0 when not known
     crc32: str | None  # base64 whole-object CRC32 (ChecksumType FULL_OBJECT), when S3 keeps one
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectAttributes:
+    """What an object holding file data carries besides its bytes: set where the object is
+    created, PutObject or CreateMultipartUpload (its parts inherit them, and UploadPart takes
+    none). Defined here once, as headers for the transport and as botocore's parameters."""
+
+    content_type: str = ""  # "": none sent, S3 stores its default (binary/octet-stream)
+    storage_class: str | None = None
+    metadata: tuple[tuple[str, str], ...] = ()  # x-amz-meta-<key>, keys lower-case
+
+    def headers(self) -> dict[str, str]:
+        headers = {f"x-amz-meta-{key}": value for key, value in self.metadata}
+        if self.content_type:
+            headers["content-type"] = self.content_type
+        if self.storage_class:
+            headers["x-amz-storage-class"] = self.storage_class
+        return headers
+
+    def parameters(self) -> dict[str, Any]:
+        parameters: dict[str, Any] = {}
+        if self.metadata:
+            parameters["Metadata"] = dict(self.metadata)
+        if self.content_type:
+            parameters["ContentType"] = self.content_type
+        if self.storage_class:
+            parameters["StorageClass"] = self.storage_class
+        return parameters
+
+
+NO_ATTRIBUTES = ObjectAttributes()
 
 
 class _SharedBytesIO(io.BytesIO):
@@ -453,8 +494,17 @@ class S3:
             await self._send("HeadBucket", "HEAD", bucket, None)
 
     async def put_object(
-        self, bucket: str, key: str, body: bytes, *, crc32: str, extra: dict[str, Any] | None = None
+        self,
+        bucket: str,
+        key: str,
+        body: bytes,
+        *,
+        crc32: str,
+        attributes: ObjectAttributes = NO_ATTRIBUTES,
+        extra: dict[str, Any] | None = None,
     ) -> str:
+        """One object; `attributes` for one holding file data (Content-Type, storage class,
+        user metadata), none for s3xfer's own objects."""
         if not extra:
             async with self._request("put_object", bucket, key):
                 response = await self._send(
@@ -462,7 +512,11 @@ class S3:
                     "PUT",
                     bucket,
                     key,
-                    headers={**self._put_headers, "x-amz-checksum-crc32": crc32},
+                    headers={
+                        **self._put_headers,
+                        **attributes.headers(),
+                        "x-amz-checksum-crc32": crc32,
+                    },
                     body=body,
                 )
             return response.headers.get("etag", "")
@@ -474,11 +528,15 @@ class S3:
                 Body=_SharedBytesIO(body),
                 ChecksumCRC32=crc32,
                 **self._encryption,
+                **attributes.parameters(),
                 **extra,
             )
         return answer.get("ETag", "")
 
-    async def create_multipart_upload(self, bucket: str, key: str) -> str:
+    async def create_multipart_upload(
+        self, bucket: str, key: str, *, attributes: ObjectAttributes = NO_ATTRIBUTES
+    ) -> str:
+        """A multipart upload, carrying the object's `attributes` (see put_object)."""
         async with self._request("create_multipart_upload", bucket, key):
             client = await self.client()
             response = await client.create_multipart_upload(
@@ -487,6 +545,7 @@ class S3:
                 ChecksumAlgorithm="CRC32",
                 ChecksumType="FULL_OBJECT",
                 **self._encryption,
+                **attributes.parameters(),
             )
         return response["UploadId"]
 

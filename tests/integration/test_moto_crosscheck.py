@@ -18,7 +18,7 @@ from moto.server import ThreadedMotoServer
 from s3xfer import Connection, S3Url, TransferConfig, make_plan, survey, upload
 from s3xfer.config import MiB
 
-from .helpers import read_object, write_tree
+from .helpers import read_object, run_cli, write_tree
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +69,49 @@ def test_upload_to_moto_matches_byte_for_byte(
     assert (again.files_removed, again.objects_deleted) == (1, 1)
     listed = client.list_objects_v2(Bucket="crosscheck", Prefix="p/")["Contents"]
     assert "p/big.bin" not in {item["Key"] for item in listed}
+
+
+def test_content_types_on_a_server_that_guesses_none_itself(
+    tmp_path: Path, moto_endpoint: str
+) -> None:
+    """moto, as S3, stores binary/octet-stream when a PUT names no Content-Type (SeaweedFS
+    guesses one itself): a file whose type cannot be guessed, or with --no-guess-mime-type,
+    gets no explicit type from s3xfer, as from awscli."""
+    env = {
+        "AWS_ACCESS_KEY_ID": "moto",
+        "AWS_SECRET_ACCESS_KEY": "moto",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+    }
+    client: Any = botocore.session.Session().create_client(
+        "s3",
+        endpoint_url=moto_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="moto",
+        aws_secret_access_key="moto",
+    )
+    client.create_bucket(Bucket="typed")
+    write_tree(tmp_path / "src", {"photo.jpg": 10, "blob.zzqx": 10, "README": 10})
+    for prefix, options in (("guessed", []), ("plain", ["--no-guess-mime-type"])):
+        result = run_cli(
+            "upload",
+            str(tmp_path / "src"),
+            f"s3://typed/{prefix}",
+            "--no-pack",
+            "--endpoint-url",
+            moto_endpoint,
+            *options,
+            env=env,
+        )
+        assert result.returncode == 0, result.stderr
+    types = {
+        key: client.head_object(Bucket="typed", Key=key)["ContentType"]
+        for key in ("guessed/photo.jpg", "guessed/blob.zzqx", "guessed/README", "plain/photo.jpg")
+    }
+    assert types == {
+        "guessed/photo.jpg": "image/jpeg",
+        "guessed/blob.zzqx": "binary/octet-stream",
+        "guessed/README": "binary/octet-stream",
+        "plain/photo.jpg": "binary/octet-stream",
+    }

@@ -150,4 +150,124 @@ def test_a_saved_plan_keeps_its_filters(tmp_path: Path, s3_env: LocalS3Info, buc
     assert listed(url) == sorted(contents)  # big.tmp, excluded, stays
     again = run_cli("upload", "--plan", str(plan_file), "--exclude", "*.jpg")
     assert again.returncode == 2
-    assert "go to `s3xfer plan`" in again.stderr
+    assert "--exclude: give them to `s3xfer plan`" in again.stderr
+
+
+# --- what the objects carry: Content-Type, storage class, metadata -------------------------
+
+TYPED = {
+    "photo.jpg": 100,
+    "data.json": 100,
+    "page.html": 100,
+    "blob.zzqx": 100,  # an extension nobody knows
+    "README": 100,  # none at all
+    "large.json": 6 * 1024 * 1024,  # a multipart upload: its type goes on CreateMultipartUpload
+}
+LOOSE_OPTIONS = ["--no-pack", "--multipart-threshold", "5MiB"]
+
+
+def head(client: Any, bucket: str, key: str) -> dict[str, Any]:
+    answer: dict[str, Any] = client.head_object(Bucket=bucket, Key=key)
+    return answer
+
+
+def untyped(client: Any, bucket: str, path: str, body: bytes) -> str:
+    """What this server stores when a PUT names no Content-Type. S3 and moto store
+    binary/octet-stream (tests/integration/test_moto_crosscheck.py checks s3xfer there);
+    SeaweedFS guesses one itself, from the key's extension or by sniffing the bytes."""
+    key = f"untyped-reference/{path}"
+    client.put_object(Bucket=bucket, Key=key, Body=body)
+    content_type: str = head(client, bucket, key)["ContentType"]
+    return content_type
+
+
+def test_content_types_are_guessed_from_extensions_as_awscli_does(
+    tmp_path: Path, s3_env: LocalS3Info, bucket: str, sync_s3_client: Any
+) -> None:
+    src = tmp_path / "src"
+    contents = write_tree(src, TYPED)
+    upload(src, f"s3://{bucket}/t", *LOOSE_OPTIONS)
+
+    types = {path: head(sync_s3_client, bucket, f"t/{path}")["ContentType"] for path in TYPED}
+    assert types == {
+        "photo.jpg": "image/jpeg",
+        "data.json": "application/json",
+        "page.html": "text/html",
+        "blob.zzqx": untyped(sync_s3_client, bucket, "blob.zzqx", contents["blob.zzqx"]),
+        "README": untyped(sync_s3_client, bucket, "README", contents["README"]),
+        "large.json": "application/json",
+    }
+
+
+def test_content_type_forced_or_not_guessed(
+    tmp_path: Path, s3_env: LocalS3Info, bucket: str, sync_s3_client: Any
+) -> None:
+    src = tmp_path / "src"
+    contents = write_tree(src, TYPED)
+    forced = "text/plain; charset=utf-8"
+    upload(src, f"s3://{bucket}/forced", *LOOSE_OPTIONS, "--content-type", forced)
+    upload(src, f"s3://{bucket}/plain", *LOOSE_OPTIONS, "--no-guess-mime-type")
+    for path in TYPED:
+        assert head(sync_s3_client, bucket, f"forced/{path}")["ContentType"] == forced
+        assert head(sync_s3_client, bucket, f"plain/{path}")["ContentType"] == untyped(
+            sync_s3_client, bucket, path, contents[path]
+        )
+
+    bad = run_cli("upload", str(src), f"s3://{bucket}/x", "--content-type", "jpeg")
+    assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1
+    assert "not a content type: 'jpeg'" in bad.stderr
+
+
+def test_storage_class_goes_on_data_objects_and_offline_classes_are_refused(
+    tmp_path: Path, s3_env: LocalS3Info, bucket: str, sync_s3_client: Any
+) -> None:
+    src = tmp_path / "src"
+    write_tree(src, {"small.txt": 100, "loose.bin": LOOSE, "large.bin": 6 * 1024 * 1024})
+    url = f"s3://{bucket}/c"
+    upload(src, url, "--storage-class", "standard_ia", "--multipart-threshold", "5MiB")
+    shard = next(k for k in list_keys(sync_s3_client, bucket, "c/") if k.endswith(".tar"))
+    for key in ("c/loose.bin", "c/large.bin", shard):
+        assert head(sync_s3_client, bucket, key)["StorageClass"] == "STANDARD_IA", key
+    assert head(sync_s3_client, bucket, shard)["ContentType"] == "application/x-tar"
+    for key in ("c/.s3xfer/manifest.json.gz", "c/.s3xfer/catalog.json", f"{shard}.index.json"):
+        assert "StorageClass" not in head(sync_s3_client, bucket, key), key  # STANDARD
+
+    for refused, reason in (
+        ("GLACIER", "keeps objects offline until each is restored"),
+        ("DEEP_ARCHIVE", "keeps objects offline until each is restored"),
+        ("COLD_STORAGE", "unknown storage class 'COLD_STORAGE' (S3 knows STANDARD, "),
+    ):
+        result = run_cli("upload", str(src), f"{url}2", "--storage-class", refused)
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.splitlines()) == 1 and reason in result.stderr
+    assert list_keys(sync_s3_client, bucket, "c2/") == []
+
+
+def test_metadata_goes_on_data_objects_and_bad_metadata_is_refused(
+    tmp_path: Path, s3_env: LocalS3Info, bucket: str, sync_s3_client: Any
+) -> None:
+    src = tmp_path / "src"
+    write_tree(src, {"small.txt": 100, "loose.bin": LOOSE, "large.bin": 6 * 1024 * 1024})
+    url = f"s3://{bucket}/m"
+    given = ["--metadata", "Owner=alice", "--metadata", "project=cats=dogs, v2"]
+    upload(src, url, *given, "--multipart-threshold", "5MiB")
+    shard = next(k for k in list_keys(sync_s3_client, bucket, "m/") if k.endswith(".tar"))
+    for key in ("m/loose.bin", "m/large.bin", shard):
+        metadata = head(sync_s3_client, bucket, key)["Metadata"]
+        assert metadata == {"owner": "alice", "project": "cats=dogs, v2"}, key
+    assert head(sync_s3_client, bucket, "m/.s3xfer/manifest.json.gz")["Metadata"] == {}
+
+    for bad, reason in (
+        ("novalue", "--metadata takes KEY=VALUE, got 'novalue'"),
+        ("=x", "--metadata takes KEY=VALUE"),
+        ("bad key=1", "a key is lower-case letters, digits"),
+        ("owner=caf\u00e9", "a value is printable ASCII"),
+        ("owner= padded", "without leading or trailing spaces"),
+        (f"big={'x' * 2100}", "S3 allows 2,048"),
+    ):
+        result = run_cli("upload", str(src), f"{url}2", "--metadata", bad)
+        assert result.returncode == 2, (bad, result.stderr)
+        assert len(result.stderr.splitlines()) == 1 and reason in result.stderr, result.stderr
+    twice = run_cli("upload", str(src), f"{url}2", "--metadata", "a=1", "--metadata", "A=2")
+    assert twice.returncode == 2 and "is given twice" in twice.stderr
+    assert list_keys(sync_s3_client, bucket, "m2/") == []
