@@ -28,6 +28,9 @@ from .manifest import Manifest, ManifestRecord, ShardRecord, parse_rows
 CATALOG_FORMAT = "s3xfer-catalog"
 PIECE_FORMAT = "s3xfer-catalog-piece"
 CATALOG_VERSION = 1
+# Version 2: file rows as in the manifest's version 2 (with the Content-Type); 1 still reads.
+PIECE_VERSION = 2
+PIECE_VERSIONS = (1, 2)
 # 1,000,000 files make pieces of about 4,000 records (~100 KB compressed): still one small GET.
 FANOUT = 256
 MAX_CATALOG_FILES = 10**12  # a sanity bound on the root's count, far above any real dataset
@@ -91,7 +94,7 @@ class CatalogRoot:
 def piece_bytes(records: list[ManifestRecord], *, fanout: int, bucket: int) -> bytes:
     data = {
         "format": PIECE_FORMAT,
-        "version": CATALOG_VERSION,
+        "version": PIECE_VERSION,
         "fanout": fanout,
         "bucket": bucket,
         "files": [r.to_json() for r in sorted(records, key=lambda r: r.path)],
@@ -105,7 +108,7 @@ def parse_piece(raw: bytes, *, fanout: int, bucket: int, where: str) -> dict[str
     anything malformed, or a record whose path belongs to another piece."""
     try:
         data = validate.json_object(validate.gunzip(raw))
-        validate.envelope(data, format=PIECE_FORMAT, version=CATALOG_VERSION)
+        validate.envelope(data, format=PIECE_FORMAT, version=PIECE_VERSIONS)
         if (data.get("fanout"), data.get("bucket")) != (fanout, bucket):
             raise validate.BadValue(
                 f"piece of fan-out {data.get('fanout')!r:.40} bucket {data.get('bucket')!r:.40}, "
@@ -162,4 +165,5 @@ def to_json(record: ManifestRecord) -> dict[str, Any]:
         "key": record.key,
         "offset": record.offset if record.packed else None,
         "stored": "shard" if record.packed else "object",
+        "content_type": record.content_type or None,  # None: none sent, or not recorded
     }

@@ -700,6 +700,7 @@ class Engine:
             lambda: self.s3.put_object(self.bucket, build.unit.index_key, index, crc32=index_crc)
         )
         crcs = build.crcs
+        content_type_of = self.config.objects.content_type_of
         members = [
             ManifestRecord(
                 path=member.path,
@@ -711,6 +712,7 @@ class Engine:
                 part_size=0,
                 offset=build.layout.data_offset(n),
                 etag=etag,
+                content_type=content_type_of(member.path),
             )
             for n, member in enumerate(build.unit.members)
         ]
@@ -766,6 +768,7 @@ class Engine:
             crc32=checksum,
             part_size=unit.part_size,
             etag=etag,
+            content_type=self.config.objects.content_type_of(unit.path),
         )
         self.records.append(record)
         if self.journal is not None:

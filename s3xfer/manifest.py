@@ -21,7 +21,11 @@ if TYPE_CHECKING:  # the planner is not loaded by commands that only read a mani
     from .plan import FileUnit, ShardUnit
 
 MANIFEST_FORMAT = "s3xfer-manifest"
-MANIFEST_VERSION = 1
+# Version 2: file rows have a 10th field, the Content-Type. Version 1 (9 fields) still reads,
+# every type unknown.
+MANIFEST_VERSION = 2
+MANIFEST_VERSIONS = (1, 2)
+_CONTENT_TYPES: dict[str, str] = {}  # one string per distinct type, not one per record
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +39,9 @@ class ManifestRecord:
     part_size: int  # 0 for a single PUT; lets downloads align ranges to parts
     offset: int = -1  # where the file's bytes start inside its shard; -1 for its own object
     etag: str = ""  # of the object holding the bytes (for a packed file: of the shard)
+    # Of its own object as stored (upload --content-type, or guessed), or that a packed file
+    # would be given; "" when none was sent, or the record predates the field.
+    content_type: str = ""
 
     @property
     def packed(self) -> bool:
@@ -51,13 +58,16 @@ class ManifestRecord:
             self.part_size,
             self.offset,
             self.etag,
+            self.content_type,
         ]
 
     @classmethod
     def from_json(cls, row: Any) -> ManifestRecord:
-        """A record checked value by value (see validate.py); BadValue names what is wrong."""
-        if type(row) is list and len(row) == 9:
-            path, key, size, mtime_ns, mode, crc32, part_size, offset, etag = row
+        """A record checked value by value (see validate.py); BadValue names what is wrong.
+        A row of 9 fields (before the Content-Type was recorded) has none."""
+        if type(row) is list and len(row) in (9, 10):
+            path, key, size, mtime_ns, mode, crc32, part_size, offset, etag = row[:9]
+            content_type = row[9] if len(row) == 10 else ""
             if (  # the usual record, accepted at a fraction of the cost of _checked
                 validate.is_plain_path(path)
                 and validate.is_plain_text(key, validate.MAX_KEY_BYTES)
@@ -80,15 +90,20 @@ class ManifestRecord:
                     )
                 )
                 and validate.is_plain_etag(etag)
+                and validate.is_plain_content_type(content_type)
             ):
-                return cls(path, key, size, mtime_ns, mode, crc32, part_size, offset, etag)
+                content_type = _CONTENT_TYPES.setdefault(content_type, content_type)
+                return cls(
+                    path, key, size, mtime_ns, mode, crc32, part_size, offset, etag, content_type
+                )
         return cls._checked(row)
 
     @classmethod
     def _checked(cls, row: Any) -> ManifestRecord:
-        path, key, size, mtime_ns, mode, crc32, part_size, offset, etag = validate.array(
-            row, "file record", length=9
-        )
+        fields = validate.array(row, "file record")
+        if len(fields) not in (9, 10):
+            raise validate.BadValue(f"file record has {len(fields)} fields, expected 9 or 10")
+        path, key, size, mtime_ns, mode, crc32, part_size, offset, etag = fields[:9]
         path = validate.relative_path(path)
         what = f"file {path!r}:"
         size = validate.size(size, f"{what} size")
@@ -104,6 +119,7 @@ class ManifestRecord:
             validate.part_size(part_size, size, f"{what} part_size"),
             offset,
             validate.etag(etag, f"{what} etag"),
+            validate.content_type(fields[9], f"{what} content_type") if len(fields) == 10 else "",
         )
 
     def matches(self, unit: FileUnit) -> bool:
@@ -190,7 +206,7 @@ class Manifest:
         or out of range; inflates at most validate.inflate_limit(len(raw)) bytes."""
         try:
             data = validate.json_object(validate.gunzip(raw))
-            validate.envelope(data, format=MANIFEST_FORMAT, version=MANIFEST_VERSION)
+            validate.envelope(data, format=MANIFEST_FORMAT, version=MANIFEST_VERSIONS)
             dest = validate.text(validate.field(data, "dest"), "dest", max_bytes=2048)
             records, shards = parse_rows(validate.field(data, "files"), data.get("shards", []))
         except validate.BadValue as exc:

@@ -101,11 +101,12 @@ def json_object(raw: bytes | str) -> dict[str, Any]:
     return data
 
 
-def envelope(data: dict[str, Any], *, format: str, version: int) -> None:
-    """The `format` and `version` fields name what this reader knows."""
-    if data.get("format") != format or data.get("version") != version:
+def envelope(data: dict[str, Any], *, format: str, version: int | tuple[int, ...]) -> None:
+    """The `format` and `version` fields name what this reader knows (one of `version`)."""
+    known = (version,) if isinstance(version, int) else version
+    if data.get("format") != format or data.get("version") not in known:
         raise BadValue(
-            f"not an {format} version {version} "
+            f"not an {format} version {' or '.join(map(str, known))} "
             f"(format {data.get('format')!r:.80}, version {data.get('version')!r:.80})"
         )
 
@@ -247,6 +248,27 @@ def etag(value: Any, what: str = "etag") -> str:
     if not all(" " <= c <= "~" for c in tag):
         raise BadValue(f"{what} {tag!r:.80} is not printable ASCII")
     return tag
+
+
+MAX_CONTENT_TYPE_CHARS = 256
+
+
+def content_type(value: Any, what: str = "content_type") -> str:
+    """A recorded Content-Type: printable ASCII (reported, never sent as a header), or empty
+    when not known."""
+    kind = text(value, what, max_bytes=MAX_CONTENT_TYPE_CHARS, empty=True)
+    if not all(" " <= c <= "~" for c in kind):
+        raise BadValue(f"{what} {kind!r:.80} is not printable ASCII")
+    return kind
+
+
+def is_plain_content_type(value: Any) -> bool:
+    return (
+        type(value) is str
+        and len(value) <= MAX_CONTENT_TYPE_CHARS
+        and value.isascii()
+        and value.isprintable()
+    )
 
 
 def crc32_base64(value: Any, what: str = "crc32") -> str:

@@ -42,8 +42,18 @@ def put_gzip_json(client: Any, bucket: str, key: str, data: Any) -> None:
     client.put_object(Bucket=bucket, Key=key, Body=gzip.compress(json.dumps(data).encode()))
 
 
-# Row fields: path, key, size, mtime_ns, mode, crc32, part_size, offset, etag (docs/format.md).
-FIELD = {"path": 0, "size": 2, "mtime_ns": 3, "mode": 4, "crc32": 5, "offset": 7, "etag": 8}
+# Row fields: path, key, size, mtime_ns, mode, crc32, part_size, offset, etag, content_type
+# (docs/format.md).
+FIELD = {
+    "path": 0,
+    "size": 2,
+    "mtime_ns": 3,
+    "mode": 4,
+    "crc32": 5,
+    "offset": 7,
+    "etag": 8,
+    "content_type": 9,
+}
 
 
 def set_in_manifest(path: str, name: str, value: Any) -> Damage:
@@ -179,6 +189,12 @@ ROWS = {
         "download {url} {out}",
         MANIFEST,
         "not printable ASCII",
+    ),
+    "cat-content-type-with-escape": row(
+        set_in_piece("a.txt", "content_type", "text/plain\x1b]0;owned\x07"),
+        "cat {url} a.txt",
+        PIECE,
+        "content_type",
     ),
     "download-crc-not-base64": row(
         set_in_manifest("a.txt", "crc32", "!!!!!!=="),

@@ -88,7 +88,7 @@ def test_mixed_tree_uploads_byte_for_byte_with_verified_checksums(
         head = sync_s3_client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
         # S3 stored (and verified on receipt) the CRC32 of the whole object, multipart or not.
         assert head["ChecksumCRC32"].split("-")[0] == s3_crc32(data), rel
-        _path, rkey, size, mtime_ns, mode, crc, _part, offset, etag = records[rel]
+        _path, rkey, size, mtime_ns, mode, crc, _part, offset, etag, _type = records[rel]
         assert (rkey, size, crc, offset) == (key, len(data), s3_crc32(data), -1)
         assert etag == head["ETag"]
         st = os.stat(tmp_path / "src" / rel)

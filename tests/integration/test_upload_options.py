@@ -7,9 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from s3xfer.locals3 import LocalS3Info
+import anyio
 
-from .helpers import list_keys, run_cli, write_tree
+from s3xfer.locals3 import LocalS3Info
+from s3xfer.reader import Dataset
+
+from .helpers import connection, list_keys, run_cli, write_tree
 
 SMALL_PACK = ["--part-size", "5MiB", "--pack-threshold", "1MiB"]
 LOOSE = 1200 * 1024  # above the pack threshold: an object of its own
@@ -271,3 +274,36 @@ def test_metadata_goes_on_data_objects_and_bad_metadata_is_refused(
     twice = run_cli("upload", str(src), f"{url}2", "--metadata", "a=1", "--metadata", "A=2")
     assert twice.returncode == 2 and "is given twice" in twice.stderr
     assert list_keys(sync_s3_client, bucket, "m2/") == []
+
+
+def test_packed_files_report_their_content_type_and_unchanged_files_keep_theirs(
+    tmp_path: Path, s3_env: LocalS3Info, bucket: str
+) -> None:
+    src, url = tmp_path / "src", f"s3://{bucket}/k"
+    write_tree(src, {"photo.jpg": 100, "data.json": 100, "page.html": 100, "blob.zzqx": 100})
+    upload(src, url)  # every file packed into one shard
+    result = run_cli("ls", url, "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {r["path"]: (r["stored"], r["content_type"]) for r in json.loads(result.stdout)}
+    assert rows == {
+        "photo.jpg": ("shard", "image/jpeg"),
+        "data.json": ("shard", "application/json"),
+        "page.html": ("shard", "text/html"),
+        "blob.zzqx": ("shard", None),
+    }
+
+    async def stat(path: str) -> str:
+        async with Dataset(url, connection=connection(s3_env)) as ds:
+            return (await ds.stat(path)).content_type
+
+    assert anyio.run(stat, "photo.jpg") == "image/jpeg"
+
+    # Another --content-type does not rewrite unchanged files (as aws s3 sync): they keep
+    # the type they were stored with, and their records say so.
+    again = upload(src, url, "--content-type", "text/plain")
+    assert again["write_requests"] == 0
+    (src / "new.jpg").write_bytes(b"new")
+    upload(src, url, "--content-type", "text/plain")
+    result = run_cli("ls", url, "--json")
+    types = {r["path"]: r["content_type"] for r in json.loads(result.stdout)}
+    assert types["new.jpg"] == "text/plain"  # and its shard's neighbours, packed again with it

@@ -197,6 +197,7 @@ records = st.builds(
     part_size=st.just(0),
     offset=st.integers(1, 10**6).map(lambda n: n * 512),
     etag=st.just('"abc-1"'),
+    content_type=st.sampled_from(["", "image/jpeg", "text/plain; charset=utf-8"]),
 )
 
 
@@ -243,13 +244,30 @@ def test_a_packed_file_must_lie_inside_its_listed_shard() -> None:
     ("rows", "message"),
     [
         ([GOOD_ROW, GOOD_ROW], "'a.txt' is listed twice"),
-        ([GOOD_ROW[:8]], "has 8 fields, expected 9"),
+        ([GOOD_ROW[:8]], "has 8 fields, expected 9 or 10"),
         ("not rows", "files is not a list"),
     ],
 )
 def test_malformed_manifests_are_named(rows: Any, message: str) -> None:
     with pytest.raises(CorruptMetadataError, match=message):
         Manifest.from_bytes(manifest_bytes(rows), where="m")
+
+
+def test_content_types_are_read_from_version_2_rows_and_unknown_in_version_1() -> None:
+    old = Manifest.from_bytes(manifest_bytes([GOOD_ROW]), where="m")  # version 1, 9 fields
+    assert old.records["a.txt"].content_type == ""
+    typed = [*GOOD_ROW, "text/plain"]
+    data = {"format": "s3xfer-manifest", "version": 2, "dest": "s3://b/p", "files": [typed]}
+    new = Manifest.from_bytes(gzip.compress(json.dumps(data).encode()), where="m")
+    assert new.records["a.txt"].content_type == "text/plain"
+    assert new.records["a.txt"].to_json() == typed
+    for hostile in ("text/plain\r\nx-evil: 1", "caf\u00e9/x", 7, "x" * 300):
+        data["files"] = [[*GOOD_ROW, hostile]]
+        with pytest.raises(CorruptMetadataError, match="content_type"):
+            Manifest.from_bytes(gzip.compress(json.dumps(data).encode()), where="m")
+    data["version"] = 3
+    with pytest.raises(CorruptMetadataError, match="version 1 or 2"):
+        Manifest.from_bytes(gzip.compress(json.dumps(data).encode()), where="m")
 
 
 def test_a_catalog_piece_holds_only_its_own_bucket() -> None:
