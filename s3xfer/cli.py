@@ -108,7 +108,8 @@ def plan_options(function: F) -> F:
             type=click.IntRange(1, 1024),
             default=DEFAULT_CONCURRENCY,
             show_default=True,
-            help="Requests in flight at once (also the connection pool size).",
+            help="Requests in flight at once (also the connection pool size); parts of large "
+            "files only as many as --max-memory holds.",
         ),
         click.option(
             "--max-memory",
@@ -1369,9 +1370,10 @@ def _print_prefix_get(report: DownloadReport, *, as_json: bool) -> None:
     "--concurrency",
     "-c",
     type=click.IntRange(1, 1024),
-    default=16,
+    default=DEFAULT_CONCURRENCY,
     show_default=True,
-    help="GETs in flight at once.",
+    help="GETs in flight at once (ranges of large objects: only as many as --max-memory "
+    "holds whole).",
 )
 @click.option(
     "--max-memory",

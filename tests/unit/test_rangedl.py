@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from s3xfer.budget import ByteBudget
 from s3xfer.checksums import crc32_to_base64
-from s3xfer.download import aligned_range_size
+from s3xfer.config import MiB
+from s3xfer.download import aligned_range_size, large_ranges_at_once
 from s3xfer.errors import IntegrityError, UsageError
 from s3xfer.rangedl import (
     DownloadResult,
@@ -379,3 +380,13 @@ def test_ranges_cover_whole_parts_unless_parts_are_unknown_or_huge(
         assert size == part or size <= preferred
     else:
         assert size == preferred
+
+
+@pytest.mark.parametrize(
+    ("concurrency", "max_memory", "expected"),
+    [(128, 128 * MiB, 8), (4, 128 * MiB, 4), (128, 8 * MiB, 1), (1024, 1024 * MiB, 64)],
+)
+def test_large_ranges_are_as_many_as_the_budget_holds_whole(
+    concurrency: int, max_memory: int, expected: int
+) -> None:
+    assert large_ranges_at_once(concurrency, max_memory=max_memory, range_size=16 * MiB) == expected
