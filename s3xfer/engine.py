@@ -35,8 +35,8 @@ from anyio.streams.memory import MemoryObjectSendStream
 from .budget import ByteBudget
 from .checksums import combine_parts, crc32, crc32_to_base64
 from .cleanup import incomplete_uploads
-from .config import TransferConfig
-from .errors import NoSuchUploadError, S3XferError
+from .config import MiB, TransferConfig
+from .errors import NoSuchUploadError, S3XferError, SourceError
 from .journal import FSYNC_INTERVAL, Journal
 from .keys import S3Url
 from .localfs import (
@@ -50,6 +50,7 @@ from .localfs import (
     identify,
     identify_members,
     read_range,
+    read_whole_files,
 )
 from .malloc import return_large_buffers_promptly
 from .manifest import Manifest, ManifestRecord, ShardRecord
@@ -61,6 +62,11 @@ from .tarpack import FixedPiece, ShardLayout
 
 ProgressCallback = Callable[[int, int], None]  # (bytes done, files done) increments
 SHARD_CONTENT_TYPE = "application/x-tar"
+# Files under READ_TOGETHER_SIZE are read in batches (up to READ_TOGETHER_FILES of them, and
+# READ_TOGETHER_BYTES), one worker-thread call each, instead of one call per file.
+READ_TOGETHER_SIZE = 1 * MiB
+READ_TOGETHER_FILES = 64
+READ_TOGETHER_BYTES = 4 * MiB
 # Layouts of one shard before its members that keep changing fail with it: each layout leaves
 # out every member seen changing, so more than a couple means a tree rewritten as it is read.
 MAX_SHARD_LAYOUTS = 4
@@ -146,6 +152,9 @@ class _Multipart:
 @dataclass(frozen=True, slots=True)
 class _PutJob:
     unit: FileUnit
+    # A small file read already, with others (its bytes held in the budget), or its error;
+    # None: the worker reads it.
+    read: tuple[bytes, int] | SourceError | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,14 +240,26 @@ class Engine:
                         build = await self._lay_out(shard, shard.members, found_before=None)
                         if build is not None:
                             await self._send_shard(build, send)
+                    small: list[FileUnit] = []  # read together, in one worker-thread call
+                    small_bytes = 0
                     for unit in units:
                         if unit.kind is Kind.MULTIPART:
                             parts = list(parts_of(unit.size, unit.part_size))
                             upload = _Multipart(unit.key, remaining=len(parts), file=unit)
                             for part in parts:
                                 await send.send(_PartJob(upload, part))
+                        elif unit.size < READ_TOGETHER_SIZE:
+                            if small and (
+                                len(small) == READ_TOGETHER_FILES
+                                or small_bytes + unit.size > READ_TOGETHER_BYTES
+                            ):
+                                await self._send_read(small, send)
+                                small, small_bytes = [], 0
+                            small.append(unit)
+                            small_bytes += unit.size
                         else:
                             await send.send(_PutJob(unit))
+                    await self._send_read(small, send)
         finally:
             self._group = None
             for stream in self._job_streams:
@@ -392,7 +413,7 @@ class Engine:
         async with jobs:
             async for job in jobs:
                 if isinstance(job, _PutJob):
-                    await self._put(job.unit)
+                    await self._put(job.unit, job.read)
                 else:
                     await self._upload_part(job.upload, job.part)
 
@@ -407,21 +428,39 @@ class Engine:
         finally:
             self.stats.in_flight -= 1
 
+    async def _send_read(
+        self, units: list[FileUnit], jobs: MemoryObjectSendStream[_PutJob | _PartJob]
+    ) -> None:
+        """Small files read in one worker-thread call, then handed out one PUT each; their
+        bytes are taken from the budget here and given back by each PUT."""
+        if not units:
+            return
+        await self.budget.acquire(sum(unit.size for unit in units))
+        reads = await read_whole_files([(self.source / u.path, u.size, u.mtime_ns) for u in units])
+        for unit, read in zip(units, reads, strict=True):
+            await jobs.send(_PutJob(unit, read))
+
     def _fail(self, paths: list[str], reason: str) -> None:
         self.stats.files_failed += len(paths)
         self.stats.failures.extend((path, reason) for path in paths)
 
-    async def _put(self, unit: FileUnit) -> None:
-        await self.budget.acquire(unit.size)
+    async def _put(self, unit: FileUnit, read: tuple[bytes, int] | SourceError | None) -> None:
+        if read is None:
+            await self.budget.acquire(unit.size)
         try:
-            body, crc, _identity = await read_range(
-                self.source / unit.path,
-                offset=0,
-                length=unit.size,
-                size=unit.size,
-                mtime_ns=unit.mtime_ns,
-                whole=True,
-            )
+            if read is None:
+                body, crc, _identity = await read_range(
+                    self.source / unit.path,
+                    offset=0,
+                    length=unit.size,
+                    size=unit.size,
+                    mtime_ns=unit.mtime_ns,
+                    whole=True,
+                )
+            elif isinstance(read, SourceError):
+                raise read
+            else:
+                body, crc = read
             checksum = crc32_to_base64(crc)
             attributes = self._attributes(unit.path)
             etag = await self._request(

@@ -227,6 +227,29 @@ async def read_range(
     )
 
 
+def _read_whole_files(
+    files: Sequence[tuple[Path, int, int]],
+) -> list[tuple[bytes, int] | SourceError]:
+    results: list[tuple[bytes, int] | SourceError] = []
+    for path, size, mtime_ns in files:
+        try:
+            data, crc, _identity = _read_range(path, 0, size, size, mtime_ns, None, True)
+        except SourceError as error:
+            results.append(error)
+        else:
+            results.append((data, crc))
+    return results
+
+
+async def read_whole_files(
+    files: Sequence[tuple[Path, int, int]],
+) -> list[tuple[bytes, int] | SourceError]:
+    """Small files (path, planned size, planned mtime) read whole, each as `read_range(...,
+    whole=True)` reads one, in one worker-thread call: (bytes, CRC32), or the file's own
+    error (each fails alone). A thread hop per 16 KiB file cost more than reading it."""
+    return await anyio.to_thread.run_sync(_read_whole_files, files)
+
+
 def _identify(path: Path, size: int, mtime_ns: int) -> FileIdentity:
     identity = _stat_identity(path, since="after it was planned")
     if (identity.size, identity.mtime_ns) != (size, mtime_ns):

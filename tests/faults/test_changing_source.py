@@ -222,6 +222,10 @@ def plan_then_change(src: Path, url: str, plan_file: Path, env: dict[str, str]) 
     write_tree(src, SMALL)
     planned = run_cli("plan", str(src), url, *PLAN_SIZES, "--output", str(plan_file), env=env)
     assert planned.returncode == 0, planned.stderr
+    change_four(src)
+
+
+def change_four(src: Path) -> None:
     os.utime(src / "small/010.txt", ns=(2_000_000_000_000_000_000, 2_000_000_000_000_000_000))
     (src / "small/020.txt").write_bytes(b"rewritten, shorter")
     (src / "small/030.txt").unlink()
@@ -275,6 +279,34 @@ def test_files_changed_after_planning_fail_alone_or_are_packed_as_they_are_now(
     fresh = run_cli("upload", str(src), url, *PLAN_SIZES, "--json", env=env)
     assert fresh.returncode == 0, fresh.stderr
     assert read_object(sync_s3_client, bucket, "ds/small/040.txt") == bytes(2 * MiB)
+
+
+def test_loose_files_read_together_fail_alone_when_changed_after_planning(
+    tmp_path: Path, local_s3: LocalS3Info, bucket: str, sync_s3_client: Any
+) -> None:
+    """--no-pack: small files are read in batches (one worker-thread call for many); each
+    file changed since planning fails alone, its neighbours in the batch are uploaded."""
+    src, plan_file, url = tmp_path / "src", tmp_path / "p.json", f"s3://{bucket}/loose"
+    env = local_s3.env()
+    write_tree(src, SMALL)
+    planned = run_cli("plan", str(src), url, "--no-pack", "--output", str(plan_file), env=env)
+    assert planned.returncode == 0, planned.stderr
+    change_four(src)
+
+    result = run_cli("upload", "--plan", str(plan_file), "--json", env=env)
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    failures = {f["path"]: f["error"] for f in report["failures"]}
+    changed = {"small/010.txt", "small/020.txt", "small/030.txt", "small/040.txt"}
+    assert set(failures) == changed, failures
+    assert "vanished after it was planned" in failures["small/030.txt"]
+    for path in changed - {"small/030.txt"}:
+        assert "changed since it was planned" in failures[path], failures[path]
+    assert report["files_uploaded"] == len(SMALL) - 4
+    stored = set(list_keys(sync_s3_client, bucket, "loose/small/"))
+    assert stored == {f"loose/{path}" for path in set(SMALL) - changed}
+    for path in set(SMALL) - changed:
+        assert read_object(sync_s3_client, bucket, f"loose/{path}") == (src / path).read_bytes()
 
 
 def test_files_changed_after_planning_fail_alone_in_slices(
