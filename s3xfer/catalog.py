@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import validate
@@ -49,6 +50,22 @@ def bucket_of(path: str, fanout: int = FANOUT) -> int:
     return int.from_bytes(digest, "big") % fanout
 
 
+def pieces_prefix(dest: S3Url) -> str:
+    return dest.key(f"{META_DIR}/catalog/")
+
+
+def piece_bucket(dest: S3Url, key: str) -> int | None:
+    """The bucket of a piece's key (piece_key's inverse); None for any other key."""
+    name = key.removeprefix(pieces_prefix(dest))
+    if name == key or not name.endswith(".json.gz"):
+        return None
+    digits = name.removesuffix(".json.gz")
+    if len(digits) != 2 or any(c not in "0123456789abcdef" for c in digits):
+        return None
+    bucket = int(digits, 16)
+    return bucket if bucket < FANOUT else None
+
+
 @dataclass(frozen=True)
 class CatalogRoot:
     dest: str
@@ -56,6 +73,10 @@ class CatalogRoot:
     files: int
     total_bytes: int
     shards: dict[str, ShardRecord]
+    # What the catalog was written from, so that an upload can tell it is whole and current:
+    # the SHA-256 of the manifest object, and the ETag of every piece as its PUT answered.
+    manifest_sha256: str = ""
+    pieces: dict[int, str] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
         data = {
@@ -66,6 +87,8 @@ class CatalogRoot:
             "files": self.files,
             "bytes": self.total_bytes,
             "shards": [r.to_json() for r in sorted(self.shards.values(), key=lambda r: r.key)],
+            "manifest_sha256": self.manifest_sha256,
+            "pieces": {f"{b:02x}": self.pieces[b] for b in sorted(self.pieces)},
         }
         return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
@@ -86,9 +109,43 @@ class CatalogRoot:
             )
             _, shards = parse_rows([], validate.field(data, "shards"))
             dest = validate.text(validate.field(data, "dest"), "dest", max_bytes=2048)
+            # Absent in roots written before s3xfer checked them: such a catalog is rewritten.
+            digest = validate.text(
+                data.get("manifest_sha256", ""), "manifest_sha256", max_bytes=64, empty=True
+            )
+            pieces = _piece_etags(data.get("pieces", {}))
         except validate.BadValue as exc:
             raise validate.corrupt("catalog", where, exc) from exc
-        return cls(dest, fanout, files, total, shards)
+        return cls(dest, fanout, files, total, shards, digest, pieces)
+
+
+def _piece_etags(value: Any) -> dict[int, str]:
+    if not isinstance(value, dict):
+        raise validate.BadValue(f"pieces is not an object: {value!r:.80}")
+    pieces: dict[int, str] = {}
+    for name, etag in value.items():
+        if len(name) != 2 or any(c not in "0123456789abcdef" for c in name):
+            raise validate.BadValue(f"pieces names {name!r:.20}, not a bucket in hex")
+        pieces[int(name, 16)] = validate.etag(etag, f"piece {name} etag")
+    return pieces
+
+
+@dataclass(frozen=True)
+class CatalogState:
+    """The catalog as an upload finds it: its root (None when absent or unreadable) and the
+    piece objects one listing shows, by bucket, with their ETags."""
+
+    root: CatalogRoot | None
+    listed: dict[int, str]
+
+    def current(self, manifest_sha256: str | None) -> bool:
+        """Written whole from the manifest with this digest (None: no manifest) and untouched
+        since: the root names that manifest and exactly the pieces that are there. False
+        after a writer died between the pieces and the manifest, two writers raced, or the
+        root predates these checks: the catalog is then written again whole."""
+        if self.root is None:
+            return manifest_sha256 is None and not self.listed
+        return self.root.manifest_sha256 == manifest_sha256 and self.root.pieces == self.listed
 
 
 def piece_bytes(records: list[ManifestRecord], *, fanout: int, bucket: int) -> bytes:
@@ -131,17 +188,24 @@ def _buckets(manifest: Manifest) -> dict[int, list[ManifestRecord]]:
 
 
 def build(
-    manifest: Manifest, dest: S3Url, *, previous: Manifest | None = None
+    manifest: Manifest,
+    dest: S3Url,
+    *,
+    previous: Manifest | None = None,
+    stale: Iterable[int] = (),
 ) -> tuple[CatalogRoot, dict[str, bytes]]:
-    """The catalog of a manifest: its root and its non-empty pieces, by key. With `previous`
-    (the manifest the catalog was last written from), only the pieces whose records changed:
-    the only ones to write; a piece whose every file left the dataset is written empty. Pure."""
+    """The catalog of a manifest: its root and its pieces to write, by key. With `previous`
+    (the manifest the catalog was last written from), only the pieces whose records changed;
+    without, every non-empty piece. A piece whose every file left the dataset, or one of the
+    `stale` buckets that has no file now, is written empty. The root's manifest_sha256 and
+    pieces are left for the writer to fill in. Pure."""
     old = _buckets(previous) if previous is not None else {}
     new = _buckets(manifest)
     pieces = {
         piece_key(dest, b): piece_bytes(new.get(b, []), fanout=FANOUT, bucket=b)
-        for b in sorted(new.keys() | old.keys())
-        if sorted(new.get(b, []), key=lambda r: r.path)
+        for b in sorted(new.keys() | old.keys() | set(stale))
+        if previous is None
+        or sorted(new.get(b, []), key=lambda r: r.path)
         != sorted(old.get(b, []), key=lambda r: r.path)
     }
     root = CatalogRoot(

@@ -272,6 +272,16 @@ def _remember_read_timeout(
     ctx.meta[_READ_META] = value
 
 
+break_lease_option = click.option(
+    "--break-lease",
+    is_flag=True,
+    help="Take DEST's lease (DEST/.s3xfer/lease.json) even while another s3xfer holds it: "
+    "only when that one was killed and you cannot wait the 5 minutes its lease takes to "
+    "expire. A writer still alive whose lease is taken stops at its next renewal, writing "
+    "no manifest.",
+)
+
+
 def connection_options(function: F) -> F:
     """Endpoint and credentials the way AWS users expect (AWS_* variables and ~/.aws work too).
 
@@ -688,6 +698,7 @@ def plan_command(
     "(and their objects), restorable as before. By default the dataset is made equal to the "
     "tree, like `rclone sync`.",
 )
+@break_lease_option
 @click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 def upload_command(
@@ -695,6 +706,7 @@ def upload_command(
     dest: str | None,
     plan_file: Path | None,
     keep_deleted: bool,
+    break_lease: bool,
     as_json: bool,
     quiet: bool,
     endpoint_url: str | None,
@@ -726,6 +738,9 @@ def upload_command(
       running the same command again skips what was done, continues the multipart uploads
       of large files (parts already in S3 are verified, not re-sent) and rebuilds any shard
       that was in flight.
+    - One writer at a time: an upload that will write takes DEST's lease
+      (DEST/.s3xfer/lease.json) first; while another s3xfer holds it, it stops with exit 6
+      and writes nothing.
     - Exit code 0 when every file was uploaded, 1 when any failed (each is named).
     - --sse encrypts every object written (PutObject and CreateMultipartUpload carry it).
     """
@@ -765,7 +780,12 @@ def upload_command(
     try:
         if broker is not None:
             report = _upload_with_broker(
-                plan, connection, broker, progress, keep_deleted=keep_deleted
+                plan,
+                connection,
+                broker,
+                progress,
+                keep_deleted=keep_deleted,
+                break_lease=break_lease,
             )
         elif slice_text is not None:
             if plan_file is None:
@@ -773,7 +793,9 @@ def upload_command(
             index, count = parse_slice(slice_text)
             report = runner.run(_upload_slice, plan, connection, progress, state_dir, index, count)
         else:
-            report = runner.run(_upload, plan, connection, progress, state_dir, keep_deleted)
+            report = runner.run(
+                _upload, plan, connection, progress, state_dir, keep_deleted, break_lease
+            )
     except KeyboardInterrupt:
         progress.close()
         click.echo(
@@ -836,10 +858,12 @@ async def _upload_slice(
     help="Keep files no longer in the plan's tree in the dataset (and their objects), as "
     "`upload --keep-deleted` does.",
 )
+@break_lease_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def finalize_command(
     plan_file: Path,
     keep_deleted: bool,
+    break_lease: bool,
     as_json: bool,
     endpoint_url: str | None,
     profile: str | None,
@@ -862,7 +886,7 @@ def finalize_command(
     plan = Plan.load(plan_file)
 
     async def run() -> UploadReport:
-        return await finalize(plan, connection, keep_deleted=keep_deleted)
+        return await finalize(plan, connection, keep_deleted=keep_deleted, break_lease=break_lease)
 
     report = runner.run(run)
     for warning in report.warnings:
@@ -881,6 +905,7 @@ async def _upload(
     progress: TransferProgress,
     state_dir: Path | None = None,
     keep_deleted: bool = False,
+    break_lease: bool = False,
 ) -> UploadReport:
     from .upload import upload
 
@@ -891,6 +916,7 @@ async def _upload(
         on_progress=progress.advance,
         state_dir=state_dir,
         keep_deleted=keep_deleted,
+        break_lease=break_lease,
     )
 
 
@@ -910,6 +936,7 @@ def _upload_with_broker(
     progress: TransferProgress,
     *,
     keep_deleted: bool,
+    break_lease: bool,
 ) -> UploadReport:
     """upload --broker: the workers do the work; this process plans, follows and commits."""
     from .distributed import upload_with_workers
@@ -929,6 +956,7 @@ def _upload_with_broker(
             on_progress=progress.advance,
             on_notice=notice,
             keep_deleted=keep_deleted,
+            break_lease=break_lease,
         )
 
     try:

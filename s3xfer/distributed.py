@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import anyio
 
-from . import runner
+from . import lease, runner
 from .cleanup import abort_uploads, incomplete_uploads
 from .config import TransferConfig
 from .engine import EngineStats, ProgressCallback
@@ -1101,8 +1101,10 @@ async def upload_with_workers(
     poll_interval: float = 0.5,
     notice_after: float = NOTICE_AFTER,
     keep_deleted: bool = False,
+    break_lease: bool = False,
 ) -> UploadReport:
-    """Upload a plan with the workers listening on `broker`: check the bucket and manifest
+    """Upload a plan with the workers listening on `broker`, holding the prefix's lease
+    throughout (see lease.py): check the bucket and manifest
     here, enqueue what changed as work units, follow their progress, and write the manifest
     and catalog once every unit has a result, the dataset made equal to the plan's tree as
     one machine's upload would (unless `keep_deleted`). Run again after the producer died, it
@@ -1111,7 +1113,13 @@ async def upload_with_workers(
     connection = connection or Connection()
     client = await _blocking(connect, broker)
     app = make_app(broker)
-    async with open_s3(connection, max_pool_connections=16) as s3:
+    policy = RetryPolicy(max_attempts=plan.config.max_attempts)
+    async with (
+        open_s3(connection, max_pool_connections=16) as s3,
+        lease.held(
+            s3, plan.dest, policy=policy, command="upload --broker", break_lease=break_lease
+        ) as held,
+    ):
         prepared = await prepare(s3, plan)
         work = work_units(prepared.todo, prepared.shards_todo)
         if on_start is not None:
@@ -1138,6 +1146,7 @@ async def upload_with_workers(
                     await _blocking(job.unlock)
             aborted = await _abort_leftovers(s3, plan, work)
         merged = merge_results(results.values(), concurrency=plan.config.concurrency)
+        await held.confirm()
         committed = await commit(
             s3, plan, prepared, merged.records, merged.shards, keep_deleted=keep_deleted
         )

@@ -79,6 +79,14 @@ class CorruptMetadataError(IntegrityError):
     starts "corrupt dataset metadata:" and names the object and the value."""
 
 
+class LeaseHeldError(S3XferError):
+    """Another s3xfer holds the lease of the dataset prefix (it is writing the manifest and
+    catalog there), or took it from this one: nothing was written. Try again when it is done
+    (or, if it was killed, once its lease expired, or with --break-lease)."""
+
+    exit_code = 6
+
+
 class LocalS3Error(S3XferError):
     """The embedded local S3 server could not be started."""
 

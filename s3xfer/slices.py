@@ -17,7 +17,7 @@ from pathlib import Path
 
 import anyio
 
-from . import validate
+from . import lease, validate
 from .engine import EngineStats, ProgressCallback
 from .errors import S3XferError
 from .keys import META_DIR, S3Url
@@ -203,17 +203,26 @@ async def upload_slice(
 
 
 async def finalize(
-    plan: Plan, connection: Connection | None = None, *, keep_deleted: bool = False
+    plan: Plan,
+    connection: Connection | None = None,
+    *,
+    keep_deleted: bool = False,
+    break_lease: bool = False,
 ) -> UploadReport:
     """Merge every slice's result into the manifest and catalog, the dataset made equal to
     the plan's tree as one upload of the plan would (unless `keep_deleted`): files no longer
     in it leave the manifest, and objects nothing refers to any more are deleted after it is
     written. Refuses, naming them, when slices are missing; files a slice failed are reported
-    (exit 1), the rest catalogued."""
+    (exit 1), the rest catalogued. It holds the prefix's lease throughout (see lease.py)."""
     started = time.perf_counter()
     policy = RetryPolicy(max_attempts=plan.config.max_attempts)
     identity = plan_id(plan)
-    async with open_s3(connection or Connection(), max_pool_connections=16) as s3:
+    async with (
+        open_s3(connection or Connection(), max_pool_connections=16) as s3,
+        lease.held(
+            s3, plan.dest, policy=policy, command="finalize", break_lease=break_lease
+        ) as held,
+    ):
         prepared = await prepare(s3, plan)
         found: dict[int, SliceResult] = {}
         counts: set[int] = set()
@@ -255,6 +264,7 @@ async def finalize(
         for result in found.values():
             stats.failures.extend(result.failures)
         stats.files_failed = len(stats.failures)
+        await held.confirm()
         committed = await commit(s3, plan, prepared, records, shards, keep_deleted=keep_deleted)
         deleted, warnings = await delete_unreferenced(
             s3, plan.dest, committed.unreferenced, prepared.policy

@@ -3,18 +3,20 @@ interrupted run) says is done, run the engine, write the merged manifest, and re
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from . import catalog
+from . import catalog, lease
 from .checksums import crc32, crc32_to_base64
 from .engine import Engine, EngineStats, ProgressCallback
-from .errors import NoSuchKeyError, S3XferError
+from .errors import CorruptMetadataError, NoSuchKeyError, S3XferError
 from .journal import Journal, journal_path
 from .keys import S3Url, manifest_key, sync_deletable
 from .manifest import Manifest, ManifestRecord, ShardRecord
@@ -98,10 +100,10 @@ async def put_with_checksum(
     *,
     policy: RetryPolicy,
     on_retry: RetryCount | None = None,
-) -> None:
-    """One of s3xfer's own objects, with its CRC32 for S3 to verify."""
+) -> str:
+    """One of s3xfer's own objects, with its CRC32 for S3 to verify: its ETag."""
     checksum = crc32_to_base64(crc32(body))
-    await call_with_retries(
+    return await call_with_retries(
         lambda: s3.put_object(bucket, key, body, crc32=checksum), policy=policy, on_retry=on_retry
     )
 
@@ -123,12 +125,35 @@ async def close_journal(journal: Journal, *, remove: bool) -> None:
 
 async def load_manifest(
     s3: S3, plan: Plan, policy: RetryPolicy, *, on_retry: RetryCount | None = None
-) -> Manifest | None:
+) -> tuple[Manifest | None, str | None]:
+    """The destination's manifest and the SHA-256 of its object (None, None: no manifest)."""
     key = manifest_key(plan.dest)
     raw = await get_if_present(s3, plan.dest.bucket, key, policy=policy, on_retry=on_retry)
     if raw is None:
-        return None
-    return Manifest.from_bytes(raw, where=f"s3://{plan.dest.bucket}/{key}")
+        return None, None
+    manifest = Manifest.from_bytes(raw, where=f"s3://{plan.dest.bucket}/{key}")
+    return manifest, hashlib.sha256(raw).hexdigest()
+
+
+async def load_catalog_state(
+    s3: S3, dest: S3Url, policy: RetryPolicy, *, on_retry: RetryCount | None = None
+) -> catalog.CatalogState:
+    """The catalog's root and the pieces one listing shows: whether it is whole and current is
+    for CatalogState.current to say. A root that cannot be read is a catalog to write again,
+    not an error: the manifest, not the catalog, is what uploads start from."""
+    raw = await get_if_present(
+        s3, dest.bucket, catalog.root_key(dest), policy=policy, on_retry=on_retry
+    )
+    try:
+        root = catalog.CatalogRoot.from_bytes(raw, where="") if raw is not None else None
+    except CorruptMetadataError:
+        root = None
+    listed: dict[int, str] = {}
+    async for item in s3.list_objects(dest.bucket, catalog.pieces_prefix(dest)):
+        bucket = catalog.piece_bucket(dest, str(item["Key"]))
+        if bucket is not None:
+            listed[bucket] = str(item.get("ETag", ""))
+    return catalog.CatalogState(root, listed)
 
 
 # DeleteObjects requests at once (1,000 keys each): a million deletions need not be 1,000
@@ -155,6 +180,13 @@ class Prepared:
     # manifest no longer refers to are deleted once it is written.
     known_keys: set[str] = field(default_factory=set)
     stale: list[str] = field(default_factory=list)  # records dropped: their shard is gone
+    old_sha256: str | None = None  # of the manifest object `old` was read from
+    catalog_state: catalog.CatalogState | None = None  # as found; None: not looked at
+
+    @property
+    def catalog_current(self) -> bool:
+        """The catalog holds exactly `old` (see CatalogState.current)."""
+        return self.catalog_state is None or self.catalog_state.current(self.old_sha256)
 
     @property
     def files_todo(self) -> int:
@@ -189,7 +221,8 @@ async def prepare(
     policy = RetryPolicy(max_attempts=plan.config.max_attempts)
     await s3.check_bucket(plan.dest.bucket)
     metadata_retries = RetryCount()
-    old = await load_manifest(s3, plan, policy, on_retry=metadata_retries)
+    old, old_sha256 = await load_manifest(s3, plan, policy, on_retry=metadata_retries)
+    catalog_state = await load_catalog_state(s3, plan.dest, policy, on_retry=metadata_retries)
     manifest = Manifest(str(plan.dest), dict(old.records), dict(old.shards)) if old else None
     manifest = manifest or Manifest(str(plan.dest), {})
     known_keys = manifest.object_keys()
@@ -217,6 +250,8 @@ async def prepare(
         metadata_retries,
         known_keys,
         stale,
+        old_sha256,
+        catalog_state,
     )
 
 
@@ -304,7 +339,7 @@ async def commit(
     )
     selects = plan.selection.selects
     committed = Committed(
-        written=not final.same_as(prepared.old),
+        written=not final.same_as(prepared.old) or not prepared.catalog_current,
         files_removed=sum(path not in final.records for path in before),
         files_kept_deleted=sum(path not in tree and selects(path) for path in final.records),
         unreferenced=unreferenced,
@@ -314,11 +349,22 @@ async def commit(
         else 0,
     )
     if committed.written:
-        await save_catalog(
-            s3, plan.dest, prepared.old, final, prepared.policy, on_retry=prepared.metadata_retries
-        )
+        await save_catalog(s3, plan.dest, prepared, final, on_retry=prepared.metadata_retries)
     prepared.manifest = final
     return committed
+
+
+def may_write(prepared: Prepared, plan: Plan, *, keep_deleted: bool) -> bool:
+    """Whether an upload from `prepared` could write anything: files to send, a catalog to
+    repair, or a manifest that commit would change even if nothing were sent (records an
+    interrupted run left, files that left the tree: commit's own computation, without the
+    engine's results)."""
+    if prepared.todo or prepared.shards_todo or not prepared.catalog_current:
+        return True
+    unsent = prepared.manifest.synced(
+        tree_paths(plan), keep=kept_paths(plan, keep_deleted=keep_deleted)
+    )
+    return not unsent.same_as(prepared.old)
 
 
 async def delete_unreferenced(
@@ -430,33 +476,55 @@ async def execute_plan(
     on_progress: ProgressCallback | None = None,
     journal: Journal | None = None,
     keep_deleted: bool = False,
+    break_lease: bool = False,
 ) -> UploadReport:
     """Upload what changed since the last run of this plan's destination, with a client given,
     and make the dataset equal the tree (files no longer in it leave the manifest, objects
     nothing refers to any more are deleted), unless `keep_deleted`. With a journal, what an
-    interrupted run finished counts as uploaded, and its multipart uploads are resumed."""
+    interrupted run finished counts as uploaded, and its multipart uploads are resumed.
+
+    An upload that will write anything holds the prefix's lease (lease.py) from before it
+    reads the manifest to after it deleted what is no longer referred to: LeaseHeldError,
+    with nothing written, when another s3xfer holds it (`break_lease` takes it anyway). One
+    with nothing to write (a re-run of an unchanged tree) takes no lease and sends no PUT."""
     started = time.perf_counter()
-    prepared = await prepare(s3, plan, journal=journal)
-    if on_start is not None:
-        on_start(prepared.files_todo, prepared.bytes_todo, prepared.files_unchanged)
-    engine = make_engine(
-        s3, plan, on_progress=on_progress, journal=journal, stored=prepared.manifest
-    )
-    await engine.run(prepared.todo, prepared.shards_todo)
-    warnings = list(journal.warnings) if journal is not None else []
-    committed = await commit(
-        s3, plan, prepared, engine.records, engine.shard_records, keep_deleted=keep_deleted
-    )
-    deleted = 0
-    if engine.stats.uploads_kept == 0:
-        if journal is not None:
-            # Its work is in the manifest now. Gone before any deletion: a journal that
-            # outlived one could vouch, on a later run, for an object deleted here.
-            await close_journal(journal, remove=True)
-        deleted, failed = await delete_unreferenced(
-            s3, plan.dest, committed.unreferenced, prepared.policy
+    async with contextlib.AsyncExitStack() as stack:
+        prepared = await prepare(s3, plan, journal=journal)
+        held = None
+        if may_write(prepared, plan, keep_deleted=keep_deleted):
+            held = await stack.enter_async_context(
+                lease.held(
+                    s3,
+                    plan.dest,
+                    policy=prepared.policy,
+                    command="upload",
+                    break_lease=break_lease,
+                )
+            )
+            # Read again under the lease: the dataset as the last writer left it.
+            prepared = await prepare(s3, plan, journal=journal)
+        if on_start is not None:
+            on_start(prepared.files_todo, prepared.bytes_todo, prepared.files_unchanged)
+        engine = make_engine(
+            s3, plan, on_progress=on_progress, journal=journal, stored=prepared.manifest
         )
-        warnings += failed
+        await engine.run(prepared.todo, prepared.shards_todo)
+        warnings = list(journal.warnings) if journal is not None else []
+        if held is not None:
+            await held.confirm()
+        committed = await commit(
+            s3, plan, prepared, engine.records, engine.shard_records, keep_deleted=keep_deleted
+        )
+        deleted = 0
+        if engine.stats.uploads_kept == 0:
+            if journal is not None:
+                # Its work is in the manifest now. Gone before any deletion: a journal that
+                # outlived one could vouch, on a later run, for an object deleted here.
+                await close_journal(journal, remove=True)
+            deleted, failed = await delete_unreferenced(
+                s3, plan.dest, committed.unreferenced, prepared.policy
+            )
+            warnings += failed
     return make_report(
         s3,
         plan,
@@ -473,23 +541,45 @@ async def execute_plan(
 async def save_catalog(
     s3: S3,
     dest: S3Url,
-    old: Manifest | None,
+    prepared: Prepared,
     new: Manifest,
-    policy: RetryPolicy,
     *,
     on_retry: RetryCount | None = None,
 ) -> None:
-    """Write the changed catalog pieces, then the root and the manifest (readers start there)."""
+    """Write the catalog and manifest of `new`: the pieces, then the root, then the manifest
+    (readers start there). Only the pieces that changed since `prepared.old` when the catalog
+    holds exactly that (CatalogState.current); otherwise every piece, and the pieces that
+    should not be there written empty: a catalog left half-written by a writer that died, or
+    mixed by two that raced, is repaired. The root records the pieces' ETags and the
+    manifest's SHA-256, so that the next upload can tell."""
+    state = prepared.catalog_state or catalog.CatalogState(None, {})
+    current = prepared.catalog_current
 
-    async def put(key: str, body: bytes) -> None:
-        await put_with_checksum(s3, dest.bucket, key, body, policy=policy, on_retry=on_retry)
+    async def put(key: str, body: bytes) -> str:
+        return await put_with_checksum(
+            s3, dest.bucket, key, body, policy=prepared.policy, on_retry=on_retry
+        )
 
-    root, changed = catalog.build(new, dest, previous=old)
+    root, changed = catalog.build(
+        new,
+        dest,
+        previous=prepared.old if current else None,
+        stale=() if current else state.listed,
+    )
+    etags = dict(state.listed) if current else {}
+
+    async def put_piece(key: str, body: bytes) -> None:
+        bucket = catalog.piece_bucket(dest, key)
+        assert bucket is not None  # build names its pieces with piece_key
+        etags[bucket] = await put(key, body)
+
     async with anyio.create_task_group() as group:
         for key, body in changed.items():
-            group.start_soon(put, key, body)
+            group.start_soon(put_piece, key, body)
+    manifest_bytes = new.to_bytes()
+    root = replace(root, manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(), pieces=etags)
     await put(catalog.root_key(dest), root.to_bytes())
-    await put(manifest_key(dest), new.to_bytes())
+    await put(manifest_key(dest), manifest_bytes)
 
 
 async def upload(
@@ -501,9 +591,11 @@ async def upload(
     resume: bool = True,
     state_dir: Path | None = None,
     keep_deleted: bool = False,
+    break_lease: bool = False,
 ) -> UploadReport:
     """Execute a plan: one client, its connection pool sized to the plan's concurrency. The
-    dataset is made equal to the plan's tree, unless `keep_deleted` (see execute_plan).
+    dataset is made equal to the plan's tree, unless `keep_deleted`; `break_lease` takes the
+    prefix's lease even from another writer (see execute_plan).
 
     With `resume` (the default) progress is journaled under the state directory, and a run
     interrupted at any point is resumed by running the same upload again."""
@@ -522,6 +614,7 @@ async def upload(
                 on_progress=on_progress,
                 journal=journal,
                 keep_deleted=keep_deleted,
+                break_lease=break_lease,
             )
         finished = report.uploads_kept == 0
         return report

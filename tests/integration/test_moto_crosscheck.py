@@ -115,3 +115,41 @@ def test_content_types_on_a_server_that_guesses_none_itself(
         "guessed/README": "binary/octet-stream",
         "plain/photo.jpg": "binary/octet-stream",
     }
+
+
+def test_the_lease_is_exclusive_on_moto_too(
+    moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Conditional PUTs (If-None-Match: *, If-Match) decide who holds a prefix's lease: a
+    second taker is refused while the first holds it, and takes it once it is released."""
+    from s3xfer.errors import LeaseHeldError
+    from s3xfer.lease import acquire
+    from s3xfer.retry import RetryPolicy
+    from s3xfer.s3 import open_s3
+
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "moto",
+        "AWS_SECRET_ACCESS_KEY": "moto",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    client: Any = botocore.session.Session().create_client(
+        "s3", endpoint_url=moto_endpoint, region_name="us-east-1"
+    )
+    client.create_bucket(Bucket="leases")
+    dest = S3Url.parse("s3://leases/p")
+    policy = RetryPolicy(max_attempts=2)
+
+    async def main() -> None:
+        async with open_s3(Connection(endpoint_url=moto_endpoint)) as s3:
+            first = await acquire(s3, dest, policy=policy, command="upload")
+            with pytest.raises(LeaseHeldError, match="another s3xfer is writing"):
+                await acquire(s3, dest, policy=policy, command="upload")
+            await first.renew()
+            await first.release()
+            second = await acquire(s3, dest, policy=policy, command="upload")
+            with pytest.raises(LeaseHeldError, match="lost the lease"):
+                await first.renew()  # its ETag is no longer the lease's
+            await second.confirm()
+
+    anyio.run(main)
