@@ -22,6 +22,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -46,6 +47,7 @@ from .upload import (
     delete_unreferenced,
     make_engine,
     make_report,
+    may_write,
     prepare,
 )
 
@@ -1103,24 +1105,27 @@ async def upload_with_workers(
     keep_deleted: bool = False,
     break_lease: bool = False,
 ) -> UploadReport:
-    """Upload a plan with the workers listening on `broker`, holding the prefix's lease
-    throughout (see lease.py): check the bucket and manifest
+    """Upload a plan with the workers listening on `broker`: check the bucket and manifest
     here, enqueue what changed as work units, follow their progress, and write the manifest
     and catalog once every unit has a result, the dataset made equal to the plan's tree as
     one machine's upload would (unless `keep_deleted`). Run again after the producer died, it
-    waits for the same units (their results are kept in Redis) instead of sending them again."""
+    waits for the same units (their results are kept in Redis) instead of sending them again.
+    Holds the prefix's lease throughout when it may write, as upload.execute_plan does."""
     started = time.perf_counter()
     connection = connection or Connection()
     client = await _blocking(connect, broker)
     app = make_app(broker)
     policy = RetryPolicy(max_attempts=plan.config.max_attempts)
-    async with (
-        open_s3(connection, max_pool_connections=16) as s3,
-        lease.held(
-            s3, plan.dest, policy=policy, command="upload --broker", break_lease=break_lease
-        ) as held,
-    ):
+    async with open_s3(connection, max_pool_connections=16) as s3, AsyncExitStack() as stack:
         prepared = await prepare(s3, plan)
+        held = None
+        if may_write(prepared, plan, keep_deleted=keep_deleted):
+            held = await stack.enter_async_context(
+                lease.held(
+                    s3, plan.dest, policy=policy, command="upload --broker", break_lease=break_lease
+                )
+            )
+            prepared = await prepare(s3, plan)  # again, under the lease
         work = work_units(prepared.todo, prepared.shards_todo)
         if on_start is not None:
             on_start(prepared.files_todo, prepared.bytes_todo, prepared.files_unchanged)
@@ -1146,7 +1151,8 @@ async def upload_with_workers(
                     await _blocking(job.unlock)
             aborted = await _abort_leftovers(s3, plan, work)
         merged = merge_results(results.values(), concurrency=plan.config.concurrency)
-        await held.confirm()
+        if held is not None:
+            await held.confirm()
         committed = await commit(
             s3, plan, prepared, merged.records, merged.shards, keep_deleted=keep_deleted
         )
