@@ -37,6 +37,7 @@ from .errors import (
     DeadlineError,
     NoDatasetError,
     NoSuchKeyError,
+    NotFinalizedError,
     S3XferError,
     UsageError,
     first_leaf,
@@ -1081,15 +1082,37 @@ def _dataset(url: str, connection: Connection, **options: Any) -> Dataset:
     return Dataset(S3Url.parse(url), connection=connection, **options)
 
 
+unfinished_option = click.option(
+    "--unfinished",
+    is_flag=True,
+    help="Take a prefix where an s3xfer upload has not finished (a sliced upload not "
+    "finalized, no manifest yet) for a plain prefix: the objects that are there, as they are "
+    "(files packed into shards are not among them), instead of refusing.",
+)
+
+
+@contextmanager
+def unfinished_hint() -> Iterator[None]:
+    """NotFinalizedError, saying how --unfinished would read the prefix anyway."""
+    try:
+        yield
+    except NotFinalizedError as exc:
+        raise NotFinalizedError(
+            f"{exc}; or pass --unfinished to take the objects that are there as they are"
+        ) from None
+
+
 @cli.command("ls")
 @click.argument("url")
 @click.argument("pattern", required=False)
 @connection_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file, as a list.")
+@unfinished_option
 def ls_command(
     url: str,
     pattern: str | None,
     as_json: bool,
+    unfinished: bool,
     endpoint_url: str | None,
     profile: str | None,
     region: str | None,
@@ -1099,12 +1122,14 @@ def ls_command(
 
     Shows each file's size, where it is stored (its own object, or a tar shard) and path.
     A prefix that holds no s3xfer dataset is listed like `aws s3 ls --recursive`: date,
-    size and path of every object under it, streamed, with the total at the end.
+    size and path of every object under it, streamed, with the total at the end. A prefix
+    where an s3xfer upload has not finished (slices not finalized) is refused, exit 2, unless
+    --unfinished.
     """
     connection = make_connection(endpoint_url, profile, region, no_verify_ssl)
 
     async def run() -> None:
-        async with _dataset(url, connection) as ds:
+        async with _dataset(url, connection, unfinished=unfinished) as ds:
             try:
                 records = await ds.ls(pattern)
             except NoDatasetError:
@@ -1123,7 +1148,8 @@ def ls_command(
         total = human_bytes(sum(r.size for r in records))
         click.echo(f"{len(records):,} files, {total}", err=True)
 
-    runner.run(run)
+    with unfinished_hint():
+        runner.run(run)
 
 
 async def _ls_objects(ds: Dataset, pattern: str | None, *, as_json: bool) -> None:
@@ -1192,9 +1218,11 @@ def within(deadline: float | None) -> Iterator[None]:
 @click.argument("path", required=False)
 @connection_options
 @deadline_option
+@unfinished_option
 def cat_command(
     url: str,
     path: str | None,
+    unfinished: bool,
     endpoint_url: str | None,
     profile: str | None,
     region: str | None,
@@ -1206,7 +1234,8 @@ def cat_command(
     One small catalog GET finds it, one ranged GET fetches it, and its CRC32 is checked
     before a single byte is written. Without PATH, URL names one plain object (s3://bucket/key);
     with PATH under a prefix that holds no dataset, the object URL/PATH is written. Plain
-    objects are streamed in 8 MiB ranges of the one version first seen.
+    objects are streamed in 8 MiB ranges of the one version first seen. Under a prefix where
+    an s3xfer upload has not finished (slices not finalized), exit 2, unless --unfinished.
     """
     import anyio
 
@@ -1219,7 +1248,9 @@ def cat_command(
 
     async def run() -> None:
         with within(deadline):
-            await cat(_dataset(url, connection, max_timeouts=TIMEOUTS_PER_READ))
+            await cat(
+                _dataset(url, connection, max_timeouts=TIMEOUTS_PER_READ, unfinished=unfinished)
+            )
 
     async def cat(dataset: Dataset) -> None:
         async with dataset as ds:
@@ -1240,7 +1271,8 @@ def cat_command(
                 await write(data)
 
     try:
-        runner.run(run)
+        with unfinished_hint():
+            runner.run(run)
     except BrokenPipeError:  # `s3xfer cat ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
@@ -1426,9 +1458,11 @@ def _print_prefix_get(report: DownloadReport, *, as_json: bool) -> None:
 @connection_options
 @click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@unfinished_option
 def download_command(
     url: str,
     dest: Path,
+    unfinished: bool,
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     overwrite: bool,
@@ -1450,7 +1484,8 @@ def download_command(
       shard (large sequential ranged GETs split into files as they arrive), with its mtime
       and mode, each checked against its catalogued CRC32.
     - Any other prefix is downloaded like `aws s3 cp --recursive`, checking the checksums S3
-      stored where there are any.
+      stored where there are any. A prefix where an s3xfer upload has not finished (a
+      sliced upload not finalized: no manifest yet) is refused, exit 2, unless --unfinished.
     - Large objects come as parallel ranged GETs into a temporary file, renamed into place
       only when complete and verified; an interrupted download resumes where it stopped.
     - Files already present and identical are skipped; others that exist are kept unless
@@ -1483,10 +1518,12 @@ def download_command(
             range_size=range_size,
             on_start=progress.start,
             on_progress=progress.advance,
+            unfinished=unfinished,
         )
 
     try:
-        report = runner.run(run)
+        with unfinished_hint():
+            report = runner.run(run)
     finally:
         progress.close()
     if as_json:

@@ -29,6 +29,7 @@ from .config import DEFAULT_CONCURRENCY, DEFAULT_MAX_MEMORY, MiB
 from .errors import (
     IntegrityError,
     NoSuchKeyError,
+    NotFinalizedError,
     NotInDatasetError,
     S3XferError,
     SourceError,
@@ -36,7 +37,7 @@ from .errors import (
     first_error,
 )
 from .globs import PathFilter
-from .keys import S3Url, is_reserved_path, manifest_key
+from .keys import S3Url, is_reserved_path, manifest_key, unfinished_upload
 from .localfs import (
     DestinationError,
     DiskFullError,
@@ -508,9 +509,13 @@ async def download(
     gap: int = DEFAULT_GAP,
     on_start: StartCallback | None = None,
     on_progress: ProgressCallback | None = None,
+    unfinished: bool = False,
 ) -> DownloadReport:
     """Restore `url` (an s3xfer dataset, or any prefix) into `dest`. Files already present and
-    identical are skipped, so running it again after it finished transfers nothing."""
+    identical are skipped, so running it again after it finished transfers nothing. A prefix
+    without a manifest that holds s3xfer's objects of an unfinished upload (slices not
+    finalized) is refused with NotFinalizedError, unless `unfinished`: then the objects there
+    are downloaded as a plain prefix's."""
     if await anyio.Path(dest).exists() and not await anyio.Path(dest).is_dir():
         raise UsageError(f"not a directory: {dest}")
     return_large_buffers_promptly()
@@ -529,6 +534,9 @@ async def download(
                 async for listed in s3.list_objects(url.bucket, listing_prefix)
                 if not str(listed["Key"]).endswith("/")
             ]
+            pending = unfinished_upload(url, (i.path for i in listed_items))
+            if pending is not None and not unfinished:
+                raise NotFinalizedError(pending) from None
             # s3xfer's own objects (of an upload not finalized) are not files of the prefix.
             items = [i for i in listed_items if not is_reserved_path(i.path)]
         else:

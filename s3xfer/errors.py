@@ -103,6 +103,12 @@ class NoDatasetError(NotInDatasetError):
     """The prefix holds no s3xfer dataset (no catalog, no manifest): it may hold plain objects."""
 
 
+class NotFinalizedError(NotInDatasetError):
+    """The prefix holds s3xfer's objects of an upload that has not finished (a sliced upload
+    not finalized, or one killed before its manifest), not a dataset: not to be mistaken for
+    a plain prefix. The message says how to finish it."""
+
+
 _URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#@\s'\"]*@")
 REDACTED_USERINFO = "***@"
 

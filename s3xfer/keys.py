@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .errors import UsageError
@@ -81,3 +82,27 @@ def sync_deletable(dest: S3Url, key: str) -> bool:
         return False
     relative = key[len(inside) :]
     return not relative.startswith(f"{META_DIR}/") or relative.startswith(f"{META_DIR}/shards/")
+
+
+SLICES_DIR = f"{META_DIR}/slices/"
+LEASE_NAME = f"{META_DIR}/lease.json"
+
+
+def unfinished_upload(url: S3Url, paths: Iterable[str]) -> str | None:
+    """For a prefix with no manifest: what s3xfer's own objects among `paths` (relative to
+    the URL's prefix) say is there, as the message of NotFinalizedError; None when there are
+    none (a plain prefix). A lease alone is no upload: it is left by one that wrote nothing."""
+    own = [p for p in paths if is_reserved_path(p) and p != LEASE_NAME]
+    if any(p.startswith(SLICES_DIR) for p in own):
+        return (
+            f"{url} holds a sliced upload that is not finalized (slice results under "
+            f"{url}/{SLICES_DIR}, no manifest yet): run `s3xfer finalize --plan PLAN` once "
+            "every slice has run"
+        )
+    if own:
+        return (
+            f"{url} holds an s3xfer upload that has not finished (its objects are under "
+            f"{url}/{META_DIR}/, no manifest yet): run the upload again to finish it (`s3xfer "
+            "finalize --plan PLAN` if it was sliced)"
+        )
+    return None

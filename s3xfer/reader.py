@@ -20,6 +20,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import (
+    AsyncGenerator,
     AsyncIterator,
     Awaitable,
     Callable,
@@ -29,7 +30,7 @@ from collections.abc import (
     Sequence,
 )
 from concurrent.futures import Future
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
@@ -50,6 +51,7 @@ from .errors import (
     IntegrityError,
     NoDatasetError,
     NoSuchKeyError,
+    NotFinalizedError,
     NotInDatasetError,
     PartialReadError,
     S3XferError,
@@ -58,7 +60,7 @@ from .errors import (
     first_leaf,
 )
 from .globs import path_matcher
-from .keys import S3Url, manifest_key
+from .keys import LEASE_NAME, META_DIR, SLICES_DIR, S3Url, manifest_key, unfinished_upload
 from .localfs import SafeDestination, make_directory, staging_in, used_by
 from .manifest import Manifest, ManifestRecord
 from .ranges import DEFAULT_GAP, RangeGet, Wanted, check_ranged_response, coalesce
@@ -140,8 +142,12 @@ class Dataset:
         gap: int = DEFAULT_GAP,
         max_attempts: int = 10,
         max_timeouts: int | None = None,
+        unfinished: bool = False,
     ) -> None:
+        """`unfinished`: a prefix where an s3xfer upload has not finished (no manifest yet) is
+        taken for a plain prefix (NoDatasetError) instead of refused (NotFinalizedError)."""
         self.url = S3Url.parse(url) if isinstance(url, str) else url
+        self.unfinished = unfinished
         self.connection = connection or Connection()
         self.concurrency = concurrency
         self.gap = gap
@@ -202,11 +208,38 @@ class Dataset:
             try:
                 raw = await self._get(key)
             except NoSuchKeyError as exc:
-                raise NoDatasetError(
-                    f"no s3xfer dataset at {self.url} (no catalog at s3://{self.url.bucket}/{key})"
-                ) from exc
+                raise await self._no_dataset(f"no catalog at s3://{self.url.bucket}/{key}") from exc
             self._root = catalog.CatalogRoot.from_bytes(raw, where=f"s3://{self.url.bucket}/{key}")
         return self._root
+
+    async def _no_dataset(self, missing: str) -> NotInDatasetError:
+        """The error for a prefix without its catalog or manifest (`missing` says which):
+        NotFinalizedError when s3xfer's objects of an unfinished upload are there (unless
+        `unfinished`), else NoDatasetError (it may hold plain objects)."""
+        if not self.unfinished:
+            pending = unfinished_upload(self.url, await self._own_objects())
+            if pending is not None:
+                return NotFinalizedError(pending)
+        return NoDatasetError(f"no s3xfer dataset at {self.url} ({missing})")
+
+    async def _own_objects(self) -> list[str]:
+        """Paths (below the URL's prefix) of s3xfer objects there, enough for unfinished_upload
+        to judge: the first slice result, and the first other object that is not the lease.
+        Two LISTs, each stopped at its first answer that counts."""
+        inside = self.url.key("")
+        found: list[str] = []
+        for under in (SLICES_DIR, f"{META_DIR}/"):
+            listing = cast(  # an async generator: closed here, not left for the collector
+                AsyncGenerator[dict[str, Any], None],
+                self.s3.list_objects(self.url.bucket, inside + under),
+            )
+            async with aclosing(listing):
+                async for item in listing:
+                    path = str(item["Key"])[len(inside) :]
+                    if path != LEASE_NAME:
+                        found.append(path)
+                        break
+        return found
 
     async def _piece(self, bucket: int) -> dict[str, ManifestRecord]:
         lock = self._piece_locks.setdefault(bucket, anyio.Lock())
@@ -240,9 +273,7 @@ class Dataset:
         try:
             raw = await self._get(key)
         except NoSuchKeyError as exc:
-            raise NoDatasetError(
-                f"no s3xfer dataset at {self.url} (no manifest at s3://{self.url.bucket}/{key})"
-            ) from exc
+            raise await self._no_dataset(f"no manifest at s3://{self.url.bucket}/{key}") from exc
         manifest = Manifest.from_bytes(raw, where=f"s3://{self.url.bucket}/{key}")
         return manifest, f"{crc32(raw):08x}"
 
