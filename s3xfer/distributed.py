@@ -1116,16 +1116,22 @@ async def upload_with_workers(
     client = await _blocking(connect, broker)
     app = make_app(broker)
     policy = RetryPolicy(max_attempts=plan.config.max_attempts)
+    retries = RetryCount()  # of the metadata and lease requests
     async with open_s3(connection, max_pool_connections=16) as s3, AsyncExitStack() as stack:
-        prepared = await prepare(s3, plan)
+        prepared = await prepare(s3, plan, metadata_retries=retries)
         held = None
         if may_write(prepared, plan, keep_deleted=keep_deleted):
             held = await stack.enter_async_context(
                 lease.held(
-                    s3, plan.dest, policy=policy, command="upload --broker", break_lease=break_lease
+                    s3,
+                    plan.dest,
+                    policy=policy,
+                    command="upload --broker",
+                    break_lease=break_lease,
+                    on_retry=retries,
                 )
             )
-            prepared = await prepare(s3, plan)  # again, under the lease
+            prepared = await prepare(s3, plan, metadata_retries=retries)  # under the lease
         work = work_units(prepared.todo, prepared.shards_todo)
         if on_start is not None:
             on_start(prepared.files_todo, prepared.bytes_todo, prepared.files_unchanged)

@@ -35,7 +35,7 @@ from . import validate
 from .checksums import crc32, crc32_to_base64
 from .errors import IntegrityError, LeaseHeldError, NoSuchKeyError, S3XferError, first_error
 from .keys import META_DIR, S3Url
-from .retry import RetryPolicy, call_with_retries
+from .retry import RetryCount, RetryPolicy, call_with_retries
 from .s3 import S3
 
 LEASE_FORMAT = "s3xfer-lease"
@@ -180,7 +180,14 @@ class Lease:
     """A lease this process holds (see held)."""
 
     def __init__(
-        self, s3: S3, dest: S3Url, info: LeaseInfo, etag: str, *, policy: RetryPolicy
+        self,
+        s3: S3,
+        dest: S3Url,
+        info: LeaseInfo,
+        etag: str,
+        *,
+        policy: RetryPolicy,
+        on_retry: RetryCount | None = None,
     ) -> None:
         self.s3 = s3
         self.dest = dest
@@ -188,6 +195,7 @@ class Lease:
         self.info = info
         self.etag = etag
         self.policy = policy
+        self.on_retry = on_retry
         self.renewals = 0
 
     def __repr__(self) -> str:
@@ -198,9 +206,16 @@ class Lease:
     async def renew(self) -> None:
         """Hold it for another `seconds` from now. LeaseHeldError when it is no longer ours
         (broken, or taken over after it expired)."""
-        etag = await _put(self.s3, self.dest, self.info, if_match=self.etag, policy=self.policy)
+        etag = await _put(
+            self.s3,
+            self.dest,
+            self.info,
+            if_match=self.etag,
+            policy=self.policy,
+            on_retry=self.on_retry,
+        )
         if etag is None:
-            found = await look(self.s3, self.dest, policy=self.policy)
+            found = await look(self.s3, self.dest, policy=self.policy, on_retry=self.on_retry)
             if found is None or found.info is None or found.info.token != self.info.token:
                 holder = found.info.describe() if found and found.info else "nobody now"
                 raise LeaseHeldError(
@@ -215,7 +230,7 @@ class Lease:
         """Renew just before writing the manifest and catalog: still ours, for a full lease
         period. Also reads it back, for servers that ignore conditional PUTs."""
         await self.renew()
-        found = await look(self.s3, self.dest, policy=self.policy)
+        found = await look(self.s3, self.dest, policy=self.policy, on_retry=self.on_retry)
         if found is None or found.info is None or found.info.token != self.info.token:
             raise LeaseHeldError(
                 f"another s3xfer wrote the lease of {self.dest} meanwhile (this server may not "
@@ -238,11 +253,24 @@ class Lease:
         """Mark it released, if it is still ours; any failure leaves it to expire."""
         released = replace(self.info, released=True)
         with contextlib.suppress(S3XferError):
-            await _put(self.s3, self.dest, released, if_match=self.etag, policy=self.policy)
+            await _put(
+                self.s3,
+                self.dest,
+                released,
+                if_match=self.etag,
+                policy=self.policy,
+                on_retry=self.on_retry,
+            )
 
 
 async def _put(
-    s3: S3, dest: S3Url, info: LeaseInfo, *, if_match: str | None, policy: RetryPolicy
+    s3: S3,
+    dest: S3Url,
+    info: LeaseInfo,
+    *,
+    if_match: str | None,
+    policy: RetryPolicy,
+    on_retry: RetryCount | None = None,
 ) -> str | None:
     """Write the lease only if it is absent (if_match None) or still has the ETag if_match:
     its new ETag, or None when the condition did not hold."""
@@ -258,20 +286,26 @@ async def _put(
                 extra=condition,
             ),
             policy=policy,
+            on_retry=on_retry,
         )
     except IntegrityError:  # s3.py's name for 412 Precondition Failed
         return None
 
 
-async def look(s3: S3, dest: S3Url, *, policy: RetryPolicy) -> Found | None:
+async def look(
+    s3: S3, dest: S3Url, *, policy: RetryPolicy, on_retry: RetryCount | None = None
+) -> Found | None:
     """The lease object now, or None when there is none."""
     key = lease_key(dest)
     try:
-        head = await call_with_retries(lambda: s3.head_object(dest.bucket, key), policy=policy)
+        head = await call_with_retries(
+            lambda: s3.head_object(dest.bucket, key), policy=policy, on_retry=on_retry
+        )
         etag = str(head.get("ETag", ""))
         body, _status, _range = await call_with_retries(
             lambda: s3.get_range(dest.bucket, key, byte_range=None, if_match=etag or None),
             policy=policy,
+            on_retry=on_retry,
         )
     except (NoSuchKeyError, IntegrityError):  # gone, or changed since the HEAD: look again
         return None
@@ -283,15 +317,22 @@ async def look(s3: S3, dest: S3Url, *, policy: RetryPolicy) -> Found | None:
 
 
 async def acquire(
-    s3: S3, dest: S3Url, *, policy: RetryPolicy, command: str, break_lease: bool = False
+    s3: S3,
+    dest: S3Url,
+    *,
+    policy: RetryPolicy,
+    command: str,
+    break_lease: bool = False,
+    on_retry: RetryCount | None = None,
 ) -> Lease:
     """Take the lease of dest: when there is none, when its holder released it or let it
     expire, or (break_lease) whoever holds it. LeaseHeldError when another holds it."""
     info = LeaseInfo.for_this_process(command)
     for _ in range(_TAKE_ATTEMPTS):
-        found = await look(s3, dest, policy=policy)
+        found = await look(s3, dest, policy=policy, on_retry=on_retry)
         if found is not None and found.info is not None and found.info.token == info.token:
-            return Lease(s3, dest, info, found.etag, policy=policy)  # our take, answered late
+            # Our own take, answered late and sent again.
+            return Lease(s3, dest, info, found.etag, policy=policy, on_retry=on_retry)
         if found is not None and not (found.free or break_lease):
             holder = found.info.describe() if found.info is not None else "an unreadable lease"
             left = max(0, round(found.lifetime - found.age))
@@ -299,9 +340,16 @@ async def acquire(
                 f"another s3xfer is writing {dest} ({holder}): wait for it to finish; if it "
                 f"was killed, its lease expires in {left} s, or run again with --break-lease"
             )
-        etag = await _put(s3, dest, info, if_match=found.etag if found else None, policy=policy)
+        etag = await _put(
+            s3,
+            dest,
+            info,
+            if_match=found.etag if found else None,
+            policy=policy,
+            on_retry=on_retry,
+        )
         if etag is not None:
-            return Lease(s3, dest, info, etag, policy=policy)
+            return Lease(s3, dest, info, etag, policy=policy, on_retry=on_retry)
     raise LeaseHeldError(
         f"the lease of {dest} (s3://{dest.bucket}/{lease_key(dest)}) changed hands "
         f"{_TAKE_ATTEMPTS} times while this s3xfer tried to take it: run again later"
@@ -310,11 +358,20 @@ async def acquire(
 
 @contextlib.asynccontextmanager
 async def held(
-    s3: S3, dest: S3Url, *, policy: RetryPolicy, command: str, break_lease: bool = False
+    s3: S3,
+    dest: S3Url,
+    *,
+    policy: RetryPolicy,
+    command: str,
+    break_lease: bool = False,
+    on_retry: RetryCount | None = None,
 ) -> AsyncIterator[Lease]:
     """The lease of dest, renewed in the background while the block runs and released when
-    it ends (however it ends). A lost lease cancels the block with LeaseHeldError."""
-    lease = await acquire(s3, dest, policy=policy, command=command, break_lease=break_lease)
+    it ends (however it ends). A lost lease cancels the block with LeaseHeldError. Retries
+    of its requests are counted by on_retry."""
+    lease = await acquire(
+        s3, dest, policy=policy, command=command, break_lease=break_lease, on_retry=on_retry
+    )
     try:
         with first_error():
             async with anyio.create_task_group() as group:

@@ -23,7 +23,7 @@ from .errors import S3XferError
 from .keys import META_DIR, S3Url
 from .manifest import Manifest, ManifestRecord, ShardRecord, parse_rows
 from .plan import Plan, slice_of, work_units
-from .retry import RetryPolicy
+from .retry import RetryCount, RetryPolicy
 from .s3 import Connection, open_s3
 from .upload import (
     NOT_COMMITTED,
@@ -217,13 +217,19 @@ async def finalize(
     started = time.perf_counter()
     policy = RetryPolicy(max_attempts=plan.config.max_attempts)
     identity = plan_id(plan)
+    retries = RetryCount()  # of the metadata and lease requests
     async with (
         open_s3(connection or Connection(), max_pool_connections=16) as s3,
         lease.held(
-            s3, plan.dest, policy=policy, command="finalize", break_lease=break_lease
+            s3,
+            plan.dest,
+            policy=policy,
+            command="finalize",
+            break_lease=break_lease,
+            on_retry=retries,
         ) as held,
     ):
-        prepared = await prepare(s3, plan)
+        prepared = await prepare(s3, plan, metadata_retries=retries)
         found: dict[int, SliceResult] = {}
         counts: set[int] = set()
         prefix = slices_prefix(plan.dest, identity)

@@ -214,13 +214,20 @@ class Prepared:
 
 
 async def prepare(
-    s3: S3, plan: Plan, *, journal: Journal | None = None, done: Manifest | None = None
+    s3: S3,
+    plan: Plan,
+    *,
+    journal: Journal | None = None,
+    done: Manifest | None = None,
+    metadata_retries: RetryCount | None = None,
 ) -> Prepared:
     """Check the bucket, read the manifest, and split the plan into work and no work. `done`:
-    work finished but not in the destination's manifest yet (a slice's earlier result)."""
+    work finished but not in the destination's manifest yet (a slice's earlier result).
+    `metadata_retries`: where to count the retries of metadata requests (one counter for an
+    upload that prepares twice and holds a lease, so that its report counts them all)."""
     policy = RetryPolicy(max_attempts=plan.config.max_attempts)
     await s3.check_bucket(plan.dest.bucket)
-    metadata_retries = RetryCount()
+    metadata_retries = metadata_retries if metadata_retries is not None else RetryCount()
     old, old_sha256 = await load_manifest(s3, plan, policy, on_retry=metadata_retries)
     catalog_state = await load_catalog_state(s3, plan.dest, policy, on_retry=metadata_retries)
     manifest = Manifest(str(plan.dest), dict(old.records), dict(old.shards)) if old else None
@@ -488,8 +495,9 @@ async def execute_plan(
     with nothing written, when another s3xfer holds it (`break_lease` takes it anyway). One
     with nothing to write (a re-run of an unchanged tree) takes no lease and sends no PUT."""
     started = time.perf_counter()
+    retries = RetryCount()  # of the metadata and lease requests
     async with contextlib.AsyncExitStack() as stack:
-        prepared = await prepare(s3, plan, journal=journal)
+        prepared = await prepare(s3, plan, journal=journal, metadata_retries=retries)
         held = None
         if may_write(prepared, plan, keep_deleted=keep_deleted):
             held = await stack.enter_async_context(
@@ -499,10 +507,11 @@ async def execute_plan(
                     policy=prepared.policy,
                     command="upload",
                     break_lease=break_lease,
+                    on_retry=retries,
                 )
             )
             # Read again under the lease: the dataset as the last writer left it.
-            prepared = await prepare(s3, plan, journal=journal)
+            prepared = await prepare(s3, plan, journal=journal, metadata_retries=retries)
         if on_start is not None:
             on_start(prepared.files_todo, prepared.bytes_todo, prepared.files_unchanged)
         engine = make_engine(

@@ -71,8 +71,14 @@ def metadata(client: Any, bucket: str) -> dict[str, bytes]:
     the bucket's name taken out: what must be identical after a resume."""
     out = {}
     for key in list_keys(client, bucket, "ds/.s3xfer/"):
+        if key == "ds/.s3xfer/lease.json":  # who held the dataset last, and when: not content
+            continue
         raw = read_object(client, bucket, key)
         data = gzip.decompress(raw) if key.endswith(".gz") else raw
+        if key == "ds/.s3xfer/catalog.json":  # the SHA-256 of a manifest naming the bucket
+            root = json.loads(data)
+            del root["manifest_sha256"]  # (the manifests themselves are compared)
+            data = json.dumps(root).encode()
         out[key] = data.replace(f"s3://{bucket}/".encode(), b"s3://BUCKET/")
     return out
 
@@ -122,7 +128,7 @@ def check_complete(
     manifest = json.loads(reference["ds/.s3xfer/manifest.json.gz"])
     # Shards and their indexes are under .s3xfer/, compared above byte for byte: no stray or
     # duplicate shard. The rest are the loose objects, exactly.
-    loose = set(list_keys(client, bucket, "ds/")) - set(reference)
+    loose = set(list_keys(client, bucket, "ds/")) - set(reference) - {"ds/.s3xfer/lease.json"}
     assert loose == {row[1] for row in manifest["files"] if row[7] == -1}
     out = tmp_path / "restored"
     result = run_cli("download", f"s3://{bucket}/ds", str(out), "--quiet", env=local_s3.env())
