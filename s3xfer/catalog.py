@@ -145,7 +145,15 @@ class CatalogState:
         root predates these checks: the catalog is then written again whole."""
         if self.root is None:
             return manifest_sha256 is None and not self.listed
-        return self.root.manifest_sha256 == manifest_sha256 and self.root.pieces == self.listed
+        return self.root.manifest_sha256 == manifest_sha256 and _unquoted(
+            self.root.pieces
+        ) == _unquoted(self.listed)
+
+
+def _unquoted(etags: dict[int, str]) -> dict[int, str]:
+    # An ETag is quoted in S3's answers; a server that leaves the quotes out of one answer
+    # (a PUT's, say) but not another's (a listing's) must not make every catalog look stale.
+    return {bucket: etag.strip('"') for bucket, etag in etags.items()}
 
 
 def piece_bytes(records: list[ManifestRecord], *, fanout: int, bucket: int) -> bytes:

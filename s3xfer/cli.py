@@ -756,6 +756,11 @@ def upload_command(
         raise UsageError(
             "--keep-deleted applies where the manifest is written: give it to `s3xfer finalize`"
         )
+    if break_lease and slice_text is not None:
+        raise UsageError(
+            "--break-lease applies where the manifest is written (a slice takes no lease): "
+            "give it to `s3xfer finalize`"
+        )
     selection = make_selection(include, exclude)
     if plan_file is not None:
         if path is not None or dest is not None:

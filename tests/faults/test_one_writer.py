@@ -258,3 +258,10 @@ def test_a_catalog_without_its_manifest_checksum_is_rewritten_once(
     assert result.returncode == 0, result.stderr
     assert json.loads(gzip.decompress(read_object(sync_s3_client, bucket, piece)))["files"]
     assert_reads_agree(url, tree, tmp_path / "out")
+
+
+def test_break_lease_is_refused_where_no_lease_is_taken(tmp_path: Path) -> None:
+    result = run_cli(
+        "upload", "--plan", str(tmp_path / "p.json"), "--slice", "1/2", "--break-lease"
+    )
+    assert_one_clear_line(result, 2, "--break-lease applies where the manifest is written")

@@ -118,3 +118,8 @@ def test_a_holder_whose_process_is_gone_from_this_machine_is_known_to_be_gone() 
     assert not replace(me, pid=child.pid, machine="another-boot pid:[1]").gone
     assert not replace(me, pid=child.pid, machine="").gone  # cannot tell: not gone
     assert Found('"e"', replace(me, pid=child.pid), age=0.0).free
+
+
+def test_quotes_around_etags_do_not_make_a_catalog_stale() -> None:
+    root = catalog.CatalogRoot("s3://b/p", catalog.FANOUT, 1, 1, {}, "d", {3: "x"})
+    assert catalog.CatalogState(root, {3: '"x"'}).current("d")
