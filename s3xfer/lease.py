@@ -165,14 +165,23 @@ class Found:
         return self.age >= self.lifetime
 
 
+def _http_date(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        return value
+    try:
+        return email.utils.parsedate_to_datetime(value) if isinstance(value, str) else None
+    except (TypeError, ValueError):
+        return None
+
+
 def server_age(head: dict[str, Any]) -> float:
-    """Seconds between the object's Last-Modified and the Date of the answer: the server's
-    clock on both sides (this machine's when the server sends no Date)."""
-    modified = head.get("LastModified")
-    if not isinstance(modified, datetime):
+    """Seconds between the object's Last-Modified and the Date of the HEAD's answer: the
+    server's clock on both sides (this machine's when the server sends no Date; 0 when it
+    sends no Last-Modified, and the lease then lasts until released or broken)."""
+    modified = _http_date(head.get("LastModified"))
+    if modified is None:
         return 0.0
-    date = head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-    now = email.utils.parsedate_to_datetime(date) if date else datetime.now(UTC)
+    now = _http_date(head.get("Date")) or datetime.now(UTC)
     return (now - modified).total_seconds()
 
 

@@ -805,6 +805,9 @@ _HEAD_FIELDS = {
     "x-amz-checksum-crc64nvme": "ChecksumCRC64NVME",
     "x-amz-checksum-sha1": "ChecksumSHA1",
     "x-amz-checksum-sha256": "ChecksumSHA256",
+    # As sent (RFC 7231 dates): lease.py ages its object by the server's clock alone.
+    "last-modified": "LastModified",
+    "date": "Date",
 }
 
 

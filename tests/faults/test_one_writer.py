@@ -265,3 +265,28 @@ def test_break_lease_is_refused_where_no_lease_is_taken(tmp_path: Path) -> None:
         "upload", "--plan", str(tmp_path / "p.json"), "--slice", "1/2", "--break-lease"
     )
     assert_one_clear_line(result, 2, "--break-lease applies where the manifest is written")
+
+
+def test_a_lease_is_aged_by_the_servers_clock(s3_env: LocalS3Info, bucket: str) -> None:
+    """The HEAD of the lease brings Last-Modified and Date, both the server's."""
+    import anyio
+
+    from s3xfer.checksums import crc32, crc32_to_base64
+    from s3xfer.lease import look
+    from s3xfer.retry import RetryPolicy
+    from s3xfer.s3 import open_s3
+    from tests.integration.helpers import connection
+
+    url = S3Url(bucket, "aged")
+
+    async def main() -> None:
+        async with open_s3(connection(s3_env)) as s3:
+            body = lease_body()
+            await s3.put_object(bucket, lease_key(url), body, crc32=crc32_to_base64(crc32(body)))
+            head = await s3.head_object(bucket, lease_key(url))
+            assert {"LastModified", "Date"} <= set(head)
+            found = await look(s3, url, policy=RetryPolicy(max_attempts=2))
+            assert found is not None and found.info is not None
+            assert 0 <= found.age < 60 and not found.free
+
+    anyio.run(main)

@@ -46,10 +46,11 @@ def test_a_lease_is_free_once_released_or_not_renewed_in_its_lifetime(
 
 def test_age_is_read_with_the_servers_clock_on_both_sides() -> None:
     head: dict[str, Any] = {
-        "LastModified": datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC),
-        "ResponseMetadata": {"HTTPHeaders": {"date": "Thu, 01 Jan 2026 12:04:10 GMT"}},
+        "LastModified": "Thu, 01 Jan 2026 12:00:00 GMT",
+        "Date": "Thu, 01 Jan 2026 12:04:10 GMT",
     }
     assert server_age(head) == 250.0
+    assert server_age({**head, "LastModified": datetime(2026, 1, 1, 12, 4, tzinfo=UTC)}) == 10
     assert server_age({}) == 0.0  # nothing to go by: not expired on this machine's word
 
 
