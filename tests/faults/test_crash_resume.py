@@ -22,7 +22,7 @@ import pytest
 from s3xfer.journal import journal_path
 from s3xfer.locals3 import LocalS3Info
 
-from ..integration.helpers import list_keys, read_object, run_cli, write_tree
+from ..integration.helpers import comparable_metadata, list_keys, read_object, run_cli, write_tree
 from .helpers import (
     Events,
     finished,
@@ -71,15 +71,12 @@ def metadata(client: Any, bucket: str) -> dict[str, bytes]:
     the bucket's name taken out: what must be identical after a resume."""
     out = {}
     for key in list_keys(client, bucket, "ds/.s3xfer/"):
-        if key == "ds/.s3xfer/lease.json":  # who held the dataset last, and when: not content
-            continue
         raw = read_object(client, bucket, key)
-        data = gzip.decompress(raw) if key.endswith(".gz") else raw
-        if key == "ds/.s3xfer/catalog.json":  # the SHA-256 of a manifest naming the bucket
-            root = json.loads(data)
-            del root["manifest_sha256"]  # (the manifests themselves are compared)
-            data = json.dumps(root).encode()
-        out[key] = data.replace(f"s3://{bucket}/".encode(), b"s3://BUCKET/")
+        data = comparable_metadata(
+            key, gzip.decompress(raw) if key.endswith(".gz") else raw, bucket
+        )
+        if data is not None:
+            out[key] = data
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import random
 import subprocess
@@ -70,3 +71,17 @@ def without_file_permission_override() -> None:
     for capability in (cap_dac_override, cap_dac_read_search):
         if libc.prctl(pr_capbset_drop, capability, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def comparable_metadata(key: str, data: bytes, bucket: str) -> bytes | None:
+    """One of s3xfer's objects (decompressed) as datasets written to different buckets can
+    be compared byte for byte: the bucket's name taken out, the catalog root without its
+    manifest_sha256 (a hash of the manifest, which names the bucket; the manifests are
+    compared themselves), and None for the lease (who wrote last, and when: not content)."""
+    if key.endswith("/.s3xfer/lease.json"):
+        return None
+    if key.endswith("/.s3xfer/catalog.json"):
+        root = json.loads(data)
+        del root["manifest_sha256"]
+        data = json.dumps(root).encode()
+    return data.replace(f"s3://{bucket}/".encode(), b"s3://BUCKET/")

@@ -10,7 +10,7 @@ from typing import Any
 
 from s3xfer.locals3 import LocalS3Info
 
-from .helpers import list_keys, read_object, run_cli, write_tree
+from .helpers import comparable_metadata, list_keys, read_object, run_cli, write_tree
 
 MiB = 1024 * 1024
 TREE = {
@@ -28,8 +28,11 @@ def metadata(client: Any, bucket: str) -> dict[str, bytes]:
         if "/.s3xfer/slices/" in key:
             continue
         raw = read_object(client, bucket, key)
-        data = gzip.decompress(raw) if key.endswith(".gz") else raw
-        out[key] = data.replace(f"s3://{bucket}/".encode(), b"s3://BUCKET/")
+        data = comparable_metadata(
+            key, gzip.decompress(raw) if key.endswith(".gz") else raw, bucket
+        )
+        if data is not None:
+            out[key] = data
     return out
 
 

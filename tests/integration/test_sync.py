@@ -149,14 +149,18 @@ def keys_under(client: Any, bucket: str, prefix: str) -> set[str]:
 
 
 def referenced_keys(client: Any, bucket: str, prefix: str) -> set[str]:
-    """What the manifest refers to (objects, shards, shard indexes), plus the manifest and
-    the catalog (root and pieces): everything a dataset should hold, nothing more."""
+    """What the manifest refers to (objects, shards, shard indexes), plus the manifest, the
+    catalog (root and pieces) and the lease: everything a dataset should hold, nothing more."""
     manifest = json.loads(
         gzip.decompress(read_object(client, bucket, manifest_key(S3Url(bucket, prefix))))
     )
     files = {row[1] for row in manifest["files"]}
     shards = {row[1] for row in manifest["files"] if row[7] >= 0}
-    meta = {k for k in keys_under(client, bucket, prefix) if "/.s3xfer/catalog" in k}
+    meta = {
+        k
+        for k in keys_under(client, bucket, prefix)
+        if "/.s3xfer/catalog" in k or k == f"{prefix}/.s3xfer/lease.json"
+    }
     return (
         files | {f"{s}.index.json" for s in shards} | meta | {f"{prefix}/.s3xfer/manifest.json.gz"}
     )
