@@ -1324,9 +1324,11 @@ def write_all(fd: int, data: bytes) -> None:
 @connection_options
 @deadline_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@unfinished_option
 def get_command(
     url: str,
     args: tuple[str, ...],
+    unfinished: bool,
     gap: int,
     concurrency: int,
     overwrite: bool,
@@ -1364,7 +1366,12 @@ def get_command(
 
     async def fetch() -> GetReport | DownloadReport:
         dataset = _dataset(
-            url, connection, gap=gap, concurrency=concurrency, max_timeouts=TIMEOUTS_PER_READ
+            url,
+            connection,
+            gap=gap,
+            concurrency=concurrency,
+            max_timeouts=TIMEOUTS_PER_READ,
+            unfinished=unfinished,
         )
         async with dataset as ds:
             try:
@@ -1380,11 +1387,13 @@ def get_command(
             overwrite=overwrite,
             concurrency=concurrency,
             gap=gap,
+            unfinished=unfinished,
         )
 
     from .download import DownloadReport, download
 
-    report = runner.run(run)
+    with unfinished_hint():
+        report = runner.run(run)
     if isinstance(report, DownloadReport):
         _print_prefix_get(report, as_json=as_json)
         return
