@@ -284,7 +284,6 @@ async def _put(
     """Write the lease only if it is absent (if_match None) or still has the ETag if_match:
     its new ETag, or None when the condition did not hold."""
     body = info.to_bytes()
-    condition = {"IfNoneMatch": "*"} if if_match is None else {"IfMatch": if_match}
     try:
         return await call_with_retries(
             lambda: s3.put_object(
@@ -292,7 +291,8 @@ async def _put(
                 lease_key(dest),
                 body,
                 crc32=crc32_to_base64(crc32(body)),
-                extra=condition,
+                if_none_match=if_match is None,
+                if_match=if_match,
             ),
             policy=policy,
             on_retry=on_retry,

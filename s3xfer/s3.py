@@ -501,11 +501,17 @@ class S3:
         *,
         crc32: str,
         attributes: ObjectAttributes = NO_ATTRIBUTES,
+        if_none_match: bool = False,
+        if_match: str | None = None,
         extra: dict[str, Any] | None = None,
     ) -> str:
         """One object; `attributes` for one holding file data (Content-Type, storage class,
-        user metadata), none for s3xfer's own objects."""
+        user metadata), none for s3xfer's own objects; if_none_match / if_match make it
+        conditional (a 412 is IntegrityError)."""
         if not extra:
+            conditions = {"if-none-match": "*"} if if_none_match else {}
+            if if_match is not None:
+                conditions["if-match"] = if_match
             async with self._request("put_object", bucket, key):
                 response = await self._send(
                     "PutObject",
@@ -516,6 +522,7 @@ class S3:
                         **self._put_headers,
                         **attributes.headers(),
                         "x-amz-checksum-crc32": crc32,
+                        **conditions,
                     },
                     body=body,
                 )
