@@ -172,7 +172,6 @@ class Engine:
         source: Path,
         config: TransferConfig,
         on_progress: ProgressCallback | None = None,
-        put_extra: dict[str, Any] | None = None,
         journal: Journal | None = None,
         prefix: str | None = None,
         adopt_uploads: bool = False,
@@ -190,7 +189,6 @@ class Engine:
         self._policy = RetryPolicy(max_attempts=config.max_attempts)
         self._on_progress = on_progress or (lambda _b, _f: None)
         self._open_uploads: set[_Multipart] = set()
-        self._put_extra = put_extra or {}
         self.journal = journal
         self.prefix = prefix  # of every key this run writes, to find uploads it left behind
         # Without a journal (a unit redelivered to another machine): continue any incomplete
@@ -470,7 +468,6 @@ class Engine:
                     body,
                     crc32=checksum,
                     attributes=attributes,
-                    extra=self._put_extra,
                 )
             )
         except S3XferError as error:

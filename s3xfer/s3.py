@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
-import io
 import logging
 import os
 import re
@@ -158,22 +157,6 @@ class ObjectAttributes:
 
 
 NO_ATTRIBUTES = ObjectAttributes()
-
-
-class _SharedBytesIO(io.BytesIO):
-    """A body for botocore that never copies the bytes it wraps.
-
-    botocore turns a bytes body into io.BytesIO, and aiohttp then calls getbuffer() on it,
-    which makes BytesIO copy its (until then shared) buffer: one more full copy of every part
-    in flight. Exporting the original bytes instead keeps memory at the budget.
-    """
-
-    def __init__(self, data: bytes) -> None:
-        super().__init__(data)
-        self._shared = data
-
-    def getbuffer(self) -> memoryview:
-        return memoryview(self._shared)
 
 
 @dataclass(frozen=True, slots=True)
@@ -503,42 +486,28 @@ class S3:
         attributes: ObjectAttributes = NO_ATTRIBUTES,
         if_none_match: bool = False,
         if_match: str | None = None,
-        extra: dict[str, Any] | None = None,
     ) -> str:
         """One object; `attributes` for one holding file data (Content-Type, storage class,
         user metadata), none for s3xfer's own objects; if_none_match / if_match make it
         conditional (a 412 is IntegrityError)."""
-        if not extra:
-            conditions = {"if-none-match": "*"} if if_none_match else {}
-            if if_match is not None:
-                conditions["if-match"] = if_match
-            async with self._request("put_object", bucket, key):
-                response = await self._send(
-                    "PutObject",
-                    "PUT",
-                    bucket,
-                    key,
-                    headers={
-                        **self._put_headers,
-                        **attributes.headers(),
-                        "x-amz-checksum-crc32": crc32,
-                        **conditions,
-                    },
-                    body=body,
-                )
-            return response.headers.get("etag", "")
-        async with self._request("put_object", bucket, key):  # parameters only botocore knows
-            client = await self.client()
-            answer = await client.put_object(
-                Bucket=bucket,
-                Key=key,
-                Body=_SharedBytesIO(body),
-                ChecksumCRC32=crc32,
-                **self._encryption,
-                **attributes.parameters(),
-                **extra,
+        conditions = {"if-none-match": "*"} if if_none_match else {}
+        if if_match is not None:
+            conditions["if-match"] = if_match
+        async with self._request("put_object", bucket, key):
+            response = await self._send(
+                "PutObject",
+                "PUT",
+                bucket,
+                key,
+                headers={
+                    **self._put_headers,
+                    **attributes.headers(),
+                    "x-amz-checksum-crc32": crc32,
+                    **conditions,
+                },
+                body=body,
             )
-        return answer.get("ETag", "")
+        return response.headers.get("etag", "")
 
     async def create_multipart_upload(
         self, bucket: str, key: str, *, attributes: ObjectAttributes = NO_ATTRIBUTES
