@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import atexit
 import json
-import logging
 import os
 import select
 import signal
@@ -1692,18 +1691,20 @@ def local_s3_command(data_dir: Path | None, buckets: tuple[str, ...]) -> None:
 def entry() -> None:
     """The `s3xfer` command: main(), then a quick exit once its output is flushed.
 
-    When main() returns, every file it wrote is closed and no thread is left; what the
-    interpreter would still do is tear down its few hundred modules: 20 ms, 2% of a 1 GiB
-    download and a tenth of a `cat`. With any other thread alive (or an exit handler a library
-    registered besides logging's) it exits the usual way."""
+    When main() returns, every file it wrote is closed and no thread of ours is left; what
+    the interpreter would still do after the exit handlers is tear down its few hundred
+    modules: 20 ms, 2% of a 1 GiB download and a tenth of a `cat`. So the exit handlers run
+    (logging's, tqdm's monitor, multiprocessing's) and then the process ends. With a
+    non-daemon thread alive it exits the usual way, which waits for it."""
     try:
         main()
         code: int | str | None = 0
     except SystemExit as stop:
         code = stop.code
-    if isinstance(code, str) or threading.active_count() > 1 or _exit_handlers() > 1:
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)  # CPython's
+    if isinstance(code, str) or run_exit_handlers is None or _threads_to_wait_for():
         sys.exit(code)
-    logging.shutdown()
+    run_exit_handlers()
     try:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -1712,10 +1713,14 @@ def entry() -> None:
     os._exit(code or 0)
 
 
-def _exit_handlers() -> int:
-    """How many atexit handlers are registered: 1 is logging's own, run above."""
-    count = getattr(atexit, "_ncallbacks", None)  # CPython's; elsewhere, exit the usual way
-    return int(count()) if count is not None else sys.maxsize
+def _threads_to_wait_for() -> bool:
+    """Whether a thread is alive that a usual exit would wait for (daemon threads, and the
+    threads awscrt's event loops show as, it would not)."""
+    main_thread = threading.main_thread()
+    return any(
+        thread is not main_thread and thread.is_alive() and not thread.daemon
+        for thread in threading.enumerate()
+    )
 
 
 def main() -> None:
