@@ -4,6 +4,7 @@ object or upload behind (also when interrupted), profiles, and the emulated roun
 from __future__ import annotations
 
 import json
+import multiprocessing
 from pathlib import Path
 from typing import Any
 
@@ -197,3 +198,37 @@ def test_full_sweeps_every_concurrency_and_explicit_options_still_win(
     assert data["settings"]["point_seconds"] == 0.3
     assert [p["concurrency"] for p in data["points"]] == list(FULL.concurrencies)
     assert nothing_left(sync_s3_client, bucket)
+
+
+def burn_cpu(stop: Any) -> None:
+    while not stop.is_set():
+        sum(range(10_000))
+
+
+def test_twenty_short_sweeps_under_cpu_load_each_leave_nothing(
+    s3_env: LocalS3Info, bucket: str, sync_s3_client: Any
+) -> None:
+    # The cleanup once raced a write still in flight when a point ended, and a loaded machine
+    # is where a late write comes latest: every sweep here runs beside two busy processes (as
+    # many as this CI machine has cores), and each must leave no object and no upload.
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    burners = [context.Process(target=burn_cpu, args=(stop,), daemon=True) for _ in range(2)]
+    for burner in burners:
+        burner.start()
+    try:
+        for run in range(20):
+            data = bench(
+                f"s3://{bucket}/loop-{run}",
+                "--ops", "put,multipart",  # the writes, whose late ones the cleanup must see
+                "--sizes", "5MiB",
+                "--concurrency", "4,16",
+                "--point-seconds", "0.2",
+                "--max-seconds", "600",  # every point measured, however loaded the machine
+            )  # fmt: skip
+            assert data["cleanup"]["left_behind"] == 0, run
+            assert nothing_left(sync_s3_client, bucket), run
+    finally:
+        stop.set()
+        for burner in burners:
+            burner.join(timeout=10)
