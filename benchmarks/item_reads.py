@@ -1,0 +1,132 @@
+"""Per-item reads, as a training loop's `__getitem__` makes them: `SyncDataset.read(path)`
+against a plain boto3 ranged GET of the same bytes of the same shard, from the same process,
+one request at a time, interleaved so both see the same server and machine load.
+
+    python benchmarks/item_reads.py s3://bench/PREFIX --reads 2000 [--emulate-rtt 30ms]
+
+PREFIX is a packed s3xfer upload. The catalog pieces of the files read are fetched first
+(warm, as in any epoch after the first few reads); then each round reads one random file
+both ways, in an order that alternates which goes first. The endpoint and credentials come
+from the environment (AWS_ENDPOINT_URL and the keys). `--emulate-rtt` puts the local delay
+proxy (benchmarks' path emulator) in front of a loopback endpoint for both readers.
+
+Prints a markdown table of latency percentiles (ms) and reads per second, and with --json
+the same as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from contextlib import ExitStack
+from typing import Any
+from urllib.parse import urlsplit
+
+import boto3  # type: ignore[import-untyped]
+from botocore.config import Config
+
+from s3xfer import Connection, SyncDataset
+from s3xfer.keys import S3Url
+from s3xfer.netem import parse_duration, start_in_thread
+
+
+def percentile(sorted_ms: list[float], fraction: float) -> float:
+    return sorted_ms[min(len(sorted_ms) - 1, int(fraction * len(sorted_ms)))]
+
+
+def summary(seconds: list[float]) -> dict[str, float]:
+    ms = sorted(s * 1000 for s in seconds)
+    return {
+        "p50_ms": round(percentile(ms, 0.50), 3),
+        "p90_ms": round(percentile(ms, 0.90), 3),
+        "p99_ms": round(percentile(ms, 0.99), 3),
+        "mean_ms": round(statistics.fmean(ms), 3),
+        "reads_per_s": round(len(ms) / (sum(ms) / 1000), 1),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("url")
+    parser.add_argument("--reads", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--emulate-rtt", default=None, help="e.g. 30ms (loopback endpoint only)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    with ExitStack() as stack:
+        if args.emulate_rtt:
+            upstream = urlsplit(endpoint)
+            endpoint, stop = start_in_thread(
+                upstream.hostname or "127.0.0.1",
+                upstream.port or 80,
+                rtt=parse_duration(args.emulate_rtt),
+            )
+            stack.callback(stop)
+        url = S3Url.parse(args.url)
+        dataset = stack.enter_context(
+            SyncDataset(url, connection=Connection(endpoint_url=endpoint))
+        )
+        client: Any = boto3.client(
+            "s3", endpoint_url=endpoint, config=Config(max_pool_connections=4)
+        )
+        records = [r for r in dataset.ls() if r.packed]
+        if not records:
+            print(f"{args.url}: no packed files to read", file=sys.stderr)
+            return 2
+        picks = random.Random(args.seed).choices(records, k=args.reads)
+        for record in {r.path: r for r in picks}.values():  # warm: catalog pieces cached
+            dataset.stat(record.path)
+        dataset.read(picks[0].path)
+        client.get_object(Bucket=url.bucket, Key=picks[0].key, Range="bytes=0-0")["Body"].read()
+        timings: dict[str, list[float]] = {"s3xfer": [], "boto3": []}
+
+        def s3xfer_read(record: Any) -> None:
+            start = time.perf_counter()
+            body = dataset.read(record.path)
+            timings["s3xfer"].append(time.perf_counter() - start)
+            assert len(body) == record.size
+
+        def boto3_read(record: Any) -> None:
+            last = record.offset + record.size - 1
+            start = time.perf_counter()
+            answer = client.get_object(
+                Bucket=url.bucket, Key=record.key, Range=f"bytes={record.offset}-{last}"
+            )
+            body = answer["Body"].read()
+            timings["boto3"].append(time.perf_counter() - start)
+            assert len(body) == record.size
+
+        for n, record in enumerate(picks):
+            first, second = (s3xfer_read, boto3_read) if n % 2 else (boto3_read, s3xfer_read)
+            first(record)
+            second(record)
+    result = {
+        "url": args.url,
+        "reads": args.reads,
+        "emulated_rtt": args.emulate_rtt,
+        **{name: summary(values) for name, values in timings.items()},
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        path = args.emulate_rtt or "loopback"
+        print(f"{args.reads:,} warm reads of random packed files, round trip {path}")
+        print("| reader | p50 ms | p90 ms | p99 ms | mean ms | reads/s |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for name in ("s3xfer", "boto3"):
+            s = result[name]
+            print(
+                f"| {name} | {s['p50_ms']} | {s['p90_ms']} | {s['p99_ms']} | {s['mean_ms']} "
+                f"| {s['reads_per_s']} |"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
