@@ -122,9 +122,7 @@ class ObjectOptions:
             return self.content_type
         if not self.guess_content_type:
             return ""
-        # Rooted, so that a name such as "data:x.jpg" is not taken for a URL's scheme.
-        guessed = mimetypes.guess_type("/" + path)[0]
-        return guessed or ""
+        return _type_of_suffix(_type_suffix(path))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -152,6 +150,27 @@ class ObjectOptions:
             storage_class=storage_class,
             metadata=tuple((key, value) for key, value in metadata),
         )
+
+
+def _type_suffix(path: str) -> str:
+    """The end of a name mimetypes.guess_type looks at: its last two extensions (the last
+    may be an encoding, .gz, whose type is the one before it). Leading dots start no
+    extension (`.bashrc` has none), as for guess_type."""
+    name = path.rpartition("/")[2].lstrip(".")
+    last = name.rfind(".")
+    if last < 0:
+        return ""
+    before = name.rfind(".", 0, last)
+    return name[before:] if before >= 0 else name[last:]
+
+
+@functools.lru_cache(maxsize=4096)
+def _type_of_suffix(suffix: str) -> str:
+    # Once per distinct ending: guess_type took 11 us a file, a twentieth of a small PUT's
+    # client CPU. "/x" roots the name, so that "data:x.jpg" is not taken for a URL.
+    if not suffix:
+        return ""
+    return mimetypes.guess_type("/x" + suffix)[0] or ""
 
 
 def check_storage_class(name: str) -> None:

@@ -3,7 +3,11 @@ construction, kept in plans, and sent the same way on both of the transport's pa
 
 from __future__ import annotations
 
+import mimetypes
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from s3xfer.config import ObjectOptions, TransferConfig, parse_metadata, storage_classes
 from s3xfer.errors import UsageError
@@ -20,7 +24,20 @@ def test_content_types_are_guessed_as_awscli_guesses_them() -> None:
     assert options.content_type_of("README") == ""
     assert options.content_type_of("blob.zzqx") == ""
     assert ObjectOptions(guess_content_type=False).content_type_of("a.jpg") == ""
+    assert options.content_type_of(".bashrc") == options.content_type_of("d/.jpg") == ""
+    assert options.content_type_of("d/.hidden.png") == "image/png"
+    assert options.content_type_of("a.b.c.json") == "application/json"
+    assert options.content_type_of("logs.d/x") == ""  # a directory's dot is not the file's
     assert ObjectOptions(content_type="text/plain").content_type_of("a.jpg") == "text/plain"
+
+
+@given(
+    st.from_regex(
+        r"([a-z.]{0,6}/){0,2}[a-zA-Z.]{0,4}(\.(jpg|gz|tar|tgz|html|json|Z|bz2))*", fullmatch=True
+    )
+)
+def test_the_guess_by_ending_is_mimetypes_own(path: str) -> None:
+    assert ObjectOptions().content_type_of(path) == (mimetypes.guess_type("/" + path)[0] or "")
 
 
 def test_storage_classes_are_botocores_and_offline_ones_are_refused() -> None:
