@@ -743,6 +743,10 @@ def upload_command(
       and writes nothing.
     - Exit code 0 when every file was uploaded, 1 when any failed (each is named).
     - --sse encrypts every object written (PutObject and CreateMultipartUpload carry it).
+    - --include/--exclude choose the files (download's globs); the dataset's files outside
+      them are left alone. Content-Types are guessed per file as `aws s3 cp` does
+      (--content-type, --no-guess-mime-type); --storage-class and --metadata go on the
+      objects holding file data. Changing these on a re-run does not rewrite unchanged files.
     """
     from .plan import Plan, make_plan, parse_slice
 

@@ -192,10 +192,10 @@ def _walk(
                 # S3 keys are UTF-8; below a bad directory name every path would be bad too.
                 yield Problem(_printable_name(rel), NOT_UTF8)
                 continue
+            if selection and not _selected(entry, rel, selection, follow_symlinks):
+                continue  # an excluded `.s3xfer` too: nothing of it was to be uploaded
             if not prefix and is_reserved_path(rel):
                 yield Problem(rel, RESERVED)  # not walked: none of it is uploaded
-                continue
-            if selection and not _selected(entry, rel, selection, follow_symlinks):
                 continue
             is_link = False
             try:

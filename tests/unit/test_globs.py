@@ -77,6 +77,15 @@ def test_the_walk_yields_only_what_is_selected_and_skips_excluded_directories(
     assert listed == ["."]  # cache/ was never listed
 
 
+def test_an_excluded_s3xfer_directory_is_no_problem(tmp_path: Path) -> None:
+    write(tmp_path / ".s3xfer" / "old" / "manifest.json.gz")
+    write(tmp_path / "a.txt")
+    reserved = [i for i in scan(tmp_path) if isinstance(i, Problem)]
+    assert [p.path for p in reserved] == [".s3xfer"]
+    items = list(scan(tmp_path, selection=PathFilter((), (".s3xfer/*",))))
+    assert [i.path for i in items] == ["a.txt"]
+
+
 def test_a_plan_keeps_its_filters_and_a_re_upload_keeps_what_they_leave_out() -> None:
     from s3xfer.keys import S3Url
     from s3xfer.plan import Plan, make_plan
