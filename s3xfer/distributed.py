@@ -128,11 +128,16 @@ SHARED_CONNECTION_FIELDS = (
     "endpoint_url",
     "region",
     "verify_ssl",
+    "unsigned",
     "sse",
     "sse_kms_key_id",
     "expected_bucket_owner",
     "stall_timeout",
+    "read_timeout",
 )
+# Never sent through the broker: each worker signs with its own credentials (its profile,
+# environment or instance role), so no secret is ever stored in Redis.
+WORKER_OWN_CONNECTION_FIELDS = ("profile", "access_key", "secret_key", "session_token")
 
 
 def connection_to_json(connection: Connection) -> dict[str, Any]:

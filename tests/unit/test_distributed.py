@@ -4,6 +4,7 @@ notice given when no worker shows up."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -51,6 +52,8 @@ def test_a_unit_payload_carries_no_credentials_and_round_trips() -> None:
         sse="AES256",
         expected_bucket_owner="123456789012",
         stall_timeout=12.5,
+        read_timeout=4.0,
+        unsigned=True,
     )
     payload = d.unit_payload(
         job="j", index=1, plan=sample_plan(work), connection=connection, unit=work[1]
@@ -67,7 +70,18 @@ def test_a_unit_payload_carries_no_credentials_and_round_trips() -> None:
         sse="AES256",
         expected_bucket_owner="123456789012",
         stall_timeout=12.5,
+        read_timeout=4.0,
+        unsigned=True,
     )
+
+
+def test_every_connection_setting_is_either_sent_to_workers_or_a_credential() -> None:
+    # A setting added to Connection and forgotten here would leave workers connecting
+    # differently from the producer (as --no-sign-request once did).
+    names = {field.name for field in dataclasses.fields(Connection)}
+    shared, own = set(d.SHARED_CONNECTION_FIELDS), set(d.WORKER_OWN_CONNECTION_FIELDS)
+    assert not shared & own
+    assert shared | own == names
 
 
 def test_a_job_is_named_by_its_source_destination_and_units() -> None:
