@@ -103,7 +103,12 @@ EPOCH_LOADER = REPO / "benchmarks" / "epoch_loader.py"
 PATH_DATASET = "path"
 PATH_RTT = 0.030  # seconds
 PATH_LINK = 40e6  # bytes/s each way, shared by every connection
-DOWNLOAD_DATASETS = ("small", "large", PATH_DATASET)
+# `small` again, through a PATH_RTT round trip and no link cap: where requests in flight and
+# request counts decide (issue 13's loose-object targets; 40 MB/s alone would need 4 s).
+FAR_SMALL_DATASET = "small-30ms"
+# The datasets that go through the path emulator, and the link each way (None: no cap).
+FAR_DATASETS: dict[str, float | None] = {PATH_DATASET: PATH_LINK, FAR_SMALL_DATASET: None}
+DOWNLOAD_DATASETS = ("small", "large", PATH_DATASET, FAR_SMALL_DATASET)
 # The row of s3xfer downloading another tool's upload: a plain prefix, no manifest.
 PREFIX_READER = "s3xfer-prefix"
 # s3xfer downloads at its defaults: this is the memory budget its RSS target allows for.
@@ -177,6 +182,7 @@ def dataset_specs(*, quick: bool) -> list[DatasetSpec]:
     scale = QUICK_SCALE if quick else 1
     return [
         DatasetSpec("small", "uniform", count=10_000 // scale, file_size=16 * KIB),
+        DatasetSpec(FAR_SMALL_DATASET, "uniform", count=10_000 // scale, file_size=16 * KIB),
         DatasetSpec("large", "uniform", count=2, file_size=(64 if quick else 512) * MIB),
         DatasetSpec(
             "mixed",
@@ -1174,9 +1180,15 @@ def run_benchmarks(
                 downloads=download_root,
             )
             for dataset in datasets:
-                if dataset.spec.name == PATH_DATASET:
+                if dataset.spec.name in FAR_DATASETS:
                     rows += run_through_path(
-                        session, dataset, tools, repeat=repeat, downloads=downloads, run_id=run_id
+                        session,
+                        dataset,
+                        tools,
+                        repeat=repeat,
+                        downloads=downloads,
+                        run_id=run_id,
+                        link=FAR_DATASETS[dataset.spec.name],
                     )
                     continue
                 rows += run_dataset(
@@ -1221,14 +1233,15 @@ def run_through_path(
     repeat: int,
     downloads: bool,
     run_id: str,
+    link: float | None = PATH_LINK,
 ) -> list[Row]:
     """The dataset's uploads and downloads with every tool pointed at the path emulator: a
-    30 ms round trip and a 40 MB/s link in front of the same server. Verification reads the
-    server directly."""
+    30 ms round trip and (unless None) a link of `link` bytes/s each way in front of the same
+    server. Verification reads the server directly."""
     host = urlsplit(session.info.endpoint_url).hostname or "127.0.0.1"
     port = urlsplit(session.info.endpoint_url).port
     assert port is not None
-    url, stop = start_in_thread(host, port, rtt=PATH_RTT, link_bandwidth=PATH_LINK)
+    url, stop = start_in_thread(host, port, rtt=PATH_RTT, link_bandwidth=link)
     try:
         info = dataclasses.replace(session.info, endpoint_url=url)
         far = dataclasses.replace(session, info=info, env=tool_env(info, session.work))
@@ -1784,6 +1797,7 @@ def check_targets(rows: Sequence[Row]) -> list[str]:
         f"(catalog included): {verdict(ok)} ({detail})"
     )
 
+    lines += loose_targets(rows, verdict)
     lines += download_targets(rows, verdict)
     lines += epoch_targets(rows, verdict)
 
@@ -1816,6 +1830,34 @@ def check_targets(rows: Sequence[Row]) -> list[str]:
     else:
         ok, detail = None, "s3xfer missing"
     lines.append(f"- mixed tree, s3xfer peak RSS < 300 MB: {verdict(ok)} ({detail})")
+    return lines
+
+
+def loose_targets(rows: Sequence[Row], verdict: Callable[[bool | None], str]) -> list[str]:
+    """Issue 13's: on loose objects, one request per file, s3xfer at least 1.2× s5cmd's speed
+    (its seconds over s3xfer's), on loopback and over the 30 ms path: `--no-pack` upload, and
+    the download of s5cmd's upload as the plain prefix it is (`s3xfer-prefix`)."""
+    by_key = {(r.dataset, r.direction, r.tool): r for r in rows}
+    lines: list[str] = []
+    for dataset in ("small", FAR_SMALL_DATASET):
+        for direction, ours_name, what in (
+            ("upload", "s3xfer-nopack", "`upload --no-pack`"),
+            ("download", PREFIX_READER, "download of s5cmd's loose objects (a plain prefix)"),
+        ):
+            ours = by_key.get((dataset, direction, ours_name))
+            peer = by_key.get((dataset, direction, "s5cmd"))
+            ok: bool | None = None
+            detail = f"{ours_name} or s5cmd missing"
+            if ours is not None and ours.seconds and peer is not None and peer.seconds:
+                speed = peer.seconds / ours.seconds
+                ok = speed >= 1.2
+                detail = (
+                    f"s3xfer {ours.seconds:.2f} s, s5cmd {peer.seconds:.2f} s: "
+                    f"{speed:.2f}× s5cmd's speed"
+                )
+            lines.append(
+                f"- `{dataset}`, {what} at least 1.2× s5cmd's speed: {verdict(ok)} ({detail})"
+            )
     return lines
 
 
@@ -2024,12 +2066,18 @@ def dataset_lines(datasets: Sequence[Dataset]) -> list[str]:
             f"median {statistics.median(sizes) / 1e3:,.0f} KB, "
             f"largest {sizes[-1] / 1e6:,.1f} MB), 1–{d.spec.max_depth} directories deep"
         )
-        where = (
-            f", uploaded and downloaded through the path emulator ({PATH_RTT * 1000:g} ms round "
-            f"trip, a {PATH_LINK / 1e6:g} MB/s link each way shared by every connection)"
-            if d.spec.name == PATH_DATASET
-            else ""
-        )
+        where = ""
+        if d.spec.name in FAR_DATASETS:
+            link = FAR_DATASETS[d.spec.name]
+            where = (
+                f", uploaded and downloaded through the path emulator ({PATH_RTT * 1000:g} ms "
+                "round trip, "
+                + (
+                    f"a {link / 1e6:g} MB/s link each way shared by every connection)"
+                    if link
+                    else "no link cap)"
+                )
+            )
         lines.append(f"- `{d.spec.name}`: {shape}; {d.total_bytes / 1e6:,.1f} MB in total{where}")
     return lines
 
@@ -2073,7 +2121,8 @@ def render_section(
         f"emulator (s3xfer/netem.py) instead of loopback: a {PATH_RTT * 1000:g} ms round "
         f"trip and a {PATH_LINK / 1e6:g} MB/s link each way shared by every connection, the "
         "shape of a real network path, where a tool's concurrency and its number of requests "
-        "matter.",
+        f"matter. `{FAR_SMALL_DATASET}` is `small` through the same {PATH_RTT * 1000:g} ms "
+        "round trip without a link cap, where requests in flight decide.",
         "",
         "Downloads (`small`, `large` and `path`): each tool then downloads all of the dataset from "
         "its own upload above into an empty directory, at its defaults. s3xfer restores its "
