@@ -26,7 +26,7 @@ import ssl
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, nullcontext
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_plus
@@ -413,7 +413,10 @@ class S3:
         """One request: counted, admitted by the adaptive gate (when there is one), its errors
         translated, and its outcome (success, or throttling) fed back to the gate."""
         self.calls[operation] += 1
-        async with self.gate.slot() if self.gate is not None else nullcontext():
+        gate = self.gate  # taken and given back directly: a context manager less per request
+        if gate is not None:
+            await gate.acquire()
+        try:
             try:
                 with map_errors(bucket, key, byte_range, profile=self._botocore.connection.profile):
                     yield
@@ -425,15 +428,18 @@ class S3:
                     ) from error
                 raise
             except TransientError as error:
-                if error.throttled and self.gate is not None:
-                    self.gate.throttled()
+                if error.throttled and gate is not None:
+                    gate.throttled()
                 raise
             except RemoteError:
                 self._answered = True
                 raise
             self._answered = True
-            if self.gate is not None:
-                self.gate.succeeded()
+            if gate is not None:
+                gate.succeeded()
+        finally:
+            if gate is not None:
+                gate.release()
 
     async def _send(
         self,

@@ -74,6 +74,14 @@ class AdaptiveGate:
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
+        await self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+    async def acquire(self) -> None:
+        """Wait for a slot (`slot` without a context manager, for the per-request path)."""
         while self.in_flight >= self.window.allowed:
             self._waiting += 1
             try:
@@ -81,11 +89,10 @@ class AdaptiveGate:
             finally:
                 self._waiting -= 1
         self.in_flight += 1
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
-            self._wake()
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self._wake()
 
     def succeeded(self) -> None:
         before = self.window.allowed
