@@ -562,11 +562,11 @@ async def download(
         safe = SafeDestination(dest)
         for item in items:
             try:
-                target = safe(item.path)
+                target, present = safe.locate(item.path)  # a file, or a link (even dangling)
             except SourceError as error:
                 refused.append((item.path, str(error)))
                 continue
-            if target.exists() or target.is_symlink():
+            if present:
                 if await anyio.to_thread.run_sync(_identical, target, item):
                     skipped += 1
                     continue

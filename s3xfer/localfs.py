@@ -392,6 +392,11 @@ def _name_max(root: Path) -> int:
         return 255
 
 
+# lstat errors that mean nothing is at a path (those pathlib's exists() and is_symlink() take
+# for "no").
+_NOTHING_THERE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP})
+
+
 class SafeDestination:
     """Maps dataset paths to paths under one root, refusing anything that would land outside
     it or that its file system cannot hold: absolute paths, empty, '.' and '..' components,
@@ -405,6 +410,11 @@ class SafeDestination:
         self._name_max = _name_max(self.root)
 
     def __call__(self, relative: str) -> Path:
+        return self.locate(relative)[0]
+
+    def locate(self, relative: str) -> tuple[Path, bool]:
+        """The target, and whether something (a file, a directory, a link) is there already:
+        one lstat for both checks, not one each (a system call costs 10-40 µs here)."""
         parts = relative.split("/")
         if (
             not relative
@@ -428,11 +438,17 @@ class SafeDestination:
                 raise SourceError(f"refusing {relative!r}: it resolves outside the destination")
             if (self.root / directory).is_dir():
                 self._checked.add(directory)
-        if target.is_symlink():
+        try:
+            status = os.lstat(target)
+        except OSError as exc:
+            if exc.errno in _NOTHING_THERE:
+                return target, False
+            raise
+        if stat.S_ISLNK(status.st_mode):
             resolved = target.resolve()
             if self.root not in resolved.parents:
                 raise SourceError(f"refusing {relative!r}: it is a link out of the destination")
-        return target
+        return target, True
 
 
 STAGING_DIR = ".s3xfer-download"  # then .s3xfer-download-2, -3... when a dataset path uses it
