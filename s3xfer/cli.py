@@ -1240,8 +1240,10 @@ def cat_command(
     """Write the file PATH of the dataset at URL to standard output.
 
     One small catalog GET finds it, one ranged GET fetches it, and its CRC32 is checked
-    before a single byte is written. Without PATH, URL names one plain object (s3://bucket/key);
-    with PATH under a prefix that holds no dataset, the object URL/PATH is written. Plain
+    before a single byte is written. Without PATH, URL names one plain object (s3://bucket/key)
+    or a dataset's file (s3://bucket/dataset/path: the prefixes above the key are tried for a
+    dataset, nearest first, one small GET each); with PATH under a prefix that holds no
+    dataset, the object URL/PATH is written. Plain
     objects are streamed in 8 MiB ranges of the one version first seen. Under a prefix where
     an s3xfer upload has not finished (slices not finalized), exit 2, unless --unfinished.
     """
@@ -1263,7 +1265,18 @@ def cat_command(
     async def cat(dataset: Dataset) -> None:
         async with dataset as ds:
             if path is None:
-                await ds.read_object("", write)
+                try:
+                    await ds.read_object("", write)
+                except NoSuchKeyError:
+                    # s3://bucket/dataset/path names a dataset's file as well as an object.
+                    from .reader import read_enclosed
+
+                    found = await read_enclosed(
+                        ds.url, connection=connection, max_timeouts=TIMEOUTS_PER_READ
+                    )
+                    if found is None:
+                        raise
+                    await write(found[2])
                 return
             try:
                 data = await ds.read(path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from .errors import UsageError
@@ -46,6 +46,16 @@ class S3Url:
 
     def __str__(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+
+def enclosing_prefixes(url: S3Url) -> Iterator[tuple[S3Url, str]]:
+    """Where a file that a URL names may live when no object has its key: (dataset URL, path
+    inside it) for each prefix above the key, nearest first, the bucket's root last
+    (s3://b/ds/img/1.jpg: s3://b/ds/img and 1.jpg, s3://b/ds and img/1.jpg, s3://b and
+    ds/img/1.jpg)."""
+    parts = url.prefix.split("/") if url.prefix else []
+    for cut in range(len(parts) - 1, -1, -1):
+        yield S3Url(url.bucket, "/".join(parts[:cut])), "/".join(parts[cut:])
 
 
 def hashed_prefix(relative_path: str, *, width: int = 4) -> str:

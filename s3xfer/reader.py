@@ -60,7 +60,15 @@ from .errors import (
     first_leaf,
 )
 from .globs import path_matcher
-from .keys import LEASE_NAME, META_DIR, SLICES_DIR, S3Url, manifest_key, unfinished_upload
+from .keys import (
+    LEASE_NAME,
+    META_DIR,
+    SLICES_DIR,
+    S3Url,
+    enclosing_prefixes,
+    manifest_key,
+    unfinished_upload,
+)
 from .localfs import SafeDestination, make_directory, staging_in, used_by
 from .manifest import Manifest, ManifestRecord
 from .ranges import DEFAULT_GAP, RangeGet, Wanted, check_ranged_response, coalesce
@@ -548,6 +556,22 @@ class Dataset:
             written=sorted(r.path for r in written),
             failures=sorted(failures),
         )
+
+
+async def read_enclosed(url: S3Url, **options: Any) -> tuple[S3Url, str, bytes] | None:
+    """The file a URL names inside a dataset at a prefix above it (s3://b/ds/img/1.jpg: the
+    file img/1.jpg of the dataset s3://b/ds), for when no object has that key: the dataset's
+    URL, the path and the verified bytes; None when no prefix above holds a dataset, and
+    NotInDatasetError when the nearest that does has no such file. One small GET per prefix
+    tried (its catalog root), nearest first. `options` as for Dataset."""
+    for dataset_url, path in enclosing_prefixes(url):
+        async with Dataset(dataset_url, **{**options, "unfinished": True}) as dataset:
+            try:
+                await dataset.root()
+            except NoDatasetError:
+                continue
+            return dataset_url, path, await dataset.read(path)
+    return None
 
 
 def dataloader_worker() -> tuple[int, int]:

@@ -14,7 +14,7 @@ import pytest
 
 from s3xfer.locals3 import LocalS3Info
 
-from .helpers import run_cli
+from .helpers import run_cli, write_tree
 
 LARGE = 20 * 1024 * 1024 + 17  # three 8 MiB ranges, the last one short
 
@@ -108,3 +108,20 @@ def test_get_takes_the_matching_objects_of_a_plain_prefix(
         assert (out / path).read_bytes() == plain_prefix[path]
     nothing = run_cli("get", f"s3://{bucket}/other", "no/*", str(tmp_path / "none"))
     assert nothing.returncode == 2 and "no file of" in nothing.stderr
+
+
+def test_one_url_names_a_file_inside_a_dataset_as_it_names_an_object(
+    s3_env: LocalS3Info, bucket: str, tmp_path: Path
+) -> None:
+    contents = write_tree(tmp_path / "src", {"img/07/cat.jpg": 3000, "labels.json": 200})
+    uploaded = run_cli("upload", str(tmp_path / "src"), f"s3://{bucket}/sets/ds", "--quiet")
+    assert uploaded.returncode == 0, uploaded.stderr
+    for path in contents:  # both are packed: no object has these keys
+        result = cat(f"s3://{bucket}/sets/ds/{path}")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == contents[path]
+    missing = run_cli("cat", f"s3://{bucket}/sets/ds/img/07/dog.jpg")
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [
+        f"s3xfer: error: 'img/07/dog.jpg' is not in the dataset s3://{bucket}/sets/ds"
+    ]

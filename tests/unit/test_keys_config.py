@@ -6,7 +6,7 @@ import pytest
 
 from s3xfer.config import MiB, TransferConfig, format_size, parse_size
 from s3xfer.errors import UsageError
-from s3xfer.keys import S3Url
+from s3xfer.keys import S3Url, enclosing_prefixes
 
 
 @pytest.mark.parametrize(
@@ -87,3 +87,12 @@ def test_invalid_settings_are_refused(kwargs: dict[str, object]) -> None:
 def test_settings_round_trip() -> None:
     config = TransferConfig(concurrency=7, key_prefix="hash")
     assert TransferConfig.from_json(config.to_json()) == config
+
+
+def test_the_prefixes_above_a_key_are_tried_nearest_first() -> None:
+    assert list(enclosing_prefixes(S3Url.parse("s3://b/ds/img/1.jpg"))) == [
+        (S3Url("b", "ds/img"), "1.jpg"),
+        (S3Url("b", "ds"), "img/1.jpg"),
+        (S3Url("b", ""), "ds/img/1.jpg"),
+    ]
+    assert list(enclosing_prefixes(S3Url.parse("s3://b"))) == []
