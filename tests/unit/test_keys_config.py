@@ -90,9 +90,9 @@ def test_settings_round_trip() -> None:
 
 
 def test_the_prefixes_above_a_key_are_tried_nearest_first() -> None:
-    assert list(enclosing_prefixes(S3Url.parse("s3://b/ds/img/1.jpg"))) == [
-        (S3Url("b", "ds/img"), "1.jpg"),
-        (S3Url("b", "ds"), "img/1.jpg"),
-        (S3Url("b", ""), "ds/img/1.jpg"),
+    assert list(enclosing_prefixes(S3Url.parse("s3://bkt/ds/img/1.jpg"))) == [
+        (S3Url("bkt", "ds/img"), "1.jpg"),
+        (S3Url("bkt", "ds"), "img/1.jpg"),
+        (S3Url("bkt", ""), "ds/img/1.jpg"),
     ]
-    assert list(enclosing_prefixes(S3Url.parse("s3://b"))) == []
+    assert list(enclosing_prefixes(S3Url.parse("s3://bkt"))) == []
