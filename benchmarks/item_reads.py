@@ -8,7 +8,8 @@ PREFIX is a packed s3xfer upload. The catalog pieces of the files read are fetch
 (warm, as in any epoch after the first few reads); then each round reads one random file
 both ways, in an order that alternates which goes first. The endpoint and credentials come
 from the environment (AWS_ENDPOINT_URL and the keys). `--emulate-rtt` puts the local delay
-proxy (benchmarks' path emulator) in front of a loopback endpoint for both readers.
+proxy (s3xfer/netem.py, in a process of its own) in front of a loopback endpoint for both
+readers.
 
 Prints a markdown table of latency percentiles (ms) and reads per second, and with --json
 the same as JSON.
@@ -18,12 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import random
 import statistics
 import sys
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from multiprocessing.connection import Connection as Connection_
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -33,6 +37,32 @@ from botocore.config import Config
 from s3xfer import Connection, SyncDataset
 from s3xfer.keys import S3Url
 from s3xfer.netem import parse_duration, start_in_thread
+
+
+def serve_path(endpoint: str, rtt: str, ready: Connection_, stop: Any) -> None:
+    upstream = urlsplit(endpoint)
+    url, finish = start_in_thread(
+        upstream.hostname or "127.0.0.1", upstream.port or 80, rtt=parse_duration(rtt)
+    )
+    ready.send(url)
+    stop.wait()
+    finish()
+
+
+@contextmanager
+def path_in_a_process(endpoint: str, rtt: str) -> Iterator[str]:
+    """The delay proxy in a process of its own: in this one it would share the GIL with the
+    readers, and its wake-ups would land in their latencies."""
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    stop = context.Event()
+    proxy = context.Process(target=serve_path, args=(endpoint, rtt, send, stop), daemon=True)
+    proxy.start()
+    try:
+        yield str(receive.recv())
+    finally:
+        stop.set()
+        proxy.join(timeout=10)
 
 
 def percentile(sorted_ms: list[float], fraction: float) -> float:
@@ -61,13 +91,7 @@ def main() -> int:
     endpoint = os.environ["AWS_ENDPOINT_URL"]
     with ExitStack() as stack:
         if args.emulate_rtt:
-            upstream = urlsplit(endpoint)
-            endpoint, stop = start_in_thread(
-                upstream.hostname or "127.0.0.1",
-                upstream.port or 80,
-                rtt=parse_duration(args.emulate_rtt),
-            )
-            stack.callback(stop)
+            endpoint = stack.enter_context(path_in_a_process(endpoint, args.emulate_rtt))
         url = S3Url.parse(args.url)
         dataset = stack.enter_context(
             SyncDataset(url, connection=Connection(endpoint_url=endpoint))
