@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import os
 import select
@@ -444,6 +445,7 @@ def make_config(**options: Any) -> TransferConfig:
 
 
 # What a plan says to send: given with `upload --plan`, they would be silently ignored.
+# What shapes a plan: with `upload --plan`, the saved plan's values hold and these are refused.
 _PLAN_ONLY = (
     "include",
     "exclude",
@@ -451,7 +453,18 @@ _PLAN_ONLY = (
     "no_guess_mime_type",
     "storage_class",
     "metadata",
+    "part_size",
+    "multipart_threshold",
+    "pack_threshold",
+    "shard_size",
+    "no_pack",
+    "key_prefix",
+    "price_put",
+    "price_storage",
+    "bench_profile",
 )
+# What bounds a run, not what it sends: given with `upload --plan`, they replace the plan's.
+_RUN_LIMITS = ("concurrency", "max_memory")
 
 
 @contextmanager
@@ -778,6 +791,13 @@ def upload_command(
             flags = ", ".join("--" + name.replace("_", "-") for name in given)
             raise UsageError(f"{flags}: give them to `s3xfer plan`, the plan keeps them")
         plan = Plan.load(plan_file)
+        limits = {
+            name: options[name]
+            for name in _RUN_LIMITS
+            if context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+        }
+        if limits:
+            plan = dataclasses.replace(plan, config=dataclasses.replace(plan.config, **limits))
     else:
         if path is None or dest is None:
             raise UsageError("missing PATH and DEST (or --plan FILE); see s3xfer upload --help")

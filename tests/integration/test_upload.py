@@ -180,6 +180,28 @@ def test_cli_upload_with_saved_plan_and_json_report(
     assert "no PUT was sent" in again.stdout
 
 
+def test_a_saved_plan_runs_with_the_limits_given_and_refuses_what_would_reshape_it(
+    tmp_path: Path, s3_env: LocalS3Info, bucket: str
+) -> None:
+    write_tree(tmp_path / "src", {"a.txt": 100, "b/c.txt": 200})
+    plan_path = tmp_path / "plan.json"
+    planned = run_cli("plan", str(tmp_path / "src"), f"s3://{bucket}/limits", "-o", str(plan_path))
+    assert planned.returncode == 0, planned.stderr
+    # --concurrency and --max-memory bound the run, not what it sends: they apply (once they
+    # were silently ignored).
+    result = run_cli(
+        "upload", "--plan", str(plan_path), "--concurrency", "3", "--max-memory", "64MiB", "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["concurrency"] == 3
+    # What shapes the plan is the plan's: one line saying where to give it.
+    refused = run_cli("upload", "--plan", str(plan_path), "--part-size", "32MiB", "--no-pack")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        "s3xfer: error: --part-size, --no-pack: give them to `s3xfer plan`, the plan keeps them"
+    ]
+
+
 def test_unreadable_entries_are_skipped_and_listed(
     tmp_path: Path, s3_env: LocalS3Info, bucket: str, sync_s3_client: Any
 ) -> None:
