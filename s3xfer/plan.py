@@ -155,9 +155,11 @@ class ShardUnit:
     part_size: int
     members: list[FileEntry]
 
-    def layout(self) -> ShardLayout:
+    def layout(self, *, keep: bool = True) -> ShardLayout:
         """The shard's byte layout, computed once: planning, change detection, progress and
-        the engine all ask for it, and it costs a header size per member."""
+        the engine all ask for it, and it costs a header size per member. `keep=False`: not
+        kept when it was not already (about 130 bytes a member: a shard found unchanged
+        needs it no more)."""
         cached: ShardLayout | None = self.__dict__.get("_layout")
         if cached is None:
             cached = ShardLayout(
@@ -167,7 +169,8 @@ class ShardUnit:
                 ],
                 shard_key=self.key,
             )
-            object.__setattr__(self, "_layout", cached)  # frozen: set once, never changed
+            if keep:
+                object.__setattr__(self, "_layout", cached)  # frozen: set once, never changed
         return cached
 
     @property

@@ -7,8 +7,9 @@ to the one byte range a ranged GET needs. Pure: no S3, no files, no asyncio.
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -259,15 +260,37 @@ class IndexEntry:
         )
 
 
-def index_to_bytes(entries: Iterable[IndexEntry], *, shard_key: str) -> bytes:
-    """The shard index as JSON (ASCII: lone surrogates in names survive as \\udcxx escapes)."""
+def _index_head(shard_key: str) -> str:
+    # The envelope with its members left out: "members" is its last field, so the index is
+    # this text up to "[", the members joined by ",", and "]}".
     envelope = {
         "format": INDEX_FORMAT,
         "version": INDEX_VERSION,
         "shard_key": shard_key,
-        "members": [entry.to_json() for entry in entries],
+        "members": [],
     }
-    return json.dumps(envelope, separators=(",", ":")).encode("ascii")
+    return json.dumps(envelope, separators=(",", ":")).removesuffix("]}")
+
+
+def _entry_text(entry: IndexEntry) -> str:
+    return json.dumps(entry.to_json(), separators=(",", ":"))
+
+
+def index_to_bytes(entries: Iterable[IndexEntry], *, shard_key: str) -> bytes:
+    """The shard index as JSON (ASCII: lone surrogates in names survive as \\udcxx escapes),
+    exactly as json.dumps writes the whole envelope, encoded member by member: a shard of
+    100,000 members holds its members' text, not a dict per member (about 90 MB more)."""
+    members = ",".join(_entry_text(entry) for entry in entries)
+    return f"{_index_head(shard_key)}{members}]}}".encode("ascii")
+
+
+def index_size(entries: Iterable[IndexEntry], *, shard_key: str) -> int:
+    """len(index_to_bytes(entries, shard_key=...)), holding one member at a time."""
+    count = total = 0
+    for entry in entries:
+        count += 1
+        total += len(_entry_text(entry))
+    return len(_index_head(shard_key)) + total + max(count - 1, 0) + len("]}")
 
 
 def _check_entries(entries: Sequence[IndexEntry], *, shard_size: int | None) -> None:
@@ -509,7 +532,9 @@ class ShardLayout:
             self.header_offsets.append(offset)
             offset += member_footprint(member.path, member.size)
         self.index_header_offset = offset
-        self.index_size = len(self.index_bytes([0] * len(self.members)))
+        self.index_size = index_size(
+            self._entries(itertools.repeat(0, len(self.members))), shard_key=shard_key
+        )
         self.index_data_offset = offset + member_header_size(INDEX_MEMBER_NAME, self.index_size)
         self.size = self.index_data_offset + _padded(self.index_size) + len(END_OF_ARCHIVE)
 
@@ -518,21 +543,22 @@ class ShardLayout:
         return self.header_offsets[member] + member_header_size(m.path, m.size)
 
     def entries(self, crcs: Sequence[int]) -> list[IndexEntry]:
-        return [
-            IndexEntry(
+        return list(self._entries(crcs))
+
+    def _entries(self, crcs: Iterable[int]) -> Iterator[IndexEntry]:
+        for n, (m, crc) in enumerate(zip(self.members, crcs, strict=True)):
+            yield IndexEntry(
                 path=m.path,
                 header_offset=self.header_offsets[n],
                 data_offset=self.data_offset(n),
                 size=m.size,
                 mtime=m.mtime,
                 mode=m.mode & 0o7777,
-                crc32=crcs[n],
+                crc32=crc,
             )
-            for n, m in enumerate(self.members)
-        ]
 
     def index_bytes(self, crcs: Sequence[int]) -> bytes:
-        return index_to_bytes(self.entries(crcs), shard_key=self.shard_key)
+        return index_to_bytes(self._entries(crcs), shard_key=self.shard_key)
 
     def needs_index(self, start: int, end: int) -> bool:
         """Whether bytes [start, end) include the index member's data."""

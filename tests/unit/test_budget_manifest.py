@@ -98,3 +98,23 @@ def test_records_pointing_into_a_rewritten_shard_are_stale() -> None:
     )
     assert manifest.drop_stale() == ["b"]
     assert sorted(manifest.records) == ["a", "loose", "unknown"]
+
+
+def test_records_read_from_a_manifest_share_their_shard_key_etag_and_mode() -> None:
+    """A shard's members repeat its key and ETag, and most files one mode: decoded from JSON,
+    each row would hold copies of its own (about 200 bytes a file); read back, they are one
+    object each, and the records still equal what was written."""
+    shard = ShardRecord("p/.s3xfer/shards/ab/cd.tar", 10_240, '"e-1"', 2)
+    members = {
+        path: ManifestRecord(
+            path, shard.key, 5, 1, 0o644, "AAAAAA==", 0, 512 * (2 * n + 1), '"e-1"'
+        )
+        for n, path in enumerate(["a", "b"])
+    }
+    loose = ManifestRecord("c", "p/c", 5, 1, 0o644, "AAAAAA==", 0)
+    written = Manifest("s3://b/p", {**members, "c": loose}, {shard.key: shard})
+    read = Manifest.from_bytes(written.to_bytes(), where="x")
+    assert read.same_as(written)
+    a, b, c = read.records["a"], read.records["b"], read.records["c"]
+    assert a.key is b.key and a.etag is b.etag
+    assert a.mode is b.mode is c.mode

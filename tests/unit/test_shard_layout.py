@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import tarfile
 import zlib
 
@@ -19,6 +20,7 @@ from s3xfer.tarpack import (
     ShardMember,
     ShardWriter,
     index_from_bytes,
+    index_size,
     index_to_bytes,
 )
 
@@ -91,3 +93,26 @@ def test_any_split_reassembles_the_streamed_shard(
     )
     with tarfile.open(fileobj=io.BytesIO(expected)) as archive:
         assert archive.getnames() == [m.path for m, _ in members] + [INDEX_MEMBER_NAME]
+
+
+@given(shards(), st.text(max_size=30))
+@settings(max_examples=60, deadline=None)
+def test_the_index_is_the_whole_envelope_json_encoded_member_by_member(
+    members: list[tuple[ShardMember, bytes]], key: str
+) -> None:
+    """index_to_bytes writes each member on its own (no dict per member held for a shard of
+    100,000), and must stay byte for byte what json.dumps of the whole envelope gives, as
+    the shards already stored were written; index_size is its length, one member at a time."""
+    layout = ShardLayout([m for m, _ in members], shard_key=key)
+    crcs = [zlib.crc32(data) for _, data in members]
+    entries = layout.entries(crcs)
+    whole = {
+        "format": "s3xfer-shard-index",
+        "version": 1,
+        "shard_key": key,
+        "members": [entry.to_json() for entry in entries],
+    }
+    expected = json.dumps(whole, separators=(",", ":")).encode("ascii")
+    assert index_to_bytes(entries, shard_key=key) == expected
+    assert layout.index_bytes(crcs) == expected
+    assert index_size(entries, shard_key=key) == len(expected) == layout.index_size
