@@ -181,25 +181,40 @@ def parse_rows(
 ) -> tuple[dict[str, ManifestRecord], dict[str, ShardRecord]]:
     """File and shard rows (of a manifest, catalog piece or slice result), checked together:
     each path and shard once, and a packed file inside its shard when the shard is listed."""
+    shard_records = _shard_rows([] if shards is None else shards)
+    records: dict[str, ManifestRecord] = {}
+    for row in validate.array(files, "files"):
+        _check_in_shards([_add_row(records, row)], shard_records)
+    return records, shard_records
+
+
+def _shard_rows(rows: Any) -> dict[str, ShardRecord]:
     shard_records: dict[str, ShardRecord] = {}
-    for row in validate.array([] if shards is None else shards, "shards"):
+    for row in validate.array(rows, "shards"):
         listed = ShardRecord.from_json(row)
         if listed.key in shard_records:
             raise validate.BadValue(f"shard {listed.key!r} is listed twice")
         shard_records[listed.key] = listed
-    records: dict[str, ManifestRecord] = {}
-    for row in validate.array(files, "files"):
-        record = ManifestRecord.from_json(row)
-        if record.path in records:
-            raise validate.BadValue(f"file {record.path!r} is listed twice")
-        shard = shard_records.get(record.key) if record.packed else None
+    return shard_records
+
+
+def _add_row(records: dict[str, ManifestRecord], row: Any) -> ManifestRecord:
+    record = ManifestRecord.from_json(row)
+    if record.path in records:
+        raise validate.BadValue(f"file {record.path!r} is listed twice")
+    records[record.path] = record
+    return record
+
+
+def _check_in_shards(records: Iterable[ManifestRecord], shards: dict[str, ShardRecord]) -> None:
+    """A packed file inside its shard, when the shard is listed."""
+    for record in records:
+        shard = shards.get(record.key) if record.packed else None
         if shard is not None and record.offset + record.size > shard.size:
             raise validate.BadValue(
                 f"file {record.path!r}: bytes {record.offset}-{record.offset + record.size} "
                 f"are past the end of its shard {shard.key!r} ({shard.size} bytes)"
             )
-        records[record.path] = record
-    return records, shard_records
 
 
 @dataclass
@@ -223,11 +238,27 @@ class Manifest:
     def from_bytes(cls, raw: bytes, *, where: str) -> Manifest:
         """Raises CorruptMetadataError naming the value, and `where`, on anything malformed
         or out of range; inflates at most validate.inflate_limit(len(raw)) bytes."""
+        records: dict[str, ManifestRecord] = {}
+        waiting: list[Any] = []  # rows before the envelope (not as s3xfer writes it)
+
+        def on_row(before: dict[str, Any], row: Any) -> None:
+            # A record as each row is decoded, not a million rows then a million records;
+            # the envelope checked first, so that a newer version says so.
+            if waiting or "version" not in before:
+                waiting.append(row)
+            else:
+                validate.envelope(before, format=MANIFEST_FORMAT, version=MANIFEST_VERSIONS)
+                _add_row(records, row)
+
         try:
-            data = validate.json_object(validate.gunzip(raw))
+            data = validate.json_object_rows(validate.gunzip(raw), "files", on_row)
             validate.envelope(data, format=MANIFEST_FORMAT, version=MANIFEST_VERSIONS)
             dest = validate.text(validate.field(data, "dest"), "dest", max_bytes=2048)
-            records, shards = parse_rows(validate.field(data, "files"), data.get("shards", []))
+            validate.array(validate.field(data, "files"), "files")  # [] once streamed
+            for row in waiting:
+                _add_row(records, row)
+            shards = _shard_rows(data.get("shards", []))
+            _check_in_shards(records.values(), shards)
         except validate.BadValue as exc:
             raise validate.corrupt("manifest", where, exc) from exc
         return cls(dest=dest, records=records, shards=shards)

@@ -14,6 +14,7 @@ import gzip
 import json
 import re
 import zlib
+from collections.abc import Callable
 from typing import Any, Final
 
 from .config import MAX_OBJECT_SIZE, MAX_PART_SIZE, MAX_PARTS, MiB
@@ -99,6 +100,67 @@ def json_object(raw: bytes | str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise BadValue(f"not a JSON object but {type(data).__name__}")
     return data
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+def json_object_rows(
+    raw: bytes, rows: str, on_row: Callable[[dict[str, Any], Any], None]
+) -> dict[str, Any]:
+    """A JSON object (as json_object reads it) whose array field `rows` is decoded one item
+    at a time: each item goes to on_row(the fields before it, item) and is not kept; `rows`
+    is an empty list in the object returned. So a million rows are never all decoded at
+    once (the manifest's files: docs/architecture.md, "Memory per file"). Raises BadValue."""
+    try:
+        text = raw.decode("utf-8")
+        data: dict[str, Any] = {}
+        if text[_skip(text, 0) :][:1] != "{":
+            return json_object(raw)  # not an object: says what it is instead
+        mark, at = _next(text, _skip(text, 0), "{")
+        mark, at = (mark, at) if text[at] != "}" else _next(text, at, "}")
+        while mark != "}":
+            if text[at] != '"':
+                raise BadValue(f"not JSON: expected a name at {at}")
+            name, at = _DECODER.raw_decode(text, at)
+            _, at = _next(text, at, ":")
+            if name == rows and text[at] == "[":
+                if rows in data:
+                    raise BadValue(f"{rows!r} given twice")
+                mark, at = _next(text, at, "[")
+                mark, at = (mark, at) if text[at] != "]" else _next(text, at, "]")
+                while mark != "]":
+                    item, at = _DECODER.raw_decode(text, at)
+                    on_row(data, item)
+                    mark, at = _next(text, at, ",]")
+                data[rows] = []
+            else:
+                data[name], at = _DECODER.raw_decode(text, at)
+            mark, at = _next(text, at, ",}")
+        if at != len(text):
+            raise BadValue(f"not JSON: extra data at {at}")
+    except (UnicodeDecodeError, RecursionError, json.JSONDecodeError) as exc:
+        raise BadValue(f"not JSON: {exc}") from exc
+    except IndexError:
+        raise BadValue("not JSON: it ends too soon") from None
+    return data
+
+
+def _skip(text: str, at: int) -> int:
+    found = _SPACE.match(text, at)
+    assert found is not None  # the pattern matches the empty string
+    return found.end()
+
+
+def _next(text: str, at: int, one_of: str) -> tuple[str, int]:
+    """The character at `at` (after spaces), one of `one_of`, and where the next token
+    starts (after the spaces that follow it)."""
+    at = _skip(text, at)
+    mark = text[at]
+    if mark not in one_of:
+        raise BadValue(f"not JSON: expected one of {one_of!r} at {at}")
+    return mark, _skip(text, at + 1)
 
 
 def envelope(data: dict[str, Any], *, format: str, version: int | tuple[int, ...]) -> None:

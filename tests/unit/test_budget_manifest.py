@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
+import json
+
 import anyio
 import pytest
 
@@ -118,3 +121,39 @@ def test_records_read_from_a_manifest_share_their_shard_key_etag_and_mode() -> N
     a, b, c = read.records["a"], read.records["b"], read.records["c"]
     assert a.key is b.key and a.etag is b.etag
     assert a.mode is b.mode is c.mode
+
+
+def _gzipped(data: dict[str, object], *, indent: int | None = None) -> bytes:
+    return gzip.compress(json.dumps(data, indent=indent).encode("utf-8"))
+
+
+def test_a_manifest_is_read_row_by_row_as_any_json_writer_may_lay_it_out() -> None:
+    """Manifest.from_bytes decodes the files one row at a time (validate.json_object_rows),
+    never the whole list at once: any layout of the same JSON still reads the same, the
+    fields in any order, with any spacing, and the checks of each row stay."""
+    shard = ShardRecord("p/s.tar", 10_240, '"e"', 1)
+    record = ManifestRecord("a", shard.key, 5, 1, 0o644, "AAAAAA==", 0, 512, '"e"', "text/plain")
+    written = Manifest("s3://b/p", {"a": record}, {shard.key: shard})
+    fields = json.loads(gzip.decompress(written.to_bytes()))
+    reordered = {"files": fields["files"], "shards": fields["shards"], "dest": "s3://b/p"}
+    for data, indent in (
+        (fields, 2),
+        ({**reordered, "format": "s3xfer-manifest", "version": 2}, None),
+        ({**fields, "files": []}, None),
+    ):
+        read = Manifest.from_bytes(_gzipped(data, indent=indent), where="x")
+        assert read.records == ({"a": record} if data["files"] else {})
+    past_shard = {**fields, "shards": [[shard.key, 516, '"e"', 1]]}
+    bad: list[tuple[dict[str, object], str]] = [
+        ({**fields, "version": 3, "files": [[*fields["files"][0], "new"]]}, "version"),
+        ({**fields, "files": [fields["files"][0]] * 2}, "listed twice"),
+        (past_shard, "past the end of its shard"),
+        ({**fields, "files": {}}, "files is not a list"),
+        ({**fields, "files": [[1]]}, "file record has 1 fields"),
+    ]
+    for data, reason in bad:
+        with pytest.raises(IntegrityError, match=reason):
+            Manifest.from_bytes(_gzipped(data), where="x")
+    for raw in (b"[1]", b'{"files":[1,]}', b'{"format":1} x', b'{"files":[[1]'):
+        with pytest.raises(IntegrityError, match=r"not JSON|not a JSON object"):
+            Manifest.from_bytes(gzip.compress(raw), where="x")
