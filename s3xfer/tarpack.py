@@ -273,7 +273,16 @@ def _index_head(shard_key: str) -> str:
 
 
 def _entry_text(entry: IndexEntry) -> str:
-    return json.dumps(entry.to_json(), separators=(",", ":"))
+    """json.dumps(entry.to_json(), separators=(",", ":")), written out directly for a path
+    JSON leaves as it is (most): a tenth of the time, for every member of every shard."""
+    path = entry.path
+    if not (path.isascii() and path.isprintable()) or '"' in path or "\\" in path:
+        return json.dumps(entry.to_json(), separators=(",", ":"))
+    return (
+        f'{{"path":"{path}","header_offset":{entry.header_offset:d},'
+        f'"data_offset":{entry.data_offset:d},"size":{entry.size:d},"mtime":{entry.mtime:d},'
+        f'"mode":{entry.mode:d},"crc32":"{entry.crc32:08x}"}}'
+    )
 
 
 def index_to_bytes(entries: Iterable[IndexEntry], *, shard_key: str) -> bytes:
@@ -539,8 +548,14 @@ class ShardLayout:
         self.size = self.index_data_offset + _padded(self.index_size) + len(END_OF_ARCHIVE)
 
     def data_offset(self, member: int) -> int:
-        m = self.members[member]
-        return self.header_offsets[member] + member_header_size(m.path, m.size)
+        # A member's data ends its footprint (header, data, padding), where the next begins.
+        following = member + 1
+        end = (
+            self.header_offsets[following]
+            if following < len(self.header_offsets)
+            else self.index_header_offset
+        )
+        return end - _padded(self.members[member].size)
 
     def entries(self, crcs: Sequence[int]) -> list[IndexEntry]:
         return list(self._entries(crcs))

@@ -116,3 +116,19 @@ def test_the_index_is_the_whole_envelope_json_encoded_member_by_member(
     assert index_to_bytes(entries, shard_key=key) == expected
     assert layout.index_bytes(crcs) == expected
     assert index_size(entries, shard_key=key) == len(expected) == layout.index_size
+
+
+def test_the_index_of_names_json_escapes_is_the_same_json() -> None:
+    """The index member text is written out directly for plain names: names JSON escapes
+    (quote, backslash, non-ASCII, DEL, lone surrogates) still come out as json.dumps has them."""
+    names = ['a"b', "a\\b", "é/ü", "a\x7fb", "x\udcff", "plain/name.jpg"]
+    layout = ShardLayout([ShardMember(n, 3, 5, 0o644) for n in names], shard_key="k")
+    crcs = list(range(len(names)))
+    whole = {
+        "format": "s3xfer-shard-index",
+        "version": 1,
+        "shard_key": "k",
+        "members": [entry.to_json() for entry in layout.entries(crcs)],
+    }
+    assert layout.index_bytes(crcs) == json.dumps(whole, separators=(",", ":")).encode("ascii")
+    assert layout.index_size == len(layout.index_bytes(crcs))
