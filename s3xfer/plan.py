@@ -229,7 +229,14 @@ def shard_key(dest: S3Url, members: Iterable[FileEntry]) -> str:
 def _content_digest(members: Iterable[FileEntry]) -> str:
     digest = hashlib.blake2b(digest_size=8)
     for member in members:
-        digest.update(json.dumps(member.to_json(), ensure_ascii=False).encode("utf-8") + b"\n")
+        path = member.path
+        if path.isascii() and path.isprintable() and '"' not in path and "\\" not in path:
+            # What json.dumps writes for it (the keys of every stored shard depend on it),
+            # written out directly: a tenth of the time, for every file of a plan.
+            line = f'["{path}", {member.size:d}, {member.mtime_ns:d}, {member.mode:d}]\n'
+            digest.update(line.encode("ascii"))
+        else:
+            digest.update(json.dumps(member.to_json(), ensure_ascii=False).encode("utf-8") + b"\n")
     return digest.hexdigest()
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import math
 import re
 from dataclasses import replace
@@ -220,3 +222,22 @@ def test_packed_plan_round_trips(tmp_path: Path) -> None:
     plan.save(tmp_path / "plan.json.gz")
     loaded = Plan.load(tmp_path / "plan.json.gz")
     assert loaded.shards == plan.shards
+
+
+def test_shard_keys_name_the_content_as_json_lines_of_its_members() -> None:
+    """A shard's key is the digest of its members as json.dumps lines: the keys of every
+    shard already stored depend on it, so the direct writing of plain names must give the
+    very same digest as json.dumps for every kind of name."""
+    from s3xfer.plan import _content_digest
+
+    names = ["a/b.jpg", 'a"b', "a\\b", "é/ü", "tab\tx", "del\x7f", "~!@#$%^&*()[]{}", ""]
+    members = [FileEntry(n, 10**12 + i, -(10**18) + i, 0o644) for i, n in enumerate(names)]
+    digest = hashlib.blake2b(digest_size=8)
+    for member in members:
+        line = json.dumps(member.to_json(), ensure_ascii=False) + "\n"
+        digest.update(line.encode("utf-8"))
+    assert _content_digest(members) == digest.hexdigest()
+    for member in members:
+        one = hashlib.blake2b(digest_size=8)
+        one.update((json.dumps(member.to_json(), ensure_ascii=False) + "\n").encode("utf-8"))
+        assert _content_digest([member]) == one.hexdigest()
