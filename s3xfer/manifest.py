@@ -322,7 +322,7 @@ class Manifest:
         recorded = self.shards.get(shard.key)
         if recorded is None or recorded.members != len(shard.members):
             return False
-        layout = shard.layout(keep=False)  # an unchanged shard (most, on a re-run) needs no more
+        layout = shard.layout()
         if recorded.size != layout.size:
             return False
         for n, member in enumerate(shard.members):

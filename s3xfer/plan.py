@@ -147,7 +147,7 @@ def classify(size: int, config: TransferConfig) -> Kind:
     return Kind.PUT
 
 
-@dataclass(frozen=True)  # no slots: the layout is cached on the instance
+@dataclass(frozen=True)  # no slots: the size is cached on the instance
 class ShardUnit:
     """Small files streamed into one tar shard, uploaded as one multipart object."""
 
@@ -155,22 +155,23 @@ class ShardUnit:
     part_size: int
     members: list[FileEntry]
 
-    def layout(self, *, keep: bool = True) -> ShardLayout:
-        """The shard's byte layout, computed once: planning, change detection, progress and
-        the engine all ask for it, and it costs a header size per member. `keep=False`: not
-        kept when it was not already (about 130 bytes a member: a shard found unchanged
-        needs it no more)."""
-        cached: ShardLayout | None = self.__dict__.get("_layout")
+    def layout(self) -> ShardLayout:
+        """The shard's byte layout: a header size and offset per member, so it is not kept
+        on the unit (a plan of a million files would hold one per file for the whole run):
+        who needs it (the engine, while the shard is uploaded) holds it."""
+        members = [
+            ShardMember(m.path, m.size, m.mtime_ns // 1_000_000_000, m.mode) for m in self.members
+        ]
+        return ShardLayout(members, shard_key=self.key)
+
+    @property
+    def size(self) -> int:
+        """The shard's size in bytes, its layout's, computed once: planning, change detection
+        and progress ask for it."""
+        cached: int | None = self.__dict__.get("_size")
         if cached is None:
-            cached = ShardLayout(
-                [
-                    ShardMember(m.path, m.size, m.mtime_ns // 1_000_000_000, m.mode)
-                    for m in self.members
-                ],
-                shard_key=self.key,
-            )
-            if keep:
-                object.__setattr__(self, "_layout", cached)  # frozen: set once, never changed
+            cached = self.layout().size
+            object.__setattr__(self, "_size", cached)  # frozen: set once, never changed
         return cached
 
     @property
@@ -212,7 +213,7 @@ class ShardUnit:
             ),
             entries,
         )
-        validate.part_size(shard.part_size, shard.layout().size, f"shard {key!r}: part_size")
+        validate.part_size(shard.part_size, shard.size, f"shard {key!r}: part_size")
         return shard
 
 
@@ -330,7 +331,7 @@ def estimate(
     objects = puts = multipart = parts = requests = total = packed = shard_count = 0
     stored = 0
     for shard in shards:
-        size = shard.layout().size
+        size = shard.size
         shard_parts = math.ceil(size / shard.part_size)
         shard_count += 1
         packed += len(shard.members)
@@ -491,7 +492,7 @@ class WorkUnit:
 
     @property
     def size(self) -> int:
-        return sum(f.size for f in self.files) + sum(s.layout().size for s in self.shards)
+        return sum(f.size for f in self.files) + sum(s.size for s in self.shards)
 
     @property
     def file_count(self) -> int:

@@ -194,7 +194,7 @@ class Prepared:
 
     @property
     def bytes_todo(self) -> int:
-        return sum(u.size for u in self.todo) + sum(s.layout().size for s in self.shards_todo)
+        return sum(u.size for u in self.todo) + sum(s.size for s in self.shards_todo)
 
     @property
     def files_unchanged(self) -> int:

@@ -241,3 +241,17 @@ def test_shard_keys_name_the_content_as_json_lines_of_its_members() -> None:
         one = hashlib.blake2b(digest_size=8)
         one.update((json.dumps(member.to_json(), ensure_ascii=False) + "\n").encode("utf-8"))
         assert _content_digest([member]) == one.hexdigest()
+
+
+def test_a_planned_shard_keeps_its_size_not_its_layout() -> None:
+    """A layout holds a header offset and a member record per file: kept on every ShardUnit
+    of a plan, it was about 130 bytes a file for the whole upload. The size is kept (the
+    plan's estimate and the upload's progress ask for it), the layout made when needed."""
+    from s3xfer.tarpack import ShardLayout
+
+    entries = [FileEntry(f"d/f{n:05d}", 100, 10**18, 0o644) for n in range(500)]
+    plan = make_plan(make_survey(entries), S3Url.parse("s3://b-1/p"), TransferConfig())
+    assert plan.estimate.shards == len(plan.shards) >= 1
+    for shard in plan.shards:
+        assert shard.size == shard.layout().size
+        assert not any(isinstance(value, ShardLayout) for value in vars(shard).values())
