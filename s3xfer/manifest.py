@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,7 @@ MANIFEST_FORMAT = "s3xfer-manifest"
 # every type unknown.
 MANIFEST_VERSION = 2
 MANIFEST_VERSIONS = (1, 2)
+ROWS_AT_ONCE = 10_000  # rows encoded at once when a manifest is written
 _CONTENT_TYPES: dict[str, str] = {}  # one string per distinct type, not one per record
 _MODES: dict[int, int] = {}  # one int per distinct mode (a handful), not one per record
 
@@ -224,15 +225,24 @@ class Manifest:
     shards: dict[str, ShardRecord] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
-        data = {
-            "format": MANIFEST_FORMAT,
-            "version": MANIFEST_VERSION,
-            "dest": self.dest,
-            "files": [r.to_json() for r in sorted(self.records.values(), key=lambda r: r.path)],
-            "shards": [r.to_json() for r in sorted(self.shards.values(), key=lambda r: r.key)],
-        }
-        text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-        return validate.compress_bounded(text.encode("utf-8"))
+        """The manifest object: gzip of the JSON json.dumps gives for {format, version, dest,
+        files, shards}, written and compressed ROWS_AT_ONCE files at a time, never the list of
+        every row and its whole text (about 450 bytes a file at once)."""
+        records = sorted(self.records.values(), key=lambda r: r.path)
+        shards = [r.to_json() for r in sorted(self.shards.values(), key=lambda r: r.key)]
+        envelope = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "dest": self.dest}
+
+        def dumps(value: Any) -> str:
+            return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+        def pieces() -> Iterator[bytes]:
+            yield (dumps(envelope).removesuffix("}") + ',"files":[').encode("utf-8")
+            for start in range(0, len(records), ROWS_AT_ONCE):
+                rows = dumps([r.to_json() for r in records[start : start + ROWS_AT_ONCE]])
+                yield ("," if start else "").encode() + rows[1:-1].encode("utf-8")
+            yield ('],"shards":' + dumps(shards) + "}").encode("utf-8")
+
+        return validate.compress_bounded_pieces(pieces)
 
     @classmethod
     def from_bytes(cls, raw: bytes, *, where: str) -> Manifest:

@@ -14,7 +14,7 @@ import gzip
 import json
 import re
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from .config import MAX_OBJECT_SIZE, MAX_PART_SIZE, MAX_PARTS, MiB
@@ -67,6 +67,25 @@ def compress_bounded(data: bytes) -> bytes:
         return packed
     huffman = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS, 9, zlib.Z_HUFFMAN_ONLY)
     return huffman.compress(data) + huffman.flush()
+
+
+def compress_bounded_pieces(pieces: Callable[[], Iterable[bytes]]) -> bytes:
+    """compress_bounded of the concatenation of pieces() (called again in the rare Huffman-only
+    case), without ever holding the whole: a manifest of a million files is 150 MB of JSON,
+    its gzip a tenth. The stored bytes may differ from compress_bounded's (deflate's header),
+    the inflated ones not."""
+    deflater = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    chunks: list[bytes] = []
+    size = 0
+    for piece in pieces():
+        size += len(piece)
+        chunks.append(deflater.compress(piece))
+    chunks.append(deflater.flush())
+    packed = b"".join(chunks)
+    if size <= WRITER_RATIO * len(packed):
+        return packed
+    huffman = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS, 9, zlib.Z_HUFFMAN_ONLY)
+    return b"".join([*(huffman.compress(piece) for piece in pieces()), huffman.flush()])
 
 
 def gunzip(raw: bytes, *, limit: int | None = None) -> bytes:

@@ -157,3 +157,31 @@ def test_a_manifest_is_read_row_by_row_as_any_json_writer_may_lay_it_out() -> No
     for raw in (b"[1]", b'{"files":[1,]}', b'{"format":1} x', b'{"files":[[1]'):
         with pytest.raises(IntegrityError, match=r"not JSON|not a JSON object"):
             Manifest.from_bytes(gzip.compress(raw), where="x")
+
+
+@pytest.mark.parametrize("files", [0, 1, 3, 7])
+def test_a_manifest_is_written_rows_at_a_time_as_json_dumps_writes_it_whole(
+    files: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Manifest.to_bytes encodes and compresses a few rows at a time (ROWS_AT_ONCE), never the
+    list of every row and its whole text: what it inflates to is still exactly the JSON of
+    the whole manifest, which is what today's readers read."""
+    monkeypatch.setattr("s3xfer.manifest.ROWS_AT_ONCE", 3)
+    shard = ShardRecord("p/s.tar", 10**6, '"e"', files)
+    records = {
+        path: ManifestRecord(path, shard.key, 5, 1, 0o644, "AAAAAA==", 0, 512 * (2 * n + 1), '"e"')
+        for n, path in enumerate(sorted(f'd/é{n}\t"' for n in range(files)))
+    }
+    manifest = Manifest("s3://b/p", records, {shard.key: shard} if files else {})
+    whole = {
+        "format": "s3xfer-manifest",
+        "version": 2,
+        "dest": "s3://b/p",
+        "files": [r.to_json() for r in sorted(records.values(), key=lambda r: r.path)],
+        "shards": [shard.to_json()] if files else [],
+    }
+    raw = manifest.to_bytes()
+    assert gzip.decompress(raw) == json.dumps(
+        whole, separators=(",", ":"), ensure_ascii=False
+    ).encode("utf-8")
+    assert Manifest.from_bytes(raw, where="x").same_as(manifest)

@@ -322,3 +322,16 @@ def test_catalog_build_output_parses_back() -> None:
     root, pieces = catalog.build(manifest, S3Url("b", "p"))
     assert catalog.CatalogRoot.from_bytes(root.to_bytes(), where="r").shards == manifest.shards
     assert len(pieces) == 1
+
+
+def test_compressing_in_pieces_keeps_within_the_readers_inflate_ratio() -> None:
+    """compress_bounded_pieces (the manifest, written a few rows at a time) gives what
+    compress_bounded gives once inflated, and falls back to Huffman-only coding like it when
+    deflate would exceed WRITER_RATIO (pieces are asked for again then)."""
+    from s3xfer.validate import WRITER_RATIO, compress_bounded_pieces, gunzip
+
+    for pieces in ([b"abc" * 1000, b"xyz" * 7], [b"\0" * 100_000] * 5, [], [b""]):
+        raw = compress_bounded_pieces(lambda pieces=pieces: iter(pieces))
+        data = b"".join(pieces)
+        assert gunzip(raw) == data
+        assert len(data) <= WRITER_RATIO * len(raw) or len(data) < 100
