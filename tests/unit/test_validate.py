@@ -4,6 +4,7 @@ never accept what the full checks refuse."""
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import os
@@ -330,8 +331,9 @@ def test_compressing_in_pieces_keeps_within_the_readers_inflate_ratio() -> None:
     deflate would exceed WRITER_RATIO (pieces are asked for again then)."""
     from s3xfer.validate import WRITER_RATIO, compress_bounded_pieces, gunzip
 
-    for pieces in ([b"abc" * 1000, b"xyz" * 7], [b"\0" * 100_000] * 5, [], [b""]):
-        raw = compress_bounded_pieces(lambda pieces=pieces: iter(pieces))
+    cases: list[list[bytes]] = [[b"abc" * 1000, b"xyz" * 7], [b"\0" * 100_000] * 5, [], [b""]]
+    for pieces in cases:
+        raw = compress_bounded_pieces(functools.partial(iter, pieces))
         data = b"".join(pieces)
         assert gunzip(raw) == data
         assert len(data) <= WRITER_RATIO * len(raw) or len(data) < 100
