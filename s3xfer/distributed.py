@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import anyio
 
-from . import lease, runner
+from . import runner
 from .cleanup import abort_uploads, incomplete_uploads
 from .config import TransferConfig
 from .engine import EngineStats, ProgressCallback
@@ -47,8 +47,7 @@ from .upload import (
     delete_unreferenced,
     make_engine,
     make_report,
-    may_write,
-    prepare,
+    prepare_to_write,
 )
 
 try:
@@ -1120,23 +1119,17 @@ async def upload_with_workers(
     connection = connection or Connection()
     client = await _blocking(connect, broker)
     app = make_app(broker)
-    policy = RetryPolicy(max_attempts=plan.config.max_attempts)
     retries = RetryCount()  # of the metadata and lease requests
     async with open_s3(connection, max_pool_connections=16) as s3, AsyncExitStack() as stack:
-        prepared = await prepare(s3, plan, metadata_retries=retries)
-        held = None
-        if may_write(prepared, plan, keep_deleted=keep_deleted):
-            held = await stack.enter_async_context(
-                lease.held(
-                    s3,
-                    plan.dest,
-                    policy=policy,
-                    command="upload --broker",
-                    break_lease=break_lease,
-                    on_retry=retries,
-                )
-            )
-            prepared = await prepare(s3, plan, metadata_retries=retries)  # under the lease
+        prepared, held = await prepare_to_write(
+            s3,
+            plan,
+            stack,
+            command="upload --broker",
+            keep_deleted=keep_deleted,
+            break_lease=break_lease,
+            retries=retries,
+        )
         work = work_units(prepared.todo, prepared.shards_todo)
         if on_start is not None:
             on_start(prepared.files_todo, prepared.bytes_todo, prepared.files_unchanged)

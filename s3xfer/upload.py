@@ -374,6 +374,36 @@ def may_write(prepared: Prepared, plan: Plan, *, keep_deleted: bool) -> bool:
     return not unsent.same_as(prepared.old)
 
 
+async def prepare_to_write(
+    s3: S3,
+    plan: Plan,
+    stack: contextlib.AsyncExitStack,
+    *,
+    command: str,
+    keep_deleted: bool,
+    break_lease: bool,
+    retries: RetryCount,
+    journal: Journal | None = None,
+) -> tuple[Prepared, lease.Lease | None]:
+    """prepare(); then, when the upload may write, the prefix's lease taken (held by `stack`
+    until it closes) and prepare() again under it: the dataset as the last writer left it.
+    The lease is None for an upload with nothing to write, which takes none."""
+    prepared = await prepare(s3, plan, journal=journal, metadata_retries=retries)
+    if not may_write(prepared, plan, keep_deleted=keep_deleted):
+        return prepared, None
+    held = await stack.enter_async_context(
+        lease.held(
+            s3,
+            plan.dest,
+            policy=prepared.policy,
+            command=command,
+            break_lease=break_lease,
+            on_retry=retries,
+        )
+    )
+    return await prepare(s3, plan, journal=journal, metadata_retries=retries), held
+
+
 async def delete_unreferenced(
     s3: S3, dest: S3Url, keys: list[str], policy: RetryPolicy
 ) -> tuple[int, list[str]]:
@@ -497,21 +527,16 @@ async def execute_plan(
     started = time.perf_counter()
     retries = RetryCount()  # of the metadata and lease requests
     async with contextlib.AsyncExitStack() as stack:
-        prepared = await prepare(s3, plan, journal=journal, metadata_retries=retries)
-        held = None
-        if may_write(prepared, plan, keep_deleted=keep_deleted):
-            held = await stack.enter_async_context(
-                lease.held(
-                    s3,
-                    plan.dest,
-                    policy=prepared.policy,
-                    command="upload",
-                    break_lease=break_lease,
-                    on_retry=retries,
-                )
-            )
-            # Read again under the lease: the dataset as the last writer left it.
-            prepared = await prepare(s3, plan, journal=journal, metadata_retries=retries)
+        prepared, held = await prepare_to_write(
+            s3,
+            plan,
+            stack,
+            command="upload",
+            keep_deleted=keep_deleted,
+            break_lease=break_lease,
+            retries=retries,
+            journal=journal,
+        )
         if on_start is not None:
             on_start(prepared.files_todo, prepared.bytes_todo, prepared.files_unchanged)
         engine = make_engine(
