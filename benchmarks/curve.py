@@ -4,7 +4,7 @@ recommended concurrency gets what the sweep says the path can do.
     .venv/bin/python benchmarks/curve.py                  # writes docs/bench-curve.{md,png}
     .venv/bin/python benchmarks/curve.py --point-seconds 2 --repeat 1     # a quicker run
 
-A local SeaweedFS on 127.0.0.1 sits behind the path emulator (s3xfer.netem: 30 ms round
+A local SeaweedFS on 127.0.0.1 sits behind the path emulator (s3xfer.bench.netem: 30 ms round
 trip, and a link of 40 MB/s each way shared by every connection, so that throughput stops
 growing with concurrency where the path, not this 2-core machine's CPU, is full). The
 emulator runs in a process of its own, so the sweep (in this
@@ -38,12 +38,12 @@ from urllib.parse import urlsplit
 import anyio
 import psutil
 
-from s3xfer.bench import BenchResult, BenchSettings, bench, write_plot
-from s3xfer.benchstats import MIB, OP_PUT, Point, find_knee
-from s3xfer.keys import S3Url
+from s3xfer.bench.netem import PathEmulator
+from s3xfer.bench.stats import MIB, OP_PUT, Point, find_knee
+from s3xfer.bench.sweep import BenchResult, BenchSettings, bench, write_plot
+from s3xfer.dataset.keys import S3Url
 from s3xfer.locals3 import LocalS3, LocalS3Info
-from s3xfer.netem import PathEmulator
-from s3xfer.s3 import Connection
+from s3xfer.transport.s3 import Connection
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS_MD = REPO / "docs" / "bench-curve.md"

@@ -39,10 +39,10 @@ from docs_section import write_section
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from s3xfer.config import MiB, TransferConfig
-from s3xfer.keys import S3Url
+from s3xfer.dataset.keys import S3Url
 from s3xfer.locals3 import LocalS3, sync_client
-from s3xfer.plan import FileUnit, ShardUnit, make_plan, work_units
-from s3xfer.survey import survey
+from s3xfer.planning.plan import FileUnit, ShardUnit, make_plan, work_units
+from s3xfer.planning.survey import survey
 from tests.integration.helpers import write_tree
 from tests.integration.redis_server import RedisServer, find_redis_server
 

@@ -5,7 +5,7 @@
 Against a local SeaweedFS on 127.0.0.1, with a seeded mixed tree (large multipart files, loose
 files, small packed files):
 
-1. fault runs: the tree is uploaded, then downloaded, through s3xfer/faultproxy.py injecting
+1. fault runs: the tree is uploaded, then downloaded, through tests/faultproxy.py injecting
    SlowDown bursts, 500s, resets, truncated bodies and stalls; every byte is compared;
 2. crash runs: an upload is interrupted (SIGKILL during a multipart upload, during a shard,
    in the middle of a journal line; SIGTERM) through a slow path, then run again; the bytes
@@ -37,17 +37,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from docs_section import write_section
 
+from s3xfer.bench.netem import start_in_thread
 from s3xfer.config import MiB, TransferConfig
-from s3xfer.download import download
-from s3xfer.faultproxy import FaultPlan, FaultProxy
-from s3xfer.journal import journal_path
-from s3xfer.keys import S3Url
+from s3xfer.dataset.keys import S3Url
 from s3xfer.locals3 import LocalS3, LocalS3Info, sync_client
-from s3xfer.netem import start_in_thread
-from s3xfer.plan import make_plan
-from s3xfer.s3 import Connection
-from s3xfer.survey import survey
-from s3xfer.upload import upload
+from s3xfer.planning.plan import make_plan
+from s3xfer.planning.survey import survey
+from s3xfer.read.download import download
+from s3xfer.transport.s3 import Connection
+from s3xfer.write.journal import journal_path
+from s3xfer.write.upload import upload
+from tests.faultproxy import FaultPlan, FaultProxy
 from tests.faults.helpers import (
     Events,
     finished,
@@ -232,7 +232,7 @@ def render(faults: list[dict[str, Any]], crashes: list[dict[str, Any]]) -> str:
         f"{platform.machine()}, {os.cpu_count()} cores, SeaweedFS on 127.0.0.1. Tree: "
         f"{files:,} files, {mb(total)} (2 multipart files, 20 loose, 3,000 packed).",
         "",
-        "**Injected faults** (s3xfer/faultproxy.py, seed "
+        "**Injected faults** (tests/faultproxy.py, seed "
         f"{FAULTS.seed}; stall timeout {STALL_TIMEOUT:g} s):",
         "",
         "| run | upload s | faults injected (upload) | retries | throttled | lowest window "

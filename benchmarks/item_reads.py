@@ -8,7 +8,7 @@ PREFIX is a packed s3xfer upload. The catalog pieces of the files read are fetch
 (warm, as in any epoch after the first few reads); then each round reads one random file
 both ways, in an order that alternates which goes first. The endpoint and credentials come
 from the environment (AWS_ENDPOINT_URL and the keys). `--emulate-rtt` puts the local delay
-proxy (s3xfer/netem.py, in a process of its own) in front of a loopback endpoint for both
+proxy (s3xfer/bench/netem.py, in a process of its own) in front of a loopback endpoint for both
 readers.
 
 Prints a markdown table of latency percentiles (ms) and reads per second, and with --json
@@ -35,8 +35,8 @@ import boto3  # type: ignore[import-untyped]
 from botocore.config import Config
 
 from s3xfer import Connection, SyncDataset
-from s3xfer.keys import S3Url
-from s3xfer.netem import parse_duration, start_in_thread
+from s3xfer.bench.netem import parse_duration, start_in_thread
+from s3xfer.dataset.keys import S3Url
 
 
 def serve_path(endpoint: str, rtt: str, ready: Connection_, stop: Any) -> None:

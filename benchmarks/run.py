@@ -15,7 +15,7 @@ from loose objects for `s3xfer-nopack`), the peers download the objects; a downl
 only if every file arrives byte-identical (SHA-256), and for s3xfer with its mtime and mode.
 
 The `path` dataset is uploaded and downloaded the same way, but through the path emulator
-(s3xfer/netem.py: a 30 ms round trip and a 40 MB/s link shared by every connection), where
+(s3xfer/bench/netem.py: a 30 ms round trip and a 40 MB/s link shared by every connection), where
 concurrency and request counts matter as they do on a real network.
 
 Then, on the `small` dataset, each tool fetches the same 1,000 seeded-random files from its
@@ -60,9 +60,9 @@ import psutil
 from docs_section import write_section
 
 import s3xfer
+from s3xfer.bench.netem import start_in_thread
 from s3xfer.config import DEFAULT_MAX_MEMORY, DEFAULT_PACK_THRESHOLD
 from s3xfer.locals3 import LocalS3, LocalS3Info, sync_client
-from s3xfer.netem import start_in_thread
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_WORK = REPO / "benchmarks" / ".work"
@@ -98,7 +98,7 @@ EPOCH_WORKERS = 4
 EPOCH_SEED = 1
 EPOCH_LOADER = REPO / "benchmarks" / "epoch_loader.py"
 # The datasets every tool downloads in full, each from its own upload.
-# The `path` dataset goes through the path emulator (s3xfer/netem.py) instead of loopback:
+# The `path` dataset goes through the path emulator (s3xfer/bench/netem.py) instead of loopback:
 # the round trip and link capacity of a real network, where concurrency matters.
 PATH_DATASET = "path"
 PATH_RTT = 0.030  # seconds
@@ -576,9 +576,9 @@ def verify_s3xfer(client: Any, dataset: Dataset, prefix: str) -> str | None:
     """s3xfer packs small files into tar shards, so the object listing is not the file list:
     check its manifest names every file at its size, and that each loose object and each
     shard it points to is there at the recorded size."""
+    from s3xfer.dataset.keys import S3Url, manifest_key
+    from s3xfer.dataset.manifest import Manifest
     from s3xfer.errors import IntegrityError
-    from s3xfer.keys import S3Url, manifest_key
-    from s3xfer.manifest import Manifest
 
     dest = S3Url.parse(f"s3://{BUCKET}/{prefix}")
     objects: dict[str, int] = {}
@@ -2118,7 +2118,7 @@ def render_section(
         "as ratios, not with numbers from elsewhere.",
         "",
         f"The `{PATH_DATASET}` dataset is uploaded and downloaded through the s3xfer path "
-        f"emulator (s3xfer/netem.py) instead of loopback: a {PATH_RTT * 1000:g} ms round "
+        f"emulator (s3xfer/bench/netem.py) instead of loopback: a {PATH_RTT * 1000:g} ms round "
         f"trip and a {PATH_LINK / 1e6:g} MB/s link each way shared by every connection, the "
         "shape of a real network path, where a tool's concurrency and its number of requests "
         f"matter. `{FAR_SMALL_DATASET}` is `small` through the same {PATH_RTT * 1000:g} ms "

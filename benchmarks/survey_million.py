@@ -54,7 +54,7 @@ def build_tree(root: Path, files: int) -> float:
 
 def child(root: Path, *, keep_files: bool) -> None:
     """Run in the child process: survey and print one JSON line."""
-    from s3xfer.survey import survey  # imported here so the parent stays small
+    from s3xfer.planning.survey import survey  # imported here so the parent stays small
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()

@@ -7,12 +7,11 @@ and read files back with `Dataset` (or `SyncDataset` from synchronous code).
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .config import PriceTable, TransferConfig
+    from .dataset.keys import S3Url
     from .errors import (
         AccessDeniedError,
         CorruptMetadataError,
@@ -27,12 +26,11 @@ if TYPE_CHECKING:
         SourceError,
         UsageError,
     )
-    from .keys import S3Url
-    from .plan import Estimate, FileUnit, Kind, Plan, ShardUnit, make_plan
-    from .reader import Dataset, SyncDataset
-    from .s3 import Connection
-    from .survey import FileEntry, Problem, Survey, survey
-    from .upload import UploadReport, upload
+    from .planning.plan import Estimate, FileUnit, Kind, Plan, ShardUnit, make_plan
+    from .planning.survey import FileEntry, Problem, Survey, survey
+    from .read.reader import Dataset, SyncDataset
+    from .transport.s3 import Connection
+    from .write.upload import UploadReport, upload
 
 __version__ = "0.1.0"
 
@@ -54,22 +52,22 @@ _HOMES = {
     "S3XferError": "errors",
     "SourceError": "errors",
     "UsageError": "errors",
-    "S3Url": "keys",
-    "Estimate": "plan",
-    "FileUnit": "plan",
-    "Kind": "plan",
-    "Plan": "plan",
-    "ShardUnit": "plan",
-    "make_plan": "plan",
-    "Dataset": "reader",
-    "SyncDataset": "reader",
-    "Connection": "s3",
-    "FileEntry": "survey",
-    "Problem": "survey",
-    "Survey": "survey",
-    "survey": "survey",
-    "UploadReport": "upload",
-    "upload": "upload",
+    "S3Url": "dataset.keys",
+    "Estimate": "planning.plan",
+    "FileUnit": "planning.plan",
+    "Kind": "planning.plan",
+    "Plan": "planning.plan",
+    "ShardUnit": "planning.plan",
+    "make_plan": "planning.plan",
+    "Dataset": "read.reader",
+    "SyncDataset": "read.reader",
+    "Connection": "transport.s3",
+    "FileEntry": "planning.survey",
+    "Problem": "planning.survey",
+    "Survey": "planning.survey",
+    "survey": "planning.survey",
+    "UploadReport": "write.upload",
+    "upload": "write.upload",
 }
 
 __all__ = (
@@ -118,16 +116,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *_HOMES})
-
-
-class _Package(types.ModuleType):
-    """`s3xfer.survey` and `s3xfer.upload` name functions, as they did when this package
-    imported everything up front: importing the modules of the same name must not rebind them."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and _HOMES.get(name) == name:
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

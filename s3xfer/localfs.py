@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .checksums import crc32
+from .dataset.validate import restored_mode
 from .errors import S3XferError, SourceError
-from .validate import restored_mode
 
 if TYPE_CHECKING:  # downloads and reads never load the survey or the tar layout
-    from .survey import FileEntry
-    from .tarpack import FilePiece, FixedPiece
+    from .dataset.tarpack import FilePiece, FixedPiece
+    from .planning.survey import FileEntry
 
 
 StrPath = str | os.PathLike[str]
@@ -317,7 +317,7 @@ def _fill_part(
     identities: Sequence[FileIdentity],
     make_pieces: Callable[[], Sequence[FixedPiece | FilePiece]],
 ) -> tuple[bytearray, list[FilePiece], list[int]]:
-    from .tarpack import FilePiece, FixedPiece  # here: only uploads of shards need tarpack
+    from .dataset.tarpack import FilePiece, FixedPiece  # here: only uploads of shards need tarpack
 
     pieces = make_pieces()
     buffer = bytearray(sum(len(p.data) if isinstance(p, FixedPiece) else p.length for p in pieces))

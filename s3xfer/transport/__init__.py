@@ -1,23 +1,13 @@
-"""The one way bytes reach S3: PUT, UploadPart, GET (whole, ranged, streamed to a sink) and
-HEAD, on the AWS Common Runtime's HTTP client (awscrt) and its SigV4 signer.
+"""The S3 path: every request s3xfer sends, and how.
 
-What to send where is botocore's answer for the same environment and config: the endpoint of
-each bucket (endpoints.py), credentials (refreshed by botocore as they near expiry), the CA
-bundle and proxies (network.py). Control requests (List, Create/Complete/Abort multipart)
-stay on aiobotocore, in s3.py, which also counts, gates and retries every request.
+- `s3.py`: the S3 facade the rest of s3xfer talks to (`Connection`, `S3`): counts, gates and
+  retries every request and translates errors; control requests (List, Create/Complete/Abort
+  multipart) go through aiobotocore.
+- `http.py`, `rawhttp.py`: the data requests (PUT, UploadPart, GET, ranged GET, HEAD) on the
+  AWS Common Runtime's HTTP client and SigV4 signer.
+- `endpoints.py`, `network.py`: what to send where, botocore's answer for the same environment
+  and config (endpoint per bucket, credentials, CA bundle, proxies).
+- `retry.py`, `throttle.py`: attempts with backoff, and the gate that backs off on SlowDown.
+
+Submodules are imported where used: importing `transport.retry` must not load awscrt.
 """
-
-from .endpoints import BucketAddress, Endpoints
-from .http import BodyCheck, Response, Sink, Transport, UnreachableError
-from .network import NetworkSettings
-
-__all__ = (
-    "BodyCheck",
-    "BucketAddress",
-    "Endpoints",
-    "NetworkSettings",
-    "Response",
-    "Sink",
-    "Transport",
-    "UnreachableError",
-)

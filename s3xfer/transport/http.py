@@ -29,11 +29,11 @@ from urllib.parse import urlsplit
 import anyio
 
 from ..errors import EndpointError
-from ..retry import TransientError
 from . import rawhttp
 from .endpoints import BucketAddress, Endpoints
 from .network import NetworkSettings, Proxy, environment_proxy
 from .rawhttp import PIECE_SIZE
+from .retry import TransientError
 
 _MAX_ERROR_BODY = 64 * 1024  # of an error document; the rest is dropped
 _REDIRECT_STATUSES = (301, 307, 400)  # answers that may name the bucket's real region

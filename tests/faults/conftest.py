@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from s3xfer.bench.netem import start_in_thread
 from s3xfer.locals3 import LocalS3Info
-from s3xfer.netem import start_in_thread
 
 
 @pytest.fixture

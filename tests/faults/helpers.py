@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from s3xfer.journal import decode_line
+from s3xfer.write.journal import decode_line
 
 T = TypeVar("T")
 Events = list[dict[str, Any]]

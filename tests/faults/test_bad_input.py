@@ -29,10 +29,10 @@ from typing import Any
 
 import pytest
 
-from s3xfer import catalog
-from s3xfer.journal import Journal, journal_path
-from s3xfer.keys import S3Url, manifest_key
+from s3xfer.dataset import catalog
+from s3xfer.dataset.keys import S3Url, manifest_key
 from s3xfer.locals3 import LocalS3Info
+from s3xfer.write.journal import Journal, journal_path
 from tests.integration.helpers import (
     list_keys,
     run_cli,
@@ -526,7 +526,7 @@ CASES = [
     ),
     case("concurrency-zero", "upload {src} {void} -c 0", 2, "concurrency"),
     case("size-with-bad-unit", "plan {src} {void} --part-size 12XB", 2, "12XB"),
-    # upload journals (s3xfer/journal.py): damage costs only redone work, never the upload
+    # upload journals (s3xfer/write/journal.py): damage costs only redone work, never the upload
     case(
         "upload-damaged-journal",
         "upload {src} {fresh} --quiet",
@@ -796,7 +796,7 @@ def run_with_faked_full_disk(
     """The CLI in-process, with every file write failing with ENOSPC half way through (the
     temporary file is left for the product to clean up) and no space to preallocate."""
     from s3xfer import localfs
-    from s3xfer.cli import main
+    from s3xfer.cli.main import main
 
     def half_then_full(fd: int, data: bytes | memoryview) -> None:
         os.write(fd, memoryview(data)[: len(data) // 2])

@@ -17,13 +17,13 @@ import anyio
 import pytest
 
 from s3xfer.config import MiB, TransferConfig
-from s3xfer.faultproxy import FaultProxy
-from s3xfer.journal import journal_path
-from s3xfer.keys import S3Url
+from s3xfer.dataset.keys import S3Url
 from s3xfer.locals3 import LocalS3Info
-from s3xfer.plan import make_plan
-from s3xfer.survey import survey
-from s3xfer.upload import UploadReport, upload
+from s3xfer.planning.plan import make_plan
+from s3xfer.planning.survey import survey
+from s3xfer.write.journal import journal_path
+from s3xfer.write.upload import UploadReport, upload
+from tests.faultproxy import FaultProxy
 
 from ..integration.helpers import connection, list_keys, read_object, run_cli, write_tree
 from ..integration.redis_server import redis_url_fixture  # noqa: F401  (the `redis_url` fixture)

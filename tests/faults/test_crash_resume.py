@@ -1,6 +1,6 @@
 """An upload killed with SIGKILL at any point resumes: nothing lost, little re-sent.
 
-Each test starts the real CLI through a bandwidth-capped path (s3xfer/netem.py) so that it is
+Each test starts the real CLI through a bandwidth-capped path (s3xfer/bench/netem.py) so that it is
 slow enough to be killed at a chosen point, found by watching the journal; then runs the same
 upload again at full speed, and checks against an uninterrupted upload of the same tree:
 every file present and verified, the same manifest and catalog, no incomplete multipart
@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from s3xfer.journal import journal_path
 from s3xfer.locals3 import LocalS3Info
+from s3xfer.write.journal import journal_path
 
 from ..integration.helpers import comparable_metadata, list_keys, read_object, run_cli, write_tree
 from .helpers import (

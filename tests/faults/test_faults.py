@@ -1,4 +1,4 @@
-"""Uploads and downloads through a proxy that injects faults (s3xfer/faultproxy.py): 503
+"""Uploads and downloads through a proxy that injects faults (tests/faultproxy.py): 503
 SlowDown bursts, 500s, connections reset mid-request and mid-response, truncated bodies and
 stalled responses. Every byte must arrive verified, every fault must be retried and counted,
 throttling must lower the request window, and a file out of attempts fails alone."""
@@ -13,14 +13,14 @@ from pathlib import Path
 import anyio
 
 from s3xfer.config import MiB, TransferConfig
-from s3xfer.download import DownloadReport, download
-from s3xfer.faultproxy import FaultPlan, FaultProxy
-from s3xfer.keys import S3Url
+from s3xfer.dataset.keys import S3Url
 from s3xfer.locals3 import LocalS3Info
-from s3xfer.plan import make_plan
-from s3xfer.s3 import Connection
-from s3xfer.survey import survey
-from s3xfer.upload import UploadReport, upload
+from s3xfer.planning.plan import make_plan
+from s3xfer.planning.survey import survey
+from s3xfer.read.download import DownloadReport, download
+from s3xfer.transport.s3 import Connection
+from s3xfer.write.upload import UploadReport, upload
+from tests.faultproxy import FaultPlan, FaultProxy
 
 from ..integration.helpers import connection, write_tree
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from s3xfer import catalog
-from s3xfer.keys import S3Url, manifest_key
+from s3xfer.dataset import catalog
+from s3xfer.dataset.keys import S3Url, manifest_key
 from s3xfer.locals3 import LocalS3Info
 from tests.faults.test_bad_input import TEMPORARY_NAMES, assert_one_clear_line
 from tests.integration.helpers import list_keys, run_cli, write_tree
@@ -339,8 +339,8 @@ def test_a_catalogued_size_the_object_does_not_have_fails_at_once(
 ) -> None:
     """A record that says 3 MiB for an object of 2 MiB: the answer is complete and will be
     the same next time, so it is refused after one GET, not retried as if transient."""
-    from s3xfer.reader import SyncDataset
-    from s3xfer.s3 import Connection
+    from s3xfer.read.reader import SyncDataset
+    from s3xfer.transport.s3 import Connection
 
     url = uploaded(source, bucket)
     set_in_piece("big.bin", "size", 3 * 1024 * 1024)(sync_s3_client, url)

@@ -22,11 +22,11 @@ from typing import Any
 
 import pytest
 
-from s3xfer import catalog
-from s3xfer.faultproxy import FaultProxy
-from s3xfer.keys import S3Url
-from s3xfer.lease import lease_key
+from s3xfer.dataset import catalog
+from s3xfer.dataset.keys import S3Url
 from s3xfer.locals3 import LocalS3Info
+from s3xfer.write.lease import lease_key
+from tests.faultproxy import FaultProxy
 from tests.faults.test_bad_input import assert_one_clear_line
 from tests.integration.helpers import list_keys, read_object, run_cli, write_tree
 
@@ -272,9 +272,9 @@ def test_a_lease_is_aged_by_the_servers_clock(s3_env: LocalS3Info, bucket: str) 
     import anyio
 
     from s3xfer.checksums import crc32, crc32_to_base64
-    from s3xfer.lease import look
-    from s3xfer.retry import RetryPolicy
-    from s3xfer.s3 import open_s3
+    from s3xfer.transport.retry import RetryPolicy
+    from s3xfer.transport.s3 import open_s3
+    from s3xfer.write.lease import look
     from tests.integration.helpers import connection
 
     url = S3Url(bucket, "aged")

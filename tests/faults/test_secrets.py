@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from s3xfer.journal import journal_path
 from s3xfer.locals3 import LocalS3Info
+from s3xfer.write.journal import journal_path
 
 from ..integration.helpers import list_keys, read_object, write_tree
 from .helpers import interrupt_upload

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from s3xfer.faultproxy import FaultPlan, FaultProxy
-from s3xfer.journal import journal_path
 from s3xfer.locals3 import LocalS3Info
+from s3xfer.write.journal import journal_path
+from tests.faultproxy import FaultPlan, FaultProxy
 
 from ..integration.helpers import run_cli, write_tree
 from ..integration.test_sync import keys_under, referenced_keys, tree_of

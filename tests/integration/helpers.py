@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from s3xfer.locals3 import LocalS3Info
-from s3xfer.s3 import Connection
+from s3xfer.transport.s3 import Connection
 
 
 def write_tree(root: Path, files: dict[str, int], *, seed: int = 1) -> dict[str, bytes]:

@@ -12,13 +12,13 @@ import anyio
 import pytest
 from click.testing import CliRunner
 
-from s3xfer import benchcli
-from s3xfer.bench import FULL, QUICK, BenchSettings, load_profile, profile_settings, run_sweep
-from s3xfer.benchstats import MIB, Point, Recommendation
+from s3xfer.bench.stats import MIB, Point, Recommendation
+from s3xfer.bench.sweep import FULL, QUICK, BenchSettings, load_profile, profile_settings, run_sweep
+from s3xfer.cli import bench as benchcli
+from s3xfer.dataset.keys import S3Url
 from s3xfer.errors import NoSuchBucketError
-from s3xfer.keys import S3Url
 from s3xfer.locals3 import LocalS3Info
-from s3xfer.s3 import open_s3
+from s3xfer.transport.s3 import open_s3
 
 from .helpers import connection, list_keys
 

@@ -23,12 +23,12 @@ from typing import Any
 import pytest
 import redis
 
+from s3xfer.bench.netem import start_in_thread
 from s3xfer.config import MiB, TransferConfig
-from s3xfer.keys import S3Url
+from s3xfer.dataset.keys import S3Url
 from s3xfer.locals3 import LocalS3Info
-from s3xfer.netem import start_in_thread
-from s3xfer.plan import Kind, Plan, WorkUnit, make_plan, work_units
-from s3xfer.survey import survey
+from s3xfer.planning.plan import Kind, Plan, WorkUnit, make_plan, work_units
+from s3xfer.planning.survey import survey
 
 from .helpers import list_keys, run_cli, write_tree
 from .redis_server import redis_url_fixture  # noqa: F401  (the `redis_url` fixture)

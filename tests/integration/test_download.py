@@ -17,15 +17,15 @@ import anyio
 import pytest
 
 from s3xfer import S3Url, TransferConfig, make_plan, survey, upload
-from s3xfer import download as download_module
-from s3xfer import rangedl as rangedl_module
 from s3xfer.checksums import crc32, crc32_to_base64
 from s3xfer.config import MiB
-from s3xfer.download import DownloadReport, download
 from s3xfer.localfs import STAGING_DIR, partial_name
 from s3xfer.locals3 import LocalS3Info
-from s3xfer.s3 import S3
-from s3xfer.upload import UploadReport
+from s3xfer.read import download as download_module
+from s3xfer.read import rangedl as rangedl_module
+from s3xfer.read.download import DownloadReport, download
+from s3xfer.transport.s3 import S3
+from s3xfer.write.upload import UploadReport
 
 from .helpers import connection, run_cli, write_tree
 

@@ -13,7 +13,7 @@ from typing import Any
 import botocore.session
 import pytest
 
-from s3xfer.cli import main
+from s3xfer.cli.main import main
 
 
 def test_local_s3_serves_until_interrupted(tmp_path: Path) -> None:

@@ -123,9 +123,9 @@ def test_the_lease_is_exclusive_on_moto_too(
     """Conditional PUTs (If-None-Match: *, If-Match) decide who holds a prefix's lease: a
     second taker is refused while the first holds it, and takes it once it is released."""
     from s3xfer.errors import LeaseHeldError
-    from s3xfer.lease import acquire
-    from s3xfer.retry import RetryPolicy
-    from s3xfer.s3 import open_s3
+    from s3xfer.transport.retry import RetryPolicy
+    from s3xfer.transport.s3 import open_s3
+    from s3xfer.write.lease import acquire
 
     for name, value in {
         "AWS_ACCESS_KEY_ID": "moto",

@@ -18,13 +18,13 @@ import anyio
 import pytest
 
 from s3xfer import S3Url, TransferConfig, make_plan, survey, upload
-from s3xfer.catalog import bucket_of, piece_key, root_key
 from s3xfer.config import MiB
+from s3xfer.dataset.catalog import bucket_of, piece_key, root_key
+from s3xfer.dataset.tarpack import INDEX_MEMBER_NAME, index_from_bytes
 from s3xfer.errors import IntegrityError, NotInDatasetError
 from s3xfer.locals3 import LocalS3Info
-from s3xfer.reader import Dataset, SyncDataset
-from s3xfer.tarpack import INDEX_MEMBER_NAME, index_from_bytes
-from s3xfer.upload import UploadReport
+from s3xfer.read.reader import Dataset, SyncDataset
+from s3xfer.write.upload import UploadReport
 
 from .helpers import connection, list_keys, read_object, run_cli, write_tree
 

@@ -23,15 +23,15 @@ from s3xfer.checksums import crc32_to_base64
 from s3xfer.config import MiB
 from s3xfer.errors import IntegrityError
 from s3xfer.locals3 import LocalS3Info
-from s3xfer.rangedl import (
+from s3xfer.read.rangedl import (
     DownloadResult,
     PartialState,
     RangedDownload,
     download_ranges,
     sidecar_path,
 )
-from s3xfer.retry import RetryPolicy
-from s3xfer.s3 import open_s3
+from s3xfer.transport.retry import RetryPolicy
+from s3xfer.transport.s3 import open_s3
 
 from .helpers import connection
 
@@ -133,9 +133,9 @@ import json, sys, time
 import anyio
 from pathlib import Path
 from s3xfer.budget import ByteBudget
-from s3xfer.rangedl import RangedDownload, download_ranges
-from s3xfer.retry import RetryPolicy
-from s3xfer.s3 import Connection, open_s3
+from s3xfer.read.rangedl import RangedDownload, download_ranges
+from s3xfer.transport.retry import RetryPolicy
+from s3xfer.transport.s3 import Connection, open_s3
 
 args = json.loads(sys.argv[1])
 

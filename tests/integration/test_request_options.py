@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from s3xfer.faultproxy import FaultPlan, FaultProxy, RequestLog
 from s3xfer.locals3 import LocalS3Info
+from tests.faultproxy import FaultPlan, FaultProxy, RequestLog
 
 from .helpers import list_keys, read_object, run_cli, write_tree
 

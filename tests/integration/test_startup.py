@@ -20,10 +20,10 @@ HEAVY = (
     "aiobotocore",
     "botocore.client",
     "aiohttp",
-    "s3xfer.plan",
-    "s3xfer.engine",
-    "s3xfer.upload",
-    "s3xfer.bench",
+    "s3xfer.planning.plan",
+    "s3xfer.write.engine",
+    "s3xfer.write.upload",
+    "s3xfer.bench.sweep",
     "tqdm",
     "anyio.from_thread",
 )
@@ -31,7 +31,7 @@ HEAVY = (
 # Runs the CLI in this interpreter, then reports which of HEAVY it imported.
 CHILD = """
 import sys
-from s3xfer.cli import main
+from s3xfer.cli.main import main
 sys.argv = ["s3xfer", *sys.argv[1:]]
 try:
     main()

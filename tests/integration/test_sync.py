@@ -14,11 +14,11 @@ from typing import Any
 import anyio
 import pytest
 
-from s3xfer.catalog import bucket_of, piece_key
+from s3xfer.dataset.catalog import bucket_of, piece_key
+from s3xfer.dataset.keys import S3Url, manifest_key
 from s3xfer.errors import PartialReadError
-from s3xfer.keys import S3Url, manifest_key
 from s3xfer.locals3 import LocalS3Info
-from s3xfer.reader import Dataset
+from s3xfer.read.reader import Dataset
 
 from .helpers import (
     connection,

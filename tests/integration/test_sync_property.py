@@ -33,8 +33,8 @@ from hypothesis.stateful import (
 
 from s3xfer import S3Url, TransferConfig, make_plan, survey, upload
 from s3xfer.config import MiB
-from s3xfer.download import download
 from s3xfer.locals3 import LocalS3Info
+from s3xfer.read.download import download
 
 from .helpers import connection
 from .test_sync import keys_under, referenced_keys, tree_of

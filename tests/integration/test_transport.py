@@ -16,7 +16,7 @@ import anyio
 import pytest
 
 from s3xfer.errors import RemoteError
-from s3xfer.s3 import Connection, open_s3
+from s3xfer.transport.s3 import Connection, open_s3
 
 
 @dataclass

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from s3xfer import catalog
-from s3xfer.keys import S3Url, manifest_key, unfinished_upload
+from s3xfer.dataset import catalog
+from s3xfer.dataset.keys import S3Url, manifest_key, unfinished_upload
 from s3xfer.locals3 import LocalS3Info
 from tests.faults.test_bad_input import assert_one_clear_line
 from tests.integration.helpers import list_keys, run_cli, write_tree

@@ -14,11 +14,11 @@ import anyio
 import pytest
 
 from s3xfer.config import MiB, TransferConfig
-from s3xfer.keys import S3Url, hashed_prefix
+from s3xfer.dataset.keys import S3Url, hashed_prefix
 from s3xfer.locals3 import LocalS3Info
-from s3xfer.plan import Kind, Plan, make_plan
-from s3xfer.survey import survey
-from s3xfer.upload import UploadReport, upload
+from s3xfer.planning.plan import Kind, Plan, make_plan
+from s3xfer.planning.survey import survey
+from s3xfer.write.upload import UploadReport, upload
 
 from .helpers import connection, list_keys, read_object, run_cli, write_tree
 

@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 
 from s3xfer.locals3 import LocalS3Info
-from s3xfer.reader import Dataset
+from s3xfer.read.reader import Dataset
 
 from .helpers import connection, list_keys, run_cli, write_tree
 

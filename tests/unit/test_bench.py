@@ -15,8 +15,18 @@ import anyio
 import pytest
 from click.testing import CliRunner
 
-from s3xfer import benchcli
-from s3xfer.bench import (
+from s3xfer.bench.stats import (
+    MIB,
+    OP_GET,
+    OP_MULTIPART,
+    OP_PUT,
+    Point,
+    Recommendation,
+    SweepPoint,
+    latency_summary,
+    recommend,
+)
+from s3xfer.bench.sweep import (
     CSV_COLUMNS,
     MIN_POINT_SECONDS,
     PER_POINT_OVERHEAD_SECONDS,
@@ -51,19 +61,9 @@ from s3xfer.bench import (
     write_csv,
     write_plot,
 )
-from s3xfer.benchstats import (
-    MIB,
-    OP_GET,
-    OP_MULTIPART,
-    OP_PUT,
-    Point,
-    Recommendation,
-    SweepPoint,
-    latency_summary,
-    recommend,
-)
+from s3xfer.cli import bench as benchcli
+from s3xfer.dataset.keys import S3Url
 from s3xfer.errors import UsageError
-from s3xfer.keys import S3Url
 
 URL = S3Url("bench", "tmp")
 KIB = 1024

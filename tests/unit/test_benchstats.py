@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from s3xfer.benchstats import (
+from s3xfer.bench.stats import (
     GIB,
     MIB,
     OP_GET,

@@ -9,9 +9,9 @@ import anyio
 import pytest
 
 from s3xfer.budget import ByteBudget
+from s3xfer.dataset.manifest import Manifest, ManifestRecord, ShardRecord
 from s3xfer.errors import IntegrityError
-from s3xfer.manifest import Manifest, ManifestRecord, ShardRecord
-from s3xfer.plan import FileUnit, Kind
+from s3xfer.planning.plan import FileUnit, Kind
 
 pytestmark = pytest.mark.anyio
 
@@ -166,7 +166,7 @@ def test_a_manifest_is_written_rows_at_a_time_as_json_dumps_writes_it_whole(
     """Manifest.to_bytes encodes and compresses a few rows at a time (ROWS_AT_ONCE), never the
     list of every row and its whole text: what it inflates to is still exactly the JSON of
     the whole manifest, which is what today's readers read."""
-    monkeypatch.setattr("s3xfer.manifest.ROWS_AT_ONCE", 3)
+    monkeypatch.setattr("s3xfer.dataset.manifest.ROWS_AT_ONCE", 3)
     shard = ShardRecord("p/s.tar", 10**6, '"e"', files)
     records = {
         path: ManifestRecord(path, shard.key, 5, 1, 0o644, "AAAAAA==", 0, 512 * (2 * n + 1), '"e"')

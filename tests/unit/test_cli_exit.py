@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from s3xfer import cli
+from s3xfer.cli import main as cli
 
 
 class QuickExit(Exception):
@@ -97,7 +97,7 @@ def test_a_real_progress_bar_leaves_the_quick_exit_open(tmp_path: Path) -> None:
         "real_exit = os._exit\n"
         "def reached(code): print('quick', code, file=sys.stderr); real_exit(code)\n"
         "os._exit = reached\n"
-        "from s3xfer import cli\n"
+        "from s3xfer.cli import main as cli\n"
         f"sys.argv = ['s3xfer', 'survey', {str(tmp_path)!r}]\n"
         "cli.entry()\n"
     )

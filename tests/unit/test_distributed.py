@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from s3xfer import distributed as d
 from s3xfer.config import TransferConfig
+from s3xfer.dataset.keys import S3Url
+from s3xfer.dataset.manifest import ManifestRecord, ShardRecord
+from s3xfer.distributed import jobs as d
 from s3xfer.errors import S3XferError, UsageError
-from s3xfer.keys import S3Url
-from s3xfer.manifest import ManifestRecord, ShardRecord
-from s3xfer.plan import FileUnit, Kind, Plan, ShardUnit, WorkUnit
-from s3xfer.s3 import Connection
-from s3xfer.survey import FileEntry
+from s3xfer.planning.plan import FileUnit, Kind, Plan, ShardUnit, WorkUnit
+from s3xfer.planning.survey import FileEntry
+from s3xfer.transport.s3 import Connection
 
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYSECRETKEY"
 
@@ -243,9 +243,9 @@ def test_a_tasks_stored_state_becomes_the_units_result() -> None:
 def test_the_distributed_mode_without_its_extra_says_how_to_install_it(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from s3xfer import cli
+    from s3xfer.cli import main as cli
 
-    monkeypatch.delitem(sys.modules, "s3xfer.distributed")
+    monkeypatch.delitem(sys.modules, "s3xfer.distributed.jobs")
     monkeypatch.setitem(sys.modules, "celery", None)  # import celery now fails
     monkeypatch.setattr(sys, "argv", ["s3xfer", "worker", "--broker", "redis://127.0.0.1:1/0"])
     with pytest.raises(SystemExit) as exit_info:

@@ -15,8 +15,8 @@ import botocore.session
 import pytest
 from botocore.awsrequest import AWSResponse, HTTPHeaders
 
-from s3xfer.s3 import Connection, open_s3
 from s3xfer.transport.endpoints import configured_endpoint, direct_base
+from s3xfer.transport.s3 import Connection, open_s3
 
 KEY = "dir/a b+c~é.txt"
 
@@ -174,7 +174,7 @@ def test_the_configured_endpoint_follows_botocores_precedence() -> None:
 def test_listing_timestamps_parse_as_botocore_parses_them(value: str) -> None:
     from botocore.utils import parse_timestamp
 
-    from s3xfer.s3 import _parse_timestamp
+    from s3xfer.transport.s3 import _parse_timestamp
 
     assert _parse_timestamp(value) == parse_timestamp(value)
     assert _parse_timestamp(value).tzinfo is not None

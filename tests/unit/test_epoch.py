@@ -1,4 +1,4 @@
-"""The shuffled epoch's pure parts (s3xfer/epoch.py): blocks, block order, each reader's share,
+"""The shuffled epoch's pure parts (s3xfer/read/epoch.py): blocks, block order, each reader's share,
 the bounded shuffle buffer, resuming, and the state a reader keeps."""
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from s3xfer.epoch import (
+from s3xfer.dataset.manifest import ManifestRecord
+from s3xfer.errors import UsageError
+from s3xfer.read.epoch import (
     BufferShuffle,
     EpochState,
     block_order,
@@ -22,9 +24,7 @@ from s3xfer.epoch import (
     plan_reader,
     reader_share,
 )
-from s3xfer.errors import UsageError
-from s3xfer.manifest import ManifestRecord
-from s3xfer.reader import Dataset, dataloader_worker
+from s3xfer.read.reader import Dataset, dataloader_worker
 
 GAP = 256 * 1024
 

@@ -28,7 +28,7 @@ from aiohttp import web
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from s3xfer.faultproxy import (
+from tests.faultproxy import (
     FAULT_KINDS,
     REDACTED,
     FaultPlan,
@@ -631,7 +631,7 @@ async def test_botocore_sees_slowdown_before_sending_its_body_then_succeeds() ->
 @contextmanager
 def cli_proxy(*args: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     with subprocess.Popen(
-        [sys.executable, "-m", "s3xfer.faultproxy", *args],
+        [sys.executable, "-m", "tests.faultproxy", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

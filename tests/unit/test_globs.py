@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from s3xfer.globs import PathFilter
-from s3xfer.survey import BROKEN_SYMLINK, FileEntry, Problem, scan
+from s3xfer.planning.globs import PathFilter
+from s3xfer.planning.survey import BROKEN_SYMLINK, FileEntry, Problem, scan
 
 
 def test_a_path_is_selected_by_any_include_and_no_exclude() -> None:
@@ -87,10 +87,10 @@ def test_an_excluded_s3xfer_directory_is_no_problem(tmp_path: Path) -> None:
 
 
 def test_a_plan_keeps_its_filters_and_a_re_upload_keeps_what_they_leave_out() -> None:
-    from s3xfer.keys import S3Url
-    from s3xfer.plan import Plan, make_plan
-    from s3xfer.survey import SizeStats, Survey
-    from s3xfer.upload import kept_paths
+    from s3xfer.dataset.keys import S3Url
+    from s3xfer.planning.plan import Plan, make_plan
+    from s3xfer.planning.survey import SizeStats, Survey
+    from s3xfer.write.upload import kept_paths
 
     stats = SizeStats()
     stats.add(3, "a.jpg")

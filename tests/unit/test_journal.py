@@ -10,16 +10,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from s3xfer.dataset.manifest import ManifestRecord, ShardRecord
 from s3xfer.errors import UsageError
-from s3xfer.journal import (
+from s3xfer.localfs import FileIdentity
+from s3xfer.write.journal import (
     Journal,
     decode_line,
     encode_line,
     journal_path,
     replay,
 )
-from s3xfer.localfs import FileIdentity
-from s3xfer.manifest import ManifestRecord, ShardRecord
 
 SOURCE = Path("/data/src")
 DEST = "s3://bucket/prefix"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from s3xfer.config import MiB, TransferConfig, format_size, parse_size
+from s3xfer.dataset.keys import S3Url, enclosing_prefixes
 from s3xfer.errors import UsageError
-from s3xfer.keys import S3Url, enclosing_prefixes
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The lease's pure parts (s3xfer/lease.py) and how the catalog tells it is current
+"""The lease's pure parts (s3xfer/write/lease.py) and how the catalog tells it is current
 (catalog.CatalogState): who may take a lease, how its age is read, when a catalog is
 rewritten whole."""
 
@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from s3xfer import catalog, validate
-from s3xfer.keys import S3Url
-from s3xfer.lease import LEASE_SECONDS, MAX_LEASE_SECONDS, Found, LeaseInfo, server_age
-from s3xfer.manifest import Manifest, ManifestRecord
+from s3xfer.dataset import catalog, validate
+from s3xfer.dataset.keys import S3Url
+from s3xfer.dataset.manifest import Manifest, ManifestRecord
+from s3xfer.write.lease import LEASE_SECONDS, MAX_LEASE_SECONDS, Found, LeaseInfo, server_age
 
 INFO = LeaseInfo(token="ab" * 16, host="h", pid=7, command="upload", started=1.5e9)
 

@@ -20,8 +20,7 @@ import psutil
 import pytest
 from anyio.abc import SocketAttribute, SocketStream
 
-from s3xfer.errors import UsageError
-from s3xfer.netem import (
+from s3xfer.bench.netem import (
     READ_CHUNK,
     PathEmulator,
     QuantityError,
@@ -30,6 +29,7 @@ from s3xfer.netem import (
     parse_rate,
     start_in_thread,
 )
+from s3xfer.errors import UsageError
 
 LOOPBACK = "127.0.0.1"
 SLACK = 0.5  # upper-bound slack for a loaded CI machine

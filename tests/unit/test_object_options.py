@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from s3xfer.config import ObjectOptions, TransferConfig, parse_metadata, storage_classes
 from s3xfer.errors import UsageError
-from s3xfer.s3 import ObjectAttributes
+from s3xfer.transport.s3 import ObjectAttributes
 
 
 def test_content_types_are_guessed_as_awscli_guesses_them() -> None:

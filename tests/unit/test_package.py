@@ -17,14 +17,14 @@ def test_every_public_name_resolves_to_its_home_module() -> None:
 
 
 def test_survey_and_upload_stay_functions_once_their_modules_are_imported() -> None:
-    import s3xfer.survey  # the imports that would rebind the names
-    import s3xfer.upload
+    import s3xfer.planning.survey  # the modules that share the functions' names
+    import s3xfer.write.upload
 
     assert callable(s3xfer.survey) and s3xfer.survey.__name__ == "survey"
     assert callable(s3xfer.upload) and s3xfer.upload.__name__ == "upload"
     from s3xfer import survey, upload
 
-    assert survey is s3xfer.survey and upload is s3xfer.upload
+    assert survey is s3xfer.planning.survey.survey and upload is s3xfer.write.upload.upload
 
 
 def test_unknown_names_raise_attribute_error() -> None:

@@ -22,9 +22,9 @@ from s3xfer.config import (
     MiB,
     TransferConfig,
 )
+from s3xfer.dataset.keys import S3Url, hashed_prefix, object_key
 from s3xfer.errors import SourceError, UsageError
-from s3xfer.keys import S3Url, hashed_prefix, object_key
-from s3xfer.plan import (
+from s3xfer.planning.plan import (
     Kind,
     Plan,
     UploadKeys,
@@ -33,7 +33,7 @@ from s3xfer.plan import (
     make_plan,
     parts_of,
 )
-from s3xfer.survey import FileEntry, SizeStats, Survey
+from s3xfer.planning.survey import FileEntry, SizeStats, Survey
 
 TiB = 1024 * GiB
 sizes = st.integers(min_value=0, max_value=5 * TiB)
@@ -228,7 +228,7 @@ def test_shard_keys_name_the_content_as_json_lines_of_its_members() -> None:
     """A shard's key is the digest of its members as json.dumps lines: the keys of every
     shard already stored depend on it, so the direct writing of plain names must give the
     very same digest as json.dumps for every kind of name."""
-    from s3xfer.plan import _content_digest
+    from s3xfer.planning.plan import _content_digest
 
     names = ["a/b.jpg", 'a"b', "a\\b", "é/ü", "tab\tx", "del\x7f", "~!@#$%^&*()[]{}", ""]
     members = [FileEntry(n, 10**12 + i, -(10**18) + i, 0o644) for i, n in enumerate(names)]
@@ -247,7 +247,7 @@ def test_a_planned_shard_keeps_its_size_not_its_layout() -> None:
     """A layout holds a header offset and a member record per file: kept on every ShardUnit
     of a plan, it was about 130 bytes a file for the whole upload. The size is kept (the
     plan's estimate and the upload's progress ask for it), the layout made when needed."""
-    from s3xfer.tarpack import ShardLayout
+    from s3xfer.dataset.tarpack import ShardLayout
 
     entries = [FileEntry(f"d/f{n:05d}", 100, 10**18, 0o644) for n in range(500)]
     plan = make_plan(make_survey(entries), S3Url.parse("s3://b-1/p"), TransferConfig())

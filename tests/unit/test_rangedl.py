@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 from s3xfer.budget import ByteBudget
 from s3xfer.checksums import crc32_to_base64
 from s3xfer.config import MiB
-from s3xfer.download import aligned_range_size, large_ranges_at_once
 from s3xfer.errors import IntegrityError, UsageError
-from s3xfer.rangedl import (
+from s3xfer.read.download import aligned_range_size, large_ranges_at_once
+from s3xfer.read.rangedl import (
     DownloadResult,
     PartialState,
     RangedDownload,
@@ -31,8 +31,8 @@ from s3xfer.rangedl import (
     sidecar_path,
     split_ranges,
 )
-from s3xfer.retry import RetryPolicy, TransientError
 from s3xfer.transport.rawhttp import PIECE_SIZE
+from s3xfer.transport.retry import RetryPolicy, TransientError
 
 FAST_RETRIES = RetryPolicy(max_attempts=3, base_delay=0.0, max_delay=0.0)
 
@@ -352,7 +352,7 @@ def test_transient_errors_are_not_swallowed_past_the_retry_limit(tmp_path: Path)
 
 
 def test_pieces_are_written_at_their_offsets_with_their_crc(tmp_path: Path) -> None:
-    from s3xfer.rangedl import _RangeWriter
+    from s3xfer.read.rangedl import _RangeWriter
 
     data = bytes(range(256)) * 300
     path = tmp_path / "out.bin"

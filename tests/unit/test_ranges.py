@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from s3xfer.errors import IntegrityError
-from s3xfer.ranges import RangeGet, Wanted, check_ranged_response, coalesce
+from s3xfer.read.ranges import RangeGet, Wanted, check_ranged_response, coalesce
 
 wanted_lists = st.lists(
     st.builds(
@@ -93,7 +93,7 @@ def test_ranged_responses_are_checked() -> None:
 
 
 def test_path_matcher_mixes_literal_paths_and_globs() -> None:
-    from s3xfer.globs import path_matcher
+    from s3xfer.planning.globs import path_matcher
 
     matches = path_matcher(["img/00/a.jpg", "labels/*.json", "x?.txt"])
     assert matches("img/00/a.jpg") and matches("labels/1.json") and matches("x1.txt")

@@ -12,7 +12,7 @@ import zlib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from s3xfer.tarpack import (
+from s3xfer.dataset.tarpack import (
     INDEX_MEMBER_NAME,
     FilePiece,
     FixedPiece,

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from s3xfer import localfs
+from s3xfer.dataset.keys import is_reserved_path
 from s3xfer.errors import SourceError
-from s3xfer.keys import is_reserved_path
 from s3xfer.localfs import (
     STAGING_DIR,
     STAGING_MARK,
@@ -26,8 +26,8 @@ from s3xfer.localfs import (
     staging_names,
     used_by,
 )
-from s3xfer.plan import FileUnit
-from s3xfer.survey import RESERVED, FileEntry, Problem, scan
+from s3xfer.planning.plan import FileUnit
+from s3xfer.planning.survey import RESERVED, FileEntry, Problem, scan
 
 
 def nothing_in_use(_name: str) -> bool:

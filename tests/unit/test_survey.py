@@ -17,9 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from s3xfer.cli.render import BAR, BAR_WIDTH, MAX_PROBLEMS, bin_label, human_bytes, render_survey
 from s3xfer.errors import SourceError
-from s3xfer.render import BAR, BAR_WIDTH, MAX_PROBLEMS, bin_label, human_bytes, render_survey
-from s3xfer.survey import (
+from s3xfer.planning.survey import (
     BROKEN_SYMLINK,
     FIFO,
     NOT_UTF8,
@@ -203,7 +203,7 @@ def test_fifo_and_socket_are_problems(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 SCAN_IN_CHILD = (
-    "import json, sys; from s3xfer.survey import scan, Problem;"
+    "import json, sys; from s3xfer.planning.survey import scan, Problem;"
     "items = list(scan(sys.argv[1]));"
     "print(json.dumps({'problems': {i.path: i.reason for i in items if isinstance(i, Problem)},"
     "'files': {i.path: i.size for i in items if not isinstance(i, Problem)}}))"

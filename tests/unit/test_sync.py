@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from s3xfer.catalog import FANOUT, bucket_of, build, parse_piece, piece_key
 from s3xfer.config import TransferConfig
-from s3xfer.keys import S3Url, sync_deletable
-from s3xfer.manifest import Manifest, ManifestRecord, ShardRecord
-from s3xfer.plan import Plan, group_into_shards
-from s3xfer.survey import FileEntry, Problem
-from s3xfer.upload import kept_paths
+from s3xfer.dataset.catalog import FANOUT, bucket_of, build, parse_piece, piece_key
+from s3xfer.dataset.keys import S3Url, sync_deletable
+from s3xfer.dataset.manifest import Manifest, ManifestRecord, ShardRecord
+from s3xfer.planning.plan import Plan, group_into_shards
+from s3xfer.planning.survey import FileEntry, Problem
+from s3xfer.write.upload import kept_paths
 
 DEST = S3Url("b", "p")
 

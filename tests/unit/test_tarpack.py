@@ -21,8 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from s3xfer.errors import IntegrityError, SourceError, UsageError
-from s3xfer.tarpack import (
+from s3xfer.dataset.tarpack import (
     BLOCK,
     INDEX_MEMBER_NAME,
     IndexEntry,
@@ -35,6 +34,7 @@ from s3xfer.tarpack import (
     member_layout,
     shard_size_estimate,
 )
+from s3xfer.errors import IntegrityError, SourceError, UsageError
 
 GNU_TAR = "/usr/bin/tar"
 MiB = 1024 * 1024

@@ -6,7 +6,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from s3xfer.throttle import AdaptiveGate, AimdWindow
+from s3xfer.transport.throttle import AdaptiveGate, AimdWindow
 
 pytestmark = pytest.mark.anyio
 

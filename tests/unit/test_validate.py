@@ -1,4 +1,4 @@
-"""The one validator of values read back from metadata (s3xfer/validate.py) and the parsers
+"""The one validator of values read back from metadata (s3xfer/dataset/validate.py) and the parsers
 built on it: what they accept round-trips, what they refuse is named, and the quick paths
 never accept what the full checks refuse."""
 
@@ -15,11 +15,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from s3xfer import catalog, validate
+from s3xfer.dataset import catalog, validate
+from s3xfer.dataset.keys import S3Url
+from s3xfer.dataset.manifest import Manifest, ManifestRecord, ShardRecord
+from s3xfer.distributed.slices import SliceResult
 from s3xfer.errors import CorruptMetadataError, IntegrityError
-from s3xfer.keys import S3Url
-from s3xfer.manifest import Manifest, ManifestRecord, ShardRecord
-from s3xfer.slices import SliceResult
 
 # --- bounded inflation ----------------------------------------------------------------------
 
@@ -329,7 +329,7 @@ def test_compressing_in_pieces_keeps_within_the_readers_inflate_ratio() -> None:
     """compress_bounded_pieces (the manifest, written a few rows at a time) gives what
     compress_bounded gives once inflated, and falls back to Huffman-only coding like it when
     deflate would exceed WRITER_RATIO (pieces are asked for again then)."""
-    from s3xfer.validate import WRITER_RATIO, compress_bounded_pieces, gunzip
+    from s3xfer.dataset.validate import WRITER_RATIO, compress_bounded_pieces, gunzip
 
     cases: list[list[bytes]] = [[b"abc" * 1000, b"xyz" * 7], [b"\0" * 100_000] * 5, [], [b""]]
     for pieces in cases:

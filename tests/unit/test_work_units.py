@@ -8,10 +8,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from s3xfer.config import MiB, TransferConfig
+from s3xfer.dataset.keys import S3Url
 from s3xfer.errors import UsageError
-from s3xfer.keys import S3Url
-from s3xfer.plan import Kind, WorkUnit, make_plan, parse_slice, slice_of, work_units
-from s3xfer.survey import FileEntry
+from s3xfer.planning.plan import Kind, WorkUnit, make_plan, parse_slice, slice_of, work_units
+from s3xfer.planning.survey import FileEntry
 
 from .test_plan import make_survey
 

@@ -1,0 +1,1056 @@
+"""The S3 facade: every request s3xfer sends, counted, admitted by the adaptive gate, retried
+by its callers, and its errors translated to s3xfer's own, with the options every request
+carries (expected bucket owner, server-side encryption).
+
+The data path (PUT, UploadPart, GET, ranged GET, HEAD) goes through the transport package
+(awscrt); control requests (List, Create/Complete/Abort multipart) through aiobotocore. Both
+take endpoint, credentials, CA bundle and proxies from botocore's view of the environment and
+config, so they always agree. aiobotocore and aiohttp are imported, and the client made, only
+when a request needs them (about 0.3 s of start-up).
+
+Every exception is mapped, in `_translate`, to s3xfer's own: permanent failures to
+RemoteError subclasses with a readable message, and retryable ones to TransientError.
+botocore's own retries are off so that retries are counted and bounded in one place
+(retry.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import logging
+import os
+import re
+import ssl
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_plus
+
+import anyio
+import botocore.exceptions as bx
+
+from ..checksums import crc32, crc32_to_base64
+from ..errors import (
+    AccessDeniedError,
+    EndpointError,
+    IntegrityError,
+    NoSuchBucketError,
+    NoSuchKeyError,
+    NoSuchUploadError,
+    RemoteError,
+    S3XferError,
+    UsageError,
+    redact_credentials,
+)
+from .endpoints import Endpoints, check_endpoint_url
+from .http import BodyCheck, Credentials, Response, Sink, Transport, UnreachableError
+from .network import NetworkSettings
+from .retry import TransientError
+from .throttle import AdaptiveGate
+
+if TYPE_CHECKING:
+    from aiobotocore.session import AioSession
+    from botocore.model import OperationModel
+    from types_aiobotocore_s3 import S3Client
+
+__all__ = (
+    "S3",
+    "BodyCheck",
+    "Connection",
+    "ObjectAttributes",
+    "ObjectLayout",
+    "Sink",
+    "UnreachableError",
+    "open_s3",
+)
+
+_THROTTLE_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "TooManyRequestsException",
+    "503",
+}
+_TRANSIENT_CODES = {
+    "InternalError",
+    "ServiceUnavailable",
+    "RequestTimeout",
+    "500",
+    "502",
+    "504",
+    "RequestTimeTooSkewed",
+    "OperationAborted",
+}
+_DENIED_CODES = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "403",
+    "InvalidToken",
+    "ExpiredToken",
+    "AllAccessDisabled",
+}
+
+MAX_DELETE_KEYS = 1000  # S3's limit per DeleteObjects request
+_READ_OPERATIONS = frozenset(
+    {
+        "check_bucket",
+        "get_object",
+        "head_object",
+        "list_objects",
+        "list_multipart_uploads",
+        "list_parts",
+    }
+)
+
+SSE_ALGORITHMS = ("AES256", "aws:kms")
+_ACCOUNT_ID = re.compile(r"[0-9]{12}")
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectLayout:
+    part_size: int  # of its multipart upload (part 1's length); 0 when not known
+    crc32: str | None  # base64 whole-object CRC32 (ChecksumType FULL_OBJECT), when S3 keeps one
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectAttributes:
+    """What an object holding file data carries besides its bytes: set where the object is
+    created, PutObject or CreateMultipartUpload (its parts inherit them, and UploadPart takes
+    none). Defined here once, as headers for the transport and as botocore's parameters."""
+
+    content_type: str = ""  # "": none sent, S3 stores its default (binary/octet-stream)
+    storage_class: str | None = None
+    metadata: tuple[tuple[str, str], ...] = ()  # x-amz-meta-<key>, keys lower-case
+
+    def headers(self) -> dict[str, str]:
+        headers = {f"x-amz-meta-{key}": value for key, value in self.metadata}
+        if self.content_type:
+            headers["content-type"] = self.content_type
+        if self.storage_class:
+            headers["x-amz-storage-class"] = self.storage_class
+        return headers
+
+    def parameters(self) -> dict[str, Any]:
+        parameters: dict[str, Any] = {}
+        if self.metadata:
+            parameters["Metadata"] = dict(self.metadata)
+        if self.content_type:
+            parameters["ContentType"] = self.content_type
+        if self.storage_class:
+            parameters["StorageClass"] = self.storage_class
+        return parameters
+
+
+NO_ATTRIBUTES = ObjectAttributes()
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """Where and how to connect. Unset, everything comes from where awscli takes it (AWS_*
+    variables, ~/.aws/config and credentials, the profile). Credentials given here are kept
+    out of repr, and so out of logs and reports."""
+
+    # Takes precedence over AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL and the profile's settings.
+    endpoint_url: str | None = None
+    profile: str | None = None
+    region: str | None = None
+    verify_ssl: bool = True
+    access_key: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    # Send requests unsigned (public buckets), as awscli's --no-sign-request.
+    unsigned: bool = False
+    # Server-side encryption of the objects written (PutObject, CreateMultipartUpload).
+    sse: str | None = None
+    sse_kms_key_id: str | None = None
+    # Every request then fails (403) unless the bucket belongs to this account: a bucket name
+    # deleted and re-created by someone else does not silently receive the data.
+    expected_bucket_owner: str | None = None
+    # A request that makes no progress (sending or receiving) for this long is cut and retried.
+    stall_timeout: float = 60.0
+    # A response that has not started, or stopped arriving, for this long is cut and retried;
+    # None: stall_timeout. cat and get use 10 s (transport.NetworkSettings.read_timeout).
+    read_timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.endpoint_url is not None:
+            check_endpoint_url(self.endpoint_url)
+        for name in ("stall_timeout", "read_timeout"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < float("inf"):
+                raise UsageError(f"{name.replace('_', ' ')} must be a positive number of seconds")
+        if self.sse is not None and self.sse not in SSE_ALGORITHMS:
+            raise UsageError(
+                f"unknown server-side encryption {self.sse!r} (use {' or '.join(SSE_ALGORITHMS)})"
+            )
+        if self.sse_kms_key_id and self.sse != "aws:kms":
+            raise UsageError("a KMS key id needs server-side encryption aws:kms (--sse aws:kms)")
+        owner = self.expected_bucket_owner
+        if owner is not None and not _ACCOUNT_ID.fullmatch(owner):
+            raise UsageError(f"expected bucket owner must be a 12-digit AWS account id: {owner!r}")
+        if bool(self.access_key) != bool(self.secret_key):
+            raise UsageError("an access key needs its secret key, and the other way round")
+
+
+def _where(bucket: str, key: str | None, byte_range: str | None) -> str:
+    where = f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
+    return f"{where} ({byte_range})" if byte_range else where
+
+
+def _sso_profile(profile: str | None) -> str:
+    return profile or os.environ.get("AWS_PROFILE") or "default"
+
+
+def _translate(
+    exc: BaseException,
+    *,
+    bucket: str,
+    key: str | None,
+    byte_range: str | None,
+    profile: str | None = None,
+) -> Exception | None:
+    where = _where(bucket, key, byte_range)
+    if isinstance(exc, bx.ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        message = error.get("Message") or code
+        if code == "NoSuchBucket":
+            return NoSuchBucketError(f"no such bucket: s3://{bucket}")
+        if code == "NoSuchUpload":
+            return NoSuchUploadError(
+                f"no such multipart upload: {where}: aborted, completed, or never created"
+            )
+        if code in ("NoSuchKey", "404", "NotFound") and key:
+            return NoSuchKeyError(f"no such object: {where}")
+        if code in ("404", "NotFound"):
+            return NoSuchBucketError(f"no such bucket: s3://{bucket}")
+        if code in ("PreconditionFailed", "412") or status == 412:
+            return IntegrityError(
+                f"{where} was replaced after it was catalogued (ETag no longer matches)"
+            )
+        if code in _THROTTLE_CODES or status == 503:
+            return TransientError(f"throttled ({code}) on {where}", throttled=True)
+        if code in _TRANSIENT_CODES or status >= 500:
+            return TransientError(f"server error {code or status} on {where}: {message}")
+        if code in _DENIED_CODES:
+            return AccessDeniedError(
+                f"access denied to {where}: {code} (check the credentials and their permissions)"
+            )
+        if status in (301, 307) or code in ("PermanentRedirect", "AuthorizationHeaderMalformed"):
+            return RemoteError(
+                f"s3://{bucket} is not in the region requests are sent to ({code or status}), "
+                "and S3 did not say which it is in: pass its region with --region"
+            )
+        return RemoteError(f"{code or status} on {where}: {message}")
+    if isinstance(exc, bx.FlexibleChecksumError):
+        return IntegrityError(f"{where}: the body does not match the checksum S3 stored: {exc}")
+    if isinstance(
+        exc, bx.SSOTokenLoadError | bx.UnauthorizedSSOTokenError | bx.TokenRetrievalError
+    ):
+        name = _sso_profile(profile)
+        return AccessDeniedError(
+            f"the AWS SSO session of profile {name} is not logged in or has expired: "
+            f"run aws sso login --profile {name}"
+        )
+    if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
+        return AccessDeniedError(
+            "no AWS credentials found: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+            "use --profile, or configure ~/.aws/credentials"
+        )
+    if isinstance(exc, bx.ProfileNotFound):
+        return UsageError(f"no such AWS profile: {exc.kwargs.get('profile')}")
+    if isinstance(exc, bx.EndpointConnectionError | bx.ConnectTimeoutError):
+        return UnreachableError(f"cannot reach the endpoint for {where}: {exc}")
+    if isinstance(exc, bx.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        return EndpointError(
+            f"TLS certificate verification failed for {where}: set AWS_CA_BUNDLE (or ca_bundle "
+            "in the profile) to the CA that signed it, or --no-verify-ssl for an endpoint you trust"
+        )
+    loaded = sys.modules.get("aiohttp")  # no aiohttp error can happen before it is imported
+    if loaded is not None and isinstance(exc, loaded.ClientConnectorError):
+        return UnreachableError(f"cannot reach the endpoint for {where}: {exc}")
+    if isinstance(exc, bx.ReadTimeoutError | TimeoutError):  # botocore's; rawhttp's, aiohttp's
+        return TransientError(
+            f"connection failed on {where}: {type(exc).__name__}: {exc}", timed_out=True
+        )
+    if isinstance(exc, bx.ConnectionClosedError | bx.ResponseStreamingError):
+        return TransientError(f"connection failed on {where}: {exc}")
+    if isinstance(exc, bx.HTTPClientError) or (
+        loaded is not None and isinstance(exc, loaded.ClientError)
+    ):
+        return TransientError(f"connection failed on {where}: {type(exc).__name__}: {exc}")
+    if isinstance(exc, ConnectionError | ssl.SSLError):
+        return TransientError(f"connection failed on {where}: {type(exc).__name__}: {exc}")
+    if isinstance(exc, bx.InvalidConfigError | bx.ConfigParseError):
+        return UsageError(f"bad AWS configuration: {exc}")
+    if isinstance(exc, bx.NoRegionError):
+        return UsageError("no AWS region configured: pass --region or set AWS_DEFAULT_REGION")
+    return None
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (
+        TimeoutError,
+        ConnectionError,
+        ssl.SSLError,
+        bx.BotoCoreError,
+        bx.ClientError,
+    )
+    loaded = sys.modules.get("aiohttp")
+    return (*errors, loaded.ClientError) if loaded is not None else errors
+
+
+@contextmanager
+def map_errors(
+    bucket: str,
+    key: str | None = None,
+    byte_range: str | None = None,
+    *,
+    profile: str | None = None,
+) -> Iterator[None]:
+    try:
+        yield
+    except S3XferError:
+        raise  # ours already (EndpointError is a ConnectionError too)
+    except _network_errors() as exc:
+        mapped = _translate(exc, bucket=bucket, key=key, byte_range=byte_range, profile=profile)
+        if mapped is None:
+            where = _where(bucket, key, byte_range)
+            raise RemoteError(f"{type(exc).__name__} on {where}: {exc}") from exc
+        raise mapped from exc
+
+
+def _expect_bucket_owner(owner: str) -> Callable[..., None]:
+    """A botocore hook giving ExpectedBucketOwner to every operation that accepts it: added
+    to the client once, it cannot be forgotten by a call (or by a module using the client)."""
+
+    def add(params: dict[str, Any], model: OperationModel, **_: Any) -> None:
+        shape = model.input_shape
+        if shape is not None and "ExpectedBucketOwner" in shape.members:
+            params.setdefault("ExpectedBucketOwner", owner)
+
+    return add
+
+
+class S3:
+    """Thin async helpers over the transport (data path) and one botocore client (control
+    requests); every call raises only s3xfer errors.
+
+    With expected_bucket_owner, every request carries it (botocore through a client hook, the
+    transport as a signed header). With sse, every object written is encrypted: PutObject and
+    CreateMultipartUpload carry it, UploadPart must not (S3 refuses SSE-S3/KMS headers there:
+    the parts inherit the upload's encryption)."""
+
+    def __init__(
+        self,
+        botocore: _Botocore,
+        *,
+        transport: Transport,
+        endpoint_label: str,
+        sse: str | None = None,
+        sse_kms_key_id: str | None = None,
+        expected_bucket_owner: str | None = None,
+        gate: AdaptiveGate | None = None,
+    ) -> None:
+        self._botocore = botocore
+        self.transport = transport
+        self.gate = gate
+        self._answered = False  # has the endpoint ever answered (a response, even an error)?
+        self.endpoint_label = endpoint_label
+        self.calls: Counter[str] = Counter()  # requests sent per operation, retries included
+        # botocore parameters of the writes that create objects
+        self._encryption: dict[str, Any] = {}
+        # the same as headers, for the transport: every request, and PutObject's own
+        self._headers: dict[str, str] = {}
+        self._put_headers: dict[str, str] = {}
+        if sse:
+            self._encryption["ServerSideEncryption"] = sse
+            self._put_headers["x-amz-server-side-encryption"] = sse
+        if sse_kms_key_id:
+            self._encryption["SSEKMSKeyId"] = sse_kms_key_id
+            self._put_headers["x-amz-server-side-encryption-aws-kms-key-id"] = sse_kms_key_id
+        if expected_bucket_owner:
+            hook = _expect_bucket_owner(expected_bucket_owner)
+            botocore.on_client.append(
+                lambda client: client.meta.events.register("before-parameter-build.s3", hook)
+            )
+            self._headers["x-amz-expected-bucket-owner"] = expected_bucket_owner
+        self._put_headers.update(self._headers)
+
+    async def client(self) -> S3Client:
+        """The botocore client (made on the first call)."""
+        return await self._botocore.client()
+
+    @property
+    def requests(self) -> int:
+        return sum(self.calls.values())
+
+    @property
+    def writes(self) -> int:
+        """PUT-class requests: what a re-run of an unchanged upload must not send."""
+        return sum(n for op, n in self.calls.items() if op not in _READ_OPERATIONS)
+
+    @asynccontextmanager
+    async def _request(
+        self, operation: str, bucket: str, key: str | None = None, byte_range: str | None = None
+    ) -> AsyncIterator[None]:
+        """One request: counted, admitted by the adaptive gate (when there is one), its errors
+        translated, and its outcome (success, or throttling) fed back to the gate."""
+        self.calls[operation] += 1
+        gate = self.gate  # taken and given back directly: a context manager less per request
+        if gate is not None:
+            await gate.acquire()
+        try:
+            try:
+                with map_errors(bucket, key, byte_range, profile=self._botocore.connection.profile):
+                    yield
+            except UnreachableError as error:
+                # Never answered at all: a wrong endpoint, not a passing failure worth retrying.
+                if not self._answered:
+                    raise EndpointError(
+                        f"cannot reach S3 endpoint {self.endpoint_label}: {error}"
+                    ) from error
+                raise
+            except TransientError as error:
+                if error.throttled and gate is not None:
+                    gate.throttled()
+                raise
+            except RemoteError:
+                self._answered = True
+                raise
+            self._answered = True
+            if gate is not None:
+                gate.succeeded()
+        finally:
+            if gate is not None:
+                gate.release()
+
+    async def _send(
+        self,
+        operation: str,
+        method: str,
+        bucket: str,
+        key: str | None,
+        *,
+        query: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+        on_head: BodyCheck | None = None,
+        sink: Sink | None = None,
+        collect: bool = False,
+    ) -> Response:
+        """One request on the transport: its answer when 2xx, else S3's error raised (as
+        botocore's ClientError, so that one mapping serves both paths)."""
+        response = await self.transport.request(
+            method,
+            bucket,
+            key,
+            query=query,
+            headers={**self._headers, **(headers or {})},
+            body=body,
+            on_head=on_head,
+            sink=sink,
+            collect=collect,
+        )
+        if 200 <= response.status < 300:
+            return response
+        raise _client_error(response.status, response.error_text, operation)
+
+    async def prepare_reads(self, bucket: str) -> None:
+        """Before the first GETs of bucket: nothing to send. The first GET fails as a bucket
+        check would (no such bucket, access denied, no endpoint), one round trip sooner, and
+        a bucket in another region is followed there by the transport."""
+
+    async def check_bucket(self, bucket: str) -> None:
+        """Fail early, with one clear line, on a missing bucket, bad credentials or no endpoint."""
+        async with self._request("check_bucket", bucket):
+            await self._send("HeadBucket", "HEAD", bucket, None)
+
+    async def put_object(
+        self,
+        bucket: str,
+        key: str,
+        body: bytes,
+        *,
+        crc32: str,
+        attributes: ObjectAttributes = NO_ATTRIBUTES,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+    ) -> str:
+        """One object; `attributes` for one holding file data (Content-Type, storage class,
+        user metadata), none for s3xfer's own objects; if_none_match / if_match make it
+        conditional (a 412 is IntegrityError)."""
+        conditions = {"if-none-match": "*"} if if_none_match else {}
+        if if_match is not None:
+            conditions["if-match"] = if_match
+        async with self._request("put_object", bucket, key):
+            response = await self._send(
+                "PutObject",
+                "PUT",
+                bucket,
+                key,
+                headers={
+                    **self._put_headers,
+                    **attributes.headers(),
+                    "x-amz-checksum-crc32": crc32,
+                    **conditions,
+                },
+                body=body,
+            )
+        return response.headers.get("etag", "")
+
+    async def create_multipart_upload(
+        self, bucket: str, key: str, *, attributes: ObjectAttributes = NO_ATTRIBUTES
+    ) -> str:
+        """A multipart upload, carrying the object's `attributes` (see put_object)."""
+        async with self._request("create_multipart_upload", bucket, key):
+            client = await self.client()
+            response = await client.create_multipart_upload(
+                Bucket=bucket,
+                Key=key,
+                ChecksumAlgorithm="CRC32",
+                ChecksumType="FULL_OBJECT",
+                **self._encryption,
+                **attributes.parameters(),
+            )
+        return response["UploadId"]
+
+    async def upload_part(
+        self, bucket: str, key: str, *, upload_id: str, number: int, body: bytes, crc32: str
+    ) -> str:
+        async with self._request("upload_part", bucket, key, f"part {number}"):
+            response = await self._send(
+                "UploadPart",
+                "PUT",
+                bucket,
+                key,
+                query={"partNumber": str(number), "uploadId": upload_id},
+                headers={"x-amz-checksum-crc32": crc32},
+                body=body,
+            )
+        return response.headers.get("etag", "")
+
+    async def complete_multipart_upload(
+        self,
+        bucket: str,
+        key: str,
+        *,
+        upload_id: str,
+        parts: list[tuple[int, str, str]],
+        crc32: str,
+    ) -> str:
+        """parts: (number, etag, part crc32) in order; crc32: the full-object value."""
+        async with self._request("complete_multipart_upload", bucket, key):
+            client = await self.client()
+            response = await client.complete_multipart_upload(
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={
+                    "Parts": [
+                        {"PartNumber": n, "ETag": etag, "ChecksumCRC32": c} for n, etag, c in parts
+                    ]
+                },
+                ChecksumCRC32=crc32,
+                ChecksumType="FULL_OBJECT",
+            )
+        return response.get("ETag", "")
+
+    async def abort_multipart_upload(self, bucket: str, key: str, *, upload_id: str) -> None:
+        async with self._request("abort_multipart_upload", bucket, key, f"upload id {upload_id}"):
+            client = await self.client()
+            await client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+
+    async def list_multipart_uploads(
+        self, bucket: str, prefix: str, *, page_size: int = 1000
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every incomplete multipart upload under a prefix (whoever started it), page by page:
+        dicts with at least Key, UploadId and Initiated (a timezone-aware datetime).
+
+        A page continues from NextKeyMarker and NextUploadIdMarker. SeaweedFS sends only the
+        upload id marker (it pages by upload id), so a missing key marker is sent as none."""
+        key_marker = upload_id_marker = ""
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxUploads": page_size}
+            if key_marker:
+                kwargs["KeyMarker"] = key_marker
+            if upload_id_marker:
+                kwargs["UploadIdMarker"] = upload_id_marker
+            async with self._request("list_multipart_uploads", bucket, prefix or None):
+                client = await self.client()
+                page = await client.list_multipart_uploads(**kwargs)
+            for upload in page.get("Uploads", []):
+                yield dict(upload)
+            if not page.get("IsTruncated"):
+                return
+            markers = (page.get("NextKeyMarker") or "", page.get("NextUploadIdMarker") or "")
+            if markers in ((key_marker, upload_id_marker), ("", "")):
+                raise RemoteError(
+                    f"the listing of incomplete uploads in {_where(bucket, prefix, None)} "
+                    "does not advance (a truncated page without a new marker)"
+                )
+            key_marker, upload_id_marker = markers
+
+    async def list_parts(
+        self, bucket: str, key: str, *, upload_id: str, page_size: int = 1000
+    ) -> list[dict[str, Any]]:
+        """Every part already uploaded, sorted by PartNumber: dicts with PartNumber, Size, ETag
+        and ChecksumCRC32 when the server returns it. NoSuchUploadError when the upload is gone.
+        """
+        parts: dict[int, dict[str, Any]] = {}
+        marker = 0
+        while True:
+            kwargs: dict[str, Any] = {
+                "Bucket": bucket,
+                "Key": key,
+                "UploadId": upload_id,
+                "MaxParts": page_size,
+            }
+            if marker:
+                kwargs["PartNumberMarker"] = marker
+            async with self._request("list_parts", bucket, key, f"upload id {upload_id}"):
+                client = await self.client()
+                page = await client.list_parts(**kwargs)
+            for part in page.get("Parts", []):
+                parts[int(part["PartNumber"])] = dict(part)
+            if not page.get("IsTruncated"):
+                return [parts[number] for number in sorted(parts)]
+            next_marker = int(page.get("NextPartNumberMarker") or 0)
+            if next_marker <= marker:
+                raise RemoteError(
+                    f"the listing of parts of {_where(bucket, key, f'upload id {upload_id}')} "
+                    "does not advance (a truncated page without a new marker)"
+                )
+            marker = next_marker
+
+    async def get_object(self, bucket: str, key: str, *, byte_range: str | None = None) -> bytes:
+        """A small object (or a range of one) whole: s3xfer's manifest, catalog and indexes."""
+        body, _status, _content_range = await self.get_range(bucket, key, byte_range=byte_range)
+        return body
+
+    async def get_range(
+        self,
+        bucket: str,
+        key: str,
+        *,
+        byte_range: str | None,
+        if_match: str | None = None,
+        verify_checksum: bool = False,
+    ) -> tuple[bytes, int, str | None]:
+        """One GET (of one range, or the whole object): body, HTTP status, Content-Range.
+
+        With if_match, an object replaced since its ETag was recorded is refused by S3 (412)
+        instead of returning other bytes. With verify_checksum (whole objects only), the body
+        is checked against the checksum S3 stored with it, when there is one (what botocore's
+        response checksum validation does)."""
+        headers: dict[str, str] = {}
+        if byte_range:
+            headers["range"] = byte_range
+        elif verify_checksum:
+            headers["x-amz-checksum-mode"] = "ENABLED"
+        if if_match:
+            headers["if-match"] = if_match
+        async with self._request("get_object", bucket, key, byte_range):
+            response = await self._send(
+                "GetObject", "GET", bucket, key, headers=headers, collect=True
+            )
+        if verify_checksum and not byte_range:
+            _check_stored_checksum(response, where=_where(bucket, key, None))
+        return response.body, response.status, response.headers.get("content-range")
+
+    async def get_range_to(
+        self,
+        bucket: str,
+        key: str,
+        *,
+        byte_range: str | None,
+        if_match: str | None = None,
+        on_head: BodyCheck,
+        sink: Sink,
+    ) -> int:
+        """One GET (ranged, or whole when byte_range is None) whose body goes to the sink (a
+        callable given each piece, on a transport thread or a worker thread, or a buffer
+        filled from its start) once
+        on_head(status, Content-Range, Content-Length) has accepted the answer: the body
+        length. A retry must start its own sink state afresh."""
+        headers = {"range": byte_range} if byte_range else {}
+        if if_match:
+            headers["if-match"] = if_match
+        async with self._request("get_object", bucket, key, byte_range):
+            response = await self._send(
+                "GetObject", "GET", bucket, key, headers=headers, on_head=on_head, sink=sink
+            )
+        return response.length
+
+    async def delete_objects(self, bucket: str, keys: Sequence[str]) -> list[tuple[str, str]]:
+        """Delete at most 1,000 keys with one request; the keys S3 did not delete, each with
+        its reason (a key that was already gone counts as deleted)."""
+        if not keys:
+            return []
+        if len(keys) > MAX_DELETE_KEYS:
+            raise ValueError(f"at most {MAX_DELETE_KEYS} keys per DeleteObjects request")
+        async with self._request("delete_objects", bucket, f"{keys[0]} (+{len(keys) - 1} keys)"):
+            client = await self.client()
+            response = await client.delete_objects(
+                Bucket=bucket,
+                Delete={"Objects": [{"Key": key} for key in keys], "Quiet": True},
+            )
+        return [
+            (str(error.get("Key", "")), f"{error.get('Code', '')}: {error.get('Message', '')}")
+            for error in response.get("Errors", [])
+            if error.get("Code") != "NoSuchKey"
+        ]
+
+    async def list_objects(self, bucket: str, prefix: str) -> AsyncIterator[dict[str, Any]]:
+        """Every object under a prefix, page by page (1,000 keys per request), as dicts with
+        botocore's names (Key, Size, LastModified, ETag, StorageClass).
+
+        ListObjectsV2 goes through the transport, its XML read by ElementTree (botocore's own
+        XML parser underneath): botocore's shape-driven parsing of a page took 0.17 ms per
+        key, 1.7 CPU-s before the first GET of a 10,000-object prefix; this takes 0.02 ms."""
+        token: str | None = None
+        while True:
+            # encoding-type=url, as botocore asks: keys XML cannot carry arrive intact.
+            query = {"list-type": "2", "prefix": prefix, "encoding-type": "url"}
+            if token:
+                query["continuation-token"] = token
+            async with self._request("list_objects", bucket, prefix or None):
+                response = await self._send(
+                    "ListObjectsV2", "GET", bucket, None, query=query, collect=True
+                )
+            page = _list_page(response.body, where=_where(bucket, prefix or None, None))
+            for item in page.contents:
+                yield item
+            token = page.next_token
+            if not page.truncated or not token:
+                return
+
+    async def object_layout(self, bucket: str, key: str, *, etag: str) -> ObjectLayout:
+        """How an object someone else uploaded was cut, and its whole-object CRC32 when S3
+        keeps one: at most two HEADs (the object, and its part 1 when the ETag says it was a
+        multipart upload). Both carry If-Match, so they describe the object being fetched."""
+        head = await self.head_object(bucket, key, etag=etag)
+        crc32 = head.get("ChecksumCRC32") if head.get("ChecksumType") == "FULL_OBJECT" else None
+        parts = etag.strip('"').rpartition("-")[2]
+        part_size = 0
+        if parts.isdigit() and int(parts) > 1:
+            first = await self.head_object(bucket, key, etag=etag, part_number=1)
+            if int(first.get("PartsCount") or 0) == int(parts):  # a server that honours it
+                part_size = int(first["ContentLength"])
+        return ObjectLayout(part_size=part_size, crc32=crc32)
+
+    async def head_object(
+        self, bucket: str, key: str, *, etag: str | None = None, part_number: int | None = None
+    ) -> dict[str, Any]:
+        """HeadObject, with the checksum S3 keeps; of the object with this ETag (If-Match),
+        or of one of its parts. The answer under botocore's names (those s3xfer reads)."""
+        headers = {"x-amz-checksum-mode": "ENABLED"}
+        if etag is not None:
+            headers["if-match"] = etag
+        query = {"partNumber": str(part_number)} if part_number is not None else None
+        async with self._request("head_object", bucket, key):
+            response = await self._send(
+                "HeadObject", "HEAD", bucket, key, query=query, headers=headers
+            )
+        answer: dict[str, Any] = {}
+        for header, name in _HEAD_FIELDS.items():
+            value = response.headers.get(header)
+            if value is not None:
+                answer[name] = int(value) if name in ("ContentLength", "PartsCount") else value
+        return answer
+
+
+# HeadObject's answer: header -> botocore's name
+_HEAD_FIELDS = {
+    "content-length": "ContentLength",
+    "etag": "ETag",
+    "x-amz-mp-parts-count": "PartsCount",
+    "x-amz-checksum-type": "ChecksumType",
+    "x-amz-checksum-crc32": "ChecksumCRC32",
+    "x-amz-checksum-crc32c": "ChecksumCRC32C",
+    "x-amz-checksum-crc64nvme": "ChecksumCRC64NVME",
+    "x-amz-checksum-sha1": "ChecksumSHA1",
+    "x-amz-checksum-sha256": "ChecksumSHA256",
+    # As sent (RFC 7231 dates): lease.py ages its object by the server's clock alone.
+    "last-modified": "LastModified",
+    "date": "Date",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _ListPage:
+    contents: list[dict[str, Any]]
+    truncated: bool
+    next_token: str | None
+
+
+def _list_page(body: bytes, *, where: str) -> _ListPage:
+    """One ListObjectsV2 answer (keys URL-encoded, with + for a space: encoding-type=url,
+    decoded as botocore decodes them)."""
+    from xml.etree import ElementTree
+
+    try:
+        root = ElementTree.fromstring(body)
+    except ElementTree.ParseError as exc:
+        raise TransientError(f"unreadable listing of {where}: {exc}") from exc
+    namespace = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+    encoded = (root.findtext(f"{namespace}EncodingType") or "").lower() == "url"
+    contents: list[dict[str, Any]] = []
+    for entry in root.iterfind(f"{namespace}Contents"):
+        item: dict[str, Any] = {}
+        for field_element in entry:
+            name = field_element.tag[len(namespace) :]
+            text = field_element.text or ""
+            if name == "Key":
+                item["Key"] = unquote_plus(text) if encoded else text
+            elif name == "Size":
+                item["Size"] = int(text)
+            elif name == "LastModified":
+                item["LastModified"] = _parse_timestamp(text)
+            elif name in ("ETag", "StorageClass"):
+                item[name] = text
+        if "Key" not in item or "Size" not in item:
+            raise RemoteError(f"a listing of {where} names an object without key or size")
+        contents.append(item)
+    truncated = (root.findtext(f"{namespace}IsTruncated") or "").strip().lower() == "true"
+    return _ListPage(contents, truncated, root.findtext(f"{namespace}NextContinuationToken"))
+
+
+def _stored_checksum(algorithm: str, body: bytes) -> str:
+    """The base64 value S3 would report for body under algorithm."""
+    if algorithm == "crc32":
+        return crc32_to_base64(crc32(body))
+    if algorithm in ("crc32c", "crc64nvme"):
+        from awscrt import checksums
+
+        if algorithm == "crc32c":
+            return base64.b64encode(checksums.crc32c(body).to_bytes(4, "big")).decode()
+        return base64.b64encode(checksums.crc64nvme(body).to_bytes(8, "big")).decode()
+    return base64.b64encode(hashlib.new(algorithm, body).digest()).decode()
+
+
+def _check_stored_checksum(response: Response, *, where: str) -> None:
+    """The whole body against the checksum S3 stored with the object, if any. A composite
+    checksum (of the parts of a multipart upload, `value-N`) says nothing of the whole body,
+    so it is not checked (nor does botocore check it)."""
+    for algorithm in ("crc32", "crc32c", "crc64nvme", "sha1", "sha256"):
+        stored = response.headers.get(f"x-amz-checksum-{algorithm}")
+        if not stored:
+            continue
+        if "-" in stored or response.headers.get("x-amz-checksum-type") == "COMPOSITE":
+            return
+        if _stored_checksum(algorithm, response.body) != stored:
+            raise IntegrityError(
+                f"{where}: the body does not match the {algorithm.upper()} S3 stored with it"
+            )
+        return
+
+
+def _client_error(status: int, text: str, operation: str) -> bx.ClientError:
+    """An S3 XML error body as botocore's ClientError, so one mapping serves both paths."""
+    code = re.search(r"<Code>([^<]*)</Code>", text)
+    message = re.search(r"<Message>([^<]*)</Message>", text)
+    error: Any = {
+        "Error": {
+            "Code": code.group(1) if code else str(status),
+            "Message": message.group(1) if message else text[:200],
+        },
+        "ResponseMetadata": {"HTTPStatusCode": status},
+    }
+    return bx.ClientError(error, operation)
+
+
+def _parse_timestamp(value: Any) -> datetime.datetime:
+    """A timestamp of a botocore response, as botocore's own parser returns it (timezone
+    aware), by the fast standard-library parser whenever it is ISO 8601."""
+    if isinstance(value, str):
+        try:
+            parsed = datetime.datetime.fromisoformat(value)
+        except ValueError:
+            pass
+        else:
+            if parsed.tzinfo is not None:
+                return parsed
+    from botocore.utils import parse_timestamp
+
+    result: datetime.datetime = parse_timestamp(value)
+    return result
+
+
+class _Botocore:
+    """aiobotocore's session and S3 client, made on first use: importing them and loading
+    S3's service model cost about 0.3 s, which a run that needs no control request skips.
+    Also where the transport takes the region, credentials and CA bundle from, so both paths
+    always agree."""
+
+    def __init__(self, connection: Connection, stack: AsyncExitStack, *, pool: int) -> None:
+        self.connection = connection
+        self.stack = stack
+        self.pool = pool
+        self.on_client: list[Callable[[S3Client], None]] = []  # run once on the new client
+        self._session: AioSession | None = None
+        self._client: S3Client | None = None
+        self._region: str | None = None
+        self._static: Credentials | bool | None = None  # False: none given nor in the env
+        self._lock = anyio.Lock()
+
+    def session(self) -> AioSession:
+        if self._session is None:
+            from aiobotocore.session import AioSession
+
+            # botocore logs a failed credential refresh (an SSO session not logged in...) with
+            # its traceback before raising it; s3xfer reports the error itself, in one line.
+            # (A handler configured by the application still receives the record.)
+            for name in ("botocore", "aiobotocore"):
+                logging.getLogger(name).addHandler(logging.NullHandler())
+
+            try:
+                self._session = AioSession(profile=self.connection.profile)
+            except bx.ProfileNotFound as exc:
+                raise UsageError(f"no such AWS profile: {self.connection.profile}") from exc
+            # S3's timestamps are ISO 8601, which the standard library parses in 2 µs; botocore's
+            # general parser (dateutil) took 0.6 ms each: 6 CPU-s for a 10,000-object listing.
+            self._session.get_component("response_parser_factory").set_parser_defaults(
+                timestamp_parser=_parse_timestamp
+            )
+        return self._session
+
+    async def client(self) -> S3Client:
+        if self._client is not None:
+            return self._client
+        async with self._lock:
+            if self._client is None:
+                self._client = await self._create()
+        return self._client
+
+    async def _create(self) -> S3Client:
+        import botocore
+        from aiobotocore.config import AioConfig
+
+        connection = self.connection
+        config = AioConfig(
+            max_pool_connections=self.pool,
+            retries={"total_max_attempts": 1},  # retry.py owns retries
+            parameter_validation=False,
+            connect_timeout=10,
+            read_timeout=connection.read_timeout or connection.stall_timeout,
+            # We send our own CRC32 values; no second pass over the bytes by botocore.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            signature_version=botocore.UNSIGNED if connection.unsigned else None,
+        )
+        try:
+            client: S3Client = await self.stack.enter_async_context(
+                self.session().create_client(
+                    "s3",
+                    endpoint_url=connection.endpoint_url,
+                    region_name=connection.region,
+                    # None: botocore's own choice, AWS_CA_BUNDLE or the profile's ca_bundle
+                    verify=None if connection.verify_ssl else False,
+                    aws_access_key_id=connection.access_key,
+                    aws_secret_access_key=connection.secret_key,
+                    aws_session_token=connection.session_token,
+                    config=config,
+                )
+            )
+        except bx.ProfileNotFound as exc:
+            raise UsageError(f"no such AWS profile: {connection.profile}") from exc
+        except ValueError as exc:
+            raise UsageError(f"bad endpoint URL: {exc}") from exc
+        for hook in self.on_client:
+            hook(client)
+        return client
+
+    def region(self) -> str:
+        """The region to sign for, as botocore would resolve it: given, else the environment,
+        else the profile's configuration, else us-east-1 (resolved once)."""
+        if self._region is None:
+            self._region = (
+                self.connection.region
+                or os.environ.get("AWS_DEFAULT_REGION")
+                or self.session().get_config_variable("region")
+                or "us-east-1"
+            )
+        return self._region
+
+    def ca_bundle(self) -> str | None:
+        """The CAs botocore would trust: AWS_CA_BUNDLE, else the profile's ca_bundle."""
+        return os.environ.get("AWS_CA_BUNDLE") or self.session().get_config_variable("ca_bundle")
+
+    async def credentials(self) -> Credentials | None:
+        """The credentials to sign the next request with: given, else the environment's (as
+        botocore's chain, which reads them first unless a profile is named), else botocore's
+        chain, whose refreshable credentials renew themselves as they near expiry."""
+        connection = self.connection
+        if connection.unsigned:
+            return None
+        if self._static is None:
+            # Given or in the environment: fixed for the run (botocore, too, reads the
+            # environment's once), so made once and not for every request.
+            access_key = os.environ.get("AWS_ACCESS_KEY_ID")
+            secret_key = os.environ.get("AWS_SECRET_ACCESS_KEY")
+            if connection.access_key and connection.secret_key:
+                self._static = Credentials(
+                    connection.access_key, connection.secret_key, connection.session_token
+                )
+            elif connection.profile is None and access_key and secret_key:
+                token = os.environ.get("AWS_SESSION_TOKEN")
+                self._static = Credentials(access_key, secret_key, token)
+            else:
+                self._static = False
+        if isinstance(self._static, Credentials):
+            return self._static
+        source = await self.session().get_credentials()  # one object, kept by the session
+        if source is None:
+            return None
+        frozen = await source.get_frozen_credentials()  # refreshed when near expiry
+        if not frozen.access_key or not frozen.secret_key:
+            return None
+        return Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+
+
+@asynccontextmanager
+async def open_s3(
+    connection: Connection, *, max_pool_connections: int = 32, adaptive: bool = True
+) -> AsyncIterator[S3]:
+    """One transport and one client for the whole run, their pools sized to the requests
+    allowed in flight.
+
+    `adaptive`: requests in flight follow an AIMD window (throttle.py), lowered when S3
+    answers SlowDown; off for measurements that must hold a concurrency (bench)."""
+    with map_errors("-", profile=connection.profile):
+        async with AsyncExitStack() as stack:
+            botocore = _Botocore(connection, stack, pool=max_pool_connections)
+            endpoints = Endpoints(
+                explicit=connection.endpoint_url, region=botocore.region, client=botocore.client
+            )
+            transport = Transport(
+                endpoints,
+                NetworkSettings(
+                    verify=connection.verify_ssl,
+                    stall_timeout=connection.stall_timeout,
+                    read_timeout=connection.read_timeout,
+                    pool_size=max_pool_connections,
+                ),
+                credentials=botocore.credentials,
+                ca_bundle=botocore.ca_bundle,
+                unsigned=connection.unsigned,
+            )
+            stack.callback(transport.close)
+            yield S3(
+                botocore,
+                transport=transport,
+                endpoint_label=redact_credentials(connection.endpoint_url or endpoints.label),
+                sse=connection.sse,
+                sse_kms_key_id=connection.sse_kms_key_id,
+                expected_bucket_owner=connection.expected_bucket_owner,
+                gate=AdaptiveGate(max_pool_connections) if adaptive else None,
+            )

@@ -1,0 +1,658 @@
+"""Upload orchestration: check the bucket, skip what the manifest (and the journal of an
+interrupted run) says is done, run the engine, write the merged manifest, and report."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from ..checksums import crc32, crc32_to_base64
+from ..dataset import catalog
+from ..dataset.keys import S3Url, manifest_key, sync_deletable
+from ..dataset.manifest import Manifest, ManifestRecord, ShardRecord
+from ..errors import CorruptMetadataError, NoSuchKeyError, S3XferError
+from ..planning.plan import FileUnit, Plan, ShardUnit
+from ..planning.survey import Problem
+from ..transport.retry import RetryCount, RetryPolicy, call_with_retries
+from ..transport.s3 import MAX_DELETE_KEYS, S3, Connection, open_s3
+from . import lease
+from .engine import Engine, EngineStats, ProgressCallback
+from .journal import Journal, journal_path
+
+
+@dataclass(frozen=True)
+class UploadReport:
+    dest: str
+    files_uploaded: int
+    bytes_uploaded: int
+    files_unchanged: int
+    bytes_unchanged: int
+    files_failed: int
+    failures: list[tuple[str, str]]
+    problems: list[tuple[str, str]]  # files the survey could not read
+    seconds: float
+    requests: int
+    write_requests: int
+    retries: int
+    throttled: int
+    peak_buffered_bytes: int
+    manifest_written: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+    # The dataset made equal to the tree (see Committed).
+    files_removed: int = 0  # left the dataset: deleted, renamed or replaced in the tree
+    files_kept_deleted: int = 0  # no longer in the tree, kept (--keep-deleted, unreadable)
+    files_not_selected: int = 0  # in the dataset, outside --include/--exclude: left alone
+    objects_deleted: int = 0  # objects and shards nothing referred to any more
+    # Resuming an interrupted run (see journal.py).
+    files_from_journal: int = 0  # finished by the interrupted run: not sent again
+    bytes_reused: int = 0  # parts of its multipart uploads found in S3 and verified: not sent
+    uploads_resumed: int = 0
+    uploads_kept: int = 0  # left open by this run's interruption, for the next run
+    concurrency: int = 0
+    lowest_concurrency: int = 0  # the adaptive window's low point (throttle.py)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_uploaded / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def unreadable(self) -> list[tuple[str, str]]:
+        """Files the survey found but could not read: not uploaded, so the upload is not ok."""
+        return [(p, r) for p, r in self.problems if Problem(p, r).unreadable]
+
+    @property
+    def ok(self) -> bool:
+        return self.files_failed == 0 and not self.unreadable
+
+    def to_json(self) -> dict[str, Any]:
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "extra"}
+        data["failures"] = [{"path": p, "error": e} for p, e in self.failures]
+        data["problems"] = [{"path": p, "reason": r} for p, r in self.problems]
+        data["mb_per_s"] = round(self.mb_per_s, 2)
+        data["seconds"] = round(self.seconds, 3)
+        return {**data, **self.extra}
+
+
+async def get_if_present(
+    s3: S3, bucket: str, key: str, *, policy: RetryPolicy, on_retry: RetryCount | None = None
+) -> bytes | None:
+    """One of s3xfer's own objects (manifest, catalog, slice result), or None if absent."""
+    try:
+        return await call_with_retries(
+            lambda: s3.get_object(bucket, key), policy=policy, on_retry=on_retry
+        )
+    except NoSuchKeyError:
+        return None
+
+
+async def put_with_checksum(
+    s3: S3,
+    bucket: str,
+    key: str,
+    body: bytes,
+    *,
+    policy: RetryPolicy,
+    on_retry: RetryCount | None = None,
+) -> str:
+    """One of s3xfer's own objects, with its CRC32 for S3 to verify: its ETag."""
+    checksum = crc32_to_base64(crc32(body))
+    return await call_with_retries(
+        lambda: s3.put_object(bucket, key, body, crc32=checksum), policy=policy, on_retry=on_retry
+    )
+
+
+async def open_journal(plan: Plan, *, state_dir: Path | None, name: str) -> Journal:
+    """The journal of uploading plan.source as `name` (the destination, or a slice of it),
+    opened (read, replayed, locked) in a worker thread: it may be large."""
+    where = journal_path(plan.source, name, state_dir=state_dir)
+    return await anyio.to_thread.run_sync(
+        lambda: Journal.open(where, source=plan.source, dest=name)
+    )
+
+
+async def close_journal(journal: Journal, *, remove: bool) -> None:
+    """Close (fsync, or delete) in a worker thread, even when the upload was cancelled."""
+    with anyio.CancelScope(shield=True):
+        await anyio.to_thread.run_sync(lambda: journal.close(remove=remove))
+
+
+async def load_manifest(
+    s3: S3, plan: Plan, policy: RetryPolicy, *, on_retry: RetryCount | None = None
+) -> tuple[Manifest | None, str | None]:
+    """The destination's manifest and the SHA-256 of its object (None, None: no manifest)."""
+    key = manifest_key(plan.dest)
+    raw = await get_if_present(s3, plan.dest.bucket, key, policy=policy, on_retry=on_retry)
+    if raw is None:
+        return None, None
+    manifest = Manifest.from_bytes(raw, where=f"s3://{plan.dest.bucket}/{key}")
+    return manifest, hashlib.sha256(raw).hexdigest()
+
+
+async def load_catalog_state(
+    s3: S3, dest: S3Url, policy: RetryPolicy, *, on_retry: RetryCount | None = None
+) -> catalog.CatalogState:
+    """The catalog's root and the pieces one listing shows: whether it is whole and current is
+    for CatalogState.current to say. A root that cannot be read is a catalog to write again,
+    not an error: the manifest, not the catalog, is what uploads start from."""
+    raw = await get_if_present(
+        s3, dest.bucket, catalog.root_key(dest), policy=policy, on_retry=on_retry
+    )
+    try:
+        root = catalog.CatalogRoot.from_bytes(raw, where="") if raw is not None else None
+    except CorruptMetadataError:
+        root = None
+    listed: dict[int, str] = {}
+    async for item in s3.list_objects(dest.bucket, catalog.pieces_prefix(dest)):
+        bucket = catalog.piece_bucket(dest, str(item["Key"]))
+        if bucket is not None:
+            listed[bucket] = str(item.get("ETag", ""))
+    return catalog.CatalogState(root, listed)
+
+
+# DeleteObjects requests at once (1,000 keys each): a million deletions need not be 1,000
+# requests in flight.
+DELETE_REQUESTS_IN_FLIGHT = 8
+StartCallback = Callable[[int, int, int], None]  # (files to send, bytes to send, unchanged)
+
+
+@dataclass
+class Prepared:
+    """What an upload starts from: the destination's manifest (with what a journal says an
+    interrupted run finished), and the plan split into what to send and what is unchanged."""
+
+    old: Manifest | None
+    manifest: Manifest
+    todo: list[FileUnit]
+    unchanged: list[FileUnit]
+    shards_todo: list[ShardUnit]
+    shards_unchanged: list[ShardUnit]
+    journaled: dict[str, ManifestRecord]
+    policy: RetryPolicy
+    metadata_retries: RetryCount  # of the manifest and catalog requests
+    # Every key the manifest, journal or earlier results referred to: those the new
+    # manifest no longer refers to are deleted once it is written.
+    known_keys: set[str] = field(default_factory=set)
+    stale: list[str] = field(default_factory=list)  # records dropped: their shard is gone
+    old_sha256: str | None = None  # of the manifest object `old` was read from
+    catalog_state: catalog.CatalogState | None = None  # as found; None: not looked at
+
+    @property
+    def catalog_current(self) -> bool:
+        """The catalog holds exactly `old` (see CatalogState.current)."""
+        return self.catalog_state is None or self.catalog_state.current(self.old_sha256)
+
+    @property
+    def files_todo(self) -> int:
+        return len(self.todo) + sum(len(s.members) for s in self.shards_todo)
+
+    @property
+    def bytes_todo(self) -> int:
+        return sum(u.size for u in self.todo) + sum(s.size for s in self.shards_todo)
+
+    @property
+    def files_unchanged(self) -> int:
+        return len(self.unchanged) + sum(len(s.members) for s in self.shards_unchanged)
+
+    @property
+    def bytes_unchanged(self) -> int:
+        return sum(u.size for u in self.unchanged) + sum(
+            m.size for s in self.shards_unchanged for m in s.members
+        )
+
+    @property
+    def files_from_journal(self) -> int:
+        return sum(u.path in self.journaled for u in self.unchanged) + sum(
+            m.path in self.journaled for s in self.shards_unchanged for m in s.members
+        )
+
+
+async def prepare(
+    s3: S3,
+    plan: Plan,
+    *,
+    journal: Journal | None = None,
+    done: Manifest | None = None,
+    metadata_retries: RetryCount | None = None,
+) -> Prepared:
+    """Check the bucket, read the manifest, and split the plan into work and no work. `done`:
+    work finished but not in the destination's manifest yet (a slice's earlier result).
+    `metadata_retries`: where to count the retries of metadata requests (one counter for an
+    upload that prepares twice and holds a lease, so that its report counts them all)."""
+    policy = RetryPolicy(max_attempts=plan.config.max_attempts)
+    await s3.check_bucket(plan.dest.bucket)
+    metadata_retries = metadata_retries if metadata_retries is not None else RetryCount()
+    old, old_sha256 = await load_manifest(s3, plan, policy, on_retry=metadata_retries)
+    catalog_state = await load_catalog_state(s3, plan.dest, policy, on_retry=metadata_retries)
+    manifest = Manifest(str(plan.dest), dict(old.records), dict(old.shards)) if old else None
+    manifest = manifest or Manifest(str(plan.dest), {})
+    known_keys = manifest.object_keys()
+    journaled = journal.state.records if journal is not None else {}
+    for earlier in (
+        Manifest("", journaled, journal.state.shards) if journal is not None else None,
+        done,
+    ):
+        if earlier is not None:
+            manifest.records.update(earlier.records)
+            manifest.shards.update(earlier.shards)
+            known_keys |= earlier.object_keys()
+    stale = manifest.drop_stale()  # never "unchanged" on the word of bytes that are gone
+    todo, unchanged = manifest.select_changed(plan.units)
+    shards_todo, shards_unchanged = manifest.select_changed_shards(plan.shards)
+    return Prepared(
+        old,
+        manifest,
+        todo,
+        unchanged,
+        shards_todo,
+        shards_unchanged,
+        journaled,
+        policy,
+        metadata_retries,
+        known_keys,
+        stale,
+        old_sha256,
+        catalog_state,
+    )
+
+
+@dataclass(frozen=True)
+class Committed:
+    """What writing the new manifest did, and what is left to delete."""
+
+    written: bool
+    files_removed: int
+    files_kept_deleted: int
+    unreferenced: list[str]  # keys nothing refers to any more: delete after the manifest
+    warnings: list[str]
+    files_not_selected: int = 0  # outside the plan's --include/--exclude: left alone
+
+
+NOT_COMMITTED = Committed(
+    written=False, files_removed=0, files_kept_deleted=0, unreferenced=[], warnings=[]
+)
+
+
+def tree_paths(plan: Plan) -> set[str]:
+    """Every file of the uploaded tree: the plan's files and shard members."""
+    return {u.path for u in plan.units} | {m.path for s in plan.shards for m in s.members}
+
+
+def kept_paths(plan: Plan, *, keep_deleted: bool) -> Callable[[str], bool]:
+    """Which files no longer in the tree stay in the dataset: all with --keep-deleted, else
+    those outside the plan's --include/--exclude selection (the upload was not about them,
+    as `rclone sync` leaves excluded files alone), and those the survey could not read (or
+    that lie under a directory it could not read): a file that could not be read is not a
+    deleted file."""
+    if keep_deleted:
+        return lambda _path: True
+    selection = plan.selection
+    unreadable = {p.path for p in plan.problems if p.unreadable}
+    if not unreadable and not selection:
+        return lambda _path: False
+
+    def kept(path: str) -> bool:
+        if not selection.selects(path):
+            return True
+        parts = path.split("/")
+        return any("/".join(parts[:n]) in unreadable for n in range(1, len(parts) + 1))
+
+    return kept
+
+
+async def commit(
+    s3: S3,
+    plan: Plan,
+    prepared: Prepared,
+    records: Iterable[ManifestRecord],
+    shard_records: Iterable[ShardRecord],
+    *,
+    keep_deleted: bool = False,
+) -> Committed:
+    """Make the dataset equal the uploaded tree: merge what was uploaded into the manifest,
+    leave out the files no longer in the tree (unless kept) and every stale record, and
+    write the catalog and manifest when anything changed. Deletes nothing: the keys no
+    longer referred to are returned, for `delete_unreferenced` once nothing that could
+    still vouch for them (the journal) is left."""
+    merged = prepared.manifest
+    merged.records.update((record.path, record) for record in records)
+    merged.shards.update((shard.key, shard) for shard in shard_records)
+    # A shard rewritten in place holds its new members only: records of other files still
+    # pointing into it (deleted, moved to another shard, replaced by a directory) must go.
+    stale = [*prepared.stale, *merged.drop_stale()]
+    tree = tree_paths(plan)
+    keep = kept_paths(plan, keep_deleted=keep_deleted)
+    final = merged.synced(tree, keep=keep)
+    warnings = []
+    gone = [p for p in stale if p not in tree and keep(p)]
+    if gone:
+        warnings.append(
+            f"{len(gone)} files no longer in the tree could not be kept, their shard having "
+            f"been rewritten by an earlier s3xfer: {', '.join(gone[:5])}"
+            + (" …" if len(gone) > 5 else "")
+        )
+    before = prepared.old.records if prepared.old is not None else {}
+    referenced = final.object_keys()
+    unreferenced = sorted(
+        key
+        for key in (prepared.known_keys | merged.object_keys()) - referenced
+        if sync_deletable(plan.dest, key)
+    )
+    selects = plan.selection.selects
+    committed = Committed(
+        written=not final.same_as(prepared.old) or not prepared.catalog_current,
+        files_removed=sum(path not in final.records for path in before),
+        files_kept_deleted=sum(path not in tree and selects(path) for path in final.records),
+        unreferenced=unreferenced,
+        warnings=warnings,
+        files_not_selected=sum(not selects(path) for path in final.records)
+        if plan.selection
+        else 0,
+    )
+    if committed.written:
+        await save_catalog(s3, plan.dest, prepared, final, on_retry=prepared.metadata_retries)
+    prepared.manifest = final
+    return committed
+
+
+def may_write(prepared: Prepared, plan: Plan, *, keep_deleted: bool) -> bool:
+    """Whether an upload from `prepared` could write anything: files to send, a catalog to
+    repair, or a manifest that commit would change even if nothing were sent (records an
+    interrupted run left, files that left the tree: commit's own computation, without the
+    engine's results)."""
+    if prepared.todo or prepared.shards_todo or not prepared.catalog_current:
+        return True
+    unsent = prepared.manifest.synced(
+        tree_paths(plan), keep=kept_paths(plan, keep_deleted=keep_deleted)
+    )
+    return not unsent.same_as(prepared.old)
+
+
+async def prepare_to_write(
+    s3: S3,
+    plan: Plan,
+    stack: contextlib.AsyncExitStack,
+    *,
+    command: str,
+    keep_deleted: bool,
+    break_lease: bool,
+    retries: RetryCount,
+    journal: Journal | None = None,
+) -> tuple[Prepared, lease.Lease | None]:
+    """prepare(); then, when the upload may write, the prefix's lease taken (held by `stack`
+    until it closes) and prepare() again under it: the dataset as the last writer left it.
+    The lease is None for an upload with nothing to write, which takes none."""
+    prepared = await prepare(s3, plan, journal=journal, metadata_retries=retries)
+    if not may_write(prepared, plan, keep_deleted=keep_deleted):
+        return prepared, None
+    held = await stack.enter_async_context(
+        lease.held(
+            s3,
+            plan.dest,
+            policy=prepared.policy,
+            command=command,
+            break_lease=break_lease,
+            on_retry=retries,
+        )
+    )
+    return await prepare(s3, plan, journal=journal, metadata_retries=retries), held
+
+
+async def delete_unreferenced(
+    s3: S3, dest: S3Url, keys: list[str], policy: RetryPolicy
+) -> tuple[int, list[str]]:
+    """Delete objects the written manifest no longer refers to, 1,000 per request; how many
+    were deleted, and a warning for those that could not be (left behind, harmless: nothing
+    refers to them)."""
+    failed: list[tuple[str, str]] = []
+    limiter = anyio.CapacityLimiter(DELETE_REQUESTS_IN_FLIGHT)
+
+    async def delete(batch: list[str]) -> None:
+        try:
+            async with limiter:
+                failed.extend(
+                    await call_with_retries(
+                        lambda: s3.delete_objects(dest.bucket, batch), policy=policy
+                    )
+                )
+        except S3XferError as error:
+            failed.extend((key, str(error)) for key in batch)
+
+    async with anyio.create_task_group() as group:
+        for start in range(0, len(keys), MAX_DELETE_KEYS):
+            group.start_soon(delete, keys[start : start + MAX_DELETE_KEYS])
+    warnings = []
+    if failed:
+        key, reason = failed[0]
+        warnings.append(
+            f"{len(failed)} objects no longer in the dataset could not be deleted (left "
+            f"behind, referred to by nothing), e.g. s3://{dest.bucket}/{key}: {reason}"
+        )
+    return len(keys) - len(failed), warnings
+
+
+def make_engine(
+    s3: S3,
+    plan: Plan,
+    *,
+    on_progress: ProgressCallback | None = None,
+    journal: Journal | None = None,
+    adopt_uploads: bool = False,
+    stored: Manifest | None = None,
+) -> Engine:
+    """The engine of a plan; `stored`: what the destination holds (the manifest an upload
+    starts from), so that a shard laid out again as its files are now is not sent twice."""
+    return Engine(
+        s3,
+        bucket=plan.dest.bucket,
+        source=plan.source,
+        config=plan.config,
+        on_progress=on_progress,
+        journal=journal,
+        prefix=plan.dest.prefix,
+        adopt_uploads=adopt_uploads,
+        stored=stored,
+    )
+
+
+def make_report(
+    s3: S3,
+    plan: Plan,
+    prepared: Prepared,
+    stats: EngineStats,
+    *,
+    started: float,
+    committed: Committed,
+    peak_buffered_bytes: int,
+    objects_deleted: int = 0,
+    warnings: list[str] | None = None,
+) -> UploadReport:
+    retried = stats.retried
+    return UploadReport(
+        dest=str(plan.dest),
+        files_uploaded=stats.files_done,
+        bytes_uploaded=stats.bytes_done,
+        files_unchanged=prepared.files_unchanged + stats.files_unchanged,
+        bytes_unchanged=prepared.bytes_unchanged,
+        files_failed=stats.files_failed,
+        failures=sorted(stats.failures),
+        problems=[(p.path, p.reason) for p in plan.problems],
+        seconds=time.perf_counter() - started,
+        requests=s3.requests,
+        write_requests=s3.writes,
+        retries=retried.retries + prepared.metadata_retries.retries,
+        throttled=retried.throttled + prepared.metadata_retries.throttled,
+        peak_buffered_bytes=peak_buffered_bytes,
+        manifest_written=committed.written,
+        extra={"shards_uploaded": stats.shards_done},
+        files_removed=committed.files_removed,
+        files_kept_deleted=committed.files_kept_deleted,
+        files_not_selected=committed.files_not_selected,
+        objects_deleted=objects_deleted,
+        files_from_journal=prepared.files_from_journal,
+        bytes_reused=stats.bytes_reused,
+        uploads_resumed=stats.uploads_resumed,
+        uploads_kept=stats.uploads_kept,
+        warnings=[*(warnings or []), *committed.warnings],
+        concurrency=plan.config.concurrency,
+        lowest_concurrency=s3.gate.window.lowest if s3.gate else plan.config.concurrency,
+    )
+
+
+async def execute_plan(
+    s3: S3,
+    plan: Plan,
+    *,
+    on_start: StartCallback | None = None,
+    on_progress: ProgressCallback | None = None,
+    journal: Journal | None = None,
+    keep_deleted: bool = False,
+    break_lease: bool = False,
+) -> UploadReport:
+    """Upload what changed since the last run of this plan's destination, with a client given,
+    and make the dataset equal the tree (files no longer in it leave the manifest, objects
+    nothing refers to any more are deleted), unless `keep_deleted`. With a journal, what an
+    interrupted run finished counts as uploaded, and its multipart uploads are resumed.
+
+    An upload that will write anything holds the prefix's lease (lease.py) from before it
+    reads the manifest to after it deleted what is no longer referred to: LeaseHeldError,
+    with nothing written, when another s3xfer holds it (`break_lease` takes it anyway). One
+    with nothing to write (a re-run of an unchanged tree) takes no lease and sends no PUT."""
+    started = time.perf_counter()
+    retries = RetryCount()  # of the metadata and lease requests
+    async with contextlib.AsyncExitStack() as stack:
+        prepared, held = await prepare_to_write(
+            s3,
+            plan,
+            stack,
+            command="upload",
+            keep_deleted=keep_deleted,
+            break_lease=break_lease,
+            retries=retries,
+            journal=journal,
+        )
+        if on_start is not None:
+            on_start(prepared.files_todo, prepared.bytes_todo, prepared.files_unchanged)
+        engine = make_engine(
+            s3, plan, on_progress=on_progress, journal=journal, stored=prepared.manifest
+        )
+        await engine.run(prepared.todo, prepared.shards_todo)
+        warnings = list(journal.warnings) if journal is not None else []
+        if held is not None:
+            await held.confirm()
+        committed = await commit(
+            s3, plan, prepared, engine.records, engine.shard_records, keep_deleted=keep_deleted
+        )
+        deleted = 0
+        if engine.stats.uploads_kept == 0:
+            if journal is not None:
+                # Its work is in the manifest now. Gone before any deletion: a journal that
+                # outlived one could vouch, on a later run, for an object deleted here.
+                await close_journal(journal, remove=True)
+            deleted, failed = await delete_unreferenced(
+                s3, plan.dest, committed.unreferenced, prepared.policy
+            )
+            warnings += failed
+    return make_report(
+        s3,
+        plan,
+        prepared,
+        engine.stats,
+        started=started,
+        committed=committed,
+        peak_buffered_bytes=engine.budget.peak,
+        objects_deleted=deleted,
+        warnings=warnings,
+    )
+
+
+async def save_catalog(
+    s3: S3,
+    dest: S3Url,
+    prepared: Prepared,
+    new: Manifest,
+    *,
+    on_retry: RetryCount | None = None,
+) -> None:
+    """Write the catalog and manifest of `new`: the pieces, then the root, then the manifest
+    (readers start there). Only the pieces that changed since `prepared.old` when the catalog
+    holds exactly that (CatalogState.current); otherwise every piece, and the pieces that
+    should not be there written empty: a catalog left half-written by a writer that died, or
+    mixed by two that raced, is repaired. The root records the pieces' ETags and the
+    manifest's SHA-256, so that the next upload can tell."""
+    state = prepared.catalog_state or catalog.CatalogState(None, {})
+    current = prepared.catalog_current
+
+    async def put(key: str, body: bytes) -> str:
+        return await put_with_checksum(
+            s3, dest.bucket, key, body, policy=prepared.policy, on_retry=on_retry
+        )
+
+    root, changed = catalog.build(
+        new,
+        dest,
+        previous=prepared.old if current else None,
+        stale=() if current else state.listed,
+    )
+    etags = dict(state.listed) if current else {}
+
+    async def put_piece(key: str, body: bytes) -> None:
+        bucket = catalog.piece_bucket(dest, key)
+        assert bucket is not None  # build names its pieces with piece_key
+        etags[bucket] = await put(key, body)
+
+    async with anyio.create_task_group() as group:
+        for key, body in changed.items():
+            group.start_soon(put_piece, key, body)
+    manifest_bytes = new.to_bytes()
+    root = replace(root, manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(), pieces=etags)
+    await put(catalog.root_key(dest), root.to_bytes())
+    await put(manifest_key(dest), manifest_bytes)
+
+
+async def upload(
+    plan: Plan,
+    connection: Connection | None = None,
+    *,
+    on_start: StartCallback | None = None,
+    on_progress: ProgressCallback | None = None,
+    resume: bool = True,
+    state_dir: Path | None = None,
+    keep_deleted: bool = False,
+    break_lease: bool = False,
+) -> UploadReport:
+    """Execute a plan: one client, its connection pool sized to the plan's concurrency. The
+    dataset is made equal to the plan's tree, unless `keep_deleted`; `break_lease` takes the
+    prefix's lease even from another writer (see execute_plan).
+
+    With `resume` (the default) progress is journaled under the state directory, and a run
+    interrupted at any point is resumed by running the same upload again."""
+    journal = None
+    if resume:
+        journal = await open_journal(plan, state_dir=state_dir, name=str(plan.dest))
+    finished = False
+    try:
+        async with open_s3(
+            connection or Connection(), max_pool_connections=plan.config.concurrency
+        ) as s3:
+            report = await execute_plan(
+                s3,
+                plan,
+                on_start=on_start,
+                on_progress=on_progress,
+                journal=journal,
+                keep_deleted=keep_deleted,
+                break_lease=break_lease,
+            )
+        finished = report.uploads_kept == 0
+        return report
+    finally:
+        if journal is not None:
+            await close_journal(journal, remove=finished)
