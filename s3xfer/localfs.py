@@ -28,7 +28,13 @@ import anyio
 
 from .checksums import crc32
 from .dataset.validate import restored_mode
-from .errors import S3XferError, SourceError
+from .errors import (
+    DestinationError,
+    DiskFullError,
+    FileChangedError,
+    MemberChangedError,
+    SourceError,
+)
 
 if TYPE_CHECKING:  # downloads and reads never load the survey or the tar layout
     from .dataset.tarpack import FilePiece, FixedPiece
@@ -38,35 +44,12 @@ if TYPE_CHECKING:  # downloads and reads never load the survey or the tar layout
 StrPath = str | os.PathLike[str]
 
 
-class FileChangedError(SourceError):
-    """The file is not the one that was planned, or not the one first read: it changed size,
-    mtime, inode or ctime, or vanished."""
-
-
-class DestinationError(S3XferError):
-    """The destination cannot be written (no space, no permission, not a directory)."""
-
-    exit_code = 1
-
-
-class DiskFullError(DestinationError):
-    """The destination's file system is full: every other write would fail the same way."""
-
-
 def destination_error(path: Path, exc: OSError) -> DestinationError:
     """The error for a failed write of path: DiskFullError when there is no space left."""
     full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
     return (DiskFullError if full else DestinationError)(
         f"cannot write {path}: {exc.strerror or exc}"
     )
-
-
-class MemberChangedError(FileChangedError):
-    """A shard member changed while its shard was being read: that member, by its index."""
-
-    def __init__(self, message: str, *, member: int) -> None:
-        super().__init__(message)
-        self.member = member
 
 
 @dataclass(frozen=True, slots=True)

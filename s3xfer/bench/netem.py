@@ -21,14 +21,10 @@ import anyio.abc
 from anyio.abc import SocketAttribute
 from anyio.from_thread import start_blocking_portal
 
-from s3xfer.errors import UsageError
+from ..errors import QuantityError
 
 READ_CHUNK = 64 * 1024  # largest piece read from a socket at once
 DEFAULT_BUFFER_BYTES = 16 * 1024 * 1024  # per direction per connection
-
-
-class QuantityError(UsageError, ValueError):
-    """A duration or rate on the command line could not be understood."""
 
 
 # --------------------------------------------------------------------------- parsing

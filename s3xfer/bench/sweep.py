@@ -34,9 +34,16 @@ import anyio.lowlevel
 from ..checksums import combine_parts, crc32, crc32_to_base64
 from ..config import KiB, MiB, format_size
 from ..dataset.keys import S3Url
-from ..errors import AccessDeniedError, IntegrityError, NoSuchBucketError, S3XferError, UsageError
+from ..errors import (
+    AccessDeniedError,
+    IntegrityError,
+    NoSuchBucketError,
+    S3XferError,
+    TransientError,
+    UsageError,
+)
 from ..transport.endpoints import configured_endpoint
-from ..transport.retry import RetryPolicy, TransientError, call_with_retries
+from ..transport.retry import RetryPolicy, call_with_retries
 from ..transport.s3 import S3, Connection, map_errors, open_s3
 from .netem import PathEmulator
 from .stats import (

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import MAX_OBJECT_SIZE
+from ..errors import BadValue
 from . import validate
 from .keys import META_DIR, S3Url
 from .manifest import Manifest, ManifestRecord, ShardRecord, parse_rows
@@ -100,7 +101,7 @@ class CatalogRoot:
             validate.envelope(data, format=CATALOG_FORMAT, version=CATALOG_VERSION)
             fanout = validate.field(data, "fanout")
             if fanout != FANOUT:
-                raise validate.BadValue(f"fan-out {fanout!r:.40}, expected {FANOUT}")
+                raise BadValue(f"fan-out {fanout!r:.40}, expected {FANOUT}")
             files = validate.integer(
                 validate.field(data, "files"), "files", low=0, high=MAX_CATALOG_FILES
             )
@@ -114,18 +115,18 @@ class CatalogRoot:
                 data.get("manifest_sha256", ""), "manifest_sha256", max_bytes=64, empty=True
             )
             pieces = _piece_etags(data.get("pieces", {}))
-        except validate.BadValue as exc:
+        except BadValue as exc:
             raise validate.corrupt("catalog", where, exc) from exc
         return cls(dest, fanout, files, total, shards, digest, pieces)
 
 
 def _piece_etags(value: Any) -> dict[int, str]:
     if not isinstance(value, dict):
-        raise validate.BadValue(f"pieces is not an object: {value!r:.80}")
+        raise BadValue(f"pieces is not an object: {value!r:.80}")
     pieces: dict[int, str] = {}
     for name, etag in value.items():
         if len(name) != 2 or any(c not in "0123456789abcdef" for c in name):
-            raise validate.BadValue(f"pieces names {name!r:.20}, not a bucket in hex")
+            raise BadValue(f"pieces names {name!r:.20}, not a bucket in hex")
         pieces[int(name, 16)] = validate.etag(etag, f"piece {name} etag")
     return pieces
 
@@ -175,15 +176,15 @@ def parse_piece(raw: bytes, *, fanout: int, bucket: int, where: str) -> dict[str
         data = validate.json_object(validate.gunzip(raw))
         validate.envelope(data, format=PIECE_FORMAT, version=PIECE_VERSIONS)
         if (data.get("fanout"), data.get("bucket")) != (fanout, bucket):
-            raise validate.BadValue(
+            raise BadValue(
                 f"piece of fan-out {data.get('fanout')!r:.40} bucket {data.get('bucket')!r:.40}, "
                 f"expected {fanout} and {bucket}"
             )
         records, _ = parse_rows(validate.field(data, "files"))
         for path in records:
             if bucket_of(path, fanout) != bucket:
-                raise validate.BadValue(f"file {path!r} belongs to another piece")
-    except validate.BadValue as exc:
+                raise BadValue(f"file {path!r} belongs to another piece")
+    except BadValue as exc:
         raise validate.corrupt("catalog piece", where, exc) from exc
     return records
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..config import MAX_OBJECT_SIZE, MAX_SHARD_MEMBERS
+from ..errors import BadValue
 from . import validate
 from .keys import shard_index_key
 
@@ -122,7 +123,7 @@ class ManifestRecord:
     def _checked(cls, row: Any) -> ManifestRecord:
         fields = validate.array(row, "file record")
         if len(fields) not in (9, 10):
-            raise validate.BadValue(f"file record has {len(fields)} fields, expected 9 or 10")
+            raise BadValue(f"file record has {len(fields)} fields, expected 9 or 10")
         path, key, size, mtime_ns, mode, crc32, part_size, offset, etag = fields[:9]
         path = validate.relative_path(path)
         what = f"file {path!r}:"
@@ -194,7 +195,7 @@ def _shard_rows(rows: Any) -> dict[str, ShardRecord]:
     for row in validate.array(rows, "shards"):
         listed = ShardRecord.from_json(row)
         if listed.key in shard_records:
-            raise validate.BadValue(f"shard {listed.key!r} is listed twice")
+            raise BadValue(f"shard {listed.key!r} is listed twice")
         shard_records[listed.key] = listed
     return shard_records
 
@@ -202,7 +203,7 @@ def _shard_rows(rows: Any) -> dict[str, ShardRecord]:
 def _add_row(records: dict[str, ManifestRecord], row: Any) -> ManifestRecord:
     record = ManifestRecord.from_json(row)
     if record.path in records:
-        raise validate.BadValue(f"file {record.path!r} is listed twice")
+        raise BadValue(f"file {record.path!r} is listed twice")
     records[record.path] = record
     return record
 
@@ -212,7 +213,7 @@ def _check_in_shards(records: Iterable[ManifestRecord], shards: dict[str, ShardR
     for record in records:
         shard = shards.get(record.key) if record.packed else None
         if shard is not None and record.offset + record.size > shard.size:
-            raise validate.BadValue(
+            raise BadValue(
                 f"file {record.path!r}: bytes {record.offset}-{record.offset + record.size} "
                 f"are past the end of its shard {shard.key!r} ({shard.size} bytes)"
             )
@@ -269,7 +270,7 @@ class Manifest:
                 _add_row(records, row)
             shards = _shard_rows(data.get("shards", []))
             _check_in_shards(records.values(), shards)
-        except validate.BadValue as exc:
+        except BadValue as exc:
             raise validate.corrupt("manifest", where, exc) from exc
         return cls(dest=dest, records=records, shards=shards)
 

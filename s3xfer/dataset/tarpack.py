@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from ..checksums import crc32
-from ..errors import SourceError, UsageError
+from ..errors import BadValue, SourceError, UsageError
 from . import validate
 
 BLOCK: Final = 512
@@ -42,7 +42,7 @@ def _check_name(name: str) -> None:
     # must have one spelling so that index lookups and `tar -x` agree.
     try:
         validate.relative_path(name, "tar member name")
-    except validate.BadValue as exc:
+    except BadValue as exc:
         raise UsageError(str(exc)) from exc
 
 
@@ -237,18 +237,18 @@ class IndexEntry:
         """Raises BadValue on anything but the exact shape to_json produces, with values in
         range (see validate.py)."""
         if not isinstance(data, dict) or set(data) != set(cls.__dataclass_fields__):
-            raise validate.BadValue(f"shard index entry has the wrong fields: {data!r:.200}")
+            raise BadValue(f"shard index entry has the wrong fields: {data!r:.200}")
         path = validate.relative_path(data["path"], "shard index entry path")
         what = f"shard index entry {path!r}:"
         crc = data["crc32"]
         if not isinstance(crc, str) or len(crc) != 8:
-            raise validate.BadValue(f"{what} crc32 is not 8 hex digits")
+            raise BadValue(f"{what} crc32 is not 8 hex digits")
         try:
             crc_value = int(crc, 16)
         except ValueError as exc:
-            raise validate.BadValue(f"{what} crc32 is not hex") from exc
+            raise BadValue(f"{what} crc32 is not hex") from exc
         if not 0 <= crc_value < 2**32:
-            raise validate.BadValue(f"{what} crc32 {crc!r} out of range")
+            raise BadValue(f"{what} crc32 {crc!r} out of range")
         return cls(
             path=path,
             header_offset=validate.size(data["header_offset"], f"{what} header_offset"),
@@ -310,24 +310,24 @@ def _check_entries(entries: Sequence[IndexEntry], *, shard_size: int | None) -> 
     for entry in entries:
         where = f"shard index entry {entry.path!r}"
         if entry.path in seen:
-            raise validate.BadValue(f"{where}: listed twice")
+            raise BadValue(f"{where}: listed twice")
         seen.add(entry.path)
         if entry.header_offset % BLOCK or entry.data_offset % BLOCK:
-            raise validate.BadValue(
+            raise BadValue(
                 f"{where}: offsets {entry.header_offset}/{entry.data_offset} not 512-aligned"
             )
         if entry.header_offset < next_free:
-            raise validate.BadValue(
+            raise BadValue(
                 f"{where}: header at {entry.header_offset} overlaps the previous member "
                 f"(ends at {next_free})"
             )
         if entry.data_offset < entry.header_offset + BLOCK:
-            raise validate.BadValue(
+            raise BadValue(
                 f"{where}: data at {entry.data_offset} leaves no header after {entry.header_offset}"
             )
         next_free = entry.data_offset + _padded(entry.size)
         if shard_size is not None and entry.data_offset + entry.size > shard_size:
-            raise validate.BadValue(
+            raise BadValue(
                 f"{where}: bytes {entry.data_offset}-{entry.data_offset + entry.size} are past "
                 f"the end of the shard ({shard_size} bytes)"
             )
@@ -345,11 +345,11 @@ def index_from_bytes(
         validate.envelope(envelope, format=INDEX_FORMAT, version=INDEX_VERSION)
         key = validate.object_key(envelope.get("shard_key"), "shard_key")
         if shard_key is not None and key != shard_key:
-            raise validate.BadValue(f"shard index belongs to {key!r}, not {shard_key!r}")
+            raise BadValue(f"shard index belongs to {key!r}, not {shard_key!r}")
         members = validate.array(envelope.get("members"), f"members of the index of {key!r}")
         entries = [IndexEntry.from_json(member) for member in members]
         _check_entries(entries, shard_size=shard_size)
-    except validate.BadValue as exc:
+    except BadValue as exc:
         raise validate.corrupt("shard index", where, exc) from exc
     return entries
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from ..config import MAX_OBJECT_SIZE, MAX_PART_SIZE, MAX_PARTS, MiB
-from ..errors import CorruptMetadataError
+from ..errors import BadValue, CorruptMetadataError
 
 # os.utime takes nanoseconds as a C time_t of seconds: beyond this it overflows.
 _TIME_T_LIMIT: Final = 2**63
@@ -42,10 +42,6 @@ MAX_INFLATE_RATIO: Final = 64
 WRITER_RATIO: Final = 32
 INFLATE_FLOOR: Final = 1 * MiB
 INFLATE_CEILING: Final = 4096 * MiB  # gzip records sizes modulo 4 GiB
-
-
-class BadValue(ValueError):
-    """One value read from metadata is malformed or out of range; the message says which."""
 
 
 def corrupt(kind: str, where: str, problem: object) -> CorruptMetadataError:

@@ -34,7 +34,14 @@ from .. import runner
 from ..config import TransferConfig
 from ..dataset.keys import S3Url
 from ..dataset.manifest import ManifestRecord, ShardRecord
-from ..errors import RemoteError, S3XferError, UsageError, first_error
+from ..errors import (
+    BrokerError,
+    JobBusyError,
+    S3XferError,
+    UnitFailed,
+    UsageError,
+    first_error,
+)
 from ..planning.plan import Kind, Plan, UploadKeys, WorkUnit, work_units
 from ..transport.retry import RetryCount, RetryPolicy
 from ..transport.s3 import S3, Connection, open_s3
@@ -85,14 +92,6 @@ UNACKED_INDEX_KEY = "unacked_index"
 UNACKED_KEY = "unacked"
 STALE_AFTER = 10.0  # a run of a unit whose beats stood still this long has stopped
 LOST_CHECK_INTERVAL = 2.0  # a unit missing from the queue is looked for again this soon
-
-
-class BrokerError(RemoteError):
-    """The broker (Redis) cannot be reached, or refused a command."""
-
-
-class JobBusyError(UsageError):
-    """Another producer is already waiting for the same job."""
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -274,23 +273,6 @@ class UnitResult:
             shards=[ShardRecord.from_json(row) for row in data["shards"]],
             failures=[(str(p), str(e)) for p, e in data["failures"]],
         )
-
-
-class UnitFailed(Exception):
-    """A unit that did not complete, as its task's outcome: stored as FAILURE, not SUCCESS,
-    so that another delivery of the unit that does complete replaces it (Celery never
-    replaces a stored success). Carries the unit's result as JSON."""
-
-    def __init__(self, result: dict[str, Any]) -> None:
-        super().__init__(result)
-        self.result = result
-
-    def __repr__(self) -> str:  # what Celery logs: a summary, not every record
-        r = self.result
-        reason = r.get("error") or f"{r.get('files_failed')} files failed"
-        return f"UnitFailed(unit {r.get('index')} of job {r.get('job')}: {reason})"
-
-    __str__ = __repr__
 
 
 @dataclass

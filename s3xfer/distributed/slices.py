@@ -20,7 +20,7 @@ import anyio
 from ..dataset import validate
 from ..dataset.keys import META_DIR, S3Url
 from ..dataset.manifest import Manifest, ManifestRecord, ShardRecord, parse_rows
-from ..errors import S3XferError
+from ..errors import BadValue, MissingSlicesError
 from ..planning.plan import Plan, slice_of, work_units
 from ..transport.retry import RetryCount, RetryPolicy
 from ..transport.s3 import Connection, open_s3
@@ -44,12 +44,6 @@ from ..write.upload import (
 SLICE_FORMAT = "s3xfer-slice"
 SLICE_VERSION = 1
 MAX_SLICES = 100_000  # slice numbers are written with 5 digits
-
-
-class MissingSlicesError(S3XferError):
-    """finalize found no result for some slices: they have not run, or not to the end."""
-
-    exit_code = 1
 
 
 def plan_id(plan: Plan) -> str:
@@ -115,7 +109,7 @@ class SliceResult:
                 )
             ]
             plan = validate.text(validate.field(data, "plan"), "plan id", max_bytes=64)
-        except validate.BadValue as exc:
+        except BadValue as exc:
             raise validate.corrupt("slice result", where, exc) from exc
         return cls(plan, index, count, list(records.values()), list(shards.values()), failures)
 

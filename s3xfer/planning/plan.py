@@ -33,7 +33,7 @@ from ..dataset.keys import (
     shard_index_key,
 )
 from ..dataset.tarpack import ShardLayout, ShardMember, member_footprint
-from ..errors import SourceError, UsageError
+from ..errors import BadValue, SourceError, UsageError
 from .globs import NO_FILTER, PathFilter
 from .survey import FileEntry, Problem, Survey
 
@@ -90,10 +90,10 @@ class FileUnit:
         path = validate.relative_path(path, "unit path")
         what = f"unit {path!r}:"
         if kind not in (Kind.PUT, Kind.MULTIPART):
-            raise validate.BadValue(f"{what} kind {kind!r:.40} is not put or multipart")
+            raise BadValue(f"{what} kind {kind!r:.40} is not put or multipart")
         size = validate.size(size, f"{what} size")
         if is_reserved_path(path):
-            raise validate.BadValue(f"{what} path is {RESERVED_REASON}")
+            raise BadValue(f"{what} path is {RESERVED_REASON}")
         return cls(
             Kind(kind),
             path,
@@ -205,7 +205,7 @@ class ShardUnit:
             validate.mtime_ns(entry.mtime_ns, f"member {entry.path!r}: mtime_ns")
             validate.size(entry.size, f"member {entry.path!r}: size")
         if not 0 < len(entries) <= MAX_SHARD_MEMBERS:
-            raise validate.BadValue(f"shard {key!r} has {len(entries)} members")
+            raise BadValue(f"shard {key!r} has {len(entries)} members")
         shard = cls(
             key,
             validate.integer(
@@ -450,7 +450,7 @@ class Plan:
             if raw[:2] == b"\x1f\x8b":
                 raw = validate.gunzip(raw)
             data = validate.json_object(raw)
-        except validate.BadValue as exc:
+        except BadValue as exc:
             raise UsageError(f"corrupt plan file {path}: {exc}") from exc
         return cls.from_json(data, where=f"plan file {path}")
 

@@ -29,27 +29,22 @@ from ..config import DEFAULT_CONCURRENCY, DEFAULT_MAX_MEMORY, MiB
 from ..dataset.keys import S3Url, is_reserved_path, manifest_key, unfinished_upload
 from ..dataset.manifest import Manifest
 from ..errors import (
+    DestinationError,
+    DiskFullError,
     IntegrityError,
     NoSuchKeyError,
     NotFinalizedError,
     NotInDatasetError,
     S3XferError,
     SourceError,
+    TransientError,
     UsageError,
     first_error,
 )
-from ..localfs import (
-    DestinationError,
-    DiskFullError,
-    SafeDestination,
-    Staging,
-    make_directory,
-    staging_in,
-    used_by,
-)
+from ..localfs import SafeDestination, Staging, make_directory, staging_in, used_by
 from ..malloc import return_large_buffers_promptly
 from ..planning.globs import PathFilter
-from ..transport.retry import RetryCount, RetryPolicy, TransientError, call_with_retries
+from ..transport.retry import RetryCount, RetryPolicy, call_with_retries
 from ..transport.s3 import S3, Connection, open_s3
 from .rangedl import RangedDownload, download_ranges
 from .ranges import DEFAULT_GAP, RangeGet, Wanted, check_ranged_response, coalesce

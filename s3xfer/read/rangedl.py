@@ -29,10 +29,10 @@ import anyio
 from ..budget import ByteBudget
 from ..checksums import combine_parts, crc32, crc32_from_base64, crc32_to_base64
 from ..dataset.validate import restored_mode
-from ..errors import IntegrityError, UsageError, first_error
+from ..errors import IntegrityError, TransientError, UsageError, first_error
 from ..localfs import destination_error, move_into_place
 from ..transport.rawhttp import PIECE_SIZE
-from ..transport.retry import RetryPolicy, TransientError, call_with_retries
+from ..transport.retry import RetryPolicy, call_with_retries
 from .ranges import RangeGet, check_ranged_response
 
 SIDECAR_VERSION = 1

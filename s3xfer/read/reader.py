@@ -59,13 +59,14 @@ from ..errors import (
     NotInDatasetError,
     PartialReadError,
     S3XferError,
+    TransientError,
     UsageError,
     first_error,
     first_leaf,
 )
 from ..localfs import SafeDestination, make_directory, staging_in, used_by
 from ..planning.globs import path_matcher
-from ..transport.retry import RetryPolicy, TransientError, call_with_retries
+from ..transport.retry import RetryPolicy, call_with_retries
 from ..transport.s3 import S3, Connection, open_s3
 from .epoch import (
     DEFAULT_BLOCK_BYTES,

@@ -28,19 +28,14 @@ from urllib.parse import urlsplit
 
 import anyio
 
-from ..errors import EndpointError
+from ..errors import ConnectError, EndpointError, TransientError, UnreachableError
 from . import rawhttp
 from .endpoints import BucketAddress, Endpoints
 from .network import NetworkSettings, Proxy, environment_proxy
 from .rawhttp import PIECE_SIZE
-from .retry import TransientError
 
 _MAX_ERROR_BODY = 64 * 1024  # of an error document; the rest is dropped
 _REDIRECT_STATUSES = (301, 307, 400)  # answers that may name the bucket's real region
-
-
-class UnreachableError(TransientError):
-    """The connection could not even be opened (refused, no route, DNS, proxy, timeout)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -519,7 +514,7 @@ class Transport:
             answer = await _cancellable_in_thread(
                 lambda: pool.get(target, signed, on_head=check, sink=sink, cancel=token), token
             )
-        except rawhttp.ConnectError as exc:
+        except ConnectError as exc:
             via = f" through proxy {pool.proxy.host}:{pool.proxy.port}" if pool.proxy else ""
             if isinstance(exc.__cause__, ssl.SSLCertVerificationError):
                 raise EndpointError(
@@ -660,5 +655,7 @@ async def _cancellable_in_thread(
         raise
 
 
+# Private, not in errors.py: control flow inside one request (send once more on a new
+# connection); it never leaves _send, which turns it into a TransientError.
 class _ClosedWhileIdle(Exception):
     """The connection failed before any byte of the answer."""

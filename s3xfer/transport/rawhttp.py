@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from ..errors import Cancelled, ConnectError, ProtocolError
 from .network import Proxy
 
 _DIGITS = re.compile(r"[0-9]{3}")
@@ -33,18 +34,6 @@ _MAX_HEAD = 64 * 1024  # status line and headers; S3's are a few hundred bytes
 _MAX_ERROR_BODY = 64 * 1024  # an error document; more is cut (the connection is then closed)
 PIECE_SIZE = 256 * 1024  # bytes per receive: small enough to stay in the CPU cache until written
 _CONNECT_TIMEOUT = 10.0  # seconds, as for the aiohttp and botocore clients
-
-
-class ProtocolError(ConnectionError):
-    """The server's answer is not HTTP/1.1 as expected (a retry on a new connection may do)."""
-
-
-class ConnectError(ConnectionError):
-    """No connection could be opened (refused, no route, name unknown, TLS refused)."""
-
-
-class Cancelled(ConnectionError):
-    """The request was cancelled from another thread."""
 
 
 @dataclass(frozen=True, slots=True)

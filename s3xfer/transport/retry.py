@@ -9,21 +9,9 @@ from typing import TypeVar
 
 import anyio
 
-from ..errors import S3XferError
+from ..errors import TransientError
 
 T = TypeVar("T")
-
-
-class TransientError(S3XferError):
-    """A request failed in a way that retrying may fix (throttling, 5xx, timeout, reset).
-    `timed_out`: no byte of the response came within the read timeout."""
-
-    exit_code = 3
-
-    def __init__(self, message: str, *, throttled: bool = False, timed_out: bool = False) -> None:
-        super().__init__(message)
-        self.throttled = throttled
-        self.timed_out = timed_out
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,13 +44,14 @@ from ..errors import (
     NoSuchUploadError,
     RemoteError,
     S3XferError,
+    TransientError,
+    UnreachableError,
     UsageError,
     redact_credentials,
 )
 from .endpoints import Endpoints, check_endpoint_url
-from .http import BodyCheck, Credentials, Response, Sink, Transport, UnreachableError
+from .http import BodyCheck, Credentials, Response, Sink, Transport
 from .network import NetworkSettings
-from .retry import TransientError
 from .throttle import AdaptiveGate
 
 if TYPE_CHECKING:

@@ -38,10 +38,9 @@ from ..config import MiB, TransferConfig
 from ..dataset.keys import S3Url
 from ..dataset.manifest import Manifest, ManifestRecord, ShardRecord
 from ..dataset.tarpack import FixedPiece, ShardLayout
-from ..errors import NoSuchUploadError, S3XferError, SourceError
+from ..errors import MemberChangedError, NoSuchUploadError, S3XferError, SourceError
 from ..localfs import (
     FileIdentity,
-    MemberChangedError,
     changed_members,
     check_unchanged,
     describe_change,

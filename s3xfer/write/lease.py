@@ -34,7 +34,14 @@ import anyio
 from ..checksums import crc32, crc32_to_base64
 from ..dataset import validate
 from ..dataset.keys import META_DIR, S3Url
-from ..errors import IntegrityError, LeaseHeldError, NoSuchKeyError, S3XferError, first_error
+from ..errors import (
+    BadValue,
+    IntegrityError,
+    LeaseHeldError,
+    NoSuchKeyError,
+    S3XferError,
+    first_error,
+)
 from ..transport.retry import RetryCount, RetryPolicy, call_with_retries
 from ..transport.s3 import S3
 
@@ -117,10 +124,10 @@ class LeaseInfo:
         validate.envelope(data, format=LEASE_FORMAT, version=LEASE_VERSION)
         started = validate.field(data, "started")
         if not isinstance(started, int | float) or isinstance(started, bool):
-            raise validate.BadValue(f"started is not a number: {started!r:.40}")
+            raise BadValue(f"started is not a number: {started!r:.40}")
         released = validate.field(data, "released")
         if not isinstance(released, bool):
-            raise validate.BadValue(f"released is not true or false: {released!r:.40}")
+            raise BadValue(f"released is not true or false: {released!r:.40}")
         return cls(
             token=validate.text(validate.field(data, "token"), "token", max_bytes=64),
             host=validate.text(validate.field(data, "host"), "host", max_bytes=256),
@@ -320,7 +327,7 @@ async def look(
         return None
     try:
         info: LeaseInfo | None = LeaseInfo.from_bytes(body)
-    except validate.BadValue:
+    except BadValue:
         info = None
     return Found(etag, info, server_age(head))
 

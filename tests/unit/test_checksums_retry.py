@@ -15,8 +15,8 @@ from s3xfer.checksums import (
     crc32_from_base64,
     crc32_to_base64,
 )
-from s3xfer.errors import AccessDeniedError
-from s3xfer.transport.retry import RetryPolicy, TransientError, call_with_retries
+from s3xfer.errors import AccessDeniedError, TransientError
+from s3xfer.transport.retry import RetryPolicy, call_with_retries
 
 
 @given(st.binary(max_size=5000), st.binary(max_size=5000))

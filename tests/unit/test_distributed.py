@@ -15,7 +15,7 @@ from s3xfer.config import TransferConfig
 from s3xfer.dataset.keys import S3Url
 from s3xfer.dataset.manifest import ManifestRecord, ShardRecord
 from s3xfer.distributed import jobs as d
-from s3xfer.errors import S3XferError, UsageError
+from s3xfer.errors import S3XferError, UnitFailed, UsageError
 from s3xfer.planning.plan import FileUnit, Kind, Plan, ShardUnit, WorkUnit
 from s3xfer.planning.survey import FileEntry
 from s3xfer.transport.s3 import Connection
@@ -228,7 +228,7 @@ def test_a_tasks_stored_state_becomes_the_units_result() -> None:
     # A unit that did not complete is stored as FAILURE (a later success may replace it).
     whole = d.UnitResult("j", 0, "a:1", error="no AWS credentials found", run="r2")
     failed = d.unit_outcome(
-        unit, {"status": "FAILURE", "result": d.UnitFailed(whole.to_json())}, job="j", index=0
+        unit, {"status": "FAILURE", "result": UnitFailed(whole.to_json())}, job="j", index=0
     )
     assert failed.failures == [(f"s/{n}", "no AWS credentials found") for n in range(3)]
     assert failed.run == "r2" and failed.worker == "a:1" and not failed.complete
@@ -236,8 +236,8 @@ def test_a_tasks_stored_state_becomes_the_units_result() -> None:
     assert crashed.files_failed == 3 and "the worker failed (FAILURE): KeyError" in crashed.error
     garbage = d.unit_outcome(unit, {"status": "SUCCESS", "result": {"x": 1}}, job="j", index=0)
     assert garbage.files_failed == 3 and "unreadable result" in garbage.error
-    assert "no AWS credentials" in repr(d.UnitFailed(whole.to_json()))
-    assert "files" not in repr(d.UnitFailed(whole.to_json()))  # a summary, no records
+    assert "no AWS credentials" in repr(UnitFailed(whole.to_json()))
+    assert "files" not in repr(UnitFailed(whole.to_json()))  # a summary, no records
 
 
 def test_the_distributed_mode_without_its_extra_says_how_to_install_it(

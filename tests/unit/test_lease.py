@@ -14,9 +14,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from s3xfer.dataset import catalog, validate
+from s3xfer.dataset import catalog
 from s3xfer.dataset.keys import S3Url
 from s3xfer.dataset.manifest import Manifest, ManifestRecord
+from s3xfer.errors import BadValue
 from s3xfer.write.lease import LEASE_SECONDS, MAX_LEASE_SECONDS, Found, LeaseInfo, server_age
 
 INFO = LeaseInfo(token="ab" * 16, host="h", pid=7, command="upload", started=1.5e9)
@@ -26,9 +27,9 @@ def test_lease_info_round_trips_and_refuses_what_it_did_not_write() -> None:
     assert LeaseInfo.from_bytes(INFO.to_bytes()) == INFO
     data = json.loads(INFO.to_bytes())
     for change in ({"seconds": -1}, {"seconds": MAX_LEASE_SECONDS + 1}, {"released": "no"}):
-        with pytest.raises(validate.BadValue):
+        with pytest.raises(BadValue):
             LeaseInfo.from_bytes(json.dumps({**data, **change}).encode())
-    with pytest.raises(validate.BadValue):
+    with pytest.raises(BadValue):
         LeaseInfo.from_bytes(b"\x00garbage")
 
 

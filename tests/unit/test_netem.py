@@ -23,13 +23,12 @@ from anyio.abc import SocketAttribute, SocketStream
 from s3xfer.bench.netem import (
     READ_CHUNK,
     PathEmulator,
-    QuantityError,
     TokenBucket,
     parse_duration,
     parse_rate,
     start_in_thread,
 )
-from s3xfer.errors import UsageError
+from s3xfer.errors import QuantityError, UsageError
 
 LOOPBACK = "127.0.0.1"
 SLACK = 0.5  # upper-bound slack for a loaded CI machine

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from s3xfer.budget import ByteBudget
 from s3xfer.checksums import crc32_to_base64
 from s3xfer.config import MiB
-from s3xfer.errors import IntegrityError, UsageError
+from s3xfer.errors import IntegrityError, TransientError, UsageError
 from s3xfer.read.download import aligned_range_size, large_ranges_at_once
 from s3xfer.read.rangedl import (
     DownloadResult,
@@ -32,7 +32,7 @@ from s3xfer.read.rangedl import (
     split_ranges,
 )
 from s3xfer.transport.rawhttp import PIECE_SIZE
-from s3xfer.transport.retry import RetryPolicy, TransientError
+from s3xfer.transport.retry import RetryPolicy
 
 FAST_RETRIES = RetryPolicy(max_attempts=3, base_delay=0.0, max_delay=0.0)
 

@@ -14,16 +14,9 @@ from collections.abc import Callable, Iterator, Mapping
 import anyio
 import pytest
 
+from s3xfer.errors import Cancelled, ConnectError, ProtocolError
 from s3xfer.transport.http import _cancellable_in_thread
-from s3xfer.transport.rawhttp import (
-    PIECE_SIZE,
-    Cancelled,
-    CancelToken,
-    ConnectError,
-    HttpPool,
-    ProtocolError,
-    Response,
-)
+from s3xfer.transport.rawhttp import PIECE_SIZE, CancelToken, HttpPool, Response
 
 LOOPBACK = "127.0.0.1"
 WAIT = 10.0  # seconds: bounds the waits on the server thread; never reached when all is well

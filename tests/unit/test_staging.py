@@ -15,11 +15,10 @@ import pytest
 
 from s3xfer import localfs
 from s3xfer.dataset.keys import is_reserved_path
-from s3xfer.errors import SourceError
+from s3xfer.errors import DestinationError, SourceError
 from s3xfer.localfs import (
     STAGING_DIR,
     STAGING_MARK,
-    DestinationError,
     SafeDestination,
     Staging,
     partial_name,

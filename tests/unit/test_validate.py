@@ -19,7 +19,7 @@ from s3xfer.dataset import catalog, validate
 from s3xfer.dataset.keys import S3Url
 from s3xfer.dataset.manifest import Manifest, ManifestRecord, ShardRecord
 from s3xfer.distributed.slices import SliceResult
-from s3xfer.errors import CorruptMetadataError, IntegrityError
+from s3xfer.errors import BadValue, CorruptMetadataError, IntegrityError
 
 # --- bounded inflation ----------------------------------------------------------------------
 
@@ -44,7 +44,7 @@ def test_a_gzip_bomb_is_refused_after_the_bound_not_inflated_whole() -> None:
     bomb = b"".join(packer.compress(bytes(1 << 20)) for _ in range(256)) + packer.flush()
     assert len(bomb) * validate.MAX_INFLATE_RATIO < 256 << 20  # it would inflate to 256 MiB
     limit = validate.MAX_INFLATE_RATIO * len(bomb)
-    with pytest.raises(validate.BadValue, match=f"inflates to more than {limit:,} bytes"):
+    with pytest.raises(BadValue, match=f"inflates to more than {limit:,} bytes"):
         validate.gunzip(bomb)
 
 
@@ -60,7 +60,7 @@ def test_a_gzip_bomb_is_refused_after_the_bound_not_inflated_whole() -> None:
     ],
 )
 def test_broken_gzip_is_named(raw: bytes, message: str) -> None:
-    with pytest.raises(validate.BadValue, match=message):
+    with pytest.raises(BadValue, match=message):
         validate.gunzip(raw)
 
 
@@ -69,7 +69,7 @@ def test_broken_gzip_is_named(raw: bytes, message: str) -> None:
 
 @pytest.mark.parametrize("value", [True, 1.0, "1", None, [1]])
 def test_only_true_integers_are_integers(value: Any) -> None:
-    with pytest.raises(validate.BadValue, match="not an integer"):
+    with pytest.raises(BadValue, match="not an integer"):
         validate.size(value)
 
 
@@ -78,7 +78,7 @@ def test_modes_are_permission_bits_only(value: int) -> None:
     if 0 <= value <= 0o7777:
         assert validate.mode(value) == value
     else:
-        with pytest.raises(validate.BadValue, match="not permission bits"):
+        with pytest.raises(BadValue, match="not permission bits"):
             validate.mode(value)
 
 
@@ -93,7 +93,7 @@ def test_restores_never_set_setuid_or_setgid(mode: int) -> None:
 def test_mtimes_are_what_os_utime_can_set(value: int) -> None:
     try:
         validate.mtime_ns(value)
-    except validate.BadValue:
+    except BadValue:
         assert abs(value) >= 2**63 * 10**9 - 1
     else:
         seconds = value // 10**9
@@ -104,7 +104,7 @@ def test_mtimes_are_what_os_utime_can_set(value: int) -> None:
 def test_accepted_paths_stay_inside_any_root(path: str) -> None:
     try:
         validate.relative_path(path)
-    except validate.BadValue:
+    except BadValue:
         return
     root = "/root/dest"
     joined = os.path.normpath(os.path.join(root, path))
@@ -127,7 +127,7 @@ def test_accepted_paths_stay_inside_any_root(path: str) -> None:
     ],
 )
 def test_bad_paths_are_named(path: Any, message: str) -> None:
-    with pytest.raises(validate.BadValue, match=message):
+    with pytest.raises(BadValue, match=message):
         validate.relative_path(path)
 
 
@@ -137,13 +137,13 @@ def test_undecodable_names_as_os_scandir_gives_them_are_paths() -> None:
 
 @pytest.mark.parametrize("tag", ['"abc"\r\nX-Evil: 1', "é", "\x7f"])
 def test_etags_that_would_not_be_a_clean_header_are_refused(tag: str) -> None:
-    with pytest.raises(validate.BadValue, match="printable ASCII"):
+    with pytest.raises(BadValue, match="printable ASCII"):
         validate.etag(tag)
 
 
 @pytest.mark.parametrize("crc", ["AAAA", "!!!!!!==", "AAAAAAAA", "AAAAAAA="])
 def test_crc32_is_the_base64_of_four_bytes(crc: str) -> None:
-    with pytest.raises(validate.BadValue):
+    with pytest.raises(BadValue):
         validate.crc32_base64(crc)
     assert validate.crc32_base64("DUoRhQ==") == "DUoRhQ=="
     assert validate.crc32_base64("") == ""  # not known
@@ -167,8 +167,8 @@ values = st.one_of(
 def test_the_quick_path_never_accepts_what_the_full_checks_refuse(row: list[Any]) -> None:
     try:
         full = ManifestRecord._checked(row)
-    except validate.BadValue:
-        with pytest.raises(validate.BadValue):
+    except BadValue:
+        with pytest.raises(BadValue):
             ManifestRecord.from_json(row)
     else:
         assert ManifestRecord.from_json(row) == full
@@ -310,7 +310,7 @@ def test_slice_results_are_checked() -> None:
 
 def test_shard_records_are_checked() -> None:
     assert ShardRecord.from_json([SHARD, 1024, '"e"', 2]) == ShardRecord(SHARD, 1024, '"e"', 2)
-    with pytest.raises(validate.BadValue, match="members -2 is below 0"):
+    with pytest.raises(BadValue, match="members -2 is below 0"):
         ShardRecord.from_json([SHARD, 1024, '"e"', -2])
 
 
