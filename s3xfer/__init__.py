@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         UsageError,
     )
     from .planning.plan import Estimate, FileUnit, Kind, Plan, ShardUnit, make_plan
+    from .planning.planfile import load_plan, save_plan
     from .planning.survey import FileEntry, Problem, Survey, survey
     from .read.reader import Dataset, SyncDataset
     from .transport.s3 import Connection
@@ -59,6 +60,8 @@ _HOMES = {
     "Plan": "planning.plan",
     "ShardUnit": "planning.plan",
     "make_plan": "planning.plan",
+    "load_plan": "planning.planfile",
+    "save_plan": "planning.planfile",
     "Dataset": "read.reader",
     "SyncDataset": "read.reader",
     "Connection": "transport.s3",
@@ -99,7 +102,9 @@ __all__ = (
     "UploadReport",
     "UsageError",
     "__version__",
+    "load_plan",
     "make_plan",
+    "save_plan",
     "survey",
     "upload",
 )

@@ -640,6 +640,7 @@ def plan_command(
     objects, parts, requests, bytes and an estimated request and storage cost.
     """
     from ..planning.plan import make_plan
+    from ..planning.planfile import save_plan
 
     url = S3Url.parse(dest)
     rate = apply_bench_profile(options, command="plan")
@@ -648,7 +649,7 @@ def plan_command(
     plan = make_plan(run_survey(path, quiet=quiet or as_json, selection=selection), url, config)
     seconds = plan.estimate.bytes / (rate * 1e6) if rate else None
     if output is not None:
-        plan.save(output)
+        save_plan(plan, output)
     if as_json:
         summary = plan.to_json()
         del summary["units"]
@@ -761,7 +762,8 @@ def upload_command(
       (--content-type, --no-guess-mime-type); --storage-class and --metadata go on the
       objects holding file data. Changing these on a re-run does not rewrite unchanged files.
     """
-    from ..planning.plan import Plan, make_plan, parse_slice
+    from ..planning.plan import make_plan, parse_slice
+    from ..planning.planfile import load_plan
 
     connection = make_connection(
         endpoint_url, profile, region, no_verify_ssl, sse=sse, sse_kms_key_id=sse_kms_key_id
@@ -790,7 +792,7 @@ def upload_command(
         if given:
             flags = ", ".join("--" + name.replace("_", "-") for name in given)
             raise UsageError(f"{flags}: give them to `s3xfer plan`, the plan keeps them")
-        plan = Plan.load(plan_file)
+        plan = load_plan(plan_file)
         limits = {
             name: options[name]
             for name in _RUN_LIMITS
@@ -909,10 +911,10 @@ def finalize_command(
     it again is harmless.
     """
     from ..distributed.slices import finalize
-    from ..planning.plan import Plan
+    from ..planning.planfile import load_plan
 
     connection = make_connection(endpoint_url, profile, region, no_verify_ssl)
-    plan = Plan.load(plan_file)
+    plan = load_plan(plan_file)
 
     async def run() -> UploadReport:
         return await finalize(plan, connection, keep_deleted=keep_deleted, break_lease=break_lease)

@@ -45,8 +45,8 @@ from ..errors import (
 from ..planning.plan import Kind, Plan, UploadKeys, WorkUnit, work_units
 from ..transport.retry import RetryCount, RetryPolicy
 from ..transport.s3 import S3, Connection, open_s3
-from ..write.cleanup import abort_uploads, incomplete_uploads
 from ..write.engine import EngineStats, ProgressCallback
+from ..write.incomplete import abort_uploads, incomplete_uploads
 from ..write.upload import (
     StartCallback,
     UploadReport,

@@ -1,5 +1,6 @@
 """Pure planning: which files become single PUTs or multipart uploads, their keys and part
-sizes, and what the upload will cost. A plan is plain data: saved, read back, executed later."""
+sizes, and what the upload will cost. A plan is plain data (`Plan.to_json` / `from_json`):
+saved and read back by `planfile.py`, executed later. No I/O here."""
 
 from __future__ import annotations
 
@@ -429,30 +430,6 @@ class Plan:
             raise UsageError(f"corrupt {where}: no {exc.args[0]!r} field") from exc
         except (TypeError, ValueError) as exc:
             raise UsageError(f"corrupt {where}: {exc}") from exc
-
-    def save(self, path: Path) -> None:
-        """Write atomically; a name ending in .gz is gzip-compressed."""
-        text = json.dumps(self.to_json(), separators=(",", ":"), ensure_ascii=False)
-        payload = text.encode("utf-8")
-        if path.suffix == ".gz":
-            payload = validate.compress_bounded(payload)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(payload)
-        tmp.replace(path)
-
-    @classmethod
-    def load(cls, path: Path) -> Plan:
-        try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise UsageError(f"cannot read plan {path}: {exc.strerror or exc}") from exc
-        try:
-            if raw[:2] == b"\x1f\x8b":
-                raw = validate.gunzip(raw)
-            data = validate.json_object(raw)
-        except BadValue as exc:
-            raise UsageError(f"corrupt plan file {path}: {exc}") from exc
-        return cls.from_json(data, where=f"plan file {path}")
 
 
 def make_plan(survey: Survey, dest: S3Url, config: TransferConfig | None = None) -> Plan:

@@ -31,7 +31,6 @@ from ..checksums import combine_parts, crc32, crc32_from_base64, crc32_to_base64
 from ..dataset.validate import restored_mode
 from ..errors import IntegrityError, TransientError, UsageError, first_error
 from ..localfs import destination_error, move_into_place
-from ..transport.rawhttp import PIECE_SIZE
 from ..transport.retry import RetryPolicy, call_with_retries
 from .ranges import RangeGet, check_ranged_response
 
@@ -42,6 +41,10 @@ _VERIFY_CHUNK = 1024 * 1024  # reading back reused ranges: bounded memory, not b
 
 class RangeSource(Protocol):
     """What this module needs from S3 (s3.S3 provides it; tests may hand in a fake)."""
+
+    # Bytes one GET to a sink holds at a time while it streams: what each GET in flight
+    # takes from the byte budget (a range is written as it arrives, never held whole).
+    stream_piece_size: int
 
     async def get_range_to(
         self,
@@ -374,7 +377,7 @@ async def download_ranges(
 ) -> DownloadResult:
     """Fetch job's object into job.dest, continuing an interrupted download of the same object.
 
-    `limiter` bounds GETs in flight; each holds one receive piece (PIECE_SIZE bytes) of
+    `limiter` bounds GETs in flight; each holds one receive piece (s3.stream_piece_size) of
     `budget` while it streams: a range is written as it arrives, never held whole.
     on_progress receives byte counts as ranges land on disk (ranges reused from an earlier
     call are reported once, at the start). An existing dest is replaced. On IntegrityError
@@ -433,7 +436,7 @@ async def download_ranges(
             )
         return writer.crc
 
-    held = min(PIECE_SIZE, budget.capacity)
+    held = min(s3.stream_piece_size, budget.capacity)
     # Ranges started but not done: one per GET slot, not one task per range of a huge object.
     waiting = anyio.Semaphore(max(1, int(limiter.total_tokens)))
 

@@ -52,6 +52,7 @@ from ..errors import (
 from .endpoints import Endpoints, check_endpoint_url
 from .http import BodyCheck, Credentials, Response, Sink, Transport
 from .network import NetworkSettings
+from .rawhttp import PIECE_SIZE
 from .throttle import AdaptiveGate
 
 if TYPE_CHECKING:
@@ -349,6 +350,10 @@ class S3:
     transport as a signed header). With sse, every object written is encrypted: PutObject and
     CreateMultipartUpload carry it, UploadPart must not (S3 refuses SSE-S3/KMS headers there:
     the parts inherit the upload's encryption)."""
+
+    # Bytes a GET to a sink (get_range_to) holds at a time: the receive piece of the streamed
+    # GETs. Callers budget it per GET in flight.
+    stream_piece_size = PIECE_SIZE
 
     def __init__(
         self,

@@ -4,5 +4,6 @@
 - `engine.py`: the bounded-memory, bounded-concurrency scheduler of shards, files and parts.
 - `journal.py`: what is already on S3, so an interrupted upload resumes.
 - `lease.py`: one writer per dataset at a time.
-- `cleanup.py`: unfinished multipart uploads and objects no record refers to.
+- `incomplete.py`: the unfinished multipart uploads under a prefix, listed and aborted.
+- `cleanup.py`: the `cleanup` command: unfinished uploads older than an age, aborted.
 """

@@ -56,7 +56,7 @@ from ..planning.plan import FileUnit, Kind, Part, ShardUnit, UploadKeys, parts_o
 from ..planning.survey import FileEntry
 from ..transport.retry import RetryCount, RetryPolicy, call_with_retries
 from ..transport.s3 import S3, ObjectAttributes
-from .cleanup import incomplete_uploads
+from .incomplete import incomplete_uploads
 from .journal import FSYNC_INTERVAL, Journal
 
 ProgressCallback = Callable[[int, int], None]  # (bytes done, files done) increments

@@ -14,7 +14,8 @@ import pytest
 from s3xfer.errors import NoSuchUploadError, UsageError
 from s3xfer.locals3 import LocalS3Info
 from s3xfer.transport.s3 import open_s3
-from s3xfer.write.cleanup import IncompleteUpload, format_age, parse_age, select_stale
+from s3xfer.write.cleanup import format_age, parse_age, select_stale
+from s3xfer.write.incomplete import IncompleteUpload
 
 from .helpers import connection, run_cli
 

@@ -26,13 +26,13 @@ from s3xfer.dataset.keys import S3Url, hashed_prefix, object_key
 from s3xfer.errors import SourceError, UsageError
 from s3xfer.planning.plan import (
     Kind,
-    Plan,
     UploadKeys,
     classify,
     fit_part_size,
     make_plan,
     parts_of,
 )
+from s3xfer.planning.planfile import load_plan, save_plan
 from s3xfer.planning.survey import FileEntry, SizeStats, Survey
 
 TiB = 1024 * GiB
@@ -123,8 +123,8 @@ def test_plan_round_trips_through_json(tmp_path: Path) -> None:
     entries = [FileEntry(f"d/{n}", n * MiB, n, 0o644) for n in range(40)]
     plan = make_plan(make_survey(entries), S3Url.parse("s3://b-1/p"), TransferConfig())
     for name in ("plan.json", "plan.json.gz"):
-        plan.save(tmp_path / name)
-        loaded = Plan.load(tmp_path / name)
+        save_plan(plan, tmp_path / name)
+        loaded = load_plan(tmp_path / name)
         assert loaded.units == plan.units
         assert loaded.config == plan.config
         assert loaded.dest == plan.dest
@@ -134,10 +134,10 @@ def test_a_corrupt_plan_file_is_a_usage_error(tmp_path: Path) -> None:
     bad = tmp_path / "plan.json"
     bad.write_text('{"format": "s3xfer-plan", "version": 1, "units": [[1]]}')
     with pytest.raises(UsageError, match="corrupt plan"):
-        Plan.load(bad)
+        load_plan(bad)
     bad.write_text("not json")
     with pytest.raises(UsageError, match="corrupt plan"):
-        Plan.load(bad)
+        load_plan(bad)
 
 
 def test_an_empty_tree_has_nothing_to_plan() -> None:
@@ -219,8 +219,8 @@ def test_no_pack_and_thresholds() -> None:
 
 def test_packed_plan_round_trips(tmp_path: Path) -> None:
     plan = make_plan(make_survey(many_small(500)), S3Url.parse("s3://bkt/p"), TransferConfig())
-    plan.save(tmp_path / "plan.json.gz")
-    loaded = Plan.load(tmp_path / "plan.json.gz")
+    save_plan(plan, tmp_path / "plan.json.gz")
+    loaded = load_plan(tmp_path / "plan.json.gz")
     assert loaded.shards == plan.shards
 
 

@@ -97,6 +97,8 @@ def test_anything_but_a_well_formed_sidecar_is_refused(text: str) -> None:
 class ScriptedS3:
     """An in-memory object behind get_range, with faults to inject per range."""
 
+    stream_piece_size = PIECE_SIZE
+
     def __init__(self, data: bytes, etag: str = '"e1"') -> None:
         self.data = data
         self.etag = etag
