@@ -13,7 +13,9 @@ from typing import Any, TypeVar
 
 import pytest
 
+from s3xfer.locals3 import LocalS3Info
 from s3xfer.write.journal import decode_line
+from tests.faultproxy import FaultProxy
 
 T = TypeVar("T")
 Events = list[dict[str, Any]]
@@ -86,3 +88,33 @@ def shard_in_flight_after_another_is_done(events: Events) -> bool:
     opened = {e["id"] for e in events if e["e"] == "mpu" and e["path"] is None}
     closed = {e["id"] for e in events if e["e"] == "closed"}
     return bool(opened - closed) and any(e["e"] == "shard" for e in events)
+
+
+def upload_holding(
+    args: list[str],
+    *,
+    info: LocalS3Info,
+    hold: str,
+    meanwhile: Callable[[subprocess.Popen[str]], object],
+) -> subprocess.CompletedProcess[str]:
+    """Run `s3xfer upload ARGS` through a proxy that holds the requests whose target matches
+    `hold` until `meanwhile(the upload's process)` has run."""
+    proxy = FaultProxy(info.endpoint_url)
+    held = proxy.hold(hold)
+    with proxy.running() as endpoint:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "s3xfer", "upload", *args, "--endpoint-url", endpoint],
+            env={**os.environ, **info.env()},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            if not held.arrived.wait(timeout=120):
+                process.kill()
+                pytest.fail(f"the upload never sent the request to hold: {process.communicate()}")
+            meanwhile(process)
+        finally:
+            held.release()
+            stdout, stderr = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)

@@ -8,8 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +21,11 @@ from s3xfer.planning.plan import make_plan
 from s3xfer.planning.survey import survey
 from s3xfer.write.journal import journal_path
 from s3xfer.write.upload import UploadReport, upload
-from tests.faultproxy import FaultProxy
 
 from ..integration.helpers import connection, list_keys, read_object, run_cli, write_tree
 from ..integration.redis_server import redis_url_fixture  # noqa: F401  (the `redis_url` fixture)
 from ..integration.test_distributed import database, workers
-from .helpers import journal_events
+from .helpers import journal_events, upload_holding
 
 CONFIG = TransferConfig(
     concurrency=2, part_size=5 * MiB, multipart_threshold=8 * MiB, shard_size=5 * MiB
@@ -91,36 +88,6 @@ CLI_OPTIONS = [
     "--part-size", "5MiB", "--multipart-threshold", "8MiB", "--shard-size", "5MiB",
     "--concurrency", "1", "--json",
 ]  # fmt: skip
-
-
-def upload_holding(
-    args: list[str],
-    *,
-    info: LocalS3Info,
-    hold: str,
-    meanwhile: Callable[[subprocess.Popen[str]], object],
-) -> subprocess.CompletedProcess[str]:
-    """Run `s3xfer upload ARGS` through a proxy that holds the requests whose target matches
-    `hold` until `meanwhile(the upload's process)` has run."""
-    proxy = FaultProxy(info.endpoint_url)
-    held = proxy.hold(hold)
-    with proxy.running() as endpoint:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "s3xfer", "upload", *args, "--endpoint-url", endpoint],
-            env={**os.environ, **info.env()},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            if not held.arrived.wait(timeout=120):
-                process.kill()
-                pytest.fail(f"the upload never sent the request to hold: {process.communicate()}")
-            meanwhile(process)
-        finally:
-            held.release()
-            stdout, stderr = process.communicate(timeout=120)
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def swap_keeping_size_and_mtime(path: Path, *, in_place: bool) -> bytes:

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,7 @@ from s3xfer.dataset import catalog
 from s3xfer.dataset.keys import S3Url
 from s3xfer.locals3 import LocalS3Info
 from s3xfer.write.lease import lease_key
-from tests.faultproxy import FaultProxy
+from tests.faults.helpers import upload_holding
 from tests.faults.test_bad_input import assert_one_clear_line
 from tests.integration.helpers import list_keys, read_object, run_cli, write_tree
 
@@ -49,36 +47,6 @@ def lease_body(*, seconds: int = 300, released: bool = False, token: str = "f" *
             "pid_start": 0,
         }
     ).encode()
-
-
-def upload_holding(
-    args: list[str],
-    *,
-    info: LocalS3Info,
-    hold: str,
-    meanwhile: Callable[[], object],
-) -> subprocess.CompletedProcess[str]:
-    """`s3xfer upload ARGS` through a proxy that holds its requests matching `hold` until
-    `meanwhile()` has run."""
-    proxy = FaultProxy(info.endpoint_url)
-    held = proxy.hold(hold)
-    with proxy.running() as endpoint:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "s3xfer", "upload", *args, "--endpoint-url", endpoint],
-            env={**os.environ, **info.env()},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            if not held.arrived.wait(timeout=120):
-                process.kill()
-                pytest.fail(f"the upload never sent the request to hold: {process.communicate()}")
-            meanwhile()
-        finally:
-            held.release()
-            stdout, stderr = process.communicate(timeout=120)
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def assert_reads_agree(url: S3Url, tree: dict[str, bytes], out: Path) -> None:
@@ -110,7 +78,9 @@ def test_a_second_upload_while_the_first_writes_stops_and_writes_nothing(
     second = write_tree(tmp_path / "second", {**FILES, "only-second.txt": 50}, seed=2)
     seen: dict[str, Any] = {}
 
-    def second_upload() -> None:  # runs while the first is held at its first catalog write
+    def second_upload(
+        _: subprocess.Popen[str],
+    ) -> None:  # runs while the first is held at its first catalog write
         seen["before"] = {
             k: read_object(sync_s3_client, bucket, k)
             for k in list_keys(sync_s3_client, bucket, "ds/")
@@ -147,7 +117,7 @@ def test_an_upload_that_lost_its_lease_writes_no_manifest(
     url = S3Url(bucket, "ds")
     write_tree(tmp_path / "src", FILES)
 
-    def break_it() -> None:
+    def break_it(_: subprocess.Popen[str]) -> None:
         sync_s3_client.put_object(Bucket=bucket, Key=lease_key(url), Body=lease_body())
 
     result = upload_holding(

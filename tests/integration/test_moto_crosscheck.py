@@ -33,19 +33,29 @@ def moto_endpoint() -> Iterator[str]:
         server.stop()
 
 
-def test_upload_to_moto_matches_byte_for_byte(
-    tmp_path: Path, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "moto",
-        "AWS_SECRET_ACCESS_KEY": "moto",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
+MOTO_ENV = {
+    "AWS_ACCESS_KEY_ID": "moto",
+    "AWS_SECRET_ACCESS_KEY": "moto",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture
+def moto_client(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """moto's credentials in this process's environment (s3xfer reads them from there, as
+    any AWS tool) and a plain botocore client to set up and check the server with."""
+    for name, value in MOTO_ENV.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
-    client: Any = botocore.session.Session().create_client(
+    return botocore.session.Session().create_client(
         "s3", endpoint_url=moto_endpoint, region_name="us-east-1"
     )
+
+
+def test_upload_to_moto_matches_byte_for_byte(
+    tmp_path: Path, moto_endpoint: str, moto_client: Any
+) -> None:
+    client = moto_client
     client.create_bucket(Bucket="crosscheck")
     contents = write_tree(tmp_path / "src", {"small": 100, "empty": 0, "big.bin": 11 * MiB + 3})
     config = TransferConfig(part_size=5 * MiB, multipart_threshold=6 * MiB, pack=False)
@@ -72,25 +82,17 @@ def test_upload_to_moto_matches_byte_for_byte(
 
 
 def test_content_types_on_a_server_that_guesses_none_itself(
-    tmp_path: Path, moto_endpoint: str
+    tmp_path: Path, moto_endpoint: str, moto_client: Any
 ) -> None:
     """moto, as S3, stores binary/octet-stream when a PUT names no Content-Type (SeaweedFS
     guesses one itself): a file whose type cannot be guessed, or with --no-guess-mime-type,
     gets no explicit type from s3xfer, as from awscli."""
     env = {
-        "AWS_ACCESS_KEY_ID": "moto",
-        "AWS_SECRET_ACCESS_KEY": "moto",
-        "AWS_DEFAULT_REGION": "us-east-1",
+        **MOTO_ENV,
         "AWS_CONFIG_FILE": str(tmp_path / "none"),
         "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
     }
-    client: Any = botocore.session.Session().create_client(
-        "s3",
-        endpoint_url=moto_endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="moto",
-        aws_secret_access_key="moto",
-    )
+    client = moto_client
     client.create_bucket(Bucket="typed")
     write_tree(tmp_path / "src", {"photo.jpg": 10, "blob.zzqx": 10, "README": 10})
     for prefix, options in (("guessed", []), ("plain", ["--no-guess-mime-type"])):
@@ -117,9 +119,7 @@ def test_content_types_on_a_server_that_guesses_none_itself(
     }
 
 
-def test_the_lease_is_exclusive_on_moto_too(
-    moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_lease_is_exclusive_on_moto_too(moto_endpoint: str, moto_client: Any) -> None:
     """Conditional PUTs (If-None-Match: *, If-Match) decide who holds a prefix's lease: a
     second taker is refused while the first holds it, and takes it once it is released."""
     from s3xfer.errors import LeaseHeldError
@@ -127,16 +127,7 @@ def test_the_lease_is_exclusive_on_moto_too(
     from s3xfer.transport.s3 import open_s3
     from s3xfer.write.lease import acquire
 
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "moto",
-        "AWS_SECRET_ACCESS_KEY": "moto",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(name, value)
-    client: Any = botocore.session.Session().create_client(
-        "s3", endpoint_url=moto_endpoint, region_name="us-east-1"
-    )
-    client.create_bucket(Bucket="leases")
+    moto_client.create_bucket(Bucket="leases")
     dest = S3Url.parse("s3://leases/p")
     policy = RetryPolicy(max_attempts=2)
 
