@@ -1,11 +1,6 @@
-"""`s3xfer bench`: the command line of bench.py. Parses options, prints a table row as each
-point completes and the recommended settings at the end; bench.bench() does the measuring.
-
-cli.py registers the command with `cli.add_command(bench_command)` at its end. The command is
-built on first access (see `__getattr__`) because it is decorated with cli.py's connection
-options: importing cli.py here at the top would be a cycle that breaks whichever module is
-imported second.
-"""
+"""`s3xfer bench`: the command line of s3xfer/bench/sweep.py. Parses options, prints a table
+row as each point completes and the recommended settings at the end; sweep.bench() does the
+measuring."""
 
 from __future__ import annotations
 
@@ -37,9 +32,8 @@ from ..bench.sweep import (
 from ..config import format_size, parse_size
 from ..dataset.keys import S3Url
 from ..errors import UsageError
-
-bench_command: click.Command  # built on first access, by __getattr__ below
-
+from .options import connection_options, connection_setting, make_connection
+from .output import emit_json
 
 # --------------------------------------------------------------------------- option types
 
@@ -258,10 +252,6 @@ def _bench(
     plot_path: Path | None,
     save: str | None,
     quiet: bool,
-    endpoint_url: str | None,
-    profile: str | None,
-    region: str | None,
-    no_verify_ssl: bool,
 ) -> None:
     """Measure throughput against parallelism at URL (s3://bucket/prefix) and recommend settings.
 
@@ -283,7 +273,6 @@ def _bench(
     when the run is interrupted.
     """
     from .. import runner
-    from .main import _emit_json, make_connection  # see the module docstring
 
     preset = FULL if full else QUICK
     settings = BenchSettings(
@@ -304,8 +293,8 @@ def _bench(
     emulate = None
     if emulate_rtt is not None or emulate_bw is not None or emulate_link is not None:
         emulate = EmulatedPath(rtt=emulate_rtt or 0.0, bandwidth=emulate_bw, link=emulate_link)
-        engine.emulation_upstream(endpoint_url)
-    connection = make_connection(endpoint_url, profile, region, no_verify_ssl)
+        engine.emulation_upstream(connection_setting("endpoint_url"))
+    connection = make_connection()
     table = sys.stderr if as_json else sys.stdout
     listener = TableListener(settings, out=table, quiet=quiet)
 
@@ -326,7 +315,7 @@ def _bench(
             tolerance=settings.tolerance,
         )
     if as_json:
-        _emit_json({**result.to_json(), "profile": None if saved is None else str(saved)})
+        emit_json({**result.to_json(), "profile": None if saved is None else str(saved)})
     else:
         click.echo(summary_text(result, saved=saved, name=save))
     if not result.cleanup.ok:
@@ -382,8 +371,6 @@ def size_list(sizes: tuple[int, ...]) -> str:
 
 
 def _build_bench_command() -> click.Command:
-    from .main import connection_options  # see the module docstring
-
     options = [
         click.argument("url"),
         click.option(
@@ -485,15 +472,4 @@ def _build_bench_command() -> click.Command:
     return click.command("bench")(function)
 
 
-_built: list[click.Command] = []
-
-
-def __getattr__(name: str) -> Any:
-    if name != "bench_command":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    if not _built:
-        from . import main  # noqa: F401  (cli.py may build the command itself while loading)
-
-        if not _built:
-            _built.append(_build_bench_command())
-    return _built[0]
+bench_command = _build_bench_command()

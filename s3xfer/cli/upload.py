@@ -1,0 +1,463 @@
+"""The commands that write a dataset: `survey`, `plan`, `upload` and `finalize` (of an upload
+run in slices)."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from .. import runner
+from ..config import ObjectOptions, PriceTable, TransferConfig, parse_metadata
+from ..dataset.keys import S3Url
+from ..errors import UsageError
+from ..planning.globs import NO_FILTER, PathFilter
+from ..transport.s3 import Connection
+from .distributed import check_broker, upload_with_broker, workers_summary
+from .options import (
+    apply_bench_profile,
+    break_lease_option,
+    connection_options,
+    encryption_options,
+    make_connection,
+    make_selection,
+    plan_options,
+    selection_options,
+)
+from .output import TransferProgress, emit_json, upload_progress
+from .render import _printable, human_bytes, render_plan, render_report, render_survey
+
+if TYPE_CHECKING:
+    from ..planning.plan import Plan
+    from ..planning.survey import Survey
+    from ..write.upload import UploadReport
+
+
+def make_config(**options: Any) -> TransferConfig:
+    return TransferConfig(
+        concurrency=options["concurrency"],
+        max_memory=options["max_memory"],
+        part_size=options["part_size"],
+        multipart_threshold=options["multipart_threshold"],
+        key_prefix=options["key_prefix"],
+        pack=not options["no_pack"],
+        pack_threshold=options["pack_threshold"],
+        shard_size=options["shard_size"],
+        prices=PriceTable(
+            put_per_1000=options["price_put"], storage_gb_month=options["price_storage"]
+        ),
+        objects=ObjectOptions(
+            content_type=options["content_type"],
+            guess_content_type=not options["no_guess_mime_type"],
+            storage_class=options["storage_class"].upper() if options["storage_class"] else None,
+            metadata=parse_metadata(options["metadata"]),
+        ),
+    )
+
+
+# What a plan says to send: given with `upload --plan`, they would be silently ignored.
+# What shapes a plan: with `upload --plan`, the saved plan's values hold and these are refused.
+_PLAN_ONLY = (
+    "include",
+    "exclude",
+    "content_type",
+    "no_guess_mime_type",
+    "storage_class",
+    "metadata",
+    "part_size",
+    "multipart_threshold",
+    "pack_threshold",
+    "shard_size",
+    "no_pack",
+    "key_prefix",
+    "price_put",
+    "price_storage",
+    "bench_profile",
+)
+# What bounds a run, not what it sends: given with `upload --plan`, they replace the plan's.
+_RUN_LIMITS = ("concurrency", "max_memory")
+
+
+@contextmanager
+def survey_progress(quiet: bool) -> Iterator[Callable[[int, int], None]]:
+    from tqdm import tqdm
+
+    bar = tqdm(
+        desc="survey", unit=" files", disable=True if quiet else None, file=sys.stderr, leave=False
+    )
+
+    def update(files: int, total_bytes: int) -> None:
+        bar.n = files
+        bar.set_postfix_str(human_bytes(total_bytes), refresh=True)
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+def run_survey(path: Path, *, quiet: bool, selection: PathFilter = NO_FILTER) -> Survey:
+    from ..planning.survey import survey
+
+    with survey_progress(quiet) as progress:
+        return survey(path, on_progress=progress, selection=selection)
+
+
+@click.command("survey")
+@click.argument("path", type=click.Path(path_type=Path))
+@selection_options
+@click.option("--json", "as_json", is_flag=True, help="Print the survey as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress display.")
+def survey_command(
+    path: Path, include: tuple[str, ...], exclude: tuple[str, ...], as_json: bool, quiet: bool
+) -> None:
+    """Walk PATH once and summarise its file sizes.
+
+    Prints the count, total bytes, min / max / mean / median / standard deviation, a log2
+    size histogram, the largest files, and every path that cannot be uploaded (permission
+    denied, broken or looping symlinks, fifos, sockets, devices) without stopping.
+    """
+    selection = make_selection(include, exclude)
+    result = run_survey(path, quiet=quiet or as_json, selection=selection)
+    if as_json:
+        emit_json(result.to_json())
+    else:
+        click.echo(render_survey(result))
+
+
+@click.command("plan")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("dest")
+@plan_options
+@selection_options
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write the plan to this file (gzip when it ends in .gz) for `upload --plan`.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the plan summary as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress display.")
+def plan_command(
+    path: Path,
+    dest: str,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    output: Path | None,
+    as_json: bool,
+    quiet: bool,
+    **options: Any,
+) -> None:
+    """Plan the upload of PATH to DEST (s3://bucket/prefix) without sending anything.
+
+    Files at or above the multipart threshold become multipart uploads with a part size
+    fitted to S3's limits and the memory budget; the others become single PUTs. Shows the
+    objects, parts, requests, bytes and an estimated request and storage cost.
+    """
+    from ..planning.plan import make_plan
+    from ..planning.planfile import save_plan
+
+    url = S3Url.parse(dest)
+    rate = apply_bench_profile(options, command="plan")
+    config = make_config(**options)
+    selection = make_selection(include, exclude)
+    plan = make_plan(run_survey(path, quiet=quiet or as_json, selection=selection), url, config)
+    seconds = plan.estimate.bytes / (rate * 1e6) if rate else None
+    if output is not None:
+        save_plan(plan, output)
+    if as_json:
+        summary = plan.to_json()
+        del summary["units"]
+        del summary["shards"]
+        summary["output"] = str(output) if output else None
+        summary["estimated_seconds"] = round(seconds, 1) if seconds is not None else None
+        emit_json(summary)
+    else:
+        click.echo(render_plan(plan))
+        if seconds is not None:
+            click.echo(
+                f"  estimated time    {seconds:>11.1f} s at {rate:.0f} MB/s "
+                f"(bench profile {options['bench_profile']})"
+            )
+        if output is not None:
+            click.echo(f"plan written to {output}; run it with: s3xfer upload --plan {output}")
+
+
+@click.command("upload")
+@click.argument("path", type=click.Path(path_type=Path), required=False)
+@click.argument("dest", required=False)
+@click.option(
+    "--plan",
+    "plan_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Execute a plan saved by `s3xfer plan --output` instead of PATH DEST.",
+)
+@plan_options
+@selection_options
+@connection_options
+@encryption_options
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    envvar="S3XFER_STATE_DIR",
+    default=None,
+    help="Where upload journals are kept [env S3XFER_STATE_DIR; default "
+    "$XDG_STATE_HOME/s3xfer or ~/.local/state/s3xfer].",
+)
+@click.option(
+    "--slice",
+    "slice_text",
+    metavar="K/N",
+    default=None,
+    help="With --plan: upload only slice K of N of the plan's work (a batch job of an array; "
+    "`s3xfer finalize --plan` then writes the catalog once every slice has run).",
+)
+@click.option(
+    "--broker",
+    metavar="URL",
+    default=None,
+    help="Spread the upload over the `s3xfer worker`s listening on this Redis "
+    "(redis://HOST:6379/0): plan here, enqueue work units, show one progress bar, write the "
+    "catalog when every unit is done. Needs the extra s3xfer[distributed].",
+)
+@click.option(
+    "--keep-deleted",
+    is_flag=True,
+    help="Keep files deleted or renamed in the tree since the last upload in the dataset "
+    "(and their objects), restorable as before. By default the dataset is made equal to the "
+    "tree, like `rclone sync`.",
+)
+@break_lease_option
+@click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+def upload_command(
+    path: Path | None,
+    dest: str | None,
+    plan_file: Path | None,
+    keep_deleted: bool,
+    break_lease: bool,
+    as_json: bool,
+    quiet: bool,
+    sse: str | None,
+    sse_kms_key_id: str | None,
+    state_dir: Path | None,
+    slice_text: str | None,
+    broker: str | None,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    **options: Any,
+) -> None:
+    """Upload PATH to DEST (s3://bucket/prefix), or execute a saved --plan.
+
+    \b
+    - Files unchanged since the last upload to DEST (same size, mtime, mode and key in the
+      manifest at DEST/.s3xfer/manifest.json.gz) are skipped: a re-run sends no PUT.
+    - The dataset is made equal to the tree: files deleted or renamed since the last upload
+      leave it, and objects nothing refers to any more are deleted once the new manifest is
+      written (--keep-deleted keeps them).
+    - Every object and part carries a CRC32 that S3 verifies; multipart uploads also carry
+      the full-object CRC32. Failed multipart uploads are aborted.
+    - Throttling, 5xx, timeouts and connection errors are retried with backoff; on SlowDown
+      the number of requests in flight is halved, then grows back.
+    - Progress is journaled as it happens (--state-dir): after a crash, kill -9 or Ctrl-C,
+      running the same command again skips what was done, continues the multipart uploads
+      of large files (parts already in S3 are verified, not re-sent) and rebuilds any shard
+      that was in flight.
+    - One writer at a time: an upload that will write takes DEST's lease
+      (DEST/.s3xfer/lease.json) first; while another s3xfer holds it, it stops with exit 6
+      and writes nothing.
+    - Exit code 0 when every file was uploaded, 1 when any failed (each is named).
+    - --sse encrypts every object written (PutObject and CreateMultipartUpload carry it).
+    - --include/--exclude choose the files (download's globs); the dataset's files outside
+      them are left alone. Content-Types are guessed per file as `aws s3 cp` does
+      (--content-type, --no-guess-mime-type); --storage-class and --metadata go on the
+      objects holding file data. Changing these on a re-run does not rewrite unchanged files.
+    """
+    from ..planning.plan import make_plan, parse_slice
+    from ..planning.planfile import load_plan
+
+    connection = make_connection(sse=sse, sse_kms_key_id=sse_kms_key_id)
+    if broker is not None:
+        check_broker(broker, slice_text)
+    if keep_deleted and slice_text is not None:
+        raise UsageError(
+            "--keep-deleted applies where the manifest is written: give it to `s3xfer finalize`"
+        )
+    if break_lease and slice_text is not None:
+        raise UsageError(
+            "--break-lease applies where the manifest is written (a slice takes no lease): "
+            "give it to `s3xfer finalize`"
+        )
+    selection = make_selection(include, exclude)
+    if plan_file is not None:
+        if path is not None or dest is not None:
+            raise UsageError("give either PATH DEST or --plan, not both")
+        context = click.get_current_context()
+        given = [
+            name
+            for name in _PLAN_ONLY
+            if context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+        ]
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise UsageError(f"{flags}: give them to `s3xfer plan`, the plan keeps them")
+        plan = load_plan(plan_file)
+        limits = {
+            name: options[name]
+            for name in _RUN_LIMITS
+            if context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+        }
+        if limits:
+            plan = dataclasses.replace(plan, config=dataclasses.replace(plan.config, **limits))
+    else:
+        if path is None or dest is None:
+            raise UsageError("missing PATH and DEST (or --plan FILE); see s3xfer upload --help")
+        url = S3Url.parse(dest)
+        apply_bench_profile(options, command="upload")
+        tree = run_survey(path, quiet=quiet or as_json, selection=selection)
+        plan = make_plan(tree, url, make_config(**options))
+    progress = upload_progress(quiet=quiet or as_json)
+    try:
+        if broker is not None:
+            report = upload_with_broker(
+                plan,
+                connection,
+                broker,
+                progress,
+                keep_deleted=keep_deleted,
+                break_lease=break_lease,
+            )
+        elif slice_text is not None:
+            if plan_file is None:
+                raise UsageError("--slice needs --plan: every job of the array must run one plan")
+            index, count = parse_slice(slice_text)
+            report = runner.run(
+                run_upload_slice, plan, connection, progress, state_dir, index, count
+            )
+        else:
+            report = runner.run(
+                run_upload, plan, connection, progress, state_dir, keep_deleted, break_lease
+            )
+    except KeyboardInterrupt:
+        progress.close()
+        click.echo(
+            "s3xfer: interrupted; progress is journaled: run the same command again to resume",
+            err=True,
+        )
+        sys.exit(130)
+    finally:
+        progress.close()
+    for warning in report.warnings:
+        click.echo(f"s3xfer: warning: {warning}", err=True)
+    if as_json:
+        emit_json(report.to_json())
+    elif not quiet:
+        click.echo(render_report(report))
+        if broker is not None:
+            click.echo(workers_summary(report))
+    if not report.ok:
+        if quiet:
+            for failed_path, error in report.failures:
+                click.echo(f"s3xfer: FAILED {_printable(failed_path)}: {error}", err=True)
+            for skipped_path, reason in report.unreadable:
+                click.echo(f"s3xfer: NOT UPLOADED {_printable(skipped_path)}: {reason}", err=True)
+        sys.exit(1)
+
+
+async def run_upload_slice(
+    plan: Plan,
+    connection: Connection,
+    progress: TransferProgress,
+    state_dir: Path | None,
+    index: int,
+    count: int,
+) -> UploadReport:
+    from ..distributed.slices import upload_slice
+
+    return await upload_slice(
+        plan,
+        index,
+        count,
+        connection,
+        on_start=progress.start,
+        on_progress=progress.advance,
+        state_dir=state_dir,
+    )
+
+
+@click.command("finalize")
+@click.option(
+    "--plan",
+    "plan_file",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The plan every slice ran.",
+)
+@connection_options
+@click.option(
+    "--keep-deleted",
+    is_flag=True,
+    help="Keep files no longer in the plan's tree in the dataset (and their objects), as "
+    "`upload --keep-deleted` does.",
+)
+@break_lease_option
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def finalize_command(
+    plan_file: Path,
+    keep_deleted: bool,
+    break_lease: bool,
+    as_json: bool,
+) -> None:
+    """Write the manifest and catalog of a plan uploaded in slices (upload --plan P --slice
+    K/N on many machines), once every slice has run.
+
+    \b
+    Refuses, naming them, when slices have no result yet. Files a slice failed are named
+    and make the exit code 1; everything else is catalogued. The dataset is made equal to
+    the plan's tree, as `upload` does (--keep-deleted keeps files no longer in it). Running
+    it again is harmless.
+    """
+    from ..distributed.slices import finalize
+    from ..planning.planfile import load_plan
+
+    connection = make_connection()
+    plan = load_plan(plan_file)
+
+    async def run() -> UploadReport:
+        return await finalize(plan, connection, keep_deleted=keep_deleted, break_lease=break_lease)
+
+    report = runner.run(run)
+    for warning in report.warnings:
+        click.echo(f"s3xfer: warning: {warning}", err=True)
+    if as_json:
+        emit_json(report.to_json())
+    else:
+        click.echo(render_report(report).replace("uploaded", "catalogued", 1))
+    if not report.ok:
+        sys.exit(1)
+
+
+async def run_upload(
+    plan: Plan,
+    connection: Connection,
+    progress: TransferProgress,
+    state_dir: Path | None = None,
+    keep_deleted: bool = False,
+    break_lease: bool = False,
+) -> UploadReport:
+    from ..write.upload import upload
+
+    return await upload(
+        plan,
+        connection,
+        on_start=progress.start,
+        on_progress=progress.advance,
+        state_dir=state_dir,
+        keep_deleted=keep_deleted,
+        break_lease=break_lease,
+    )
