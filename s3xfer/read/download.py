@@ -190,6 +190,39 @@ def _identical(target: Path, item: Item) -> bool:
 
 
 @dataclass
+class _Preflight:
+    """What a download finds in its destination before sending a request."""
+
+    todo: list[Item] = field(default_factory=list)
+    targets: dict[str, Path] = field(default_factory=dict)  # by dataset path
+    skipped: int = 0  # already there and identical
+    refused: list[tuple[str, str]] = field(default_factory=list)  # unsafe paths
+    failures: list[tuple[str, str]] = field(default_factory=list)  # there and different
+
+
+def _preflight(items: list[Item], safe: SafeDestination, overwrite: bool) -> _Preflight:
+    """Each item's target under the destination, and whether it must be fetched. Blocking
+    file system calls: run in a worker thread."""
+    found = _Preflight()
+    for item in items:
+        try:
+            target, present = safe.locate(item.path)  # a file, or a link (even dangling)
+        except SourceError as error:
+            found.refused.append((item.path, str(error)))
+            continue
+        if present:
+            if _identical(target, item):
+                found.skipped += 1
+                continue
+            if not overwrite:
+                found.failures.append((item.path, f"{target} exists and differs (use --overwrite)"))
+                continue
+        found.targets[item.path] = target
+        found.todo.append(item)
+    return found
+
+
+@dataclass
 class _Counters:
     files: int = 0
     bytes: int = 0
@@ -549,27 +582,12 @@ async def download(
             raise NotInDatasetError(f"no file of {url} matches {globs}")
         await anyio.to_thread.run_sync(_writable_directory, dest)
 
-        refused: list[tuple[str, str]] = []
-        failures: list[tuple[str, str]] = []
-        todo: list[Item] = []
-        skipped = 0
-        targets: dict[str, Path] = {}
         safe = SafeDestination(dest)
-        for item in items:
-            try:
-                target, present = safe.locate(item.path)  # a file, or a link (even dangling)
-            except SourceError as error:
-                refused.append((item.path, str(error)))
-                continue
-            if present:
-                if await anyio.to_thread.run_sync(_identical, target, item):
-                    skipped += 1
-                    continue
-                if not overwrite:
-                    failures.append((item.path, f"{target} exists and differs (use --overwrite)"))
-                    continue
-            targets[item.path] = target
-            todo.append(item)
+        # One worker-thread call for the whole pass: an lstat per file (and a read of each
+        # file already there) must not block the event loop, nor cost a thread hop each.
+        preflight = await anyio.to_thread.run_sync(_preflight, items, safe, overwrite)
+        todo, targets, skipped = preflight.todo, preflight.targets, preflight.skipped
+        refused, failures = preflight.refused, preflight.failures
         if on_start is not None:
             on_start(len(todo), sum(i.size for i in todo), skipped)
         async with staging_in(safe.root, in_use=used_by(every_path)) as staging:
