@@ -345,14 +345,10 @@ async def fill_part(
     return await anyio.to_thread.run_sync(_fill_part, root, members, identities, make_pieces)
 
 
-def _freeze(buffer: bytearray) -> tuple[bytes, int]:
-    body = bytes(buffer)
-    return body, crc32(body)
-
-
-async def freeze(buffer: bytearray) -> tuple[bytes, int]:
-    """The finished part as bytes, and its CRC32, off the event loop."""
-    return await anyio.to_thread.run_sync(_freeze, buffer)
+async def buffer_crc32(buffer: bytearray) -> int:
+    """The finished part's CRC32, off the event loop. The part is sent from the buffer itself:
+    a bytes copy of it doubled every shard part in flight (84 MB at 100,000 files)."""
+    return await anyio.to_thread.run_sync(crc32, buffer)
 
 
 # ---------------------------------------------------------------------------------------------

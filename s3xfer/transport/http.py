@@ -52,6 +52,9 @@ BodyCheck = Callable[[int, str | None, int], None]
 # worker thread; the view is reused once the call returns), or a buffer the body is copied
 # into from its start.
 Sink = Callable[[memoryview], None] | memoryview
+# A request body: sent from the buffer itself, never copied (a shard part is filled in a
+# bytearray; a bytes copy of it for the request doubled the parts in flight).
+Body = bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,15 +195,35 @@ class _Exchange:
         self.pending = None
 
 
-class _CountingBody(io.BytesIO):
-    """A request body that counts what awscrt has read of it (progress while sending)."""
+class _CountingBody(io.RawIOBase):
+    """A request body read by awscrt straight from the caller's buffer (io.BytesIO would copy
+    a bytearray), counting what it has read (progress while sending)."""
 
-    def __init__(self, data: bytes, exchange: _Exchange) -> None:
-        super().__init__(data)
+    def __init__(self, data: Body, exchange: _Exchange) -> None:
+        super().__init__()
+        self._view = memoryview(data).cast("B")
+        self._position = 0
         self._exchange = exchange
 
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: len(self._view)}
+        self._position = max(0, base[whence] + offset)
+        return self._position
+
     def readinto(self, buffer: Any) -> int:
-        n = super().readinto(buffer)
+        chunk = self._view[self._position : self._position + len(buffer)]
+        n = len(chunk)
+        memoryview(buffer).cast("B")[:n] = chunk
+        self._position += n
         self._exchange.progress += n
         return n
 
@@ -423,7 +446,7 @@ class Transport:
         *,
         query: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
-        body: bytes | None = None,
+        body: Body | None = None,
         on_head: BodyCheck | None = None,
         sink: Sink | None = None,
         collect: bool = False,
@@ -452,7 +475,7 @@ class Transport:
         key: str | None,
         query: Mapping[str, str] | None,
         headers: Mapping[str, str] | None,
-        body: bytes | None,
+        body: Body | None,
         on_head: BodyCheck | None,
         sink: Sink | None,
         collect: bool,
@@ -532,7 +555,7 @@ class Transport:
         key: str | None,
         query: Mapping[str, str] | None,
         headers: Mapping[str, str] | None,
-        body: bytes | None,
+        body: Body | None,
         on_head: BodyCheck | None,
         sink: Sink | None,
         collect: bool,

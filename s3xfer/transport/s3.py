@@ -50,7 +50,7 @@ from ..errors import (
     redact_credentials,
 )
 from .endpoints import Endpoints, check_endpoint_url
-from .http import BodyCheck, Credentials, Response, Sink, Transport
+from .http import Body, BodyCheck, Credentials, Response, Sink, Transport
 from .network import NetworkSettings
 from .rawhttp import PIECE_SIZE
 from .throttle import AdaptiveGate
@@ -448,7 +448,7 @@ class S3:
         *,
         query: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
-        body: bytes | None = None,
+        body: Body | None = None,
         on_head: BodyCheck | None = None,
         sink: Sink | None = None,
         collect: bool = False,
@@ -484,7 +484,7 @@ class S3:
         self,
         bucket: str,
         key: str,
-        body: bytes,
+        body: Body,
         *,
         crc32: str,
         attributes: ObjectAttributes = NO_ATTRIBUTES,
@@ -530,7 +530,7 @@ class S3:
         return response["UploadId"]
 
     async def upload_part(
-        self, bucket: str, key: str, *, upload_id: str, number: int, body: bytes, crc32: str
+        self, bucket: str, key: str, *, upload_id: str, number: int, body: Body, crc32: str
     ) -> str:
         async with self._request("upload_part", bucket, key, f"part {number}"):
             response = await self._send(

@@ -41,11 +41,11 @@ from ..dataset.tarpack import FixedPiece, ShardLayout
 from ..errors import MemberChangedError, NoSuchUploadError, S3XferError, SourceError
 from ..localfs import (
     FileIdentity,
+    buffer_crc32,
     changed_members,
     check_unchanged,
     describe_change,
     fill_part,
-    freeze,
     identify,
     identify_members,
     read_range,
@@ -479,7 +479,7 @@ class Engine:
         self.stats.files_done += 1
         self._on_progress(unit.size, 1)
 
-    async def _read_part(self, upload: _Multipart, part: Part) -> tuple[bytes, int]:
+    async def _read_part(self, upload: _Multipart, part: Part) -> tuple[bytes | bytearray, int]:
         if upload.file is not None:
             unit = upload.file
             body, crc, _identity = await read_range(
@@ -524,7 +524,7 @@ class Engine:
                     position += len(final.data)
                 else:
                     position += final.length
-        return await freeze(buffer)
+        return buffer, await buffer_crc32(buffer)
 
     async def _upload_part(self, upload: _Multipart, part: Part) -> None:
         try:
@@ -820,7 +820,7 @@ def _same_file(journaled: FileIdentity | None, now: FileIdentity | None) -> bool
     return dataclasses.replace(journaled, dev=0) == dataclasses.replace(now, dev=0)
 
 
-async def _already_uploaded(listed: dict[str, Any], body: bytes, crc: int) -> bool:
+async def _already_uploaded(listed: dict[str, Any], body: bytes | bytearray, crc: int) -> bool:
     """Whether a part S3 already has holds exactly these bytes: by the CRC32 S3 stored with it
     when it lists one, else by its ETag (the MD5 of the part, without SSE-KMS)."""
     if int(listed.get("Size", -1)) != len(body):

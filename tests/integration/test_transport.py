@@ -31,6 +31,7 @@ class Seen:
     method: str
     path: str
     headers: dict[str, str]
+    body: bytes = b""
 
 
 class ScriptedServer:
@@ -44,10 +45,14 @@ class ScriptedServer:
 
             def _answer(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
-                if length:
-                    self.rfile.read(length)
+                body = self.rfile.read(length) if length else b""
                 owner.seen.append(
-                    Seen(self.command, self.path, {k.lower(): v for k, v in self.headers.items()})
+                    Seen(
+                        self.command,
+                        self.path,
+                        {k.lower(): v for k, v in self.headers.items()},
+                        body,
+                    )
                 )
                 answer = owner.script.pop(0) if owner.script else Answer(200)
                 self.send_response(answer.status)
@@ -119,6 +124,30 @@ def test_a_session_token_given_is_sent_and_signed(server: ScriptedServer) -> Non
     assert "x-amz-security-token" in request.headers["authorization"]
     assert "Credential=AKIDGIVEN/" in request.headers["authorization"]
     assert scope_region(request) == "eu-west-1"
+
+
+def test_a_body_is_sent_from_the_callers_buffer(server: ScriptedServer) -> None:
+    """A bytearray or memoryview body (a shard part is filled in a bytearray) goes out as it
+    is, without a bytes copy: what the server receives is the buffer's content."""
+    whole = bytearray(b"0123456789" * 30_000)  # larger than one read of awscrt's
+    server.script = [Answer(200, {"etag": '"a"'}), Answer(200, {"etag": '"b"'})]
+
+    async def put() -> None:
+        async with open_s3(Connection(endpoint_url=server.url, unsigned=True)) as s3:
+            await s3.put_object("bucket", "whole", whole, crc32="AAAAAA==")
+            await s3.upload_part(
+                "bucket",
+                "part",
+                upload_id="u",
+                number=1,
+                body=memoryview(whole)[5:105],
+                crc32="AAAAAA==",
+            )
+
+    anyio.run(put)
+    first, second = server.seen
+    assert first.body == whole and first.headers["content-length"] == str(len(whole))
+    assert second.body == whole[5:105] and second.headers["content-length"] == "100"
 
 
 def test_unsigned_requests_carry_no_signature(server: ScriptedServer) -> None:
