@@ -45,7 +45,8 @@ from ..errors import (
 from ..planning.plan import Kind, Plan, UploadKeys, WorkUnit, work_units
 from ..transport.retry import RetryCount, RetryPolicy
 from ..transport.s3 import S3, Connection, open_s3
-from ..write.engine import EngineStats, ProgressCallback
+from ..write.counters import RunCounters
+from ..write.engine import ProgressCallback
 from ..write.incomplete import abort_uploads, incomplete_uploads
 from ..write.upload import (
     StartCallback,
@@ -233,6 +234,18 @@ class UnitResult:
         return not self.skipped and not self.error and self.files_failed == 0
 
     @classmethod
+    def of_run(
+        cls, counters: RunCounters, *, records: list[ManifestRecord], shards: list[ShardRecord]
+    ) -> UnitResult:
+        """The result of the engine's run of a unit (job, index and worker filled in later)."""
+        return cls("", 0, "", records=records, shards=shards, **counters.as_fields(_COUNTERS))
+
+    @property
+    def counters(self) -> RunCounters:
+        values = {name: getattr(self, name) for name in _COUNTERS}
+        return RunCounters(**{**values, "failures": tuple(self.failures)})
+
+    @classmethod
     def failed(
         cls, unit: WorkUnit, reason: str, *, job: str, index: int, worker: str, run: str = ""
     ) -> UnitResult:
@@ -275,43 +288,41 @@ class UnitResult:
         )
 
 
+# The counters a unit's result carries (RunCounters' fields but uploads_kept and
+# files_unchanged, which a unit's run does not report).
+_COUNTERS = (
+    "failures",
+    "files_done",
+    "files_failed",
+    "bytes_done",
+    "bytes_reused",
+    "uploads_resumed",
+    "shards_done",
+    "retries",
+    "throttled",
+    "requests",
+    "write_requests",
+    "peak_buffered_bytes",
+    "lowest_concurrency",
+)
+
+
 @dataclass
 class Merged:
     records: list[ManifestRecord]
     shards: list[ShardRecord]
-    stats: EngineStats
-    requests: int
-    write_requests: int
-    peak_buffered_bytes: int
-    lowest_concurrency: int
+    counters: RunCounters
     workers: int
     redelivered: int
 
 
-def merge_results(results: Iterable[UnitResult], *, concurrency: int) -> Merged:
+def merge_results(results: Iterable[UnitResult]) -> Merged:
     """Every unit's outcome as one upload's: records, engine counters, requests."""
     results = list(results)
-    stats = EngineStats(retried=RetryCount())
-    for r in results:
-        stats.files_done += r.files_done
-        stats.files_failed += r.files_failed
-        stats.bytes_done += r.bytes_done
-        stats.bytes_reused += r.bytes_reused
-        stats.uploads_resumed += r.uploads_resumed
-        stats.shards_done += r.shards_done
-        stats.retried.retries += r.retries
-        stats.retried.throttled += r.throttled
-        stats.failures.extend(r.failures)
     return Merged(
         records=[record for r in results for record in r.records],
         shards=[shard for r in results for shard in r.shards],
-        stats=stats,
-        requests=sum(r.requests for r in results),
-        write_requests=sum(r.write_requests for r in results),
-        peak_buffered_bytes=max((r.peak_buffered_bytes for r in results), default=0),
-        lowest_concurrency=min(
-            (r.lowest_concurrency for r in results if r.lowest_concurrency), default=concurrency
-        ),
+        counters=RunCounters.merged(r.counters for r in results),
         workers=len({r.worker for r in results if r.worker}),
         redelivered=sum(r.redelivered for r in results),
     )
@@ -703,26 +714,8 @@ async def _upload_unit(
             finally:
                 group.cancel_scope.cancel()
         await reporter.write()  # the final count, before the result says the unit is done
-        stats = engine.stats
-        return UnitResult(
-            job="",
-            index=0,
-            worker="",
-            records=list(engine.records),
-            shards=list(engine.shard_records),
-            failures=list(stats.failures),
-            files_done=stats.files_done,
-            files_failed=stats.files_failed,
-            bytes_done=stats.bytes_done,
-            bytes_reused=stats.bytes_reused,
-            uploads_resumed=stats.uploads_resumed,
-            shards_done=stats.shards_done,
-            retries=stats.retried.retries,
-            throttled=stats.retried.throttled,
-            requests=s3.requests,
-            write_requests=s3.writes,
-            peak_buffered_bytes=engine.budget.peak,
-            lowest_concurrency=s3.gate.window.lowest if s3.gate else plan.config.concurrency,
+        return UnitResult.of_run(
+            RunCounters.of(engine), records=list(engine.records), shards=list(engine.shard_records)
         )
 
 
@@ -1136,7 +1129,7 @@ async def upload_with_workers(
                 with anyio.CancelScope(shield=True):
                     await _blocking(job.unlock)
             aborted = await _abort_leftovers(s3, plan, work)
-        merged = merge_results(results.values(), concurrency=plan.config.concurrency)
+        merged = merge_results(results.values())
         if held is not None:
             await held.confirm()
         committed = await commit(
@@ -1146,23 +1139,14 @@ async def upload_with_workers(
             s3, plan.dest, committed.unreferenced, prepared.policy
         )
         report = make_report(
-            s3,
             plan,
             prepared,
-            merged.stats,
+            merged.counters.with_requests_of(s3),
             started=started,
             committed=committed,
-            peak_buffered_bytes=merged.peak_buffered_bytes,
             objects_deleted=deleted,
             warnings=warnings,
-        )
-        report = replace(
-            report,
-            requests=report.requests + merged.requests,
-            write_requests=report.write_requests + merged.write_requests,
-            lowest_concurrency=merged.lowest_concurrency,
             extra={
-                **report.extra,
                 "job": job.id,
                 "units": len(work),
                 "workers": merged.workers,

@@ -25,7 +25,8 @@ from ..planning.plan import Plan, slice_of, work_units
 from ..transport.retry import RetryCount, RetryPolicy
 from ..transport.s3 import Connection, open_s3
 from ..write import lease
-from ..write.engine import EngineStats, ProgressCallback
+from ..write.counters import RunCounters
+from ..write.engine import ProgressCallback
 from ..write.upload import (
     NOT_COMMITTED,
     StartCallback,
@@ -113,6 +114,10 @@ class SliceResult:
             raise validate.corrupt("slice result", where, exc) from exc
         return cls(plan, index, count, list(records.values()), list(shards.values()), failures)
 
+    @property
+    def counters(self) -> RunCounters:
+        return RunCounters.of_records(self.records, self.shards, self.failures)
+
     def as_manifest(self, dest: S3Url) -> Manifest:
         return Manifest(
             str(dest), {r.path: r for r in self.records}, {s.key: s for s in self.shards}
@@ -172,23 +177,22 @@ async def upload_slice(
                 k: prepared.manifest.shards[k] for k in stored if k in prepared.manifest.shards
             }
             shards.update((s.key, s) for s in engine.shard_records)
+            counters = RunCounters.of(engine)
             result = SliceResult(
                 identity,
                 index,
                 count,
                 list(records.values()),
                 list(shards.values()),
-                list(engine.stats.failures),
+                list(counters.failures),
             )
             await put_with_checksum(s3, plan.dest.bucket, key, result.to_bytes(), policy=policy)
             report = make_report(
-                s3,
                 plan,
                 prepared,
-                engine.stats,
+                RunCounters.of(engine),
                 started=started,
                 committed=NOT_COMMITTED,
-                peak_buffered_bytes=engine.budget.peak,
                 warnings=list(journal.warnings),
             )
         finished = report.uploads_kept == 0
@@ -257,27 +261,18 @@ async def finalize(
             raise MissingSlicesError(f"{len(missing)} of {count} slices have no result: {listed}")
         records = [r for result in found.values() for r in result.records]
         shards = [s for result in found.values() for s in result.shards]
-        stats = EngineStats(
-            files_done=len(records),
-            bytes_done=sum(r.size for r in records),
-            shards_done=len(shards),
-        )
-        for result in found.values():
-            stats.failures.extend(result.failures)
-        stats.files_failed = len(stats.failures)
         await held.confirm()
         committed = await commit(s3, plan, prepared, records, shards, keep_deleted=keep_deleted)
         deleted, warnings = await delete_unreferenced(
             s3, plan.dest, committed.unreferenced, prepared.policy
         )
+        counters = RunCounters.merged(result.counters for result in found.values())
         return make_report(
-            s3,
             plan,
             prepared,
-            stats,
+            counters.with_requests_of(s3),
             started=started,
             committed=committed,
-            peak_buffered_bytes=0,
             objects_deleted=deleted,
             warnings=warnings,
         )

@@ -23,7 +23,8 @@ from ..planning.survey import Problem
 from ..transport.retry import RetryCount, RetryPolicy, call_with_retries
 from ..transport.s3 import MAX_DELETE_KEYS, S3, Connection, open_s3
 from . import lease
-from .engine import Engine, EngineStats, ProgressCallback
+from .counters import RunCounters
+from .engine import Engine, ProgressCallback
 from .journal import Journal, journal_path
 
 
@@ -463,46 +464,46 @@ def make_engine(
 
 
 def make_report(
-    s3: S3,
     plan: Plan,
     prepared: Prepared,
-    stats: EngineStats,
+    counters: RunCounters,
     *,
     started: float,
     committed: Committed,
-    peak_buffered_bytes: int,
     objects_deleted: int = 0,
     warnings: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> UploadReport:
-    retried = stats.retried
+    """The report of an upload, one machine's or many's: what the engine runs did (counters),
+    with what preparing and committing it did."""
     return UploadReport(
         dest=str(plan.dest),
-        files_uploaded=stats.files_done,
-        bytes_uploaded=stats.bytes_done,
-        files_unchanged=prepared.files_unchanged + stats.files_unchanged,
+        files_uploaded=counters.files_done,
+        bytes_uploaded=counters.bytes_done,
+        files_unchanged=prepared.files_unchanged + counters.files_unchanged,
         bytes_unchanged=prepared.bytes_unchanged,
-        files_failed=stats.files_failed,
-        failures=sorted(stats.failures),
+        files_failed=counters.files_failed,
+        failures=sorted(counters.failures),
         problems=[(p.path, p.reason) for p in plan.problems],
         seconds=time.perf_counter() - started,
-        requests=s3.requests,
-        write_requests=s3.writes,
-        retries=retried.retries + prepared.metadata_retries.retries,
-        throttled=retried.throttled + prepared.metadata_retries.throttled,
-        peak_buffered_bytes=peak_buffered_bytes,
+        requests=counters.requests,
+        write_requests=counters.write_requests,
+        retries=counters.retries + prepared.metadata_retries.retries,
+        throttled=counters.throttled + prepared.metadata_retries.throttled,
+        peak_buffered_bytes=counters.peak_buffered_bytes,
         manifest_written=committed.written,
-        extra={"shards_uploaded": stats.shards_done},
+        extra={"shards_uploaded": counters.shards_done, **(extra or {})},
         files_removed=committed.files_removed,
         files_kept_deleted=committed.files_kept_deleted,
         files_not_selected=committed.files_not_selected,
         objects_deleted=objects_deleted,
         files_from_journal=prepared.files_from_journal,
-        bytes_reused=stats.bytes_reused,
-        uploads_resumed=stats.uploads_resumed,
-        uploads_kept=stats.uploads_kept,
+        bytes_reused=counters.bytes_reused,
+        uploads_resumed=counters.uploads_resumed,
+        uploads_kept=counters.uploads_kept,
         warnings=[*(warnings or []), *committed.warnings],
         concurrency=plan.config.concurrency,
-        lowest_concurrency=s3.gate.window.lowest if s3.gate else plan.config.concurrency,
+        lowest_concurrency=counters.lowest_concurrency or plan.config.concurrency,
     )
 
 
@@ -561,13 +562,11 @@ async def execute_plan(
             )
             warnings += failed
     return make_report(
-        s3,
         plan,
         prepared,
-        engine.stats,
+        RunCounters.of(engine),
         started=started,
         committed=committed,
-        peak_buffered_bytes=engine.budget.peak,
         objects_deleted=deleted,
         warnings=warnings,
     )

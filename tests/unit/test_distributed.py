@@ -141,15 +141,16 @@ def test_results_merge_into_one_uploads_counters() -> None:
     )
     other = d.UnitResult("j", 2, "b:2", files_done=1, bytes_done=2 << 20, requests=2)
     failed = d.UnitResult.failed(work[0], "boom", job="j", index=0, worker="b:2")
-    merged = d.merge_results([ok, other, failed], concurrency=8)
-    assert merged.stats.files_done == 2 and merged.stats.files_failed == 3
-    assert merged.stats.bytes_done == (42 << 20) and merged.stats.bytes_reused == 16 << 20
-    assert (merged.stats.retried.retries, merged.stats.retried.throttled) == (2, 1)
-    assert merged.requests == 7 and merged.write_requests == 4
-    assert merged.peak_buffered_bytes == 32 << 20 and merged.lowest_concurrency == 4
+    merged = d.merge_results([ok, other, failed])
+    counters = merged.counters
+    assert counters.files_done == 2 and counters.files_failed == 3
+    assert counters.bytes_done == (42 << 20) and counters.bytes_reused == 16 << 20
+    assert (counters.retries, counters.throttled) == (2, 1)
+    assert counters.requests == 7 and counters.write_requests == 4
+    assert counters.peak_buffered_bytes == 32 << 20 and counters.lowest_concurrency == 4
     assert merged.workers == 2 and merged.redelivered == 1
-    assert len(merged.stats.failures) == 3
-    assert d.merge_results([], concurrency=8).lowest_concurrency == 8
+    assert len(counters.failures) == 3
+    assert d.merge_results([]).counters.lowest_concurrency == 0  # the report says the plan's
 
 
 def test_progress_counts_each_unit_once_and_ignores_garbage() -> None:
