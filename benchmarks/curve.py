@@ -39,8 +39,10 @@ import anyio
 import psutil
 
 from s3xfer.bench.netem import PathEmulator
+from s3xfer.bench.results import BenchResult, write_plot
+from s3xfer.bench.settings import BenchSettings
 from s3xfer.bench.stats import MIB, OP_PUT, Point, find_knee
-from s3xfer.bench.sweep import BenchResult, BenchSettings, bench, write_plot
+from s3xfer.bench.sweep import bench
 from s3xfer.dataset.keys import S3Url
 from s3xfer.locals3 import LocalS3, LocalS3Info
 from s3xfer.transport.s3 import Connection

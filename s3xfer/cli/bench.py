@@ -11,24 +11,31 @@ from typing import Any, TextIO
 
 import click
 
-from ..bench import sweep as engine
 from ..bench.netem import parse_duration, parse_rate
-from ..bench.stats import Recommendation
-from ..bench.sweep import (
+from ..bench.profiles import profile_path, save_profile, settings_for
+from ..bench.recorder import BenchListener
+from ..bench.results import (
+    BenchResult,
+    CleanupReport,
+    EmulatedPath,
+    MeasuredPoint,
+    require_matplotlib,
+    write_csv,
+    write_plot,
+)
+from ..bench.settings import (
     ALL_OPS,
     DEFAULT_TOLERANCE,
     FULL,
     MAX_CONCURRENCY,
     MIN_POINT_SECONDS,
     QUICK,
-    BenchListener,
     BenchPlan,
-    BenchResult,
     BenchSettings,
-    CleanupReport,
-    EmulatedPath,
-    MeasuredPoint,
+    plan_bench,
 )
+from ..bench.stats import Recommendation
+from ..bench.sweep import bench, emulation_upstream
 from ..config import format_size, parse_size
 from ..dataset.keys import S3Url
 from ..errors import UsageError
@@ -176,8 +183,8 @@ def recommendation_text(recommendation: Recommendation) -> str:
         for knee in recommendation.knees
     )
     lines.append("recommended settings:")
-    upload = engine.settings_for(recommendation, command="upload")
-    get = engine.settings_for(recommendation, command="get")
+    upload = settings_for(recommendation, command="upload")
+    get = settings_for(recommendation, command="get")
     if upload:
         flags = []
         if "concurrency" in upload:
@@ -284,31 +291,31 @@ def _bench(
         max_seconds=max_seconds or preset.max_seconds,
         tolerance=tolerance,
     )
-    engine.plan_bench(settings)  # a sweep that cannot fit fails here, before any request
+    plan_bench(settings)  # a sweep that cannot fit fails here, before any request
     # Fail before a long run, not after it.
     if save is not None:
-        engine.profile_path(save)
+        profile_path(save)
     if plot_path is not None:
-        engine.require_matplotlib()
+        require_matplotlib()
     emulate = None
     if emulate_rtt is not None or emulate_bw is not None or emulate_link is not None:
         emulate = EmulatedPath(rtt=emulate_rtt or 0.0, bandwidth=emulate_bw, link=emulate_link)
-        engine.emulation_upstream(connection_setting("endpoint_url"))
+        emulation_upstream(connection_setting("endpoint_url"))
     connection = make_connection()
     table = sys.stderr if as_json else sys.stdout
     listener = TableListener(settings, out=table, quiet=quiet)
 
     async def run() -> BenchResult:
-        return await engine.bench(connection, settings, emulate=emulate, listener=listener)
+        return await bench(connection, settings, emulate=emulate, listener=listener)
 
     result = runner.run(run)
     saved: Path | None = None
     if save is not None and result.recommendation is not None:
-        saved = engine.save_profile(save, result.recommendation, source=profile_source(result))
+        saved = save_profile(save, result.recommendation, source=profile_source(result))
     if csv_path is not None:
-        engine.write_csv(result.points, csv_path)
+        write_csv(result.points, csv_path)
     if plot_path is not None:
-        engine.write_plot(
+        write_plot(
             [m.point for m in result.points],
             plot_path,
             title=plot_title(result),

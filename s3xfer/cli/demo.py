@@ -16,7 +16,9 @@ from pathlib import Path
 
 import anyio
 
-from ..bench.sweep import BenchResult, BenchSettings, EmulatedPath, bench
+from ..bench.results import BenchResult, EmulatedPath
+from ..bench.settings import BenchSettings
+from ..bench.sweep import bench
 from ..config import MiB, TransferConfig
 from ..dataset.keys import S3Url
 from ..locals3 import LocalS3

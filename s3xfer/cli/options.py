@@ -359,7 +359,7 @@ def apply_bench_profile(options: dict[str, Any], *, command: str) -> float | Non
     name = options.get("bench_profile")
     if not name:
         return None
-    from ..bench.sweep import load_profile, settings_for
+    from ..bench.profiles import load_profile, settings_for
 
     recommendation = load_profile(name)
     context = click.get_current_context()

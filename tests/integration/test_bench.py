@@ -12,8 +12,10 @@ import anyio
 import pytest
 from click.testing import CliRunner
 
+from s3xfer.bench.profiles import load_profile, profile_settings
+from s3xfer.bench.settings import FULL, QUICK, BenchSettings
 from s3xfer.bench.stats import MIB, Point, Recommendation
-from s3xfer.bench.sweep import FULL, QUICK, BenchSettings, load_profile, profile_settings, run_sweep
+from s3xfer.bench.sweep import run_sweep
 from s3xfer.cli import bench as benchcli
 from s3xfer.dataset.keys import S3Url
 from s3xfer.errors import NoSuchBucketError

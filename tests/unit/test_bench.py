@@ -15,6 +15,37 @@ import anyio
 import pytest
 from click.testing import CliRunner
 
+from s3xfer.bench.profiles import (
+    load_profile,
+    profile_path,
+    profile_settings,
+    profiles_dir,
+    save_profile,
+    settings_for,
+)
+from s3xfer.bench.recorder import BenchListener, PointRecorder, reached_cap, warmed_up
+from s3xfer.bench.results import (
+    CSV_COLUMNS,
+    BenchResult,
+    CleanupReport,
+    EmulatedPath,
+    MeasuredPoint,
+    csv_rows,
+    require_matplotlib,
+    write_csv,
+    write_plot,
+)
+from s3xfer.bench.settings import (
+    MIN_POINT_SECONDS,
+    PER_POINT_OVERHEAD_SECONDS,
+    RANGE_SOURCE_BYTES,
+    READ_SET_BYTES,
+    BenchPlan,
+    BenchSettings,
+    plan_bench,
+    read_set_count,
+    sample_interval,
+)
 from s3xfer.bench.stats import (
     MIB,
     OP_GET,
@@ -26,41 +57,7 @@ from s3xfer.bench.stats import (
     latency_summary,
     recommend,
 )
-from s3xfer.bench.sweep import (
-    CSV_COLUMNS,
-    MIN_POINT_SECONDS,
-    PER_POINT_OVERHEAD_SECONDS,
-    RANGE_SOURCE_BYTES,
-    READ_SET_BYTES,
-    STOP_STABLE,
-    STOP_TIME,
-    BenchListener,
-    BenchPlan,
-    BenchResult,
-    BenchSettings,
-    CleanupReport,
-    EmulatedPath,
-    MeasuredPoint,
-    PointRecorder,
-    _Runner,
-    _Written,
-    csv_rows,
-    emulation_upstream,
-    load_profile,
-    plan_bench,
-    profile_path,
-    profile_settings,
-    profiles_dir,
-    reached_cap,
-    read_set_count,
-    require_matplotlib,
-    sample_interval,
-    save_profile,
-    settings_for,
-    warmed_up,
-    write_csv,
-    write_plot,
-)
+from s3xfer.bench.sweep import STOP_STABLE, STOP_TIME, _Runner, _Written, emulation_upstream
 from s3xfer.cli import bench as benchcli
 from s3xfer.dataset.keys import S3Url
 from s3xfer.errors import UsageError

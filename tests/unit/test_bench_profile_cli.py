@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from s3xfer.bench.profiles import save_profile
 from s3xfer.bench.stats import Knee, Recommendation
-from s3xfer.bench.sweep import save_profile
 from s3xfer.config import MiB
 
 from ..integration.helpers import run_cli, write_tree
