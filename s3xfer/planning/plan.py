@@ -8,11 +8,11 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from ..config import (
     MAX_PART_SIZE,
@@ -148,6 +148,33 @@ def classify(size: int, config: TransferConfig) -> Kind:
     return Kind.PUT
 
 
+class _ShardMembers(Sequence[ShardMember]):
+    """A shard's FileEntry list seen as the ShardMembers its layout needs, each made when
+    asked (the tar header's mtime is whole seconds)."""
+
+    def __init__(self, entries: Sequence[FileEntry]) -> None:
+        self._entries = entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @overload
+    def __getitem__(self, index: int) -> ShardMember: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[ShardMember]: ...
+    def __getitem__(self, index: int | slice) -> ShardMember | list[ShardMember]:
+        if isinstance(index, slice):
+            return [self._member(m) for m in self._entries[index]]
+        return self._member(self._entries[index])
+
+    def __iter__(self) -> Iterator[ShardMember]:
+        return map(self._member, self._entries)
+
+    @staticmethod
+    def _member(entry: FileEntry) -> ShardMember:
+        return ShardMember(entry.path, entry.size, entry.mtime_ns // 1_000_000_000, entry.mode)
+
+
 @dataclass(frozen=True)  # no slots: the size is cached on the instance
 class ShardUnit:
     """Small files streamed into one tar shard, uploaded as one multipart object."""
@@ -159,11 +186,9 @@ class ShardUnit:
     def layout(self) -> ShardLayout:
         """The shard's byte layout: a header size and offset per member, so it is not kept
         on the unit (a plan of a million files would hold one per file for the whole run):
-        who needs it (the engine, while the shard is uploaded) holds it."""
-        members = [
-            ShardMember(m.path, m.size, m.mtime_ns // 1_000_000_000, m.mode) for m in self.members
-        ]
-        return ShardLayout(members, shard_key=self.key)
+        who needs it (the engine, while the shard is uploaded) holds it. Its members are a
+        view of this unit's, not a ShardMember object each (14 MB a shard of 100,000)."""
+        return ShardLayout(_ShardMembers(self.members), shard_key=self.key)
 
     @property
     def size(self) -> int:
