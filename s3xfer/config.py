@@ -25,8 +25,12 @@ MAX_OBJECT_SIZE = 5 * 1024 * GiB
 # objects, one request each. Large parts and ranges are held to what the memory budget holds
 # whole (8 of 16 MiB in 128 MiB), so this number is what loose small files get: over a 30 ms
 # round trip, 2,000 GETs of 16 KiB took 7.3 s at 16 in flight, 4.4 s at 64, 3.0 s at 128 and
-# 2.9 s at 256 (s5cmd, 256 workers: 5.2-6.6 s). Issue 14 makes it adaptive.
+# 2.9 s at 256 (s5cmd, 256 workers: 5.2-6.6 s). It is the fixed number of `--concurrency N`
+# and of the library; the CLI without --concurrency tunes it during the transfer instead
+# (issue 14, transport/throttle.py): from AUTO_CONCURRENCY_START, never above the ceiling.
 DEFAULT_CONCURRENCY = 128
+AUTO_CONCURRENCY_START = 64
+AUTO_CONCURRENCY_CEILING = 512
 DEFAULT_MAX_MEMORY = 128 * MiB
 DEFAULT_PART_SIZE = (
     16 * MiB
@@ -203,6 +207,9 @@ class TransferConfig:
     """How an upload is shaped and bounded. Validated on construction."""
 
     concurrency: int = DEFAULT_CONCURRENCY
+    # Requests in flight found during the transfer (AUTO_CONCURRENCY_START up to the
+    # ceiling) instead of `concurrency`: the CLI's default when --concurrency is not given.
+    auto_concurrency: bool = False
     max_memory: int = DEFAULT_MAX_MEMORY
     part_size: int = DEFAULT_PART_SIZE
     multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD
@@ -236,6 +243,11 @@ class TransferConfig:
             raise UsageError(f"shard size must be between 5 MiB and 10,000 parts, got {size}")
         if not 1 <= self.max_attempts <= 100:
             raise UsageError("max attempts must be between 1 and 100")
+
+    @property
+    def most_in_flight(self) -> int:
+        """The most requests ever in flight: workers and connection pools are sized to it."""
+        return AUTO_CONCURRENCY_CEILING if self.auto_concurrency else self.concurrency
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ..config import format_size
+from ..config import (
+    AUTO_CONCURRENCY_CEILING,
+    AUTO_CONCURRENCY_START,
+    TransferConfig,
+    format_size,
+)
 
 if TYPE_CHECKING:  # what is rendered; loading the modules is left to the commands that use them
     from ..planning.plan import Plan
@@ -159,7 +164,7 @@ def render_plan(plan: Plan) -> str:
         " per 1,000 PUTs",
         f"  storage cost      ${e.storage_cost_usd_month:>11.4f}  per month at "
         f"${plan.config.prices.storage_gb_month} per GB-month",
-        f"  settings          concurrency {plan.config.concurrency}, memory budget "
+        f"  settings          concurrency {render_concurrency_setting(plan.config)}, memory budget "
         f"{format_size(plan.config.max_memory)}, part size {format_size(plan.config.part_size)}, "
         f"multipart from {format_size(plan.config.multipart_threshold)}, "
         f"key prefix {plan.config.key_prefix}, "
@@ -226,6 +231,9 @@ def render_report(report: UploadReport) -> str:
             f"done, {report.uploads_resumed:,} multipart uploads continued "
             f"({human_bytes(report.bytes_reused)} of parts verified in place, not sent again)"
         )
+    choice = report.concurrency_choice
+    if choice.get("mode") == "auto":
+        lines.append(render_concurrency_choice(choice))
     if report.throttled:
         lines.append(
             f"  S3 asked to slow down {report.throttled:,} times: requests in flight lowered "
@@ -237,3 +245,21 @@ def render_report(report: UploadReport) -> str:
         lines.append(f"  … and {len(report.problems) - 20} more skipped paths")
     lines.extend(f"  FAILED {_printable(path)}: {error}" for path, error in report.failures)
     return "\n".join(lines)
+
+
+def render_concurrency_setting(config: TransferConfig) -> str:
+    if config.auto_concurrency:
+        return f"auto (from {AUTO_CONCURRENCY_START}, at most {AUTO_CONCURRENCY_CEILING})"
+    return str(config.concurrency)
+
+
+def render_concurrency_choice(choice: dict[str, Any]) -> str:
+    """What the tuner chose (AdaptiveGate.summary), in one line."""
+    line = (
+        f"  concurrency       {choice['final']} in flight at the end, {choice['peak']} at most "
+        f"(auto: {choice['reason']}; {choice['backoffs']} backoffs)"
+    )
+    large = choice.get("large")
+    if large and large["peak"] != large["start"]:
+        line += f"; large requests {large['final']} ({large['reason']})"
+    return line

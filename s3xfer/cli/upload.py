@@ -38,9 +38,18 @@ if TYPE_CHECKING:
     from ..write.upload import UploadReport
 
 
+def concurrency_is_given() -> bool:
+    """--concurrency N, or a --bench-profile, fixes the requests in flight; without either
+    the transfer tunes them (TransferConfig.auto_concurrency)."""
+    context = click.get_current_context()
+    given = context.get_parameter_source("concurrency") is not click.core.ParameterSource.DEFAULT
+    return given or bool(context.params.get("bench_profile"))
+
+
 def make_config(**options: Any) -> TransferConfig:
     return TransferConfig(
         concurrency=options["concurrency"],
+        auto_concurrency=not concurrency_is_given(),
         max_memory=options["max_memory"],
         part_size=options["part_size"],
         multipart_threshold=options["multipart_threshold"],
@@ -312,6 +321,8 @@ def upload_command(
             for name in _RUN_LIMITS
             if context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
         }
+        if "concurrency" in limits:
+            limits["auto_concurrency"] = False
         if limits:
             plan = dataclasses.replace(plan, config=dataclasses.replace(plan.config, **limits))
     else:

@@ -55,6 +55,7 @@ from ..write.upload import (
     delete_unreferenced,
     make_engine,
     make_report,
+    open_s3_for,
     prepare_to_write,
 )
 
@@ -704,7 +705,7 @@ def execute_unit(
 async def _upload_unit(
     plan: Plan, unit: WorkUnit, connection: Connection, reporter: _Reporter
 ) -> UnitResult:
-    async with open_s3(connection, max_pool_connections=plan.config.concurrency) as s3:
+    async with open_s3_for(plan, connection) as s3:
         await s3.check_bucket(plan.dest.bucket)
         engine = make_engine(s3, plan, on_progress=reporter.advance, adopt_uploads=True)
         async with anyio.create_task_group() as group:

@@ -38,6 +38,7 @@ from ..write.upload import (
     make_engine,
     make_report,
     open_journal,
+    open_s3_for,
     prepare,
     put_with_checksum,
 )
@@ -145,9 +146,7 @@ async def upload_slice(
     )
     finished = False
     try:
-        async with open_s3(
-            connection or Connection(), max_pool_connections=plan.config.concurrency
-        ) as s3:
+        async with open_s3_for(plan, connection or Connection()) as s3:
             await s3.check_bucket(plan.dest.bucket)
             raw = await get_if_present(s3, plan.dest.bucket, key, policy=policy)
             earlier = SliceResult.from_bytes(raw, where=key) if raw is not None else None

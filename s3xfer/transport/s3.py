@@ -53,7 +53,7 @@ from .endpoints import Endpoints, check_endpoint_url
 from .http import Body, BodyCheck, Credentials, Response, Sink, Transport
 from .network import NetworkSettings
 from .rawhttp import PIECE_SIZE
-from .throttle import AdaptiveGate
+from .throttle import AdaptiveGate, TunerSettings
 
 if TYPE_CHECKING:
     from aiobotocore.session import AioSession
@@ -100,6 +100,19 @@ _DENIED_CODES = {
 }
 
 MAX_DELETE_KEYS = 1000  # S3's limit per DeleteObjects request
+# From this size on a request's transfer, not its round trip, decides its time: the gate tunes
+# such requests (parts, large ranges and objects) apart from small ones.
+LARGE_REQUEST = 1024 * 1024
+_RANGE = re.compile(r"bytes=(\d+)-(\d+)")
+
+
+def _is_large_range(byte_range: str | None) -> bool:
+    """A GET of `bytes=A-B` asks for B - A + 1 bytes; a whole object (None) counts small: the
+    large ones are always read in ranges."""
+    match = _RANGE.fullmatch(byte_range) if byte_range else None
+    return match is not None and int(match[2]) - int(match[1]) + 1 >= LARGE_REQUEST
+
+
 _READ_OPERATIONS = frozenset(
     {
         "check_bucket",
@@ -406,14 +419,23 @@ class S3:
 
     @asynccontextmanager
     async def _request(
-        self, operation: str, bucket: str, key: str | None = None, byte_range: str | None = None
+        self,
+        operation: str,
+        bucket: str,
+        key: str | None = None,
+        byte_range: str | None = None,
+        *,
+        large: bool = False,
     ) -> AsyncIterator[None]:
         """One request: counted, admitted by the adaptive gate (when there is one), its errors
-        translated, and its outcome (success, or throttling) fed back to the gate."""
+        translated, and its outcome (success, throttling, a timeout) fed back to the gate.
+        `large`: a part, or an object or range of at least LARGE_REQUEST bytes, tuned apart
+        from small requests (gate.summary)."""
         self.calls[operation] += 1
         gate = self.gate  # taken and given back directly: a context manager less per request
+        started = 0.0
         if gate is not None:
-            await gate.acquire()
+            started = await gate.acquire(large=large)
         try:
             try:
                 with map_errors(bucket, key, byte_range, profile=self._botocore.connection.profile):
@@ -426,18 +448,21 @@ class S3:
                     ) from error
                 raise
             except TransientError as error:
-                if error.throttled and gate is not None:
-                    gate.throttled()
+                if gate is not None:
+                    if error.throttled:
+                        gate.throttled(large=large)
+                    elif error.timed_out:
+                        gate.timed_out(large=large)
                 raise
             except RemoteError:
                 self._answered = True
                 raise
             self._answered = True
             if gate is not None:
-                gate.succeeded()
+                gate.succeeded(started, large=large)
         finally:
             if gate is not None:
-                gate.release()
+                gate.release(large=large)
 
     async def _send(
         self,
@@ -497,7 +522,7 @@ class S3:
         conditions = {"if-none-match": "*"} if if_none_match else {}
         if if_match is not None:
             conditions["if-match"] = if_match
-        async with self._request("put_object", bucket, key):
+        async with self._request("put_object", bucket, key, large=len(body) >= LARGE_REQUEST):
             response = await self._send(
                 "PutObject",
                 "PUT",
@@ -532,7 +557,7 @@ class S3:
     async def upload_part(
         self, bucket: str, key: str, *, upload_id: str, number: int, body: Body, crc32: str
     ) -> str:
-        async with self._request("upload_part", bucket, key, f"part {number}"):
+        async with self._request("upload_part", bucket, key, f"part {number}", large=True):
             response = await self._send(
                 "UploadPart",
                 "PUT",
@@ -664,7 +689,9 @@ class S3:
             headers["x-amz-checksum-mode"] = "ENABLED"
         if if_match:
             headers["if-match"] = if_match
-        async with self._request("get_object", bucket, key, byte_range):
+        async with self._request(
+            "get_object", bucket, key, byte_range, large=_is_large_range(byte_range)
+        ):
             response = await self._send(
                 "GetObject", "GET", bucket, key, headers=headers, collect=True
             )
@@ -690,7 +717,9 @@ class S3:
         headers = {"range": byte_range} if byte_range else {}
         if if_match:
             headers["if-match"] = if_match
-        async with self._request("get_object", bucket, key, byte_range):
+        async with self._request(
+            "get_object", bucket, key, byte_range, large=_is_large_range(byte_range)
+        ):
             response = await self._send(
                 "GetObject", "GET", bucket, key, headers=headers, on_head=on_head, sink=sink
             )
@@ -1025,13 +1054,20 @@ class _Botocore:
 
 @asynccontextmanager
 async def open_s3(
-    connection: Connection, *, max_pool_connections: int = 32, adaptive: bool = True
+    connection: Connection,
+    *,
+    max_pool_connections: int = 32,
+    adaptive: bool = True,
+    tuner: TunerSettings | None = None,
 ) -> AsyncIterator[S3]:
     """One transport and one client for the whole run, their pools sized to the requests
     allowed in flight.
 
     `adaptive`: requests in flight follow an AIMD window (throttle.py), lowered when S3
-    answers SlowDown; off for measurements that must hold a concurrency (bench)."""
+    answers SlowDown; off for measurements that must hold a concurrency (bench). With
+    `tuner`, they follow a ConcurrencyTuner instead, up to its ceiling (the pools' size)."""
+    if tuner is not None:
+        max_pool_connections = tuner.ceiling
     with map_errors("-", profile=connection.profile):
         async with AsyncExitStack() as stack:
             botocore = _Botocore(connection, stack, pool=max_pool_connections)
@@ -1058,5 +1094,5 @@ async def open_s3(
                 sse=connection.sse,
                 sse_kms_key_id=connection.sse_kms_key_id,
                 expected_bucket_owner=connection.expected_bucket_owner,
-                gate=AdaptiveGate(max_pool_connections) if adaptive else None,
+                gate=AdaptiveGate(max_pool_connections, tuner=tuner) if adaptive else None,
             )

@@ -10,7 +10,7 @@ one (`RunCounters.merged`) the same way.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -36,6 +36,8 @@ class RunCounters:
     peak_buffered_bytes: int = 0
     lowest_concurrency: int = 0  # 0: no engine ran (the report then says the plan's)
     failures: tuple[tuple[str, str], ...] = ()  # (path, why)
+    # What the gate chose and why (AdaptiveGate.summary); one run's, none for merged runs.
+    concurrency_choice: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(cls, engine: Engine) -> RunCounters:
@@ -58,6 +60,7 @@ class RunCounters:
             peak_buffered_bytes=engine.budget.peak,
             lowest_concurrency=s3.gate.window.lowest if s3.gate else engine.config.concurrency,
             failures=tuple(stats.failures),
+            concurrency_choice=s3.gate.summary() if s3.gate else {},
         )
 
     @classmethod
@@ -86,7 +89,8 @@ class RunCounters:
         summed = {
             f.name: sum(getattr(p, f.name) for p in parts)
             for f in fields(cls)
-            if f.name not in ("peak_buffered_bytes", "lowest_concurrency", "failures")
+            if f.name
+            not in ("peak_buffered_bytes", "lowest_concurrency", "failures", "concurrency_choice")
         }
         return cls(
             **summed,

@@ -261,7 +261,7 @@ class Engine:
             async with anyio.create_task_group() as group:
                 self._group = group
                 async with receive:
-                    for _ in range(self.config.concurrency):
+                    for _ in range(self.config.most_in_flight):
                         group.start_soon(self._worker, receive.clone())
                 async with send:
                     # Shards first: each is many files, and their parts keep every worker busy.
@@ -438,7 +438,7 @@ class Engine:
                 keys=UploadKeys(frozenset(keys)),
             )
             stale += [(u.key, u.upload_id) for u in listed if u.upload_id not in state.uploads]
-        limiter = anyio.CapacityLimiter(self.config.concurrency)
+        limiter = anyio.CapacityLimiter(self.config.most_in_flight)
 
         async def abort(key: str, upload_id: str) -> None:
             async with limiter:

@@ -22,6 +22,7 @@ from ..planning.plan import FileUnit, Plan, ShardUnit
 from ..planning.survey import Problem
 from ..transport.retry import RetryCount, RetryPolicy, call_with_retries
 from ..transport.s3 import MAX_DELETE_KEYS, S3, Connection, open_s3
+from ..transport.throttle import TunerSettings
 from . import lease
 from .counters import RunCounters
 from .engine import Engine, ProgressCallback
@@ -58,6 +59,8 @@ class UploadReport:
     uploads_kept: int = 0  # left open by this run's interruption, for the next run
     concurrency: int = 0
     lowest_concurrency: int = 0  # the adaptive window's low point (throttle.py)
+    # What the gate chose and why (AdaptiveGate.summary): `concurrency` in --json.
+    concurrency_choice: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -74,7 +77,13 @@ class UploadReport:
         return self.files_failed == 0 and not self.unreadable
 
     def to_json(self) -> dict[str, Any]:
-        data = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "extra"}
+        data = {
+            name: getattr(self, name)
+            for name in self.__dataclass_fields__
+            if name not in ("extra", "concurrency_choice")
+        }
+        if self.concurrency_choice:
+            data["concurrency"] = self.concurrency_choice
         data["failures"] = [{"path": p, "error": e} for p, e in self.failures]
         data["problems"] = [{"path": p, "reason": r} for p, r in self.problems]
         data["mb_per_s"] = round(self.mb_per_s, 2)
@@ -502,8 +511,11 @@ def make_report(
         uploads_resumed=counters.uploads_resumed,
         uploads_kept=counters.uploads_kept,
         warnings=[*(warnings or []), *committed.warnings],
-        concurrency=plan.config.concurrency,
+        concurrency=counters.concurrency_choice.get("final", plan.config.concurrency)
+        if plan.config.auto_concurrency
+        else plan.config.concurrency,
         lowest_concurrency=counters.lowest_concurrency or plan.config.concurrency,
+        concurrency_choice=dict(counters.concurrency_choice),
     )
 
 
@@ -616,6 +628,16 @@ async def save_catalog(
     await put(manifest_key(dest), manifest_bytes)
 
 
+def open_s3_for(plan: Plan, connection: Connection) -> contextlib.AbstractAsyncContextManager[S3]:
+    """The client of an upload of `plan`: its requests in flight fixed at the plan's
+    concurrency, or tuned during the transfer (auto_concurrency), the pools sized to match."""
+    return open_s3(
+        connection,
+        max_pool_connections=plan.config.concurrency,
+        tuner=TunerSettings() if plan.config.auto_concurrency else None,
+    )
+
+
 async def upload(
     plan: Plan,
     connection: Connection | None = None,
@@ -638,9 +660,7 @@ async def upload(
         journal = await open_journal(plan, state_dir=state_dir, name=str(plan.dest))
     finished = False
     try:
-        async with open_s3(
-            connection or Connection(), max_pool_connections=plan.config.concurrency
-        ) as s3:
+        async with open_s3_for(plan, connection or Connection()) as s3:
             report = await execute_plan(
                 s3,
                 plan,

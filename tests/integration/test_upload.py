@@ -193,7 +193,7 @@ def test_a_saved_plan_runs_with_the_limits_given_and_refuses_what_would_reshape_
         "upload", "--plan", str(plan_path), "--concurrency", "3", "--max-memory", "64MiB", "--json"
     )
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["concurrency"] == 3
+    assert json.loads(result.stdout)["concurrency"]["final"] == 3  # fixed: given
     # What shapes the plan is the plan's: one line saying where to give it.
     refused = run_cli("upload", "--plan", str(plan_path), "--part-size", "32MiB", "--no-pack")
     assert refused.returncode == 2

@@ -1,0 +1,101 @@
+"""Requests in flight found during the transfer (issue 14): without --concurrency an upload
+tunes them and says what it chose and why in --json; --concurrency N keeps N; a SlowDown
+burst makes the tuner back off. Through the real CLI and the local server."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from s3xfer.bench.netem import start_in_thread
+from s3xfer.config import AUTO_CONCURRENCY_START
+from s3xfer.locals3 import LocalS3Info
+from tests.faultproxy import FaultPlan, FaultProxy
+
+from .helpers import run_cli, write_tree
+
+# Small files, one PUT each (--no-pack): what the requests in flight decide over a long path.
+TREE = {f"d{n % 10}/f{n:04}.bin": 1024 for n in range(900)}
+
+
+@pytest.fixture
+def env(s3_env: LocalS3Info, tmp_path: Path) -> dict[str, str]:
+    return {"S3XFER_STATE_DIR": str(tmp_path / "state")}
+
+
+@pytest.fixture
+def long_path(local_s3: LocalS3Info) -> Iterator[str]:
+    """The local server 300 ms of round trip away: AUTO_CONCURRENCY_START requests in flight
+    move about 200 a second, twice as many 400, well within the server's reach."""
+    host, port = local_s3.endpoint_url.removeprefix("http://").split(":")
+    url, stop = start_in_thread(host, int(port), rtt=0.300)
+    try:
+        yield url
+    finally:
+        stop()
+
+
+def upload(src: Path, dest: str, endpoint: str, env: dict[str, str], *flags: str) -> dict[str, Any]:
+    result = run_cli(
+        "upload",
+        str(src),
+        dest,
+        "--no-pack",
+        "--endpoint-url",
+        endpoint,
+        "--json",
+        *flags,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    report: dict[str, Any] = json.loads(result.stdout)
+    assert report["files_uploaded"] == len(TREE)
+    return report
+
+
+def test_without_concurrency_a_long_path_raises_requests_in_flight(
+    long_path: str, env: dict[str, str], bucket: str, tmp_path: Path
+) -> None:
+    write_tree(tmp_path / "src", TREE)
+    report = upload(tmp_path / "src", f"s3://{bucket}/auto", long_path, env)
+    chosen = report["concurrency"]
+    assert chosen["mode"] == "auto" and chosen["start"] == AUTO_CONCURRENCY_START
+    # The first round doubles what it started with; a second step up is taken only when
+    # throughput grew with it (300 ms away, twice as many in flight move twice as much).
+    assert 2 * AUTO_CONCURRENCY_START < chosen["peak"] <= chosen["ceiling"], chosen
+    assert chosen["reason"]
+    assert "large" not in chosen  # no large request was sent: nothing tuned for them
+
+
+def test_an_explicit_concurrency_stays_fixed(
+    local_s3: LocalS3Info, env: dict[str, str], bucket: str, tmp_path: Path
+) -> None:
+    write_tree(tmp_path / "src", TREE)
+    report = upload(tmp_path / "src", f"s3://{bucket}/fixed", local_s3.endpoint_url, env, "-c", "8")
+    chosen = report["concurrency"]
+    assert chosen["mode"] == "fixed"
+    assert chosen["final"] == chosen["peak"] == chosen["lowest"] == 8 and chosen["backoffs"] == 0
+
+
+def test_a_slowdown_burst_makes_the_tuner_back_off(
+    local_s3: LocalS3Info, env: dict[str, str], bucket: str, tmp_path: Path
+) -> None:
+    write_tree(tmp_path / "src", TREE)
+    plan = FaultPlan(
+        seed=3,
+        slowdown=0.02,
+        slowdown_burst=10,
+        skip_first=100,
+        max_faults=40,
+        methods=frozenset({"PUT"}),
+    )
+    with FaultProxy(local_s3.endpoint_url, plan).running() as endpoint:
+        report = upload(tmp_path / "src", f"s3://{bucket}/throttled", endpoint, env)
+    chosen = report["concurrency"]
+    assert report["throttled"] > 0
+    assert chosen["mode"] == "auto" and chosen["backoffs"] >= 1, chosen
+    assert chosen["lowest"] < AUTO_CONCURRENCY_START  # halved at least once
