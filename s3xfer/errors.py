@@ -28,6 +28,11 @@ class UsageError(S3XferError):
     exit_code = 2
 
 
+class EncryptionKeyError(UsageError):
+    """The dataset is encrypted and no key, or not its key, was given; or a key file is not
+    32 bytes. The message never holds a key."""
+
+
 class SourceError(S3XferError):
     """The local source cannot be read as asked (missing, empty, not a directory)."""
 
