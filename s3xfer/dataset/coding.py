@@ -12,14 +12,17 @@ range of the original maps to whole frames and ranged reads stay ranged. docs/fo
   original bytes (sealed as above when encrypted). Stored sizes depend on the content, so the
   planner compresses small files once to learn theirs (`coded_size`).
 
-Every sealed frame's associated data names the dataset key, the file's path, the frame's index
-and whether it is the last, so a frame moved to another file or place, or a file cut short at
-a frame boundary, fails to open instead of decoding to other bytes.
+A frame's nonce is derived from its bytes and place (`synthetic_nonce`), so coding a frame
+twice gives the same bytes. Every sealed frame's associated data names the dataset key, the
+file's path, the frame's index and whether it is the last, so a frame moved to another file
+or place, or a file cut short at a frame boundary, fails to open instead of decoding to other
+bytes.
 """
 
 from __future__ import annotations
 
 import base64
+import hmac
 import json
 import os
 import struct
@@ -110,6 +113,11 @@ class FrameKey:
     key: bytes
     key_id: bytes
 
+    @property
+    def nonce_key(self) -> bytes:
+        """The key of the nonces' PRF, derived from the data key (one key, one use)."""
+        return hmac.digest(self.key, b"s3xfer-nonce-key/1", "sha256")
+
     def __repr__(self) -> str:  # never the key itself, in a traceback or a log
         return f"FrameKey(key_id={self.key_id.hex()})"
 
@@ -182,6 +190,20 @@ def _associated_data(key: FrameKey, path: str, index: int, *, final: bool) -> by
     )
 
 
+def synthetic_nonce(key: FrameKey, aad: bytes, body: bytes | memoryview) -> bytes:
+    """A frame's nonce: HMAC-SHA256 of its associated data and its bytes under a key derived
+    from the data key, cut to 12 bytes (the synthetic-IV idea of RFC 5297). Two different
+    frames (in content, file, place or dataset) get different nonces but for a 2^-96 chance,
+    never a repeat from a bad random source; the same frame coded twice is the same bytes,
+    which a shard's parts need: two parts built in parallel each code the member their
+    boundary splits, and both halves must come from one ciphertext (docs/format.md)."""
+    mac = hmac.new(key.nonce_key, digestmod="sha256")
+    mac.update(struct.pack(">Q", len(aad)))
+    mac.update(aad)
+    mac.update(body)
+    return mac.digest()[:NONCE_SIZE]
+
+
 def _compressor() -> zstandard.ZstdCompressor:
     return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True, threads=0)
 
@@ -199,8 +221,8 @@ def _encode_frame(
     if coding.encrypted:
         if key is None:
             raise EncryptionKeyError(f"{path}: encrypting needs the dataset's key")
-        nonce = os.urandom(NONCE_SIZE)
         aad = _associated_data(key, path, index, final=final)
+        nonce = synthetic_nonce(key, aad, body)
         body = nonce + AESGCM(key.key).encrypt(nonce, body, aad)
     if coding.compressed:
         body = struct.pack(">I", len(body)) + body

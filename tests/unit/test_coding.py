@@ -217,3 +217,19 @@ def test_bytes_after_the_last_frame_are_refused() -> None:
     stored = encode(b"abc", coding=AES, path="p", key=KEY)
     with pytest.raises(IntegrityError, match="follows the file's end"):
         decode(stored + b"\0", coding=AES, path="p", size=3, key=KEY)
+
+
+def test_a_frame_coded_twice_is_the_same_bytes_and_nonces_never_repeat() -> None:
+    """Two parts of a shard each code the member their boundary splits: the halves must come
+    from one ciphertext. Any difference (content, path, place, dataset) changes the nonce."""
+    plain = os.urandom(1000)
+    a = encode(plain, coding=AES, path="p", key=KEY)
+    assert encode(plain, coding=AES, path="p", key=KEY) == a
+    others = [
+        encode(plain[:-1] + bytes([plain[-1] ^ 1]), coding=AES, path="p", key=KEY),
+        encode(plain, coding=AES, path="q", key=KEY),
+        encode(plain, coding=AES, path="p", key=FrameKey(KEY.key, b"\x02" * 16)),
+        encode(plain, coding=BOTH, path="p", key=KEY)[4:],
+    ]
+    nonces = {a[:12]} | {other[:12] for other in others}
+    assert len(nonces) == 5
