@@ -15,14 +15,14 @@ from .output import TransferProgress
 from .render import _printable, human_bytes
 
 if TYPE_CHECKING:
-    from ..distributed.jobs import UnitResult
+    from ..distributed.units import UnitResult
     from ..planning.plan import Plan, WorkUnit
     from ..write.upload import UploadReport
 
 
 def check_broker(broker: str, slice_text: str | None) -> None:
     """Before any survey: the extra is installed, the URL is a Redis URL, no --slice."""
-    from ..distributed.jobs import check_broker_url
+    from ..distributed.broker import check_broker_url
 
     check_broker_url(broker)
     if slice_text is not None:
@@ -127,7 +127,7 @@ def worker_command(
     parallelism; a unit of a worker that dies is redelivered to another after
     --visibility-timeout. Needs the extra s3xfer[distributed]. See docs/distributed.md.
     """
-    from ..distributed.jobs import run_worker
+    from ..distributed.worker import run_worker
 
     def ready(text: str) -> None:
         click.echo(text)

@@ -14,7 +14,8 @@ import pytest
 from s3xfer.config import TransferConfig
 from s3xfer.dataset.keys import S3Url
 from s3xfer.dataset.manifest import ManifestRecord, ShardRecord
-from s3xfer.distributed import jobs as d
+from s3xfer.distributed import units as d
+from s3xfer.distributed.worker import make_app
 from s3xfer.errors import S3XferError, UnitFailed, UsageError
 from s3xfer.planning.plan import FileUnit, Kind, Plan, ShardUnit, WorkUnit
 from s3xfer.planning.survey import FileEntry
@@ -176,7 +177,7 @@ def test_redelivery_settings_scan_on_every_sweep() -> None:
 
 
 def test_the_app_acknowledges_late_and_speaks_json_only() -> None:
-    app = d.make_app("redis://127.0.0.1:6379/0", visibility_timeout=30)
+    app = make_app("redis://127.0.0.1:6379/0", visibility_timeout=30)
     conf = app.conf
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
     assert conf.worker_prefetch_multiplier == 1
@@ -184,7 +185,7 @@ def test_the_app_acknowledges_late_and_speaks_json_only() -> None:
     assert conf.broker_transport_options["visibility_timeout"] == 30
     assert d.TASK_NAME in app.tasks
     with pytest.raises(UsageError, match="not a Redis URL"):
-        d.make_app("amqp://localhost")
+        make_app("amqp://localhost")
 
 
 def test_no_sign_of_a_worker_is_said_once_then_cleared() -> None:
@@ -246,7 +247,8 @@ def test_the_distributed_mode_without_its_extra_says_how_to_install_it(
 ) -> None:
     from s3xfer.cli import main as cli
 
-    monkeypatch.delitem(sys.modules, "s3xfer.distributed.jobs")
+    for module in ("broker", "worker", "jobs"):  # imported afresh, without celery
+        monkeypatch.delitem(sys.modules, f"s3xfer.distributed.{module}", raising=False)
     monkeypatch.setitem(sys.modules, "celery", None)  # import celery now fails
     monkeypatch.setattr(sys, "argv", ["s3xfer", "worker", "--broker", "redis://127.0.0.1:1/0"])
     with pytest.raises(SystemExit) as exit_info:
