@@ -40,6 +40,7 @@ from docs_section import write_section
 from s3xfer.bench.netem import start_in_thread
 from s3xfer.config import MiB, TransferConfig
 from s3xfer.dataset.keys import S3Url
+from s3xfer.limits import RunLimits
 from s3xfer.locals3 import LocalS3, LocalS3Info, sync_client
 from s3xfer.planning.plan import make_plan
 from s3xfer.planning.survey import survey
@@ -129,7 +130,7 @@ def fault_runs(info: LocalS3Info, src: Path, work: Path, client: Any) -> list[di
                     url,
                     work / f"out-{bucket}",
                     connection=connection(info, proxy.endpoint_url),
-                    concurrency=8,
+                    limits=RunLimits(concurrency=8),
                     range_size=4 * MiB,
                 )
                 return {

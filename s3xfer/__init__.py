@@ -26,6 +26,7 @@ if TYPE_CHECKING:
         SourceError,
         UsageError,
     )
+    from .limits import RunLimits
     from .planning.plan import Estimate, FileUnit, Kind, Plan, ShardUnit, make_plan
     from .planning.planfile import load_plan, save_plan
     from .planning.survey import FileEntry, Problem, Survey, survey
@@ -54,6 +55,7 @@ _HOMES = {
     "SourceError": "errors",
     "UsageError": "errors",
     "S3Url": "dataset.keys",
+    "RunLimits": "limits",
     "Estimate": "planning.plan",
     "FileUnit": "planning.plan",
     "Kind": "planning.plan",
@@ -92,6 +94,7 @@ __all__ = (
     "PriceTable",
     "Problem",
     "RemoteError",
+    "RunLimits",
     "S3Url",
     "S3XferError",
     "ShardUnit",

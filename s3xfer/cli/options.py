@@ -22,6 +22,7 @@ from ..config import (
     parse_size,
 )
 from ..errors import DeadlineError, NotFinalizedError, UsageError
+from ..limits import MAX_CONCURRENCY, RunLimits
 from ..planning.globs import PathFilter
 from ..transport.s3 import SSE_ALGORITHMS, Connection
 
@@ -44,25 +45,46 @@ SIZE = SizeType()
 _DEFAULT_PRICES = PriceTable()
 
 
+def concurrency_option(requests: str) -> Callable[[F], F]:
+    """--concurrency (RunLimits.concurrency): the same name, default and range for every
+    command that sends requests at once; `requests`: what it bounds in this command."""
+    return click.option(
+        "--concurrency",
+        "-c",
+        type=click.IntRange(1, MAX_CONCURRENCY),
+        default=DEFAULT_CONCURRENCY,
+        show_default=True,
+        help=requests,
+    )
+
+
+def memory_option(function: F) -> F:
+    """--max-memory (RunLimits.max_memory): the same for every command that transfers."""
+    option = click.option(
+        "--max-memory",
+        type=SIZE,
+        default=format_size(DEFAULT_MAX_MEMORY),
+        show_default=True,
+        help="Hard budget for file bytes held in memory (e.g. 256MiB, 1GiB). When one part, "
+        "range or file must be held whole and is larger, it is raised to that size and a "
+        "warning says so.",
+    )
+    return option(function)
+
+
+def make_limits(*, concurrency: int = DEFAULT_CONCURRENCY, max_memory: int) -> RunLimits:
+    """The RunLimits of a command, from its concurrency_option and memory_option."""
+    return RunLimits(concurrency=concurrency, max_memory=max_memory)
+
+
 def plan_options(function: F) -> F:
-    """Options that shape a plan, shared by `plan` and `upload`."""
+    """Options that shape a plan, shared by `plan` and `upload` (with the run's limits)."""
     options = [
-        click.option(
-            "--concurrency",
-            "-c",
-            type=click.IntRange(1, 1024),
-            default=DEFAULT_CONCURRENCY,
-            show_default=True,
-            help="Requests in flight at once (also the connection pool size); parts of large "
-            "files only as many as --max-memory holds.",
+        concurrency_option(
+            "Requests in flight at once (also the connection pool size); parts of large "
+            "files only as many as --max-memory holds."
         ),
-        click.option(
-            "--max-memory",
-            type=SIZE,
-            default=format_size(DEFAULT_MAX_MEMORY),
-            show_default=True,
-            help="Hard budget for file bytes buffered in memory (e.g. 256MiB, 1GiB).",
-        ),
+        memory_option,
         click.option(
             "--part-size",
             type=SIZE,

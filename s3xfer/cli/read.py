@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .. import runner
-from ..config import DEFAULT_CONCURRENCY, DEFAULT_MAX_MEMORY, format_size
 from ..dataset.keys import S3Url
 from ..errors import NoDatasetError, NoSuchKeyError, UsageError
 from ..transport.s3 import Connection
@@ -21,9 +20,12 @@ from .options import (
     SIZE,
     TIMEOUTS_PER_READ,
     apply_bench_profile,
+    concurrency_option,
     connection_options,
     deadline_option,
     make_connection,
+    make_limits,
+    memory_option,
     unfinished_hint,
     unfinished_option,
     within,
@@ -126,6 +128,7 @@ async def _ls_objects(ds: Dataset, pattern: str | None, *, as_json: bool) -> Non
 @click.command("cat")
 @click.argument("url")
 @click.argument("path", required=False)
+@memory_option
 @connection_options
 @deadline_option
 @unfinished_option
@@ -133,6 +136,7 @@ def cat_command(
     url: str,
     path: str | None,
     unfinished: bool,
+    max_memory: int,
     deadline: float | None,
 ) -> None:
     """Write the file PATH of the dataset at URL to standard output.
@@ -141,13 +145,24 @@ def cat_command(
     before a single byte is written. Without PATH, URL names one plain object (s3://bucket/key)
     or a dataset's file (s3://bucket/dataset/path: the prefixes above the key are tried for a
     dataset, nearest first, one small GET each); with PATH under a prefix that holds no
-    dataset, the object URL/PATH is written. Plain
-    objects are streamed in 8 MiB ranges of the one version first seen. Under a prefix where
-    an s3xfer upload has not finished (slices not finalized), exit 2, unless --unfinished.
+    dataset, the object URL/PATH is written. Plain objects are streamed in 8 MiB ranges
+    (--max-memory, if smaller) of the one version first seen; a dataset's file larger than
+    --max-memory is still held whole to be checked, with a warning. Under a prefix where an
+    s3xfer upload has not finished (slices not finalized), exit 2, unless --unfinished.
     """
     import anyio
 
+    from ..read.reader import OBJECT_RANGE
+
+    limits = make_limits(max_memory=max_memory)
+    object_range = min(OBJECT_RANGE, limits.max_memory)
     connection = make_connection(read_timeout=READ_TIMEOUT_FOR_READS)
+
+    def held_whole(file: str, size: int) -> None:
+        what = f"the file {file!r}, checked before it is written,"
+        raised = limits.memory_for(size, what=what).raised
+        if raised:
+            click.echo(f"s3xfer: warning: {raised}", err=True)
 
     async def write(data: bytes) -> None:
         await anyio.to_thread.run_sync(emit, data)
@@ -162,7 +177,7 @@ def cat_command(
         async with dataset as ds:
             if path is None:
                 try:
-                    await ds.read_object("", write)
+                    await ds.read_object("", write, range_size=object_range)
                 except NoSuchKeyError:
                     # s3://bucket/dataset/path names a dataset's file as well as an object.
                     from ..read.reader import read_enclosed
@@ -172,20 +187,22 @@ def cat_command(
                     )
                     if found is None:
                         raise
+                    held_whole(found[1], len(found[2]))
                     await write(found[2])
                 return
             try:
-                data = await ds.read(path)
+                record = await ds.stat(path)
             except NoDatasetError as no_dataset:
                 try:
-                    await ds.read_object(path, write)
+                    await ds.read_object(path, write, range_size=object_range)
                 except NoSuchKeyError:
                     where = ds.url.key(path)
                     raise NoDatasetError(
                         f"{no_dataset}, and no object s3://{ds.url.bucket}/{where}"
                     ) from None
             else:
-                await write(data)
+                held_whole(path, record.size)
+                await write(await ds.read(path))
 
     try:
         with unfinished_hint():
@@ -204,14 +221,8 @@ def cat_command(
     show_default=True,
     help="Merge ranges of one shard closer than this into one GET.",
 )
-@click.option(
-    "--concurrency",
-    "-c",
-    type=click.IntRange(1, 1024),
-    default=16,
-    show_default=True,
-    help="GETs in flight at once.",
-)
+@concurrency_option("GETs in flight at once.")
+@memory_option
 @click.option("--overwrite", is_flag=True, help="Replace files that already exist in DEST.")
 @click.option(
     "--bench-profile",
@@ -229,6 +240,7 @@ def get_command(
     unfinished: bool,
     gap: int,
     concurrency: int,
+    max_memory: int,
     overwrite: bool,
     bench_profile: str | None,
     as_json: bool,
@@ -241,13 +253,15 @@ def get_command(
 
     Ranges of one shard closer than --gap are merged into one GET (never a multi-range
     header); every response must be 206 with the asked Content-Range, and every file's CRC32
-    is checked. Files keep their mtime and mode; nothing is written outside DEST.
+    is checked. Files are fetched in batches of at most --max-memory (64 MiB at most); a file
+    larger than --max-memory is held whole, with a warning. Files keep their mtime and mode;
+    nothing is written outside DEST.
     """
     if len(args) < 2:
         raise UsageError("give at least one GLOB and a DEST directory")
     tuned: dict[str, Any] = {"concurrency": concurrency, "bench_profile": bench_profile}
     apply_bench_profile(tuned, command="get")
-    concurrency = tuned["concurrency"]
+    limits = make_limits(concurrency=tuned["concurrency"], max_memory=max_memory)
     *patterns, dest = args
     connection = make_connection(read_timeout=READ_TIMEOUT_FOR_READS)
 
@@ -261,13 +275,16 @@ def get_command(
             url,
             connection,
             gap=gap,
-            concurrency=concurrency,
+            concurrency=limits.concurrency,
+            max_attempts=limits.max_attempts,
             max_timeouts=TIMEOUTS_PER_READ,
             unfinished=unfinished,
         )
         async with dataset as ds:
             try:
-                return await ds.get(patterns, Path(dest), overwrite=overwrite)
+                return await ds.get(
+                    patterns, Path(dest), overwrite=overwrite, max_memory=limits.max_memory
+                )
             except NoDatasetError:
                 pass
         # A plain prefix: its objects matching the globs, as `download --include` takes them.
@@ -277,7 +294,7 @@ def get_command(
             connection=connection,
             include=patterns,
             overwrite=overwrite,
-            concurrency=concurrency,
+            limits=limits,
             gap=gap,
             unfinished=unfinished,
         )
@@ -286,6 +303,8 @@ def get_command(
 
     with unfinished_hint():
         report = runner.run(run)
+    for warning in report.warnings:
+        click.echo(f"s3xfer: warning: {warning}", err=True)
     if isinstance(report, DownloadReport):
         _print_prefix_get(report, as_json=as_json)
         return
@@ -332,22 +351,10 @@ def _print_prefix_get(report: DownloadReport, *, as_json: bool) -> None:
     "--exclude", multiple=True, metavar="GLOB", help="Skip files matching this glob (repeatable)."
 )
 @click.option("--overwrite", is_flag=True, help="Replace existing files that differ.")
-@click.option(
-    "--concurrency",
-    "-c",
-    type=click.IntRange(1, 1024),
-    default=DEFAULT_CONCURRENCY,
-    show_default=True,
-    help="GETs in flight at once (ranges of large objects: only as many as --max-memory "
-    "holds whole).",
+@concurrency_option(
+    "GETs in flight at once (ranges of large objects: only as many as --max-memory holds whole)."
 )
-@click.option(
-    "--max-memory",
-    type=SIZE,
-    default=format_size(DEFAULT_MAX_MEMORY),
-    show_default=True,
-    help="Hard budget for bytes held in memory.",
-)
+@memory_option
 @click.option(
     "--range-size",
     type=SIZE,
@@ -401,7 +408,8 @@ def download_command(
         "bench_profile": bench_profile,
     }
     apply_bench_profile(tuned, command="download")
-    concurrency, range_size = tuned["concurrency"], tuned["range_size"]
+    limits = make_limits(concurrency=tuned["concurrency"], max_memory=max_memory)
+    range_size = tuned["range_size"]
     connection = make_connection()
     progress = TransferProgress(
         quiet=quiet or as_json, desc="download", skipped_note="already present and identical"
@@ -415,8 +423,7 @@ def download_command(
             include=include,
             exclude=exclude,
             overwrite=overwrite,
-            concurrency=concurrency,
-            max_memory=max_memory,
+            limits=limits,
             range_size=range_size,
             on_start=progress.start,
             on_progress=progress.advance,
@@ -428,6 +435,8 @@ def download_command(
             report = runner.run(run)
     finally:
         progress.close()
+    for warning in report.warnings:
+        click.echo(f"s3xfer: warning: {warning}", err=True)
     if as_json:
         emit_json(report.to_json())
     elif not quiet:

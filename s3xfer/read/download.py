@@ -25,7 +25,7 @@ import anyio
 
 from ..budget import ByteBudget
 from ..checksums import crc32, crc32_to_base64
-from ..config import DEFAULT_CONCURRENCY, DEFAULT_MAX_MEMORY, MiB
+from ..config import MiB, format_size
 from ..dataset.keys import S3Url, is_reserved_path, manifest_key, unfinished_upload
 from ..dataset.manifest import Manifest
 from ..errors import (
@@ -41,6 +41,7 @@ from ..errors import (
     UsageError,
     first_error,
 )
+from ..limits import DEFAULT_LIMITS, RunLimits
 from ..localfs import SafeDestination, Staging, make_directory, staging_in, used_by
 from ..malloc import return_large_buffers_promptly
 from ..planning.globs import PathFilter
@@ -88,6 +89,8 @@ class DownloadReport:
     requests: int
     retries: int
     peak_buffered_bytes: int
+    max_memory: int  # the budget it ran with: --max-memory, or more when a range needed it
+    warnings: list[str] = field(default_factory=list)  # e.g. --max-memory raised, and why
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -266,24 +269,25 @@ class _Restorer:
         url: S3Url,
         staging: Staging,
         *,
-        concurrency: int,
+        limits: RunLimits,
         max_memory: int,
         range_size: int,
         gap: int,
         on_progress: ProgressCallback,
     ) -> None:
+        """`max_memory`: the budget, limits.max_memory or more (RunLimits.memory_for)."""
         self.s3 = s3
         self.url = url
         self.staging = staging
-        self.concurrency = concurrency
+        self.concurrency = limits.concurrency
         self.range_size = range_size
         self.gap = gap
-        self.budget = ByteBudget(max(max_memory, range_size))
+        self.budget = ByteBudget(max_memory)
         # Small objects and shard ranges are fetched by `concurrency` workers, one request
         # each at a time; large objects' ranges by their own tasks, fewer. (Every request also
         # passes the S3 gate, which holds the whole download to `concurrency` in flight.)
         self.limiter = anyio.CapacityLimiter(
-            large_ranges_at_once(concurrency, max_memory=max_memory, range_size=range_size)
+            large_ranges_at_once(limits.concurrency, max_memory=max_memory, range_size=range_size)
         )
         self._received = _Received()
         # One batch of small files written at a time: creating files in one directory takes
@@ -292,7 +296,7 @@ class _Restorer:
         self.file_writer = anyio.Lock()
         self.counters = _Counters()
         self.on_progress = on_progress
-        self.policy = RetryPolicy()
+        self.policy = RetryPolicy(max_attempts=limits.max_attempts)
         self.targets: dict[str, Path] = {}
 
     def _done(self, item: Item, nbytes: int) -> None:
@@ -531,8 +535,7 @@ async def download(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     overwrite: bool = False,
-    concurrency: int = DEFAULT_CONCURRENCY,
-    max_memory: int = DEFAULT_MAX_MEMORY,
+    limits: RunLimits = DEFAULT_LIMITS,
     range_size: int = DEFAULT_RANGE_SIZE,
     gap: int = DEFAULT_GAP,
     on_start: StartCallback | None = None,
@@ -543,16 +546,18 @@ async def download(
     identical are skipped, so running it again after it finished transfers nothing. A prefix
     without a manifest that holds s3xfer's objects of an unfinished upload (slices not
     finalized) is refused with NotFinalizedError, unless `unfinished`: then the objects there
-    are downloaded as a plain prefix's."""
+    are downloaded as a plain prefix's. `limits`: requests in flight, memory, attempts; a
+    --max-memory below one range is raised to it, and the report says so."""
     if await anyio.Path(dest).exists() and not await anyio.Path(dest).is_dir():
         raise UsageError(f"not a directory: {dest}")
     return_large_buffers_promptly()
     started = time.perf_counter()
-    async with open_s3(connection or Connection(), max_pool_connections=concurrency) as s3:
+    async with open_s3(connection or Connection(), max_pool_connections=limits.concurrency) as s3:
         await s3.prepare_reads(url.bucket)
         try:
             raw = await call_with_retries(
-                lambda: s3.get_object(url.bucket, manifest_key(url)), policy=RetryPolicy()
+                lambda: s3.get_object(url.bucket, manifest_key(url)),
+                policy=RetryPolicy(max_attempts=limits.max_attempts),
             )
         except NoSuchKeyError:
             kind = "prefix"
@@ -590,14 +595,20 @@ async def download(
         refused, failures = preflight.refused, preflight.failures
         if on_start is not None:
             on_start(len(todo), sum(i.size for i in todo), skipped)
+        # The most held whole at once: one range, or the largest file smaller than a range.
+        largest = min(range_size, max((i.size for i in todo), default=0))
+        budget = limits.memory_for(
+            largest,
+            what=f"one range of {format_size(largest)} (--range-size {format_size(range_size)})",
+        )
         async with staging_in(safe.root, in_use=used_by(every_path)) as staging:
             del every_path
             restorer = _Restorer(
                 s3,
                 url,
                 staging,
-                concurrency=concurrency,
-                max_memory=max_memory,
+                limits=limits,
+                max_memory=budget.capacity,
                 range_size=range_size,
                 gap=gap,
                 on_progress=on_progress or (lambda _b, _f: None),
@@ -620,4 +631,6 @@ async def download(
             requests=s3.requests,
             retries=counters.retried.retries,
             peak_buffered_bytes=restorer.budget.peak,
+            max_memory=budget.capacity,
+            warnings=[budget.raised] if budget.raised else [],
         )

@@ -40,6 +40,7 @@ import anyio
 
 from ..budget import ByteBudget
 from ..checksums import crc32, crc32_to_base64
+from ..config import DEFAULT_MAX_MEMORY
 from ..dataset import catalog
 from ..dataset.keys import (
     LEASE_NAME,
@@ -64,6 +65,7 @@ from ..errors import (
     first_error,
     first_leaf,
 )
+from ..limits import RunLimits
 from ..localfs import SafeDestination, make_directory, staging_in, used_by
 from ..planning.globs import path_matcher
 from ..transport.retry import RetryPolicy, call_with_retries
@@ -105,6 +107,8 @@ class GetReport:
     seconds: float
     written: list[str] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
+    max_memory: int = 0  # the budget it ran with: max_memory, or a larger file's size
+    warnings: list[str] = field(default_factory=list)  # e.g. max_memory raised, and why
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -114,6 +118,8 @@ class GetReport:
             "catalog_requests": self.catalog_requests,
             "seconds": round(self.seconds, 3),
             "failures": [{"path": p, "error": e} for p, e in self.failures],
+            "max_memory": self.max_memory,
+            "warnings": self.warnings,
         }
 
 
@@ -315,9 +321,15 @@ class Dataset:
                 storage_class=str(item.get("StorageClass", "STANDARD")),
             )
 
-    async def read_object(self, path: str, sink: Callable[[bytes], Awaitable[None]]) -> int:
+    async def read_object(
+        self,
+        path: str,
+        sink: Callable[[bytes], Awaitable[None]],
+        *,
+        range_size: int = OBJECT_RANGE,
+    ) -> int:
         """A plain object, not a dataset's file: `path` below the URL's prefix ("" for the
-        object the URL names), streamed to `sink` in ranges of OBJECT_RANGE bytes (memory
+        object the URL names), streamed to `sink` in ranges of `range_size` bytes (memory
         stays bounded), all of the same object (If-Match on the ETag HEAD saw). One that fits
         one GET is checked against the checksum S3 stored with it, when there is one."""
         bucket, key = self.url.bucket, self.url.key(path) if path else self.url.prefix
@@ -325,7 +337,7 @@ class Dataset:
             lambda: self.s3.head_object(bucket, key), policy=self._policy
         )
         size, etag = int(head["ContentLength"]), str(head["ETag"])
-        if size <= OBJECT_RANGE:
+        if size <= range_size:
             body, _, _ = await call_with_retries(
                 lambda: self.s3.get_range(
                     bucket, key, byte_range=None, if_match=etag, verify_checksum=True
@@ -336,8 +348,8 @@ class Dataset:
                 raise IntegrityError(f"s3://{bucket}/{key}: {len(body)} bytes, expected {size}")
             await sink(body)
             return size
-        for start in range(0, size, OBJECT_RANGE):
-            get = RangeGet(key, start, min(size, start + OBJECT_RANGE), (), etag)
+        for start in range(0, size, range_size):
+            get = RangeGet(key, start, min(size, start + range_size), (), etag)
 
             async def attempt(get: RangeGet = get) -> bytes:
                 body, status, content_range = await self.s3.get_range(
@@ -504,9 +516,16 @@ class Dataset:
         return await call_with_retries(attempt, policy=self._policy, on_retry=count)
 
     async def get(
-        self, patterns: Sequence[str], dest: Path, *, overwrite: bool = False
+        self,
+        patterns: Sequence[str],
+        dest: Path,
+        *,
+        overwrite: bool = False,
+        max_memory: int = DEFAULT_MAX_MEMORY,
     ) -> GetReport:
-        """Fetch every file matching any glob into dest (created), with its mtime and mode."""
+        """Fetch every file matching any glob into dest (created), with its mtime and mode.
+        Files are fetched in batches of at most `max_memory` bytes (and GET_BATCH_BYTES); a
+        file larger than `max_memory` is a batch of its own, and the report says so."""
         started = anyio.current_time()
         if await anyio.Path(dest).exists() and not await anyio.Path(dest).is_dir():
             raise UsageError(f"not a directory: {dest}")
@@ -526,16 +545,27 @@ class Dataset:
             except S3XferError as error:
                 failures.append((path, str(error)))
                 del matched[path]
-        # In batches of about 64 MiB, in storage order: memory stays bounded whatever the glob
-        # matched, and each batch's files are written in one worker-thread call.
+        # In batches of at most 64 MiB and max_memory, in storage order: memory stays bounded
+        # whatever the glob matched, and each batch's files are written in one worker-thread
+        # call. Each file is checked whole before it is written: one larger than max_memory
+        # raises the budget to its size (said in the report).
         ordered = sorted(matched.values(), key=lambda r: (r.key, r.offset))
+        largest = max(ordered, key=lambda r: r.size, default=None)
+        budget = RunLimits(max_memory=max_memory).memory_for(
+            largest.size if largest else 0,
+            what=f"the file {largest.path if largest else ''!r}, checked before it is written,",
+        )
+        batch_bytes = min(GET_BATCH_BYTES, max_memory)
         batch: list[ManifestRecord] = []
+        held = 0
         written: list[ManifestRecord] = []
         await anyio.to_thread.run_sync(make_directory, safe.root)
         async with staging_in(safe.root, in_use=used_by(list(matched))) as staging:
             for index, record in enumerate(ordered):
                 batch.append(record)
-                if index + 1 == len(ordered) or sum(r.size for r in batch) >= GET_BATCH_BYTES:
+                held += record.size
+                following = ordered[index + 1].size if index + 1 < len(ordered) else None
+                if following is None or held + following > batch_bytes:
                     data, failed = await self._fetch(batch)
                     failures.extend((path, str(error)) for path, error in failed.items())
                     good = [r for r in batch if r.path not in failed]
@@ -547,7 +577,7 @@ class Dataset:
                             written.append(r)
                         else:  # each file fails alone, with its own error
                             failures.append((r.path, str(write_error)))
-                    batch = []
+                    batch, held = [], 0
         return GetReport(
             files=len(written),
             bytes=sum(r.size for r in written),
@@ -556,6 +586,8 @@ class Dataset:
             seconds=anyio.current_time() - started,
             written=sorted(r.path for r in written),
             failures=sorted(failures),
+            max_memory=budget.capacity,
+            warnings=[budget.raised] if budget.raised else [],
         )
 
 

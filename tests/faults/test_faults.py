@@ -14,6 +14,7 @@ import anyio
 
 from s3xfer.config import MiB, TransferConfig
 from s3xfer.dataset.keys import S3Url
+from s3xfer.limits import RunLimits
 from s3xfer.locals3 import LocalS3Info
 from s3xfer.planning.plan import make_plan
 from s3xfer.planning.survey import survey
@@ -81,7 +82,7 @@ async def download_through(
             S3Url.parse(url),
             dest,
             connection=through(proxy, info),
-            concurrency=8,
+            limits=RunLimits(concurrency=8),
             range_size=1 * MiB,  # more requests to fault
         )
         return report, proxy.injected
