@@ -11,6 +11,8 @@ from typing import Any, TypeVar
 import click
 
 from ..config import (
+    AUTO_CONCURRENCY_CEILING,
+    AUTO_CONCURRENCY_START,
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_MEMORY,
     DEFAULT_MULTIPART_THRESHOLD,
@@ -45,15 +47,18 @@ SIZE = SizeType()
 _DEFAULT_PRICES = PriceTable()
 
 
-def concurrency_option(requests: str) -> Callable[[F], F]:
+def concurrency_option(requests: str, *, tuned: bool = False) -> Callable[[F], F]:
     """--concurrency (RunLimits.concurrency): the same name, default and range for every
-    command that sends requests at once; `requests`: what it bounds in this command."""
+    command that sends requests at once; `requests`: what it bounds in this command.
+    `tuned`: when not given, the transfer finds its own number (upload, transport/throttle.py),
+    and --help says so rather than show a default that is not used."""
+    shown = f"tuned from {AUTO_CONCURRENCY_START} to {AUTO_CONCURRENCY_CEILING}" if tuned else True
     return click.option(
         "--concurrency",
         "-c",
         type=click.IntRange(1, MAX_CONCURRENCY),
         default=DEFAULT_CONCURRENCY,
-        show_default=True,
+        show_default=shown,
         help=requests,
     )
 
@@ -82,7 +87,8 @@ def plan_options(function: F) -> F:
     options = [
         concurrency_option(
             "Requests in flight at once (also the connection pool size); parts of large "
-            "files only as many as --max-memory holds."
+            "files only as many as --max-memory holds. Without it, found during the upload.",
+            tuned=True,
         ),
         memory_option,
         click.option(
