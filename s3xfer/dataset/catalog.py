@@ -25,14 +25,14 @@ from ..config import MAX_OBJECT_SIZE
 from ..errors import BadValue
 from . import validate
 from .keys import META_DIR, S3Url
-from .manifest import Manifest, ManifestRecord, ShardRecord, parse_rows
+from .manifest import Manifest, ManifestRecord, ShardRecord, parse_rows, version_for
 
 CATALOG_FORMAT = "s3xfer-catalog"
 PIECE_FORMAT = "s3xfer-catalog-piece"
 CATALOG_VERSION = 1
 # Version 2: file rows as in the manifest's version 2 (with the Content-Type); 1 still reads.
 PIECE_VERSION = 2
-PIECE_VERSIONS = (1, 2)
+PIECE_VERSIONS = (1, 2, 3)  # 3: rows of coded files, as in a version 3 manifest
 # 1,000,000 files make pieces of about 4,000 records (~100 KB compressed): still one small GET.
 FANOUT = 256
 MAX_CATALOG_FILES = 10**12  # a sanity bound on the root's count, far above any real dataset
@@ -160,7 +160,7 @@ def _unquoted(etags: dict[int, str]) -> dict[int, str]:
 def piece_bytes(records: list[ManifestRecord], *, fanout: int, bucket: int) -> bytes:
     data = {
         "format": PIECE_FORMAT,
-        "version": PIECE_VERSION,
+        "version": max(PIECE_VERSION, version_for(records)),
         "fanout": fanout,
         "bucket": bucket,
         "files": [r.to_json() for r in sorted(records, key=lambda r: r.path)],

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import MAX_OBJECT_SIZE, MAX_SHARD_MEMBERS
 from ..errors import BadValue
 from . import validate
+from .coding import Coding, stored_size
 from .keys import shard_index_key
 
 if TYPE_CHECKING:  # the planner is not loaded by commands that only read a manifest
@@ -24,9 +25,12 @@ if TYPE_CHECKING:  # the planner is not loaded by commands that only read a mani
 
 MANIFEST_FORMAT = "s3xfer-manifest"
 # Version 2: file rows have a 10th field, the Content-Type. Version 1 (9 fields) still reads,
-# every type unknown.
+# every type unknown. Version 3: a coded file's row (compressed or encrypted, coding.py) has
+# two more, its coding and stored size; written only when some file is coded, so that an
+# s3xfer that cannot decode refuses such a manifest instead of returning stored bytes.
 MANIFEST_VERSION = 2
-MANIFEST_VERSIONS = (1, 2)
+CODED_MANIFEST_VERSION = 3
+MANIFEST_VERSIONS = (1, 2, 3)
 ROWS_AT_ONCE = 10_000  # rows encoded at once when a manifest is written
 _CONTENT_TYPES: dict[str, str] = {}  # one string per distinct type, not one per record
 _MODES: dict[int, int] = {}  # one int per distinct mode (a handful), not one per record
@@ -63,10 +67,19 @@ class ManifestRecord:
     # Of its own object as stored (upload --content-type, or guessed), or that a packed file
     # would be given; "" when none was sent, or the record predates the field.
     content_type: str = ""
+    # How the bytes are stored (coding.Coding.to_json(): "" as they are) and how many there
+    # are then (-1: `size`, uncoded). `size` and `crc32` are always the original file's.
+    coding: str = ""
+    stored_size: int = -1
 
     @property
     def packed(self) -> bool:
         return self.offset >= 0
+
+    @property
+    def stored(self) -> int:
+        """The bytes of the object (or of the shard, from `offset`) that hold the file."""
+        return self.size if self.stored_size < 0 else self.stored_size
 
     def to_json(self) -> list[Any]:
         return [
@@ -80,6 +93,7 @@ class ManifestRecord:
             self.offset,
             self.etag,
             self.content_type,
+            *((self.coding, self.stored_size) if self.coding else ()),
         ]
 
     @classmethod
@@ -122,14 +136,19 @@ class ManifestRecord:
     @classmethod
     def _checked(cls, row: Any) -> ManifestRecord:
         fields = validate.array(row, "file record")
-        if len(fields) not in (9, 10):
-            raise BadValue(f"file record has {len(fields)} fields, expected 9 or 10")
+        if len(fields) not in (9, 10, 12):
+            raise BadValue(f"file record has {len(fields)} fields, expected 9, 10 or 12")
         path, key, size, mtime_ns, mode, crc32, part_size, offset, etag = fields[:9]
         path = validate.relative_path(path)
         what = f"file {path!r}:"
         size = validate.size(size, f"{what} size")
+        coding, stored = "", -1
+        if len(fields) == 12:
+            coding, stored = _coding_fields(fields[10], fields[11], size, what)
         if offset != -1 or type(offset) is not int:  # -1: the file is its own object
-            offset = validate.shard_offset(offset, size, f"{what} offset in its shard")
+            offset = validate.shard_offset(
+                offset, size if stored < 0 else stored, f"{what} offset in its shard"
+            )
         return cls(
             path,
             validate.object_key(key, f"{what} key"),
@@ -140,7 +159,9 @@ class ManifestRecord:
             validate.part_size(part_size, size, f"{what} part_size"),
             offset,
             validate.etag(etag, f"{what} etag"),
-            validate.content_type(fields[9], f"{what} content_type") if len(fields) == 10 else "",
+            validate.content_type(fields[9], f"{what} content_type") if len(fields) > 9 else "",
+            coding,
+            stored,
         )
 
     def matches(self, unit: FileUnit) -> bool:
@@ -153,6 +174,25 @@ class ManifestRecord:
             and self.part_size == unit.part_size
             and not self.packed
         )
+
+
+def _coding_fields(coding: Any, stored: Any, size: int, what: str) -> tuple[str, int]:
+    """A coded row's coding and stored size, checked: a size that follows from the original's
+    (no compression) must be that size."""
+    parsed = Coding.from_json(coding)
+    if parsed.identity:
+        raise BadValue(f"{what} a coded row names no coding")
+    stored = validate.size(stored, f"{what} stored size")
+    expected = stored_size(size, parsed)
+    if expected is not None and stored != expected:
+        raise BadValue(f"{what} stored size {stored} is not {expected} for {size} bytes {coding}")
+    return parsed.to_json(), stored
+
+
+def version_for(records: Iterable[ManifestRecord]) -> int:
+    """The version a manifest (or catalog piece) of these records is written as."""
+    coded = any(record.coding for record in records)
+    return CODED_MANIFEST_VERSION if coded else MANIFEST_VERSION
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,9 +252,9 @@ def _check_in_shards(records: Iterable[ManifestRecord], shards: dict[str, ShardR
     """A packed file inside its shard, when the shard is listed."""
     for record in records:
         shard = shards.get(record.key) if record.packed else None
-        if shard is not None and record.offset + record.size > shard.size:
+        if shard is not None and record.offset + record.stored > shard.size:
             raise BadValue(
-                f"file {record.path!r}: bytes {record.offset}-{record.offset + record.size} "
+                f"file {record.path!r}: bytes {record.offset}-{record.offset + record.stored} "
                 f"are past the end of its shard {shard.key!r} ({shard.size} bytes)"
             )
 
@@ -231,7 +271,7 @@ class Manifest:
         every row and its whole text (about 450 bytes a file at once)."""
         records = sorted(self.records.values(), key=lambda r: r.path)
         shards = [r.to_json() for r in sorted(self.shards.values(), key=lambda r: r.key)]
-        envelope = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "dest": self.dest}
+        envelope = {"format": MANIFEST_FORMAT, "version": version_for(records), "dest": self.dest}
 
         def dumps(value: Any) -> str:
             return json.dumps(value, separators=(",", ":"), ensure_ascii=False)

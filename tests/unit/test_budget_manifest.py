@@ -145,7 +145,7 @@ def test_a_manifest_is_read_row_by_row_as_any_json_writer_may_lay_it_out() -> No
         assert read.records == ({"a": record} if data["files"] else {})
     past_shard = {**fields, "shards": [[shard.key, 516, '"e"', 1]]}
     bad: list[tuple[dict[str, object], str]] = [
-        ({**fields, "version": 3, "files": [[*fields["files"][0], "new"]]}, "version"),
+        ({**fields, "version": 4, "files": [[*fields["files"][0], "new"]]}, "version"),
         ({**fields, "files": [fields["files"][0]] * 2}, "listed twice"),
         (past_shard, "past the end of its shard"),
         ({**fields, "files": {}}, "files is not a list"),

@@ -245,7 +245,7 @@ def test_a_packed_file_must_lie_inside_its_listed_shard() -> None:
     ("rows", "message"),
     [
         ([GOOD_ROW, GOOD_ROW], "'a.txt' is listed twice"),
-        ([GOOD_ROW[:8]], "has 8 fields, expected 9 or 10"),
+        ([GOOD_ROW[:8]], "has 8 fields, expected 9, 10 or 12"),
         ("not rows", "files is not a list"),
     ],
 )
@@ -266,8 +266,56 @@ def test_content_types_are_read_from_version_2_rows_and_unknown_in_version_1() -
         data["files"] = [[*GOOD_ROW, hostile]]
         with pytest.raises(CorruptMetadataError, match="content_type"):
             Manifest.from_bytes(gzip.compress(json.dumps(data).encode()), where="m")
-    data["version"] = 3
-    with pytest.raises(CorruptMetadataError, match="version 1 or 2"):
+    data["version"] = 4
+    with pytest.raises(CorruptMetadataError, match="version 1 or 2 or 3"):
+        Manifest.from_bytes(gzip.compress(json.dumps(data).encode()), where="m")
+
+
+CODED_ROW = [*GOOD_ROW, "text/plain", "aes-256-gcm", 10 + 28]
+
+
+def test_coded_rows_are_version_3_and_keep_their_coding_and_stored_size() -> None:
+    coded = ManifestRecord.from_json(["b.txt", *CODED_ROW[1:]])
+    assert (coded.coding, coded.stored_size, coded.stored, coded.size) == (
+        "aes-256-gcm",
+        38,
+        38,
+        10,
+    )
+    assert coded.to_json() == ["b.txt", *CODED_ROW[1:]]
+    plain = ManifestRecord.from_json([*GOOD_ROW, ""])
+    assert plain.stored == 10 and len(plain.to_json()) == 10  # uncoded rows stay as they were
+    for records, version in (([plain], 2), ([plain, coded], 3)):
+        manifest = Manifest("s3://b/p", {r.path: r for r in records})
+        raw = manifest.to_bytes()
+        assert json.loads(gzip.decompress(raw))["version"] == version
+        assert Manifest.from_bytes(raw, where="m").records == manifest.records
+        piece = catalog.piece_bytes(records, fanout=1, bucket=0)
+        assert json.loads(gzip.decompress(piece))["version"] == version
+        assert list(catalog.parse_piece(piece, fanout=1, bucket=0, where="p").values()) == records
+
+
+@pytest.mark.parametrize(
+    ("coding", "stored", "message"),
+    [
+        ("aes-256-gcm", 11, "stored size 11 is not 38"),
+        ("rot13", 10, "unknown coding 'rot13'"),
+        ("", 10, "names no coding"),
+        ("zstd", -1, "stored size -1 is below 0"),
+    ],
+)
+def test_coded_rows_are_checked(coding: str, stored: int, message: str) -> None:
+    data = {"format": "s3xfer-manifest", "version": 3, "dest": "s3://b/p"}
+    data["files"] = [[*GOOD_ROW, "", coding, stored]]
+    with pytest.raises(CorruptMetadataError, match=message):
+        Manifest.from_bytes(gzip.compress(json.dumps(data).encode()), where="m")
+
+
+def test_a_coded_packed_file_lies_inside_its_shard_by_its_stored_size() -> None:
+    row = ["a.txt", SHARD, 1000, 0, 0o644, "DUoRhQ==", 0, 512, '"s"', "", "aes-256-gcm", 1028]
+    data = {"format": "s3xfer-manifest", "version": 3, "dest": "s3://b/p", "files": [row]}
+    data["shards"] = [[SHARD, 1536, '"s"', 1]]  # holds 1000 bytes at 512, not 1028
+    with pytest.raises(CorruptMetadataError, match="past the end of its shard"):
         Manifest.from_bytes(gzip.compress(json.dumps(data).encode()), where="m")
 
 
