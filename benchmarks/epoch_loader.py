@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from s3xfer.read.reader import SyncDataset
+    from s3xfer.read.sync import SyncDataset
 
 Seen = list[tuple[str, int, int]]  # (path, size, crc32) in the order read
 
@@ -81,7 +81,7 @@ def main() -> int:
     # Each loader's modules are imported in the parent, as a DataLoader's dataset is made
     # there before its workers fork.
     if args.loader == "s3xfer":
-        from s3xfer.read.reader import SyncDataset
+        from s3xfer.read.sync import SyncDataset
         from s3xfer.transport.s3 import Connection
 
         # As the CLI does (--endpoint-url, env AWS_ENDPOINT_URL): Connection() alone would not

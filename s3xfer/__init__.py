@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from .planning.plan import Estimate, FileUnit, Kind, Plan, ShardUnit, make_plan
     from .planning.planfile import load_plan, save_plan
     from .planning.survey import FileEntry, Problem, Survey, survey
-    from .read.reader import Dataset, SyncDataset
+    from .read.reader import Dataset
+    from .read.sync import SyncDataset
     from .transport.s3 import Connection
     from .write.upload import UploadReport, upload
 
@@ -65,7 +66,7 @@ _HOMES = {
     "load_plan": "planning.planfile",
     "save_plan": "planning.planfile",
     "Dataset": "read.reader",
-    "SyncDataset": "read.reader",
+    "SyncDataset": "read.sync",
     "Connection": "transport.s3",
     "FileEntry": "planning.survey",
     "Problem": "planning.survey",

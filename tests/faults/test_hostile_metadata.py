@@ -339,7 +339,7 @@ def test_a_catalogued_size_the_object_does_not_have_fails_at_once(
 ) -> None:
     """A record that says 3 MiB for an object of 2 MiB: the answer is complete and will be
     the same next time, so it is refused after one GET, not retried as if transient."""
-    from s3xfer.read.reader import SyncDataset
+    from s3xfer.read.sync import SyncDataset
     from s3xfer.transport.s3 import Connection
 
     url = uploaded(source, bucket)

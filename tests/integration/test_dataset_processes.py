@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from s3xfer.locals3 import LocalS3Info
-from s3xfer.read.reader import SyncDataset
+from s3xfer.read.sync import SyncDataset
 
 from .helpers import connection, run_cli, write_tree
 
@@ -76,7 +76,7 @@ def test_a_script_that_never_closes_its_dataset_exits(
         textwrap.dedent(
             f"""
             import sys
-            from s3xfer.read.reader import SyncDataset
+            from s3xfer.read.sync import SyncDataset
 
             DATASET = SyncDataset({url!r})  # module level, never closed
             sys.stdout.buffer.write(DATASET.read("img/007.jpg"))

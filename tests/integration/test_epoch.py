@@ -26,7 +26,8 @@ from s3xfer.config import KiB, MiB
 from s3xfer.errors import PartialReadError, UsageError
 from s3xfer.locals3 import LocalS3Info
 from s3xfer.read.epoch import block_starts
-from s3xfer.read.reader import Dataset, SyncDataset
+from s3xfer.read.reader import Dataset
+from s3xfer.read.sync import SyncDataset
 
 from .helpers import connection, write_tree
 from .test_sync import spoil_crc32
@@ -170,7 +171,7 @@ def test_a_reader_killed_mid_epoch_resumes_without_losing_or_repeating_a_file(
             f"""
             import json, sys
             from s3xfer.checksums import crc32
-            from s3xfer.read.reader import SyncDataset
+            from s3xfer.read.sync import SyncDataset
 
             epoch = SyncDataset({url!r}).iter_epoch(
                 21, rank=1, world_size=3, block_bytes={SMALL["block_bytes"]},

@@ -23,7 +23,8 @@ from s3xfer.dataset.catalog import bucket_of, piece_key, root_key
 from s3xfer.dataset.tarpack import INDEX_MEMBER_NAME, index_from_bytes
 from s3xfer.errors import IntegrityError, NotInDatasetError
 from s3xfer.locals3 import LocalS3Info
-from s3xfer.read.reader import Dataset, SyncDataset
+from s3xfer.read.reader import Dataset
+from s3xfer.read.sync import SyncDataset
 from s3xfer.write.upload import UploadReport
 
 from .helpers import connection, list_keys, read_object, run_cli, write_tree

@@ -24,7 +24,8 @@ from s3xfer.read.epoch import (
     plan_reader,
     reader_share,
 )
-from s3xfer.read.reader import Dataset, dataloader_worker
+from s3xfer.read.epoch_iter import dataloader_worker
+from s3xfer.read.reader import Dataset
 
 GAP = 256 * 1024
 
