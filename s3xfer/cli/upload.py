@@ -330,8 +330,25 @@ def upload_command(
             raise UsageError("missing PATH and DEST (or --plan FILE); see s3xfer upload --help")
         url = S3Url.parse(dest)
         apply_bench_profile(options, command="upload")
+        config = make_config(**options)
+        if broker is None and slice_text is None:
+            # Nothing changed since the last upload? Told by one walk beside the manifest,
+            # before planning anything (write/rerun.py); else planned and uploaded as usual.
+            unchanged = runner.run(
+                run_unchanged_upload,
+                path,
+                url,
+                config,
+                connection,
+                selection,
+                keep_deleted,
+                state_dir,
+            )
+            if unchanged is not None:
+                present_upload(unchanged, as_json=as_json, quiet=quiet)
+                return
         tree = run_survey(path, quiet=quiet or as_json, selection=selection)
-        plan = make_plan(tree, url, make_config(**options))
+        plan = make_plan(tree, url, config)
     progress = upload_progress(quiet=quiet or as_json)
     try:
         if broker is not None:
@@ -363,6 +380,14 @@ def upload_command(
         sys.exit(130)
     finally:
         progress.close()
+    present_upload(report, as_json=as_json, quiet=quiet, broker=broker)
+
+
+def present_upload(
+    report: UploadReport, *, as_json: bool, quiet: bool, broker: str | None = None
+) -> None:
+    """An upload's report on stdout (and its warnings and failures on stderr); exit 1 unless
+    every file was uploaded."""
     for warning in report.warnings:
         click.echo(f"s3xfer: warning: {warning}", err=True)
     if as_json:
@@ -378,6 +403,28 @@ def upload_command(
             for skipped_path, reason in report.unreadable:
                 click.echo(f"s3xfer: NOT UPLOADED {_printable(skipped_path)}: {reason}", err=True)
         sys.exit(1)
+
+
+async def run_unchanged_upload(
+    path: Path,
+    dest: S3Url,
+    config: TransferConfig,
+    connection: Connection,
+    selection: PathFilter,
+    keep_deleted: bool,
+    state_dir: Path | None = None,
+) -> UploadReport | None:
+    from ..write.rerun import unchanged_upload
+
+    return await unchanged_upload(
+        path,
+        dest,
+        config,
+        connection,
+        selection=selection,
+        keep_deleted=keep_deleted,
+        state_dir=state_dir,
+    )
 
 
 async def run_upload_slice(

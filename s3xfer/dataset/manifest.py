@@ -259,6 +259,48 @@ def _check_in_shards(records: Iterable[ManifestRecord], shards: dict[str, ShardR
             )
 
 
+class ManifestRows:
+    """A manifest object's file records one at a time, as written (sorted by path), then its
+    shards: never every record at once (an unchanged re-run compares them with the tree as it
+    walks it, write/rerun.py). Iterating raises CorruptMetadataError on what from_bytes
+    refuses, and on rows before the version (from_bytes reads those; s3xfer never wrote
+    them). `shards` and `dest` are set once every record was taken."""
+
+    def __init__(self, raw: bytes, *, where: str) -> None:
+        self._stream = validate.ObjectRowStream(validate.gunzip_pieces(raw), "files")
+        self._where = where
+        self.dest = ""
+        self.shards: dict[str, ShardRecord] = {}
+
+    def __iter__(self) -> Iterator[ManifestRecord]:
+        # The furthest byte each shard's records reach, checked against the shards table at
+        # the end (from_bytes checks every record: a few numbers per shard instead).
+        reach: dict[str, tuple[int, ManifestRecord]] = {}
+        try:
+            checked = False
+            for row in self._stream:
+                if not checked:  # before the first row: a newer version says so
+                    validate.envelope(
+                        self._stream.before, format=MANIFEST_FORMAT, version=MANIFEST_VERSIONS
+                    )
+                    checked = True
+                record = ManifestRecord.from_json(row)
+                if record.packed and reach.get(record.key, (-1, record))[0] < (
+                    end := record.offset + record.stored
+                ):
+                    reach[record.key] = (end, record)
+                yield record
+            data = self._stream.data
+            assert data is not None  # set once the rows are done
+            validate.envelope(data, format=MANIFEST_FORMAT, version=MANIFEST_VERSIONS)
+            self.dest = validate.text(validate.field(data, "dest"), "dest", max_bytes=2048)
+            validate.array(validate.field(data, "files"), "files")
+            self.shards = _shard_rows(data.get("shards", []))
+            _check_in_shards((record for _end, record in reach.values()), self.shards)
+        except BadValue as exc:
+            raise validate.corrupt("manifest", self._where, exc) from exc
+
+
 @dataclass
 class Manifest:
     dest: str

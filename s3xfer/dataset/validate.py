@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import gzip
 import json
 import re
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final
 
 from ..config import MAX_OBJECT_SIZE, MAX_PART_SIZE, MAX_PARTS, MiB
@@ -376,3 +377,137 @@ def shard_offset(value: Any, length: int, what: str = "offset") -> int:
     if offset % TAR_BLOCK:
         raise BadValue(f"{what} {offset} is not on a {TAR_BLOCK}-byte tar block")
     return offset
+
+
+GUNZIP_PIECE = 1 * MiB  # inflated at once by gunzip_pieces
+
+
+def gunzip_pieces(raw: bytes, *, limit: int | None = None) -> Iterator[bytes]:
+    """gunzip(raw) a piece of at most GUNZIP_PIECE bytes at a time, never the whole (a
+    manifest of a million files inflates to 150 MB). The same checks, raised as BadValue
+    when the piece they concern is reached."""
+    limit = inflate_limit(len(raw)) if limit is None else limit
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    pending = raw
+    total = 0
+    while not inflater.eof:
+        try:
+            out = inflater.decompress(pending, GUNZIP_PIECE)
+        except zlib.error as exc:
+            raise BadValue(f"not a valid gzip stream: {exc}") from exc
+        pending = inflater.unconsumed_tail
+        total += len(out)
+        if total > limit:
+            raise BadValue(
+                f"inflates to more than {limit:,} bytes ({MAX_INFLATE_RATIO} times its "
+                f"{len(raw):,}): refused"
+            )
+        if out:
+            yield out
+        elif not pending and not inflater.eof:
+            raise BadValue("truncated gzip stream")
+    if inflater.unused_data:
+        raise BadValue(f"{len(inflater.unused_data):,} bytes after the end of the gzip stream")
+
+
+class ObjectRowStream:
+    """json_object_rows over text that comes in pieces: the items of the array field `rows`
+    one at a time (iterating), with the fields before it in `before`; once every item was
+    taken, `data` is the whole object (`rows` an empty list). Only the text of one item, and
+    of one piece, is held. Raises BadValue as json_object_rows does."""
+
+    def __init__(self, pieces: Iterable[bytes], rows: str) -> None:
+        self._pieces = iter(pieces)
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._text = ""
+        self._at = 0
+        self._eof = False
+        self._rows = rows
+        self.before: dict[str, Any] = {}
+        self.data: dict[str, Any] | None = None
+
+    def _more(self) -> bool:
+        """Append the next piece to what is left unread; False at the end of the input."""
+        if self._eof:
+            return False
+        piece = next(self._pieces, None)
+        try:
+            added = self._decoder.decode(piece or b"", final=piece is None)
+        except UnicodeDecodeError as exc:
+            raise BadValue(f"not JSON: {exc}") from exc
+        self._eof = piece is None
+        self._text = self._text[self._at :] + added
+        self._at = 0
+        return True
+
+    def _mark(self, one_of: str) -> str:
+        """The next character after spaces, one of `one_of`, consumed."""
+        while True:
+            self._at = _skip(self._text, self._at)
+            if self._at < len(self._text):
+                break
+            if not self._more():
+                raise BadValue("not JSON: it ends too soon")
+        mark = self._text[self._at]
+        if mark not in one_of:
+            raise BadValue(f"not JSON: expected one of {one_of!r}")
+        self._at += 1
+        return mark
+
+    def _peek(self) -> str:
+        """The next character after spaces, not consumed."""
+        while True:
+            self._at = _skip(self._text, self._at)
+            if self._at < len(self._text):
+                return self._text[self._at]
+            if not self._more():
+                raise BadValue("not JSON: it ends too soon")
+
+    def _value(self) -> Any:
+        """The next JSON value. A value that ends where the text read so far ends may go on
+        (a number cut by a piece boundary): decoded again with more text."""
+        self._peek()
+        while True:
+            try:
+                value, end = _DECODER.raw_decode(self._text, self._at)
+            except json.JSONDecodeError as exc:
+                if not self._more():
+                    raise BadValue(f"not JSON: {exc}") from exc
+                continue
+            except RecursionError as exc:
+                raise BadValue(f"not JSON: {exc}") from exc
+            if end == len(self._text) and self._more():
+                continue
+            self._at = end
+            return value
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._peek() != "{":
+            raise BadValue("not a JSON object")
+        self._mark("{")
+        data = self.before
+        mark = "," if self._peek() != "}" else self._mark("}")
+        while mark != "}":
+            if self._peek() != '"':
+                raise BadValue("not JSON: expected a name")
+            name = self._value()
+            self._mark(":")
+            if name == self._rows and self._peek() == "[":
+                if name in data:
+                    raise BadValue(f"{name!r} given twice")
+                self._mark("[")
+                item_mark = "," if self._peek() != "]" else self._mark("]")
+                while item_mark != "]":
+                    yield self._value()
+                    item_mark = self._mark(",]")
+                data[name] = []
+            else:
+                data[name] = self._value()
+            mark = self._mark(",}")
+        while True:
+            self._at = _skip(self._text, self._at)
+            if self._at < len(self._text):
+                raise BadValue("not JSON: extra data after the object")
+            if not self._more():
+                break
+        self.data = data

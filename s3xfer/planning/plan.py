@@ -289,30 +289,38 @@ def _soft_cut(path: str) -> bool:
     return hashlib.blake2b(path.encode("utf-8"), digest_size=2).digest()[0] % 16 == 0
 
 
-def group_into_shards(
-    entries: Iterable[FileEntry], dest: S3Url, config: TransferConfig
-) -> Iterator[ShardUnit]:
-    """Consecutive (sorted, so neighbouring) small files into shards of about shard_size."""
+def shard_groups(
+    entries: Iterable[FileEntry], config: TransferConfig
+) -> Iterator[tuple[list[FileEntry], list[int]]]:
+    """Consecutive (sorted, so neighbouring) small files cut into shards of about
+    shard_size: each shard's members and their footprints (header, data, padding), one shard
+    at a time."""
     members: list[FileEntry] = []
+    footprints: list[int] = []
     filled = 0
-
-    def flush() -> ShardUnit:
-        size = ShardUnit("", 0, members).layout().size
-        part = fit_part_size(size, preferred=config.part_size, max_memory=config.max_memory)
-        return ShardUnit(shard_key(dest, members), part, list(members))
-
     for entry in entries:
         footprint = member_footprint(entry.path, entry.size)
         full = filled + footprint > config.shard_size or len(members) >= MAX_SHARD_MEMBERS
         soft = filled >= config.shard_size * 3 // 4 and _soft_cut(entry.path)
         if members and (full or soft):
-            yield flush()
-            members.clear()
+            yield members, footprints
+            members, footprints = [], []
             filled = 0
         members.append(entry)
+        footprints.append(footprint)
         filled += footprint
     if members:
-        yield flush()
+        yield members, footprints
+
+
+def group_into_shards(
+    entries: Iterable[FileEntry], dest: S3Url, config: TransferConfig
+) -> Iterator[ShardUnit]:
+    """Consecutive (sorted, so neighbouring) small files into shards of about shard_size."""
+    for members, _footprints in shard_groups(entries, config):
+        size = ShardUnit("", 0, members).layout().size
+        part = fit_part_size(size, preferred=config.part_size, max_memory=config.max_memory)
+        yield ShardUnit(shard_key(dest, members), part, members)
 
 
 def plan_file(entry: FileEntry, dest: S3Url, config: TransferConfig) -> FileUnit:
