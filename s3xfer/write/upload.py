@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -152,19 +152,52 @@ async def load_catalog_state(
     """The catalog's root and the pieces one listing shows: whether it is whole and current is
     for CatalogState.current to say. A root that cannot be read is a catalog to write again,
     not an error: the manifest, not the catalog, is what uploads start from."""
-    raw = await get_if_present(
-        s3, dest.bucket, catalog.root_key(dest), policy=policy, on_retry=on_retry
+    listed: dict[int, str] = {}
+
+    async def list_pieces() -> None:
+        async for item in s3.list_objects(dest.bucket, catalog.pieces_prefix(dest)):
+            bucket = catalog.piece_bucket(dest, str(item["Key"]))
+            if bucket is not None:
+                listed[bucket] = str(item.get("ETag", ""))
+
+    raw, _ = await concurrently(
+        lambda: get_if_present(
+            s3, dest.bucket, catalog.root_key(dest), policy=policy, on_retry=on_retry
+        ),
+        list_pieces,
     )
     try:
         root = catalog.CatalogRoot.from_bytes(raw, where="") if raw is not None else None
     except CorruptMetadataError:
         root = None
-    listed: dict[int, str] = {}
-    async for item in s3.list_objects(dest.bucket, catalog.pieces_prefix(dest)):
-        bucket = catalog.piece_bucket(dest, str(item["Key"]))
-        if bucket is not None:
-            listed[bucket] = str(item.get("ETag", ""))
     return catalog.CatalogState(root, listed)
+
+
+async def _nothing() -> None:
+    pass
+
+
+async def concurrently(*calls: Callable[[], Awaitable[Any]]) -> list[Any]:
+    """The calls' results, in order, their round trips overlapping (over a long path the
+    reads an upload starts with cost one round trip, not four). When any fails, the error of
+    the first in the order given that failed, whatever failed first in time: the bucket
+    check's clear line rather than what a read of a missing bucket says."""
+    results: list[Any] = [None] * len(calls)
+    errors: list[Exception | None] = [None] * len(calls)
+
+    async def run(index: int) -> None:
+        try:
+            results[index] = await calls[index]()
+        except Exception as error:  # raised below, in order
+            errors[index] = error
+
+    async with anyio.create_task_group() as group:
+        for index in range(len(calls)):
+            group.start_soon(run, index)
+    for error in errors:
+        if error is not None:
+            raise error
+    return results
 
 
 # DeleteObjects requests at once (1,000 keys each): a million deletions need not be 1,000
@@ -231,16 +264,20 @@ async def prepare(
     journal: Journal | None = None,
     done: Manifest | None = None,
     metadata_retries: RetryCount | None = None,
+    check_bucket: bool = True,
 ) -> Prepared:
-    """Check the bucket, read the manifest, and split the plan into work and no work. `done`:
-    work finished but not in the destination's manifest yet (a slice's earlier result).
-    `metadata_retries`: where to count the retries of metadata requests (one counter for an
-    upload that prepares twice and holds a lease, so that its report counts them all)."""
+    """Check the bucket, read the manifest and the catalog's state (at once), and split the
+    plan into work and no work. `done`: work finished but not in the destination's manifest
+    yet (a slice's earlier result). `metadata_retries`: where to count the retries of
+    metadata requests (one counter for an upload that prepares twice and holds a lease, so
+    that its report counts them all). `check_bucket`: False when this run checked it."""
     policy = RetryPolicy(max_attempts=plan.config.max_attempts)
-    await s3.check_bucket(plan.dest.bucket)
     metadata_retries = metadata_retries if metadata_retries is not None else RetryCount()
-    old, old_sha256 = await load_manifest(s3, plan, policy, on_retry=metadata_retries)
-    catalog_state = await load_catalog_state(s3, plan.dest, policy, on_retry=metadata_retries)
+    _, (old, old_sha256), catalog_state = await concurrently(
+        (lambda: s3.check_bucket(plan.dest.bucket)) if check_bucket else _nothing,
+        lambda: load_manifest(s3, plan, policy, on_retry=metadata_retries),
+        lambda: load_catalog_state(s3, plan.dest, policy, on_retry=metadata_retries),
+    )
     manifest = Manifest(str(plan.dest), dict(old.records), dict(old.shards)) if old else None
     manifest = manifest or Manifest(str(plan.dest), {})
     known_keys = manifest.object_keys()
@@ -412,7 +449,8 @@ async def prepare_to_write(
             on_retry=retries,
         )
     )
-    return await prepare(s3, plan, journal=journal, metadata_retries=retries), held
+    again = await prepare(s3, plan, journal=journal, metadata_retries=retries, check_bucket=False)
+    return again, held
 
 
 async def delete_unreferenced(

@@ -1,10 +1,14 @@
 """Requests in flight found during the transfer (issue 14): without --concurrency an upload
 tunes them and says what it chose and why in --json; --concurrency N keeps N; a SlowDown
-burst makes the tuner back off. Through the real CLI and the local server."""
+burst makes the tuner back off; the reads an upload starts with overlap. Through the real
+CLI and the local server."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -99,3 +103,44 @@ def test_a_slowdown_burst_makes_the_tuner_back_off(
     assert report["throttled"] > 0
     assert chosen["mode"] == "auto" and chosen["backoffs"] >= 1, chosen
     assert chosen["lowest"] < AUTO_CONCURRENCY_START  # halved at least once
+
+
+def test_an_upload_reads_the_manifest_and_the_catalog_state_at_once(
+    local_s3: LocalS3Info, bucket: str, tmp_path: Path
+) -> None:
+    # The reads an upload starts with (the bucket check, the manifest, the catalog's root and
+    # the listing of its pieces) overlap: over a long path they cost one round trip, not four.
+    # The proxy holds the manifest's GET; the catalog root's GET must arrive meanwhile.
+    write_tree(tmp_path / "src", {"a.txt": 10, "b/c.txt": 20})
+    proxy = FaultProxy(local_s3.endpoint_url)
+    manifest = proxy.hold(r"/\.s3xfer/manifest\.json\.gz$")
+    root = proxy.hold(r"/\.s3xfer/catalog\.json$")
+    env = {**os.environ, **local_s3.env(), "S3XFER_STATE_DIR": str(tmp_path / "state")}
+    with proxy.running() as endpoint:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "s3xfer",
+                "upload",
+                str(tmp_path / "src"),
+                f"s3://{bucket}/ds",
+                "--endpoint-url",
+                endpoint,
+                "--json",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert manifest.arrived.wait(timeout=120), "the upload never read its manifest"
+            overlapped = root.arrived.wait(timeout=30)  # an event, not a measured time
+        finally:
+            manifest.release()
+            root.release()
+            stdout, stderr = process.communicate(timeout=120)
+    assert overlapped, "the catalog's root was read only after the manifest"
+    assert process.returncode == 0, stderr
+    assert json.loads(stdout)["files_uploaded"] == 2
