@@ -102,7 +102,8 @@ def test_a_slowdown_burst_makes_the_tuner_back_off(
     chosen = report["concurrency"]
     assert report["throttled"] > 0
     assert chosen["mode"] == "auto" and chosen["backoffs"] >= 1, chosen
-    assert chosen["lowest"] < AUTO_CONCURRENCY_START  # halved at least once
+    # Halved at least once, from wherever it had grown to by then.
+    assert chosen["lowest"] < chosen["peak"] and chosen["lowest"] <= chosen["peak"] // 2
 
 
 def test_an_upload_reads_the_manifest_and_the_catalog_state_at_once(
