@@ -40,7 +40,7 @@ from ..planning.survey import FileEntry, base_dir, scan
 from ..transport.retry import RetryCount, RetryPolicy
 from ..transport.s3 import Connection, open_s3
 from .journal import journal_path
-from .upload import UploadReport, get_if_present, load_catalog_state
+from .upload import UploadReport, concurrently, get_if_present, load_catalog_state
 
 
 class _Differs(Exception):
@@ -210,12 +210,15 @@ async def unchanged_upload(
     policy = RetryPolicy(max_attempts=config.max_attempts)
     retries = RetryCount()
     async with open_s3(connection, max_pool_connections=4) as s3:
-        await s3.check_bucket(dest.bucket)
         key = manifest_key(dest)
-        raw = await get_if_present(s3, dest.bucket, key, policy=policy, on_retry=retries)
+        # At once: one round trip, not four, before a first upload goes on to plan.
+        _, raw, catalog = await concurrently(
+            lambda: s3.check_bucket(dest.bucket),
+            lambda: get_if_present(s3, dest.bucket, key, policy=policy, on_retry=retries),
+            lambda: load_catalog_state(s3, dest, policy, on_retry=retries),
+        )
         if raw is None:
             return None
-        catalog = await load_catalog_state(s3, dest, policy, on_retry=retries)
         if not catalog.current(hashlib.sha256(raw).hexdigest()):
             return None
         found = await anyio.to_thread.run_sync(
