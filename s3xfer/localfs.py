@@ -38,6 +38,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:  # downloads and reads never load the survey or the tar layout
+    from .dataset.coding import FileCoder
     from .dataset.tarpack import FilePiece, FixedPiece
     from .planning.survey import FileEntry
 
@@ -340,8 +341,9 @@ def _fill_part(
     identities: Sequence[FileIdentity],
     length: int,
     make_pieces: Callable[[], Iterable[FixedPiece | FilePiece]],
+    coder: FileCoder | None = None,
 ) -> tuple[bytearray, list[FilePiece], list[int]]:
-    from .dataset.tarpack import FixedPiece  # here: only uploads of shards need tarpack
+    from .dataset.tarpack import FilePiece, FixedPiece  # here: only shard uploads need tarpack
 
     buffer = bytearray(length)
     view = memoryview(buffer)
@@ -359,15 +361,40 @@ def _fill_part(
         member = members[piece.member]
         target = view[position : position + piece.length]
         try:
-            _read_into(base + member.path, target, piece.offset, identities[piece.member])
+            if coder is None:
+                _read_into(base + member.path, target, piece.offset, identities[piece.member])
+                crcs.append(crc32(target))
+                file_pieces.append(piece)
+            else:
+                crc = _read_coded_into(root, member.path, target, piece, identities, coder)
+                crcs.append(crc)  # of the whole original file, so the piece is made whole:
+                file_pieces.append(FilePiece(piece.member, 0, identities[piece.member].size))
         except FileChangedError as exc:
             raise MemberChangedError(str(exc), member=piece.member) from exc
-        crcs.append(crc32(target))
-        file_pieces.append(piece)
         position += piece.length
     if position != length:
         raise ValueError(f"the pieces of a part of {length:,} bytes add up to {position:,}")
     return buffer, file_pieces, crcs
+
+
+def _read_coded_into(
+    root: Path,
+    relative: str,
+    target: memoryview,
+    piece: FilePiece,
+    identities: Sequence[FileIdentity],
+    coder: FileCoder,
+) -> int:
+    """A piece of a coded member (its stored bytes, in the shard's coordinates): the whole
+    file is read and coded (a member is small) and the piece cut from it; coding is
+    deterministic, so the parts that share a member cut their pieces from the same bytes.
+    The CRC32 of the whole original file."""
+    identity = identities[piece.member]
+    original = bytearray(identity.size)
+    _read_into(f"{root}/{relative}", memoryview(original), 0, identity)
+    stored = coder.encode(relative, original)
+    target[:] = memoryview(stored)[piece.offset : piece.offset + piece.length]
+    return crc32(original)
 
 
 def _read_into(path: StrPath, target: memoryview, offset: int, identity: FileIdentity) -> None:
@@ -383,18 +410,22 @@ async def fill_part(
     identities: Sequence[FileIdentity],
     length: int,
     make_pieces: Callable[[], Iterable[FixedPiece | FilePiece]],
+    *,
+    coder: FileCoder | None = None,
 ) -> tuple[bytearray, list[FilePiece], list[int]]:
     """A shard part of `length` bytes built in one buffer, member ranges read straight into
     it (one allocation, no small chunks): the buffer, its FilePieces and their CRC32s. Each
     member must still be the file of its identity (taken before the shard was laid out);
     MemberChangedError names the one that is not. Laying out the pieces (tar headers) happens
-    in the same worker-thread call, off the event loop, each written as it is made."""
+    in the same worker-thread call, off the event loop, each written as it is made. With a
+    `coder`, members are stored coded: each piece is cut from its coded member, and its CRC32
+    is the whole original file's (given for a piece of the member's whole length)."""
     return await anyio.to_thread.run_sync(
-        _fill_part, root, members, identities, length, make_pieces
+        _fill_part, root, members, identities, length, make_pieces, coder
     )
 
 
-async def buffer_crc32(buffer: bytearray) -> int:
+async def buffer_crc32(buffer: bytes | bytearray) -> int:
     """The finished part's CRC32, off the event loop. The part is sent from the buffer itself:
     a bytes copy of it doubled every shard part in flight (84 MB at 100,000 files)."""
     return await anyio.to_thread.run_sync(crc32, buffer)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -23,7 +24,7 @@ from ..config import (
     format_size,
     parse_size,
 )
-from ..errors import DeadlineError, NotFinalizedError, UsageError
+from ..errors import DeadlineError, EncryptionKeyError, NotFinalizedError, UsageError
 from ..limits import MAX_CONCURRENCY, RunLimits
 from ..planning.globs import PathFilter
 from ..transport.s3 import SSE_ALGORITHMS, Connection
@@ -339,6 +340,41 @@ def encryption_options(function: F) -> F:
     for option in reversed(options):
         function = option(function)
     return function
+
+
+def _read_client_key(
+    _context: click.Context, _parameter: click.Parameter, value: Path | None
+) -> bytes | None:
+    """The 32 bytes of an --encryption-key file (never echoed: a message names only the file)."""
+    if value is None:
+        return None
+    from ..dataset.coding import KEY_SIZE
+
+    try:
+        with value.open("rb") as file:
+            key = file.read(KEY_SIZE + 1)
+    except OSError as exc:
+        raise EncryptionKeyError(f"cannot read the encryption key {value}: {exc.strerror}") from exc
+    if len(key) != KEY_SIZE:
+        raise EncryptionKeyError(
+            f"the encryption key {value} must hold exactly {KEY_SIZE} bytes; "
+            f"make one with: head -c {KEY_SIZE} /dev/urandom > {value}"
+        )
+    return key
+
+
+def client_key_option(function: F) -> F:
+    """Client-side encryption (docs/format.md, "Coded files"): writers encrypt, readers decrypt."""
+    return click.option(
+        "--encryption-key",
+        metavar="FILE",
+        type=click.Path(path_type=Path, dir_okay=False),
+        callback=_read_client_key,
+        default=None,
+        help="A file of 32 random bytes: files are encrypted on this machine "
+        "(AES-256-GCM) before they are sent, and decrypted when read. Every command that "
+        "reads the dataset's files needs the same key.",
+    )(function)
 
 
 def connection_setting(name: str) -> Any:

@@ -20,6 +20,7 @@ from .options import (
     SIZE,
     TIMEOUTS_PER_READ,
     apply_bench_profile,
+    client_key_option,
     concurrency_option,
     connection_options,
     deadline_option,
@@ -130,6 +131,7 @@ async def _ls_objects(ds: Dataset, pattern: str | None, *, as_json: bool) -> Non
 @click.argument("path", required=False)
 @memory_option
 @connection_options
+@client_key_option
 @deadline_option
 @unfinished_option
 def cat_command(
@@ -138,6 +140,7 @@ def cat_command(
     unfinished: bool,
     max_memory: int,
     deadline: float | None,
+    encryption_key: bytes | None,
 ) -> None:
     """Write the file PATH of the dataset at URL to standard output.
 
@@ -170,7 +173,13 @@ def cat_command(
     async def run() -> None:
         with within(deadline):
             await cat(
-                _dataset(url, connection, max_timeouts=TIMEOUTS_PER_READ, unfinished=unfinished)
+                _dataset(
+                    url,
+                    connection,
+                    max_timeouts=TIMEOUTS_PER_READ,
+                    unfinished=unfinished,
+                    encryption_key=encryption_key,
+                )
             )
 
     async def cat(dataset: Dataset) -> None:
@@ -231,6 +240,7 @@ def cat_command(
     help="Take concurrency (and range size) from a `s3xfer bench --save NAME` profile.",
 )
 @connection_options
+@client_key_option
 @deadline_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @unfinished_option
@@ -238,6 +248,7 @@ def get_command(
     url: str,
     args: tuple[str, ...],
     unfinished: bool,
+    encryption_key: bytes | None,
     gap: int,
     concurrency: int,
     max_memory: int,
@@ -279,6 +290,7 @@ def get_command(
             max_attempts=limits.max_attempts,
             max_timeouts=TIMEOUTS_PER_READ,
             unfinished=unfinished,
+            encryption_key=encryption_key,
         )
         async with dataset as ds:
             try:

@@ -22,6 +22,7 @@ from .distributed import check_broker, upload_with_broker, workers_summary
 from .options import (
     apply_bench_profile,
     break_lease_option,
+    client_key_option,
     connection_options,
     encryption_options,
     make_connection,
@@ -210,6 +211,7 @@ def plan_command(
 @selection_options
 @connection_options
 @encryption_options
+@client_key_option
 @click.option(
     "--state-dir",
     type=click.Path(path_type=Path, file_okay=False),
@@ -259,6 +261,7 @@ def upload_command(
     broker: str | None,
     include: tuple[str, ...],
     exclude: tuple[str, ...],
+    encryption_key: bytes | None,
     **options: Any,
 ) -> None:
     """Upload PATH to DEST (s3://bucket/prefix), or execute a saved --plan.
@@ -282,6 +285,8 @@ def upload_command(
       and writes nothing.
     - Exit code 0 when every file was uploaded, 1 when any failed (each is named).
     - --sse encrypts every object written (PutObject and CreateMultipartUpload carry it).
+    - --encryption-key FILE encrypts every file on this machine before it is sent
+      (AES-256-GCM): S3 never sees its bytes; every read needs the same key.
     - --include/--exclude choose the files (download's globs); the dataset's files outside
       them are left alone. Content-Types are guessed per file as `aws s3 cp` does
       (--content-type, --no-guess-mime-type); --storage-class and --metadata go on the
@@ -293,6 +298,8 @@ def upload_command(
     connection = make_connection(sse=sse, sse_kms_key_id=sse_kms_key_id)
     if broker is not None:
         check_broker(broker, slice_text)
+    if encryption_key is not None and (broker is not None or slice_text is not None):
+        raise UsageError("--encryption-key does not work with --broker or --slice yet")
     if keep_deleted and slice_text is not None:
         raise UsageError(
             "--keep-deleted applies where the manifest is written: give it to `s3xfer finalize`"
@@ -369,7 +376,14 @@ def upload_command(
             )
         else:
             report = runner.run(
-                run_upload, plan, connection, progress, state_dir, keep_deleted, break_lease
+                run_upload,
+                plan,
+                connection,
+                progress,
+                state_dir,
+                keep_deleted,
+                break_lease,
+                encryption_key,
             )
     except KeyboardInterrupt:
         progress.close()
@@ -507,6 +521,7 @@ async def run_upload(
     state_dir: Path | None = None,
     keep_deleted: bool = False,
     break_lease: bool = False,
+    encryption_key: bytes | None = None,
 ) -> UploadReport:
     from ..write.upload import upload
 
@@ -518,4 +533,5 @@ async def run_upload(
         state_dir=state_dir,
         keep_deleted=keep_deleted,
         break_lease=break_lease,
+        encryption_key=encryption_key,
     )

@@ -29,13 +29,13 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
-
-import zstandard
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BadValue, EncryptionKeyError, IntegrityError
+
+if TYPE_CHECKING:
+    import zstandard
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 MiB = 1024 * 1024
 FRAME_SIZE = MiB  # original bytes per frame: a ranged read decodes at most one extra MiB each end
@@ -104,6 +104,7 @@ class Coding:
 
 
 IDENTITY = Coding()
+ENCRYPTED = Coding(encryption=Encryption.AES_256_GCM)
 
 
 @dataclass(frozen=True)
@@ -204,8 +205,30 @@ def synthetic_nonce(key: FrameKey, aad: bytes, body: bytes | memoryview) -> byte
     return mac.digest()[:NONCE_SIZE]
 
 
+# zstandard and cryptography are loaded when a file is coded, not by every command that reads
+# a manifest (80 ms of imports).
+
+
 def _compressor() -> zstandard.ZstdCompressor:
+    import zstandard
+
     return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True, threads=0)
+
+
+def _cipher(key: bytes) -> AESGCM:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return AESGCM(key)
+
+
+def _opened(key: bytes, nonce: bytes, sealed: bytes, aad: bytes) -> bytes | None:
+    """AES-GCM's plaintext, or None when the tag does not match."""
+    from cryptography.exceptions import InvalidTag
+
+    try:
+        return _cipher(key).decrypt(nonce, sealed, aad)
+    except InvalidTag:
+        return None
 
 
 def _encode_frame(
@@ -223,7 +246,7 @@ def _encode_frame(
             raise EncryptionKeyError(f"{path}: encrypting needs the dataset's key")
         aad = _associated_data(key, path, index, final=final)
         nonce = synthetic_nonce(key, aad, body)
-        body = nonce + AESGCM(key.key).encrypt(nonce, body, aad)
+        body = nonce + _cipher(key.key).encrypt(nonce, body, aad)
     if coding.compressed:
         body = struct.pack(">I", len(body)) + body
     return body
@@ -274,15 +297,15 @@ def _open_frame(body: bytes, *, key: FrameKey, path: str, index: int, final: boo
     if len(body) < SEAL_OVERHEAD:
         raise _corrupt(path, index, "is cut short")
     nonce, sealed = body[:NONCE_SIZE], body[NONCE_SIZE:]
-    try:
-        return AESGCM(key.key).decrypt(
-            nonce, sealed, _associated_data(key, path, index, final=final)
-        )
-    except InvalidTag:
-        raise _corrupt(path, index, "fails authentication (changed, moved or cut short)") from None
+    plain = _opened(key.key, nonce, sealed, _associated_data(key, path, index, final=final))
+    if plain is None:
+        raise _corrupt(path, index, "fails authentication (changed, moved or cut short)")
+    return plain
 
 
 def _inflate(body: bytes, *, path: str, index: int, expected: int) -> bytes:
+    import zstandard
+
     try:
         # max_output_size bounds what a hostile frame can make us allocate
         plain = zstandard.ZstdDecompressor().decompress(body, max_output_size=FRAME_SIZE)
@@ -453,17 +476,60 @@ def new_data_key(user_key: bytes) -> tuple[FrameKey, WrappedKey]:
     check_user_key(user_key)
     frame_key = FrameKey(os.urandom(KEY_SIZE), os.urandom(16))
     nonce = os.urandom(NONCE_SIZE)
-    sealed = AESGCM(user_key).encrypt(nonce, frame_key.key, _WRAP_AAD + frame_key.key_id)
+    sealed = _cipher(user_key).encrypt(nonce, frame_key.key, _WRAP_AAD + frame_key.key_id)
     return frame_key, WrappedKey(frame_key.key_id, nonce, sealed)
 
 
 def unwrap(wrapped: WrappedKey, user_key: bytes) -> FrameKey:
     """The dataset's data key; a user key that did not wrap it is an EncryptionKeyError."""
     check_user_key(user_key)
-    try:
-        key = AESGCM(user_key).decrypt(wrapped.nonce, wrapped.sealed, _WRAP_AAD + wrapped.key_id)
-    except InvalidTag:
+    key = _opened(user_key, wrapped.nonce, wrapped.sealed, _WRAP_AAD + wrapped.key_id)
+    if key is None:
         raise EncryptionKeyError(
             "wrong encryption key: it is not the key this dataset was encrypted with"
-        ) from None
+        )
     return FrameKey(key, wrapped.key_id)
+
+
+@dataclass(frozen=True)
+class FileCoder:
+    """One run's coding of every file it writes or reads, with the dataset's key."""
+
+    coding: Coding
+    key: FrameKey | None
+
+    def stored_size(self, size: int) -> int:
+        stored = stored_size(size, self.coding)
+        if stored is None:
+            raise BadValue("the stored size of a compressed file is found by compressing it")
+        return stored
+
+    def encode(self, path: str, data: bytes | bytearray | memoryview) -> bytes:
+        return encode(data, coding=self.coding, path=path, key=self.key)
+
+    def encode_part(
+        self, path: str, data: bytes | bytearray | memoryview, *, offset: int, size: int
+    ) -> bytes:
+        """Original bytes `[offset, offset + len(data))` of a file of `size` bytes, a part of
+        a multipart upload: whole frames, from a frame boundary."""
+        if offset % FRAME_SIZE:
+            raise BadValue(f"a coded part must start on a frame ({FRAME_SIZE} bytes)")
+        frames = encode_frames(
+            data,
+            coding=self.coding,
+            path=path,
+            key=self.key,
+            first_frame=offset // FRAME_SIZE,
+            final=offset + len(data) == size,
+        )
+        return b"".join(frames)
+
+
+def parse_key_record(raw: bytes, *, where: str) -> WrappedKey:
+    """The keys record as read from S3; CorruptMetadataError naming `where` if malformed."""
+    from .validate import corrupt
+
+    try:
+        return WrappedKey.from_bytes(raw)
+    except BadValue as exc:
+        raise corrupt("keys record", where, exc) from exc

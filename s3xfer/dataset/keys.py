@@ -78,6 +78,11 @@ def manifest_key(dest: S3Url) -> str:
     return dest.key(f"{META_DIR}/manifest.json.gz")
 
 
+def data_key_record_key(dest: S3Url) -> str:
+    """The dataset's data key, wrapped by the user's key (docs/format.md, "Coded files")."""
+    return dest.key(f"{META_DIR}/keys.json")
+
+
 def shard_index_key(shard_key: str) -> str:
     """A shard's index, stored beside it so a reader need not touch the shard."""
     return shard_key + ".index.json"

@@ -172,6 +172,7 @@ class ManifestRecord:
             and self.mtime_ns == unit.mtime_ns
             and self.mode == unit.mode
             and self.part_size == unit.part_size
+            and self.coding == unit.coding.to_json()
             and not self.packed
         )
 

@@ -9,7 +9,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, overload
@@ -25,6 +25,7 @@ from ..config import (
 )
 from ..config import format_size as _fmt
 from ..dataset import validate
+from ..dataset.coding import FRAME_SIZE, IDENTITY, Coding, stored_size
 from ..dataset.keys import (
     META_DIR,
     RESERVED_REASON,
@@ -63,6 +64,8 @@ class FileUnit:
     mtime_ns: int
     mode: int
     part_size: int  # 0 for a single PUT
+    # How the file is stored: chosen when the upload runs (--encryption-key), not planned.
+    coding: Coding = IDENTITY
 
     @property
     def part_count(self) -> int:
@@ -152,8 +155,9 @@ class _ShardMembers(Sequence[ShardMember]):
     """A shard's FileEntry list seen as the ShardMembers its layout needs, each made when
     asked (the tar header's mtime is whole seconds)."""
 
-    def __init__(self, entries: Sequence[FileEntry]) -> None:
+    def __init__(self, entries: Sequence[FileEntry], coding: Coding = IDENTITY) -> None:
         self._entries = entries
+        self._coding = coding
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -170,9 +174,13 @@ class _ShardMembers(Sequence[ShardMember]):
     def __iter__(self) -> Iterator[ShardMember]:
         return map(self._member, self._entries)
 
-    @staticmethod
-    def _member(entry: FileEntry) -> ShardMember:
-        return ShardMember(entry.path, entry.size, entry.mtime_ns // 1_000_000_000, entry.mode)
+    def _member(self, entry: FileEntry) -> ShardMember:
+        # A coded member's tar entry holds its stored bytes (coding.py): its size follows
+        # from the original's when the coding does not compress.
+        size = entry.size if self._coding.identity else stored_size(entry.size, self._coding)
+        if size is None:
+            raise UsageError("compressed shard members are not supported yet")
+        return ShardMember(entry.path, size, entry.mtime_ns // 1_000_000_000, entry.mode)
 
 
 @dataclass(frozen=True)  # no slots: the size is cached on the instance
@@ -182,13 +190,15 @@ class ShardUnit:
     key: str
     part_size: int
     members: list[FileEntry]
+    # How members are stored: chosen when the upload runs (--encryption-key), not planned.
+    coding: Coding = IDENTITY
 
     def layout(self) -> ShardLayout:
         """The shard's byte layout: a header size and offset per member, so it is not kept
         on the unit (a plan of a million files would hold one per file for the whole run):
         who needs it (the engine, while the shard is uploaded) holds it. Its members are a
         view of this unit's, not a ShardMember object each (14 MB a shard of 100,000)."""
-        return ShardLayout(_ShardMembers(self.members), shard_key=self.key)
+        return ShardLayout(_ShardMembers(self.members, self.coding), shard_key=self.key)
 
     @property
     def size(self) -> int:
@@ -215,9 +225,18 @@ class ShardUnit:
         if members == self.members:
             return self
         key = f"{self.key.removesuffix('.tar')}-{_content_digest(members)}.tar"
-        size = ShardUnit("", 0, members).layout().size
+        size = ShardUnit("", 0, members, self.coding).layout().size
         part_size = fit_part_size(size, preferred=self.part_size, max_memory=max_memory)
-        return ShardUnit(key, part_size, members)
+        return ShardUnit(key, part_size, members, self.coding)
+
+    def coded(self, coding: Coding) -> ShardUnit:
+        """This shard with its members stored under `coding`, named apart from the shard of
+        the same members stored otherwise (the planned key with a digest of the members and
+        the coding, the way `relaid` names): one never writes over the other."""
+        if coding == self.coding:
+            return self
+        key = f"{self.key.removesuffix('.tar')}-{_content_digest(self.members, coding)}.tar"
+        return ShardUnit(key, self.part_size, self.members, coding)
 
     def to_json(self) -> list[Any]:
         return [self.key, self.part_size, [m.to_json() for m in self.members]]
@@ -253,8 +272,10 @@ def shard_key(dest: S3Url, members: Iterable[FileEntry]) -> str:
     return dest.key(f"{META_DIR}/shards/{name[:4]}/{name}.tar")
 
 
-def _content_digest(members: Iterable[FileEntry]) -> str:
+def _content_digest(members: Iterable[FileEntry], coding: Coding = IDENTITY) -> str:
     digest = hashlib.blake2b(digest_size=8)
+    if not coding.identity:
+        digest.update(f"coding {coding.to_json()}\n".encode("ascii"))
     for member in members:
         path = member.path
         if path.isascii() and path.isprintable() and '"' not in path and "\\" not in path:
@@ -417,6 +438,19 @@ class Plan:
     @property
     def estimate(self) -> Estimate:
         return estimate(self.units, self.shards, self.config)
+
+    def coded(self, coding: Coding) -> Plan:
+        """The plan with every file stored under `coding` (docs/format.md, "Coded files")."""
+        if coding.identity:
+            return self
+        units = [replace(unit, coding=coding) for unit in self.units]
+        for unit in units:
+            if unit.kind is Kind.MULTIPART and unit.part_size % FRAME_SIZE:
+                raise UsageError(
+                    f"{unit.path}: parts of {unit.part_size:,} bytes are not whole frames of "
+                    f"{FRAME_SIZE:,}: plan again"
+                )
+        return replace(self, units=units, shards=[s.coded(coding) for s in self.shards])
 
     def to_json(self) -> dict[str, Any]:
         data = {

@@ -575,7 +575,13 @@ async def download(
         else:
             kind = "dataset"
             where = f"s3://{url.bucket}/{manifest_key(url)}"
-            items = dataset_items(Manifest.from_bytes(raw, where=where))
+            manifest = Manifest.from_bytes(raw, where=where)
+            if any(r.coding for r in manifest.records.values()):
+                raise UsageError(
+                    f"{url} holds encrypted files: `download` cannot decrypt them yet; "
+                    "use `s3xfer get URL '*' DEST --encryption-key FILE`"
+                )
+            items = dataset_items(manifest)
         if not items:
             raise NotInDatasetError(f"nothing to download: no dataset and no objects at {url}")
         every_path = [i.path for i in items]  # the staging directory's name must be none of them

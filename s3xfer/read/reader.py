@@ -56,6 +56,7 @@ from ..localfs import SafeDestination, make_directory, staging_in, used_by
 from ..planning.globs import path_matcher
 from ..transport.retry import RetryPolicy, call_with_retries
 from ..transport.s3 import S3, Connection, open_s3
+from .decoding import RecordDecoder
 from .epoch import DEFAULT_BLOCK_BYTES, DEFAULT_BUFFER_BYTES
 from .epoch_iter import Epoch, epoch_state
 from .ranges import DEFAULT_GAP, RangeGet, Wanted, check_ranged_response, coalesce
@@ -136,9 +137,11 @@ class Dataset:
         max_attempts: int = 10,
         max_timeouts: int | None = None,
         unfinished: bool = False,
+        encryption_key: bytes | None = None,
     ) -> None:
         """`unfinished`: a prefix where an s3xfer upload has not finished (no manifest yet) is
-        taken for a plain prefix (NoDatasetError) instead of refused (NotFinalizedError)."""
+        taken for a plain prefix (NoDatasetError) instead of refused (NotFinalizedError).
+        `encryption_key`: the 32 bytes of the key the dataset was encrypted with."""
         self.url = S3Url.parse(url) if isinstance(url, str) else url
         self.unfinished = unfinished
         self.connection = connection or Connection()
@@ -154,6 +157,7 @@ class Dataset:
         self._pieces: dict[int, dict[str, ManifestRecord]] = {}
         self._piece_locks: dict[int, anyio.Lock] = {}
         self._limiter = anyio.CapacityLimiter(concurrency)
+        self._decoder = RecordDecoder(self.url, encryption_key, policy=self._policy)
 
     def __repr__(self) -> str:
         return f"<Dataset {self.url} pieces_cached={len(self._pieces)} gets={self.stats.gets}>"
@@ -423,8 +427,9 @@ class Dataset:
         merged GET. A GET that fails as a whole (the object is gone or was replaced) fails
         its members; errors that would fail every GET alike (access, endpoint) are raised."""
         by_path = {r.path: r for r in records}
-        wanted = [
-            Wanted(r.path, r.key, r.offset if r.packed else 0, r.size, r.etag)
+        await self._decoder.ready(self.s3, by_path.values())
+        wanted = [  # a coded file's stored bytes, decoded below
+            Wanted(r.path, r.key, r.offset if r.packed else 0, r.stored, r.etag)
             for r in by_path.values()
         ]
         out: dict[str, bytes] = {r.path: b"" for r in by_path.values() if r.size == 0}
@@ -441,6 +446,12 @@ class Dataset:
             for member in get.members:
                 data = get.slice_of(body, member)
                 record = by_path[member.path]
+                if record.coding:
+                    try:
+                        data = await self._decoder.decode(self.s3, record, data)
+                    except IntegrityError as exc:
+                        failures[member.path] = exc
+                        continue
                 if crc32_to_base64(crc32(data)) != record.crc32:
                     where = f"s3://{self.url.bucket}/{get.key}"
                     span = f"bytes={member.offset}-{member.offset + member.size - 1}"
@@ -475,8 +486,8 @@ class Dataset:
             # complete but of another size than catalogued will be the same next time: an
             # IntegrityError, not retried.
             if whole_object:
-                if len(body) != first.size:
-                    raise IntegrityError(f"{where}: {len(body)} bytes, catalogued {first.size}")
+                if len(body) != first.stored:
+                    raise IntegrityError(f"{where}: {len(body)} bytes, catalogued {first.stored}")
             else:
                 check_ranged_response(
                     get,
@@ -537,6 +548,7 @@ class Dataset:
         batch: list[ManifestRecord] = []
         held = 0
         written: list[ManifestRecord] = []
+        await self._decoder.ready(self.s3, matched.values())  # no key, wrong key: nothing made
         await anyio.to_thread.run_sync(make_directory, safe.root)
         async with staging_in(safe.root, in_use=used_by(list(matched))) as staging:
             for index, record in enumerate(ordered):

@@ -22,6 +22,7 @@ laid out again without it (at most MAX_SHARD_LAYOUTS times).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from array import array
 from collections.abc import Callable, Iterable, Sequence
@@ -36,6 +37,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from ..budget import ByteBudget
 from ..checksums import combine_parts, crc32, crc32_to_base64
 from ..config import MiB, TransferConfig
+from ..dataset.coding import FileCoder, FrameKey
 from ..dataset.keys import S3Url
 from ..dataset.manifest import Manifest, ManifestRecord, ShardRecord
 from ..dataset.tarpack import FilePiece, FixedPiece, ShardLayout
@@ -164,6 +166,9 @@ class _Multipart:
     upload_id: str | None = None
     error: str | None = None
     done: dict[int, tuple[str, int, int]] = field(default_factory=dict)  # number → etag, crc, len
+    # A coded file's parts: the CRC32 and length of the original bytes each part holds (the
+    # record's crc32 is the original file's; `done` has the stored bytes' for S3).
+    original: dict[int, tuple[int, int]] = field(default_factory=dict)
     reused: set[int] = field(default_factory=set)  # parts that were already there (not sent)
     listed: dict[int, dict[str, Any]] = field(default_factory=dict)  # parts S3 has, on resume
     lock: anyio.Lock = field(default_factory=anyio.Lock)
@@ -207,8 +212,11 @@ class Engine:
         prefix: str | None = None,
         adopt_uploads: bool = False,
         stored: Manifest | None = None,
+        frame_key: FrameKey | None = None,
     ) -> None:
         return_large_buffers_promptly()
+        # The dataset's data key, for the units whose coding encrypts (Plan.coded).
+        self.frame_key = frame_key
         self.s3 = s3
         self.bucket = bucket
         self.source = source
@@ -500,14 +508,17 @@ class Engine:
                 raise read
             else:
                 body, crc = read
-            checksum = crc32_to_base64(crc)
+            checksum = stored_checksum = crc32_to_base64(crc)
+            if not unit.coding.identity:
+                body = await anyio.to_thread.run_sync(self._coder(unit).encode, unit.path, body)
+                stored_checksum = crc32_to_base64(crc32(body))
             attributes = self._attributes(unit.path)
             etag = await self._request(
                 lambda: self.s3.put_object(
                     self.bucket,
                     unit.key,
                     body,
-                    crc32=checksum,
+                    crc32=stored_checksum,
                     attributes=attributes,
                 )
             )
@@ -532,6 +543,14 @@ class Engine:
                 mtime_ns=unit.mtime_ns,
                 identity=upload.identity,
             )
+            if not unit.coding.identity:
+                upload.original[part.number] = (crc, part.length)
+                coder = self._coder(unit)
+                encode = functools.partial(
+                    coder.encode_part, unit.path, body, offset=part.offset, size=unit.size
+                )
+                body = await anyio.to_thread.run_sync(encode)
+                crc = await buffer_crc32(body)
             return body, crc
         build = upload.shard
         assert build is not None
@@ -545,6 +564,7 @@ class Engine:
             build.identities,
             part.length,
             lambda: layout.iter_pieces(start, end, index=placeholder),
+            coder=None if build.unit.coding.identity else self._coder(build.unit),
         )
         for piece, crc in zip(file_pieces, crcs, strict=True):
             build.read_crcs.add(piece, crc)
@@ -576,6 +596,7 @@ class Engine:
                 await self.budget.acquire(part.length)
                 try:
                     body, crc = await self._read_part(upload, part)
+                    stored_length = len(body)  # part.length's stored bytes when coded
                     assert upload.upload_id is not None
                     upload_id = upload.upload_id
                     listed = upload.listed.get(part.number)
@@ -596,7 +617,7 @@ class Engine:
                     del body
                 finally:
                     self.budget.release(part.length)
-                upload.done[part.number] = (etag, crc, part.length)
+                upload.done[part.number] = (etag, crc, stored_length)
                 if part.number in upload.reused:
                     self.stats.bytes_reused += part.length
                 else:
@@ -746,6 +767,10 @@ class Engine:
                     self._settle(upload.jobs)
                 else:
                     assert upload.file is not None
+                    if upload.original:  # coded: the record holds the original file's CRC32
+                        checksum = crc32_to_base64(
+                            combine_parts(upload.original[n] for n in sorted(upload.original))
+                        )
                     self._record(upload.file, checksum, etag)
                     self.stats.files_done += 1
                     self._on_progress(0, 1)
@@ -780,6 +805,8 @@ class Engine:
         crcs = build.crcs
         assert crcs is not None
         content_type_of = self.config.objects.content_type_of
+        coding = build.unit.coding.to_json()
+        stored = build.layout.members  # a coded member's tar entry holds its stored bytes
         members = [
             ManifestRecord(
                 path=member.path,
@@ -792,6 +819,8 @@ class Engine:
                 offset=build.layout.data_offset(n),
                 etag=etag,
                 content_type=content_type_of(member.path),
+                coding=coding,
+                stored_size=stored[n].size if coding else -1,
             )
             for n, member in enumerate(build.unit.members)
         ]
@@ -827,6 +856,9 @@ class Engine:
         if self.journal is not None:
             self.journal.multipart_closed(upload_id)
 
+    def _coder(self, unit: FileUnit | ShardUnit) -> FileCoder:
+        return FileCoder(unit.coding, self.frame_key)
+
     def _attributes(self, path: str | None) -> ObjectAttributes:
         """What the object of the file at `path` carries (--content-type, --storage-class,
         --metadata), or a shard's (path None): application/x-tar."""
@@ -848,6 +880,8 @@ class Engine:
             part_size=unit.part_size,
             etag=etag,
             content_type=self.config.objects.content_type_of(unit.path),
+            coding=unit.coding.to_json(),
+            stored_size=-1 if unit.coding.identity else self._coder(unit).stored_size(unit.size),
         )
         self.records.append(record)
         if self.journal is not None:

@@ -15,9 +15,10 @@ import anyio
 
 from ..checksums import crc32, crc32_to_base64
 from ..dataset import catalog
+from ..dataset.coding import ENCRYPTED, Coding
 from ..dataset.keys import S3Url, manifest_key, sync_deletable
 from ..dataset.manifest import Manifest, ManifestRecord, ShardRecord
-from ..errors import CorruptMetadataError, NoSuchKeyError, S3XferError
+from ..errors import CorruptMetadataError, EncryptionKeyError, NoSuchKeyError, S3XferError
 from ..planning.plan import FileUnit, Plan, ShardUnit
 from ..planning.survey import Problem
 from ..transport.retry import RetryCount, RetryPolicy, call_with_retries
@@ -25,6 +26,7 @@ from ..transport.s3 import MAX_DELETE_KEYS, S3, Connection, open_s3
 from ..transport.throttle import TunerSettings
 from . import lease
 from .counters import RunCounters
+from .datakey import open_or_create_data_key
 from .engine import Engine, ProgressCallback
 from .journal import Journal, journal_path
 
@@ -486,6 +488,17 @@ async def delete_unreferenced(
     return len(keys) - len(failed), warnings
 
 
+def refuse_plain_into_encrypted(manifest: Manifest | None) -> None:
+    """An upload without the key into a dataset of encrypted files would store the new files
+    in the clear beside them: refused, nothing written."""
+    if manifest is not None and any(
+        Coding.from_json(r.coding).encrypted for r in manifest.records.values() if r.coding
+    ):
+        raise EncryptionKeyError(
+            f"{manifest.dest} is encrypted: give its --encryption-key to upload to it"
+        )
+
+
 def make_engine(
     s3: S3,
     plan: Plan,
@@ -566,6 +579,7 @@ async def execute_plan(
     journal: Journal | None = None,
     keep_deleted: bool = False,
     break_lease: bool = False,
+    encryption_key: bytes | None = None,
 ) -> UploadReport:
     """Upload what changed since the last run of this plan's destination, with a client given,
     and make the dataset equal the tree (files no longer in it leave the manifest, objects
@@ -575,9 +589,17 @@ async def execute_plan(
     An upload that will write anything holds the prefix's lease (lease.py) from before it
     reads the manifest to after it deleted what is no longer referred to: LeaseHeldError,
     with nothing written, when another s3xfer holds it (`break_lease` takes it anyway). One
-    with nothing to write (a re-run of an unchanged tree) takes no lease and sends no PUT."""
+    with nothing to write (a re-run of an unchanged tree) takes no lease and sends no PUT.
+
+    `encryption_key` (32 bytes): every file is stored encrypted (docs/format.md, "Coded
+    files") with the dataset's data key, which it wraps."""
     started = time.perf_counter()
     retries = RetryCount()  # of the metadata and lease requests
+    frame_key = None
+    if encryption_key is not None:
+        policy = RetryPolicy(max_attempts=plan.config.max_attempts)
+        frame_key = await open_or_create_data_key(s3, plan.dest, encryption_key, policy=policy)
+        plan = plan.coded(ENCRYPTED)
     async with contextlib.AsyncExitStack() as stack:
         prepared, held = await prepare_to_write(
             s3,
@@ -589,11 +611,14 @@ async def execute_plan(
             retries=retries,
             journal=journal,
         )
+        if frame_key is None:
+            refuse_plain_into_encrypted(prepared.old)
         if on_start is not None:
             on_start(prepared.files_todo, prepared.bytes_todo, prepared.files_unchanged)
         engine = make_engine(
             s3, plan, on_progress=on_progress, journal=journal, stored=prepared.manifest
         )
+        engine.frame_key = frame_key
         await engine.run(prepared.todo, prepared.shards_todo)
         warnings = list(journal.warnings) if journal is not None else []
         if held is not None:
@@ -686,6 +711,7 @@ async def upload(
     state_dir: Path | None = None,
     keep_deleted: bool = False,
     break_lease: bool = False,
+    encryption_key: bytes | None = None,
 ) -> UploadReport:
     """Execute a plan: one client, its connection pool sized to the plan's concurrency. The
     dataset is made equal to the plan's tree, unless `keep_deleted`; `break_lease` takes the
@@ -707,6 +733,7 @@ async def upload(
                 journal=journal,
                 keep_deleted=keep_deleted,
                 break_lease=break_lease,
+                encryption_key=encryption_key,
             )
         finished = report.uploads_kept == 0
         return report
