@@ -188,55 +188,63 @@ def measure(files: int, *, work: Path, env: dict[str, str]) -> dict[str, object]
     }
 
 
-def cell(run: Run) -> str:
-    return f"{run.seconds:.1f} s, {run.peak_rss_bytes / MB:.0f} MB"
+def cell(run: dict[str, float]) -> str:
+    return f"{run['seconds']:.1f} s, {run['peak_rss_mb']:.0f} MB"
 
 
-def markdown(rows: list[dict[str, object]], *, commit: str) -> str:
-    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+def markdown(kept: dict[str, Any]) -> str:
+    """The table of every count kept (each row says when, and at which commit, it was
+    measured: counts may come from separate runs)."""
     lines = [
         "## Scaling with the number of files",
         "",
         "`python benchmarks/scale.py`: trees of N files of 1 KiB (1,000 per directory), each "
         "uploaded by `s3xfer upload` at its defaults (packed, a "
         f"{DEFAULT_MAX_MEMORY // 2**20} MiB byte budget) to a local SeaweedFS server, "
-        "uploaded again unchanged (the re-run), and downloaded into an empty directory. Each "
-        "command is a fresh child process: wall seconds and its own peak RSS (ru_maxrss; the "
-        "server's memory is not counted). `find` is `find DIR -type f -printf '%s %T@ %p\\n'` "
-        "on the same tree, warm page cache: the cheapest listing of what a re-run must "
-        "compare. Load is the 1-minute load average when each command started (2 cores, "
-        "shared with other work).",
-        "",
-        f"Run {now}, commit {commit}, Python {platform.python_version()}, {os.cpu_count()} CPUs.",
+        "uploaded again unchanged (the re-run), and downloaded into an empty directory; s5cmd "
+        "(`s5cmd cp DIR/ s3://...`) uploads the same tree beside it. Each command is a fresh "
+        "child process: wall seconds and its own peak RSS (ru_maxrss; the server's memory is "
+        "not counted). `find` is `find DIR -type f -printf '%s %T@ %p\\n'` on the same tree, "
+        "warm page cache: the cheapest listing of what a re-run must compare. Load is the "
+        "1-minute load average when the upload, re-run and download started (2 cores, shared "
+        f"with other work). Python {platform.python_version()}, {os.cpu_count()} CPUs. The "
+        f"plot: [{PLOT_NAME}]({PLOT_NAME}).",
         "",
         "| files | upload | s5cmd upload | unchanged re-run | download | find | re-run / find "
-        "| load |",
-        "|---:|---|---|---|---|---:|---:|---|",
+        "| load | run |",
+        "|---:|---|---|---|---|---:|---:|---|---|",
     ]
-    for row in rows:
-        runs = {k: v for k, v in row.items() if isinstance(v, Run)}
-        find, rerun = runs["find"], runs["rerun"]
-        files = int(str(row["files"]))
-        load = " / ".join(f"{runs[k].load:.1f}" for k in ("upload", "rerun", "download"))
-        s5cmd = cell(runs["s5cmd_upload"]) if "s5cmd_upload" in runs else "—"
+    for count in sorted(kept, key=int):
+        row = kept[count]
+        find, rerun = row["find"], row["rerun"]
+        load = " / ".join(f"{row[k]['load']:.1f}" for k in ("upload", "rerun", "download"))
+        s5cmd = cell(row["s5cmd_upload"]) if row.get("s5cmd_upload") else "—"
         lines.append(
-            f"| {files:,} | {cell(runs['upload'])} | {s5cmd} | {cell(rerun)} "
-            f"| {cell(runs['download'])} | {find.seconds:.2f} s "
-            f"| {rerun.seconds / find.seconds:.1f}× | {load} |"
+            f"| {int(count):,} | {cell(row['upload'])} | {s5cmd} | {cell(rerun)} "
+            f"| {cell(row['download'])} | {find['seconds']:.2f} s "
+            f"| {rerun['seconds'] / find['seconds']:.1f}× | {load} "
+            f"| {row['when']}, {row['commit']} |"
         )
     return "\n".join(lines)
 
 
 def keep_results(work: Path, rows: list[dict[str, object]], *, commit: str) -> dict[str, Any]:
     """This run's rows added to those kept in the work directory (by file count, the newest
-    wins): what the plot is drawn from."""
+    wins): what the table and the plot are made of."""
     path = work / RESULTS_NAME
     kept: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     for row in rows:
         kept[str(row["files"])] = {
             "commit": commit,
+            "when": now,
             **{
-                name: {"seconds": run.seconds, "peak_rss_mb": run.peak_rss_bytes / MB}
+                name: {
+                    "seconds": run.seconds,
+                    "peak_rss_mb": run.peak_rss_bytes / MB,
+                    "cpu_seconds": run.cpu_seconds,
+                    "load": run.load,
+                }
                 for name, run in row.items()
                 if isinstance(run, Run)
             },
@@ -321,12 +329,13 @@ def main() -> None:
         for files in counts:
             print(f"{files:,} files …", file=sys.stderr, flush=True)
             rows.append(measure(files, work=args.work, env=env))
-            print(markdown(rows[-1:], commit=commit).splitlines()[-1], file=sys.stderr)
+            kept = keep_results(args.work, rows[-1:], commit=commit)
+            print(markdown({str(files): kept[str(files)]}).splitlines()[-1], file=sys.stderr)
     if args.remove_trees:
         for files in counts:
             shutil.rmtree(args.work / f"tree-{files}", ignore_errors=True)
-    kept = keep_results(args.work, rows, commit=commit)
-    section = markdown(rows, commit=commit)
+    kept = keep_results(args.work, [], commit=commit)
+    section = markdown(kept)
     print(section)
     if not args.no_docs:
         write_section(args.docs, section, start=START_MARKER, end=END_MARKER)
