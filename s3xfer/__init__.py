@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .planning.survey import FileEntry, Problem, Survey, survey
     from .read.reader import Dataset
     from .read.sync import SyncDataset
-    from .transport.s3 import Connection
+    from .transport.session import Connection
     from .write.upload import UploadReport, upload
 
 __version__ = "0.1.0"
@@ -67,7 +67,7 @@ _HOMES = {
     "save_plan": "planning.planfile",
     "Dataset": "read.reader",
     "SyncDataset": "read.sync",
-    "Connection": "transport.s3",
+    "Connection": "transport.session",
     "FileEntry": "planning.survey",
     "Problem": "planning.survey",
     "Survey": "planning.survey",

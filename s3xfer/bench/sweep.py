@@ -37,7 +37,8 @@ from ..errors import (
 )
 from ..transport.endpoints import configured_endpoint
 from ..transport.retry import RetryPolicy, call_with_retries
-from ..transport.s3 import S3, Connection, map_errors, open_s3
+from ..transport.s3 import S3, Connection, open_s3
+from ..transport.translate import map_errors
 from .netem import PathEmulator
 from .recorder import BenchListener, PointRecorder, reached_cap, warmed_up
 from .results import BenchResult, CleanupReport, EmulatedPath, MeasuredPoint

@@ -27,7 +27,8 @@ from ..config import (
 from ..errors import DeadlineError, EncryptionKeyError, NotFinalizedError, UsageError
 from ..limits import MAX_CONCURRENCY, RunLimits
 from ..planning.globs import PathFilter
-from ..transport.s3 import SSE_ALGORITHMS, Connection
+from ..transport.s3 import Connection
+from ..transport.session import SSE_ALGORITHMS
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -6,9 +6,9 @@ The data path (PUT, UploadPart, GET, ranged GET, HEAD) goes through the transpor
 (awscrt); control requests (List, Create/Complete/Abort multipart) through aiobotocore. Both
 take endpoint, credentials, CA bundle and proxies from botocore's view of the environment and
 config, so they always agree. aiobotocore and aiohttp are imported, and the client made, only
-when a request needs them (about 0.3 s of start-up).
+when a request needs them (about 0.3 s of start-up): `session.py`.
 
-Every exception is mapped, in `_translate`, to s3xfer's own: permanent failures to
+Every exception is mapped, by `translate.py`, to s3xfer's own: permanent failures to
 RemoteError subclasses with a readable message, and retryable ones to TransientError.
 botocore's own retries are off so that retries are counted and bounded in one place
 (retry.py).
@@ -17,46 +17,33 @@ botocore's own retries are off so that retries are counted and bounded in one pl
 from __future__ import annotations
 
 import base64
-import datetime
 import hashlib
-import logging
-import os
 import re
-import ssl
-import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_plus
 
-import anyio
-import botocore.exceptions as bx
-
 from ..checksums import crc32, crc32_to_base64
 from ..errors import (
-    AccessDeniedError,
     EndpointError,
     IntegrityError,
-    NoSuchBucketError,
-    NoSuchKeyError,
-    NoSuchUploadError,
     RemoteError,
-    S3XferError,
     TransientError,
     UnreachableError,
-    UsageError,
     redact_credentials,
 )
-from .endpoints import Endpoints, check_endpoint_url
-from .http import Body, BodyCheck, Credentials, Response, Sink, Transport
+from .endpoints import Endpoints
+from .http import Body, BodyCheck, Response, Sink, Transport
 from .network import NetworkSettings
 from .rawhttp import PIECE_SIZE
+from .session import BotocoreSession, Connection, parse_timestamp
 from .throttle import AdaptiveGate, TunerSettings
+from .translate import client_error, location, map_errors
 
 if TYPE_CHECKING:
-    from aiobotocore.session import AioSession
     from botocore.model import OperationModel
     from types_aiobotocore_s3 import S3Client
 
@@ -71,33 +58,6 @@ __all__ = (
     "open_s3",
 )
 
-_THROTTLE_CODES = {
-    "SlowDown",
-    "Throttling",
-    "ThrottlingException",
-    "RequestLimitExceeded",
-    "TooManyRequestsException",
-    "503",
-}
-_TRANSIENT_CODES = {
-    "InternalError",
-    "ServiceUnavailable",
-    "RequestTimeout",
-    "500",
-    "502",
-    "504",
-    "RequestTimeTooSkewed",
-    "OperationAborted",
-}
-_DENIED_CODES = {
-    "AccessDenied",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "403",
-    "InvalidToken",
-    "ExpiredToken",
-    "AllAccessDisabled",
-}
 
 MAX_DELETE_KEYS = 1000  # S3's limit per DeleteObjects request
 # From this size on a request's transfer, not its round trip, decides its time: the gate tunes
@@ -123,9 +83,6 @@ _READ_OPERATIONS = frozenset(
         "list_parts",
     }
 )
-
-SSE_ALGORITHMS = ("AES256", "aws:kms")
-_ACCOUNT_ID = re.compile(r"[0-9]{12}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,183 +123,6 @@ class ObjectAttributes:
 NO_ATTRIBUTES = ObjectAttributes()
 
 
-@dataclass(frozen=True, slots=True)
-class Connection:
-    """Where and how to connect. Unset, everything comes from where awscli takes it (AWS_*
-    variables, ~/.aws/config and credentials, the profile). Credentials given here are kept
-    out of repr, and so out of logs and reports."""
-
-    # Takes precedence over AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL and the profile's settings.
-    endpoint_url: str | None = None
-    profile: str | None = None
-    region: str | None = None
-    verify_ssl: bool = True
-    access_key: str | None = field(default=None, repr=False)
-    secret_key: str | None = field(default=None, repr=False)
-    session_token: str | None = field(default=None, repr=False)
-    # Send requests unsigned (public buckets), as awscli's --no-sign-request.
-    unsigned: bool = False
-    # Server-side encryption of the objects written (PutObject, CreateMultipartUpload).
-    sse: str | None = None
-    sse_kms_key_id: str | None = None
-    # Every request then fails (403) unless the bucket belongs to this account: a bucket name
-    # deleted and re-created by someone else does not silently receive the data.
-    expected_bucket_owner: str | None = None
-    # A request that makes no progress (sending or receiving) for this long is cut and retried.
-    stall_timeout: float = 60.0
-    # A response that has not started, or stopped arriving, for this long is cut and retried;
-    # None: stall_timeout. cat and get use 10 s (transport.NetworkSettings.read_timeout).
-    read_timeout: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.endpoint_url is not None:
-            check_endpoint_url(self.endpoint_url)
-        for name in ("stall_timeout", "read_timeout"):
-            value = getattr(self, name)
-            if value is not None and not 0 < value < float("inf"):
-                raise UsageError(f"{name.replace('_', ' ')} must be a positive number of seconds")
-        if self.sse is not None and self.sse not in SSE_ALGORITHMS:
-            raise UsageError(
-                f"unknown server-side encryption {self.sse!r} (use {' or '.join(SSE_ALGORITHMS)})"
-            )
-        if self.sse_kms_key_id and self.sse != "aws:kms":
-            raise UsageError("a KMS key id needs server-side encryption aws:kms (--sse aws:kms)")
-        owner = self.expected_bucket_owner
-        if owner is not None and not _ACCOUNT_ID.fullmatch(owner):
-            raise UsageError(f"expected bucket owner must be a 12-digit AWS account id: {owner!r}")
-        if bool(self.access_key) != bool(self.secret_key):
-            raise UsageError("an access key needs its secret key, and the other way round")
-
-
-def _where(bucket: str, key: str | None, byte_range: str | None) -> str:
-    where = f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
-    return f"{where} ({byte_range})" if byte_range else where
-
-
-def _sso_profile(profile: str | None) -> str:
-    return profile or os.environ.get("AWS_PROFILE") or "default"
-
-
-def _translate(
-    exc: BaseException,
-    *,
-    bucket: str,
-    key: str | None,
-    byte_range: str | None,
-    profile: str | None = None,
-) -> Exception | None:
-    where = _where(bucket, key, byte_range)
-    if isinstance(exc, bx.ClientError):
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code", ""))
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        message = error.get("Message") or code
-        if code == "NoSuchBucket":
-            return NoSuchBucketError(f"no such bucket: s3://{bucket}")
-        if code == "NoSuchUpload":
-            return NoSuchUploadError(
-                f"no such multipart upload: {where}: aborted, completed, or never created"
-            )
-        if code in ("NoSuchKey", "404", "NotFound") and key:
-            return NoSuchKeyError(f"no such object: {where}")
-        if code in ("404", "NotFound"):
-            return NoSuchBucketError(f"no such bucket: s3://{bucket}")
-        if code in ("PreconditionFailed", "412") or status == 412:
-            return IntegrityError(
-                f"{where} was replaced after it was catalogued (ETag no longer matches)"
-            )
-        if code in _THROTTLE_CODES or status == 503:
-            return TransientError(f"throttled ({code}) on {where}", throttled=True)
-        if code in _TRANSIENT_CODES or status >= 500:
-            return TransientError(f"server error {code or status} on {where}: {message}")
-        if code in _DENIED_CODES:
-            return AccessDeniedError(
-                f"access denied to {where}: {code} (check the credentials and their permissions)"
-            )
-        if status in (301, 307) or code in ("PermanentRedirect", "AuthorizationHeaderMalformed"):
-            return RemoteError(
-                f"s3://{bucket} is not in the region requests are sent to ({code or status}), "
-                "and S3 did not say which it is in: pass its region with --region"
-            )
-        return RemoteError(f"{code or status} on {where}: {message}")
-    if isinstance(exc, bx.FlexibleChecksumError):
-        return IntegrityError(f"{where}: the body does not match the checksum S3 stored: {exc}")
-    if isinstance(
-        exc, bx.SSOTokenLoadError | bx.UnauthorizedSSOTokenError | bx.TokenRetrievalError
-    ):
-        name = _sso_profile(profile)
-        return AccessDeniedError(
-            f"the AWS SSO session of profile {name} is not logged in or has expired: "
-            f"run aws sso login --profile {name}"
-        )
-    if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
-        return AccessDeniedError(
-            "no AWS credentials found: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
-            "use --profile, or configure ~/.aws/credentials"
-        )
-    if isinstance(exc, bx.ProfileNotFound):
-        return UsageError(f"no such AWS profile: {exc.kwargs.get('profile')}")
-    if isinstance(exc, bx.EndpointConnectionError | bx.ConnectTimeoutError):
-        return UnreachableError(f"cannot reach the endpoint for {where}: {exc}")
-    if isinstance(exc, bx.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc):
-        return EndpointError(
-            f"TLS certificate verification failed for {where}: set AWS_CA_BUNDLE (or ca_bundle "
-            "in the profile) to the CA that signed it, or --no-verify-ssl for an endpoint you trust"
-        )
-    loaded = sys.modules.get("aiohttp")  # no aiohttp error can happen before it is imported
-    if loaded is not None and isinstance(exc, loaded.ClientConnectorError):
-        return UnreachableError(f"cannot reach the endpoint for {where}: {exc}")
-    if isinstance(exc, bx.ReadTimeoutError | TimeoutError):  # botocore's; rawhttp's, aiohttp's
-        return TransientError(
-            f"connection failed on {where}: {type(exc).__name__}: {exc}", timed_out=True
-        )
-    if isinstance(exc, bx.ConnectionClosedError | bx.ResponseStreamingError):
-        return TransientError(f"connection failed on {where}: {exc}")
-    if isinstance(exc, bx.HTTPClientError) or (
-        loaded is not None and isinstance(exc, loaded.ClientError)
-    ):
-        return TransientError(f"connection failed on {where}: {type(exc).__name__}: {exc}")
-    if isinstance(exc, ConnectionError | ssl.SSLError):
-        return TransientError(f"connection failed on {where}: {type(exc).__name__}: {exc}")
-    if isinstance(exc, bx.InvalidConfigError | bx.ConfigParseError):
-        return UsageError(f"bad AWS configuration: {exc}")
-    if isinstance(exc, bx.NoRegionError):
-        return UsageError("no AWS region configured: pass --region or set AWS_DEFAULT_REGION")
-    return None
-
-
-def _network_errors() -> tuple[type[BaseException], ...]:
-    errors: tuple[type[BaseException], ...] = (
-        TimeoutError,
-        ConnectionError,
-        ssl.SSLError,
-        bx.BotoCoreError,
-        bx.ClientError,
-    )
-    loaded = sys.modules.get("aiohttp")
-    return (*errors, loaded.ClientError) if loaded is not None else errors
-
-
-@contextmanager
-def map_errors(
-    bucket: str,
-    key: str | None = None,
-    byte_range: str | None = None,
-    *,
-    profile: str | None = None,
-) -> Iterator[None]:
-    try:
-        yield
-    except S3XferError:
-        raise  # ours already (EndpointError is a ConnectionError too)
-    except _network_errors() as exc:
-        mapped = _translate(exc, bucket=bucket, key=key, byte_range=byte_range, profile=profile)
-        if mapped is None:
-            where = _where(bucket, key, byte_range)
-            raise RemoteError(f"{type(exc).__name__} on {where}: {exc}") from exc
-        raise mapped from exc
-
-
 def _expect_bucket_owner(owner: str) -> Callable[..., None]:
     """A botocore hook giving ExpectedBucketOwner to every operation that accepts it: added
     to the client once, it cannot be forgotten by a call (or by a module using the client)."""
@@ -370,7 +150,7 @@ class S3:
 
     def __init__(
         self,
-        botocore: _Botocore,
+        botocore: BotocoreSession,
         *,
         transport: Transport,
         endpoint_label: str,
@@ -493,7 +273,7 @@ class S3:
         )
         if 200 <= response.status < 300:
             return response
-        raise _client_error(response.status, response.error_text, operation)
+        raise client_error(response.status, response.error_text, operation)
 
     async def prepare_reads(self, bucket: str) -> None:
         """Before the first GETs of bucket: nothing to send. The first GET fails as a bucket
@@ -625,7 +405,7 @@ class S3:
             markers = (page.get("NextKeyMarker") or "", page.get("NextUploadIdMarker") or "")
             if markers in ((key_marker, upload_id_marker), ("", "")):
                 raise RemoteError(
-                    f"the listing of incomplete uploads in {_where(bucket, prefix, None)} "
+                    f"the listing of incomplete uploads in {location(bucket, prefix, None)} "
                     "does not advance (a truncated page without a new marker)"
                 )
             key_marker, upload_id_marker = markers
@@ -657,7 +437,7 @@ class S3:
             next_marker = int(page.get("NextPartNumberMarker") or 0)
             if next_marker <= marker:
                 raise RemoteError(
-                    f"the listing of parts of {_where(bucket, key, f'upload id {upload_id}')} "
+                    f"the listing of parts of {location(bucket, key, f'upload id {upload_id}')} "
                     "does not advance (a truncated page without a new marker)"
                 )
             marker = next_marker
@@ -696,7 +476,7 @@ class S3:
                 "GetObject", "GET", bucket, key, headers=headers, collect=True
             )
         if verify_checksum and not byte_range:
-            _check_stored_checksum(response, where=_where(bucket, key, None))
+            _check_stored_checksum(response, where=location(bucket, key, None))
         return response.body, response.status, response.headers.get("content-range")
 
     async def get_range_to(
@@ -761,7 +541,7 @@ class S3:
                 response = await self._send(
                     "ListObjectsV2", "GET", bucket, None, query=query, collect=True
                 )
-            page = _list_page(response.body, where=_where(bucket, prefix or None, None))
+            page = _list_page(response.body, where=location(bucket, prefix or None, None))
             for item in page.contents:
                 yield item
             token = page.next_token
@@ -849,7 +629,7 @@ def _list_page(body: bytes, *, where: str) -> _ListPage:
             elif name == "Size":
                 item["Size"] = int(text)
             elif name == "LastModified":
-                item["LastModified"] = _parse_timestamp(text)
+                item["LastModified"] = parse_timestamp(text)
             elif name in ("ETag", "StorageClass"):
                 item[name] = text
         if "Key" not in item or "Size" not in item:
@@ -889,169 +669,6 @@ def _check_stored_checksum(response: Response, *, where: str) -> None:
         return
 
 
-def _client_error(status: int, text: str, operation: str) -> bx.ClientError:
-    """An S3 XML error body as botocore's ClientError, so one mapping serves both paths."""
-    code = re.search(r"<Code>([^<]*)</Code>", text)
-    message = re.search(r"<Message>([^<]*)</Message>", text)
-    error: Any = {
-        "Error": {
-            "Code": code.group(1) if code else str(status),
-            "Message": message.group(1) if message else text[:200],
-        },
-        "ResponseMetadata": {"HTTPStatusCode": status},
-    }
-    return bx.ClientError(error, operation)
-
-
-def _parse_timestamp(value: Any) -> datetime.datetime:
-    """A timestamp of a botocore response, as botocore's own parser returns it (timezone
-    aware), by the fast standard-library parser whenever it is ISO 8601."""
-    if isinstance(value, str):
-        try:
-            parsed = datetime.datetime.fromisoformat(value)
-        except ValueError:
-            pass
-        else:
-            if parsed.tzinfo is not None:
-                return parsed
-    from botocore.utils import parse_timestamp
-
-    result: datetime.datetime = parse_timestamp(value)
-    return result
-
-
-class _Botocore:
-    """aiobotocore's session and S3 client, made on first use: importing them and loading
-    S3's service model cost about 0.3 s, which a run that needs no control request skips.
-    Also where the transport takes the region, credentials and CA bundle from, so both paths
-    always agree."""
-
-    def __init__(self, connection: Connection, stack: AsyncExitStack, *, pool: int) -> None:
-        self.connection = connection
-        self.stack = stack
-        self.pool = pool
-        self.on_client: list[Callable[[S3Client], None]] = []  # run once on the new client
-        self._session: AioSession | None = None
-        self._client: S3Client | None = None
-        self._region: str | None = None
-        self._static: Credentials | bool | None = None  # False: none given nor in the env
-        self._lock = anyio.Lock()
-
-    def session(self) -> AioSession:
-        if self._session is None:
-            from aiobotocore.session import AioSession
-
-            # botocore logs a failed credential refresh (an SSO session not logged in...) with
-            # its traceback before raising it; s3xfer reports the error itself, in one line.
-            # (A handler configured by the application still receives the record.)
-            for name in ("botocore", "aiobotocore"):
-                logging.getLogger(name).addHandler(logging.NullHandler())
-
-            try:
-                self._session = AioSession(profile=self.connection.profile)
-            except bx.ProfileNotFound as exc:
-                raise UsageError(f"no such AWS profile: {self.connection.profile}") from exc
-            # S3's timestamps are ISO 8601, which the standard library parses in 2 µs; botocore's
-            # general parser (dateutil) took 0.6 ms each: 6 CPU-s for a 10,000-object listing.
-            self._session.get_component("response_parser_factory").set_parser_defaults(
-                timestamp_parser=_parse_timestamp
-            )
-        return self._session
-
-    async def client(self) -> S3Client:
-        if self._client is not None:
-            return self._client
-        async with self._lock:
-            if self._client is None:
-                self._client = await self._create()
-        return self._client
-
-    async def _create(self) -> S3Client:
-        import botocore
-        from aiobotocore.config import AioConfig
-
-        connection = self.connection
-        config = AioConfig(
-            max_pool_connections=self.pool,
-            retries={"total_max_attempts": 1},  # retry.py owns retries
-            parameter_validation=False,
-            connect_timeout=10,
-            read_timeout=connection.read_timeout or connection.stall_timeout,
-            # We send our own CRC32 values; no second pass over the bytes by botocore.
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            signature_version=botocore.UNSIGNED if connection.unsigned else None,
-        )
-        try:
-            client: S3Client = await self.stack.enter_async_context(
-                self.session().create_client(
-                    "s3",
-                    endpoint_url=connection.endpoint_url,
-                    region_name=connection.region,
-                    # None: botocore's own choice, AWS_CA_BUNDLE or the profile's ca_bundle
-                    verify=None if connection.verify_ssl else False,
-                    aws_access_key_id=connection.access_key,
-                    aws_secret_access_key=connection.secret_key,
-                    aws_session_token=connection.session_token,
-                    config=config,
-                )
-            )
-        except bx.ProfileNotFound as exc:
-            raise UsageError(f"no such AWS profile: {connection.profile}") from exc
-        except ValueError as exc:
-            raise UsageError(f"bad endpoint URL: {exc}") from exc
-        for hook in self.on_client:
-            hook(client)
-        return client
-
-    def region(self) -> str:
-        """The region to sign for, as botocore would resolve it: given, else the environment,
-        else the profile's configuration, else us-east-1 (resolved once)."""
-        if self._region is None:
-            self._region = (
-                self.connection.region
-                or os.environ.get("AWS_DEFAULT_REGION")
-                or self.session().get_config_variable("region")
-                or "us-east-1"
-            )
-        return self._region
-
-    def ca_bundle(self) -> str | None:
-        """The CAs botocore would trust: AWS_CA_BUNDLE, else the profile's ca_bundle."""
-        return os.environ.get("AWS_CA_BUNDLE") or self.session().get_config_variable("ca_bundle")
-
-    async def credentials(self) -> Credentials | None:
-        """The credentials to sign the next request with: given, else the environment's (as
-        botocore's chain, which reads them first unless a profile is named), else botocore's
-        chain, whose refreshable credentials renew themselves as they near expiry."""
-        connection = self.connection
-        if connection.unsigned:
-            return None
-        if self._static is None:
-            # Given or in the environment: fixed for the run (botocore, too, reads the
-            # environment's once), so made once and not for every request.
-            access_key = os.environ.get("AWS_ACCESS_KEY_ID")
-            secret_key = os.environ.get("AWS_SECRET_ACCESS_KEY")
-            if connection.access_key and connection.secret_key:
-                self._static = Credentials(
-                    connection.access_key, connection.secret_key, connection.session_token
-                )
-            elif connection.profile is None and access_key and secret_key:
-                token = os.environ.get("AWS_SESSION_TOKEN")
-                self._static = Credentials(access_key, secret_key, token)
-            else:
-                self._static = False
-        if isinstance(self._static, Credentials):
-            return self._static
-        source = await self.session().get_credentials()  # one object, kept by the session
-        if source is None:
-            return None
-        frozen = await source.get_frozen_credentials()  # refreshed when near expiry
-        if not frozen.access_key or not frozen.secret_key:
-            return None
-        return Credentials(frozen.access_key, frozen.secret_key, frozen.token)
-
-
 @asynccontextmanager
 async def open_s3(
     connection: Connection,
@@ -1070,7 +687,7 @@ async def open_s3(
         max_pool_connections = tuner.ceiling
     with map_errors("-", profile=connection.profile):
         async with AsyncExitStack() as stack:
-            botocore = _Botocore(connection, stack, pool=max_pool_connections)
+            botocore = BotocoreSession(connection, stack, pool=max_pool_connections)
             endpoints = Endpoints(
                 explicit=connection.endpoint_url, region=botocore.region, client=botocore.client
             )
