@@ -338,9 +338,11 @@ def upload_command(
         url = S3Url.parse(dest)
         apply_bench_profile(options, command="upload")
         config = make_config(**options)
-        if broker is None and slice_text is None:
+        if broker is None and slice_text is None and encryption_key is None:
             # Nothing changed since the last upload? Told by one walk beside the manifest,
             # before planning anything (write/rerun.py); else planned and uploaded as usual.
+            # Not with --encryption-key: whether each file is stored as the key asks is the
+            # upload's to tell (files stored in the clear are sent again, encrypted).
             unchanged = runner.run(
                 run_unchanged_upload,
                 path,

@@ -154,6 +154,19 @@ def test_an_interrupted_runs_journal_goes_the_usual_way(
     assert "compared_while_walking" not in report and report["files_unchanged"] == len(TREE)
 
 
+def test_an_encryption_key_goes_the_usual_way(
+    s3_env: LocalS3Info, uploaded: tuple[Path, str], tmp_path: Path
+) -> None:
+    """Files stored in the clear are not what `--encryption-key` asks for: sent again,
+    encrypted, though the tree is as the manifest says."""
+    root, dest = uploaded
+    key = tmp_path / "dataset.key"
+    key.write_bytes(os.urandom(32))
+    report = cli_upload(root, dest, "--encryption-key", str(key))
+    assert "compared_while_walking" not in report
+    assert report["files_uploaded"] == len(TREE)
+
+
 def test_an_unreadable_file_goes_the_usual_way(
     s3_env: LocalS3Info, uploaded: tuple[Path, str]
 ) -> None:
