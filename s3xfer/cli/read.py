@@ -381,6 +381,7 @@ def _print_prefix_get(report: DownloadReport, *, as_json: bool) -> None:
     help="Take concurrency (and range size) from a `s3xfer bench --save NAME` profile.",
 )
 @connection_options
+@client_key_option
 @click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @unfinished_option
@@ -388,6 +389,7 @@ def download_command(
     url: str,
     dest: Path,
     unfinished: bool,
+    encryption_key: bytes | None,
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     overwrite: bool,
@@ -440,6 +442,7 @@ def download_command(
             on_start=progress.start,
             on_progress=progress.advance,
             unfinished=unfinished,
+            encryption_key=encryption_key,
         )
 
     try:

@@ -47,7 +47,8 @@ from ..malloc import return_large_buffers_promptly
 from ..planning.globs import PathFilter
 from ..transport.retry import RetryCount, RetryPolicy, call_with_retries
 from ..transport.s3 import S3, Connection, open_s3
-from .rangedl import RangedDownload, download_ranges
+from .decoding import DecodingSource, RecordDecoder
+from .rangedl import RangedDownload, RangeSource, download_ranges
 from .ranges import DEFAULT_GAP, RangeGet, Wanted, check_ranged_response, coalesce
 
 DEFAULT_RANGE_SIZE = 16 * MiB  # large sequential reads: fewer requests, same memory budget
@@ -72,6 +73,12 @@ class Item:
     mtime_ns: int | None
     mode: int | None
     part_size: int  # of the upload, for aligned ranges; 0 when unknown
+    coding: str = ""  # how it is stored (docs/format.md, "Coded files"): "" as it is
+    stored_size: int = -1  # bytes of the object (or shard) holding it; -1: size
+
+    @property
+    def stored(self) -> int:
+        return self.size if self.stored_size < 0 else self.stored_size
 
 
 @dataclass(frozen=True)
@@ -128,6 +135,8 @@ def dataset_items(manifest: Manifest) -> list[Item]:
             r.mtime_ns,
             r.mode,
             r.part_size,
+            r.coding,
+            r.stored_size,
         )
         for r in sorted(manifest.records.values(), key=lambda r: r.path)
     ]
@@ -298,6 +307,7 @@ class _Restorer:
         self.on_progress = on_progress
         self.policy = RetryPolicy(max_attempts=limits.max_attempts)
         self.targets: dict[str, Path] = {}
+        self.decoder: RecordDecoder | None = None  # for coded files
 
     def _done(self, item: Item, nbytes: int) -> None:
         self.counters.files += 1
@@ -311,12 +321,13 @@ class _Restorer:
             await self.budget.acquire(bookkeeping)
         # Anything larger than a range (a packed member too, however the dataset was packed)
         # comes in ranged GETs written at their offsets: memory stays within the budget.
-        packed = [i for i in items if i.offset >= 0 and i.size <= self.range_size]
-        small = [i for i in items if i.offset < 0 and i.size <= self.range_size]
-        large = [i for i in items if i.size > self.range_size]
+        # (A coded file by its stored bytes, decoded as they come.)
+        packed = [i for i in items if i.offset >= 0 and i.stored <= self.range_size]
+        small = [i for i in items if i.offset < 0 and i.stored <= self.range_size]
+        large = [i for i in items if i.stored > self.range_size]
         by_path = {i.path: i for i in packed}
         gets = coalesce(
-            (Wanted(i.path, i.key, i.offset, i.size, i.etag) for i in packed),
+            (Wanted(i.path, i.key, i.offset, i.stored, i.etag) for i in packed if i.size),
             gap=self.gap,
             max_span=self.range_size,
         )
@@ -405,7 +416,16 @@ class _Restorer:
                 files: list[tuple[Item, bytes | memoryview]] = []
                 for member in get.members:
                     start = member.offset - get.start
-                    files.append((by_path[member.path], view[start : start + member.size]))
+                    item = by_path[member.path]
+                    data: bytes | memoryview = view[start : start + member.size]
+                    if item.coding:
+                        try:
+                            data = await self._decode(item, data)
+                        except IntegrityError as error:
+                            mismatched.add(item.path)
+                            self.counters.failures.append((item.path, str(error)))
+                            continue
+                    files.append((item, data))
                 crcs = await anyio.to_thread.run_sync(
                     lambda: [crc32_to_base64(crc32(data)) for _, data in files]
                 )
@@ -437,8 +457,10 @@ class _Restorer:
             handed = False
             try:
                 body, _status, _range = await self._get(item.key, None, item.etag, verify=True)
-                if len(body) != item.size:
-                    raise IntegrityError(f"{where}: {len(body)} bytes, expected {item.size}")
+                if len(body) != item.stored:
+                    raise IntegrityError(f"{where}: {len(body)} bytes, expected {item.stored}")
+                if item.coding:
+                    body = await self._decode(item, body)
                 if item.crc32 is not None and crc32_to_base64(crc32(body)) != item.crc32:
                     raise IntegrityError(f"{item.path}: checksum mismatch in {where}")
                 self._received.put(item, body)
@@ -464,6 +486,10 @@ class _Restorer:
                 part_size = 0  # the shard's parts, not the member's: any range will do
             elif not part_size and crc32 is None:  # not s3xfer's: ask S3 how it was uploaded
                 part_size, crc32 = await self._layout(item)
+            source: RangeSource = self.s3
+            if item.coding:  # ranges of the original, each fetched as its frames and decoded
+                assert self.decoder is not None
+                source = DecodingSource(self.s3, self.decoder, item, base=max(item.offset, 0))
             job = RangedDownload(
                 bucket=self.url.bucket,
                 key=item.key,
@@ -474,10 +500,10 @@ class _Restorer:
                 mtime_ns=item.mtime_ns,
                 mode=item.mode,
                 expected_crc32=crc32,
-                offset=max(item.offset, 0),
+                offset=0 if item.coding else max(item.offset, 0),
             )
             result = await download_ranges(
-                self.s3,
+                source,
                 job,
                 range_size=aligned_range_size(part_size, self.range_size),
                 limiter=self.limiter,
@@ -494,6 +520,10 @@ class _Restorer:
         self.counters.files += 1
         self.counters.bytes += result.bytes_fetched
         self.on_progress(0, 1)
+
+    async def _decode(self, item: Item, stored: bytes | memoryview) -> bytes:
+        assert self.decoder is not None
+        return await self.decoder.decode(self.s3, item, stored)
 
     async def _layout(self, item: Item) -> tuple[int, str | None]:
         """The part size and whole-object CRC32 S3 reports for item (0 and None when it
@@ -541,6 +571,7 @@ async def download(
     on_start: StartCallback | None = None,
     on_progress: ProgressCallback | None = None,
     unfinished: bool = False,
+    encryption_key: bytes | None = None,
 ) -> DownloadReport:
     """Restore `url` (an s3xfer dataset, or any prefix) into `dest`. Files already present and
     identical are skipped, so running it again after it finished transfers nothing. A prefix
@@ -575,13 +606,7 @@ async def download(
         else:
             kind = "dataset"
             where = f"s3://{url.bucket}/{manifest_key(url)}"
-            manifest = Manifest.from_bytes(raw, where=where)
-            if any(r.coding for r in manifest.records.values()):
-                raise UsageError(
-                    f"{url} holds encrypted files: `download` cannot decrypt them yet; "
-                    "use `s3xfer get URL '*' DEST --encryption-key FILE`"
-                )
-            items = dataset_items(manifest)
+            items = dataset_items(Manifest.from_bytes(raw, where=where))
         if not items:
             raise NotInDatasetError(f"nothing to download: no dataset and no objects at {url}")
         every_path = [i.path for i in items]  # the staging directory's name must be none of them
@@ -591,6 +616,10 @@ async def download(
                 [*(f"--include {g}" for g in include), *(f"--exclude {g}" for g in exclude)]
             )
             raise NotInDatasetError(f"no file of {url} matches {globs}")
+        decoder = RecordDecoder(
+            url, encryption_key, policy=RetryPolicy(max_attempts=limits.max_attempts)
+        )
+        await decoder.ready(s3, items)  # no key, wrong key: before anything is written
         await anyio.to_thread.run_sync(_writable_directory, dest)
 
         safe = SafeDestination(dest)
@@ -620,6 +649,7 @@ async def download(
                 on_progress=on_progress or (lambda _b, _f: None),
             )
             restorer.targets = targets
+            restorer.decoder = decoder
             with first_error():
                 await restorer.run(todo, listed=len(items))
         counters = restorer.counters

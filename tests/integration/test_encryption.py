@@ -339,3 +339,26 @@ def test_members_swapped_inside_their_shard_are_refused(
             )
             assert result.returncode == 4, result.stderr
             assert result.stdout == b""
+
+
+def test_download_decrypts_the_tree_and_resumes_nothing_left(
+    encrypted: tuple[Path, dict[str, bytes], str],
+    s3_env: LocalS3Info,
+    key_file: Path,
+    tmp_path: Path,
+) -> None:
+    src, contents, bucket = encrypted
+    out = tmp_path / "restored"
+    url = f"s3://{bucket}/ds"
+    args = ("download", url, str(out), "--range-size", "2MiB", "--json")
+    refused = cli(s3_env, *args)
+    assert refused.returncode == 2 and "--encryption-key" in refused.stderr
+    assert not out.exists()
+    result = cli(s3_env, *args, "--encryption-key", str(key_file))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["files_downloaded"] == len(TREE)
+    for rel, data in contents.items():
+        assert (out / rel).read_bytes() == data, rel
+        assert (out / rel).stat().st_mtime_ns == (src / rel).stat().st_mtime_ns, rel
+    again = cli(s3_env, *args, "--encryption-key", str(key_file))
+    assert json.loads(again.stdout)["files_skipped"] == len(TREE), again.stdout
