@@ -231,7 +231,8 @@ async def finalize(
         found: dict[int, SliceResult] = {}
         counts: set[int] = set()
         prefix = slices_prefix(plan.dest, identity)
-        keys = [item["Key"] async for item in s3.list_objects(plan.dest.bucket, prefix)]
+        listing = s3.list_objects(plan.dest.bucket, prefix, policy=policy, on_retry=retries)
+        keys = [item["Key"] async for item in listing]
 
         async def load(key: str) -> None:
             raw = await get_if_present(s3, plan.dest.bucket, key, policy=policy)

@@ -583,19 +583,24 @@ async def download(
         raise UsageError(f"not a directory: {dest}")
     return_large_buffers_promptly()
     started = time.perf_counter()
+    policy = RetryPolicy(max_attempts=limits.max_attempts)
+    looked_up = RetryCount()  # retries of the manifest read and the listing, in the report too
     async with open_s3(connection or Connection(), max_pool_connections=limits.concurrency) as s3:
         await s3.prepare_reads(url.bucket)
         try:
             raw = await call_with_retries(
                 lambda: s3.get_object(url.bucket, manifest_key(url)),
-                policy=RetryPolicy(max_attempts=limits.max_attempts),
+                policy=policy,
+                on_retry=looked_up,
             )
         except NoSuchKeyError:
             kind = "prefix"
             listing_prefix = f"{url.prefix}/" if url.prefix else ""
             listed_items = [
                 prefix_item(url, listed)
-                async for listed in s3.list_objects(url.bucket, listing_prefix)
+                async for listed in s3.list_objects(
+                    url.bucket, listing_prefix, policy=policy, on_retry=looked_up
+                )
                 if not str(listed["Key"]).endswith("/")
             ]
             pending = unfinished_upload(url, (i.path for i in listed_items))
@@ -665,7 +670,7 @@ async def download(
             refused=refused,
             seconds=time.perf_counter() - started,
             requests=s3.requests,
-            retries=counters.retried.retries,
+            retries=looked_up.retries + counters.retried.retries,
             peak_buffered_bytes=restorer.budget.peak,
             max_memory=budget.capacity,
             warnings=[budget.raised] if budget.raised else [],

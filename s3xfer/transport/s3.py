@@ -39,9 +39,12 @@ from .endpoints import Endpoints
 from .http import Body, BodyCheck, Response, Sink, Transport
 from .network import NetworkSettings
 from .rawhttp import PIECE_SIZE
+from .retry import RetryPolicy, call_with_retries
 from .session import BotocoreSession, Connection, parse_timestamp
 from .throttle import AdaptiveGate, TunerSettings
 from .translate import client_error, location, map_errors
+
+_LISTING_RETRIES = RetryPolicy()  # list_objects' attempts when its caller names none
 
 if TYPE_CHECKING:
     from botocore.model import OperationModel
@@ -524,9 +527,18 @@ class S3:
             if error.get("Code") != "NoSuchKey"
         ]
 
-    async def list_objects(self, bucket: str, prefix: str) -> AsyncIterator[dict[str, Any]]:
+    async def list_objects(
+        self,
+        bucket: str,
+        prefix: str,
+        *,
+        policy: RetryPolicy = _LISTING_RETRIES,
+        on_retry: Callable[[TransientError], None] | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
         """Every object under a prefix, page by page (1,000 keys per request), as dicts with
-        botocore's names (Key, Size, LastModified, ETag, StorageClass).
+        botocore's names (Key, Size, LastModified, ETag, StorageClass). A page that fails
+        transiently is asked for again (same continuation token): one reset connection must
+        not fail an upload, a download or an `ls` of a million keys.
 
         ListObjectsV2 goes through the transport, its XML read by ElementTree (botocore's own
         XML parser underneath): botocore's shape-driven parsing of a page took 0.17 ms per
@@ -537,10 +549,14 @@ class S3:
             query = {"list-type": "2", "prefix": prefix, "encoding-type": "url"}
             if token:
                 query["continuation-token"] = token
-            async with self._request("list_objects", bucket, prefix or None):
-                response = await self._send(
-                    "ListObjectsV2", "GET", bucket, None, query=query, collect=True
-                )
+
+            async def page_of(query: dict[str, str] = query) -> Response:
+                async with self._request("list_objects", bucket, prefix or None):
+                    return await self._send(
+                        "ListObjectsV2", "GET", bucket, None, query=query, collect=True
+                    )
+
+            response = await call_with_retries(page_of, policy=policy, on_retry=on_retry)
             page = _list_page(response.body, where=location(bucket, prefix or None, None))
             for item in page.contents:
                 yield item

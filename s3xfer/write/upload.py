@@ -157,7 +157,10 @@ async def load_catalog_state(
     listed: dict[int, str] = {}
 
     async def list_pieces() -> None:
-        async for item in s3.list_objects(dest.bucket, catalog.pieces_prefix(dest)):
+        pieces = s3.list_objects(
+            dest.bucket, catalog.pieces_prefix(dest), policy=policy, on_retry=on_retry
+        )
+        async for item in pieces:
             bucket = catalog.piece_bucket(dest, str(item["Key"]))
             if bucket is not None:
                 listed[bucket] = str(item.get("ETag", ""))

@@ -9,6 +9,7 @@ import dataclasses
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -177,3 +178,31 @@ def test_a_body_the_server_stops_taking_is_cut_and_sent_again(
     out = tmp_path / "out"
     restored, _ = anyio.run(download_through, FaultPlan(), f"s3://{bucket}/w", out, local_s3)
     assert restored.ok and (out / "big.bin").read_bytes() == contents["big.bin"]
+
+
+def test_a_listing_that_fails_is_asked_again(
+    tmp_path: Path, local_s3: LocalS3Info, bucket: str, sync_s3_client: Any
+) -> None:
+    """Every listing (ListObjectsV2) answered 500 twice: the upload's look at the catalog
+    pieces and the download of a plain prefix ask for the page again instead of failing."""
+    src = tmp_path / "src"
+    write_tree(src, {f"f{n}.txt": 100 + n for n in range(5)}, seed=8)
+    url = f"s3://{bucket}/lists"
+    first, _ = anyio.run(upload_through, FaultPlan(), src, url, local_s3)
+    assert first.ok
+    (src / "f0.txt").write_bytes(b"changed")  # the re-upload lists the catalog's pieces
+    listings = FaultPlan(error500=1.0, max_faults=2, targets=r"list-type=2")
+
+    again, injected = anyio.run(upload_through, listings, src, url, local_s3)
+
+    assert again.ok, again.failures
+    assert injected == {"error500": 2} and again.retries >= 2
+    for n in range(3):
+        sync_s3_client.put_object(Bucket=bucket, Key=f"plain/o{n}", Body=b"x" * n)
+    out = tmp_path / "out"
+    restored, injected = anyio.run(
+        download_through, listings, f"s3://{bucket}/plain", out, local_s3
+    )
+    assert injected == {"error500": 2}
+    assert restored.ok and restored.files_downloaded == 3 and restored.retries >= 2
+    assert sorted(p.name for p in out.iterdir()) == ["o0", "o1", "o2"]
