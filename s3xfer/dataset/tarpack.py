@@ -194,6 +194,8 @@ def member_layout(name: str, size: int, *, mtime: int, mode: int) -> MemberLayou
 
 def member_header_size(name: str, size: int) -> int:
     """Bytes of header before a member's data; same as member_layout(...).header_size."""
+    if len(name) <= _NAME_LEN and size <= _MAX_USTAR_SIZE and validate.is_plain_path(name):
+        return BLOCK  # plain ustar holds it (the usual member: a plan asks for every one)
     _check_name(name)
     pax = _pax_data(name, size)
     return BLOCK + (BLOCK + _padded(len(pax)) if pax else 0)
