@@ -4,7 +4,9 @@ mid-write costs at most the torn line, and two uploads of one pair cannot share 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import overload
 
 import pytest
 from hypothesis import given
@@ -210,3 +212,46 @@ def test_the_path_depends_on_source_and_destination_and_holds_no_secrets(
     write_sample(journal)
     journal.close()
     assert os.stat(a).st_mode & 0o077 == 0  # private to the user
+
+
+class OnlySlices(Sequence[ManifestRecord]):
+    """Members that may be taken SHARD_ROWS_AT_ONCE at a time only, never all at once."""
+
+    def __init__(self, members: list[ManifestRecord]) -> None:
+        self._members = members
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    @overload
+    def __getitem__(self, index: int) -> ManifestRecord: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[ManifestRecord]: ...
+    def __getitem__(self, index: int | slice) -> ManifestRecord | list[ManifestRecord]:
+        if not isinstance(index, slice) or len(range(*index.indices(len(self)))) > 10_000:
+            raise AssertionError(f"members taken as {index!r}")
+        return self._members[index]
+
+    def __iter__(self) -> Iterator[ManifestRecord]:
+        raise AssertionError("every member taken at once")
+
+
+@pytest.mark.parametrize("count", [0, 1, 10_000, 25_001])
+def test_a_finished_shard_is_written_ten_thousand_members_at_a_time(
+    tmp_path: Path, count: int
+) -> None:
+    """The line of a shard of 100,000 members was about 60 MB while it was made: now a slice
+    of members at a time, and still the very line encode_line makes of the whole event."""
+    members = [record(f"m/{n:06d}", key="prefix/s.tar", offset=512 * (n + 1)) for n in range(count)]
+    shard = ShardRecord("prefix/s.tar", 512 * (count + 3), '"s"', count)
+    path = journal_path(SOURCE, DEST, state_dir=tmp_path)
+    journal = Journal.open(path, source=SOURCE, dest=DEST)
+    journal.shard_done(shard, OnlySlices(members))
+    journal.close()
+    last = path.read_bytes().splitlines(keepends=True)[-1]
+    assert last == encode_line(
+        {"e": "shard", "s": shard.to_json(), "r": [m.to_json() for m in members]}
+    )
+    again = Journal.open(path, source=SOURCE, dest=DEST)
+    assert len(again.state.records) == count
+    again.close()
