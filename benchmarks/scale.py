@@ -95,14 +95,19 @@ class Run:
     report: dict[str, object]
 
 
+# A child forked from this process starts with this process's resident pages as its peak
+# (Linux keeps the larger at exec), which hid the RSS of small commands (find, s5cmd) under
+# ours: GNU time, itself small, forks each command and reports the command's own peak.
+GNU_TIME = shutil.which("time", path="/usr/bin:/bin")
+
+
 def run_child(argv: Sequence[str], *, env: dict[str, str]) -> Run:
     """Run argv to completion as a fresh child: wall seconds, its own peak RSS and CPU."""
     load = os.getloadavg()[0]
+    timed = [GNU_TIME, "-f", "%M", *argv] if GNU_TIME else list(argv)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         started = time.perf_counter()
-        proc = subprocess.Popen(
-            list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env
-        )
+        proc = subprocess.Popen(timed, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - started
         proc.returncode = code = os.waitstatus_to_exitcode(status)
@@ -111,12 +116,16 @@ def run_child(argv: Sequence[str], *, env: dict[str, str]) -> Run:
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
     if code != 0:
         raise SystemExit(f"{' '.join(argv[:4])} … exited {code}:\n{stderr[-2000:]}")
+    peak_kib = usage.ru_maxrss  # KiB on Linux
+    if GNU_TIME:
+        stderr, _, last = stderr.rstrip("\n").rpartition("\n")
+        peak_kib = int(last)
     report: dict[str, object] = {}
     if stdout.strip().startswith("{"):
         report = json.loads(stdout)
     return Run(
         seconds=seconds,
-        peak_rss_bytes=usage.ru_maxrss * 1024,  # KiB on Linux
+        peak_rss_bytes=peak_kib * 1024,
         cpu_seconds=usage.ru_utime + usage.ru_stime,
         load=load,
         report=report,
@@ -148,7 +157,7 @@ def download_dir(work: Path, files: int) -> Path:
     return Path(tempfile.mkdtemp(prefix="download-", dir=work))
 
 
-def measure(files: int, *, work: Path, env: dict[str, str]) -> dict[str, object]:
+def measure(files: int, *, work: Path, env: dict[str, str], s5cmd_up_to: int) -> dict[str, object]:
     tree = work / f"tree-{files}" / "data"
     built = build_tree(tree, files)
     url = f"s3://{BUCKET}/n{files}"
@@ -163,7 +172,7 @@ def measure(files: int, *, work: Path, env: dict[str, str]) -> dict[str, object]
         raise SystemExit(f"unchanged re-run of {files} files: {rerun.report}")
     s5cmd = s5cmd_binary()
     s5cmd_upload = None
-    if s5cmd is not None:
+    if s5cmd is not None and files <= s5cmd_up_to:
         endpoint = env["AWS_ENDPOINT_URL"]
         target = f"s3://{BUCKET}/s5cmd-n{files}/"
         s5cmd_upload = run_child(
@@ -305,6 +314,12 @@ def main() -> None:
     parser.add_argument("--docs", type=Path, default=DEFAULT_DOCS)
     parser.add_argument("--no-docs", action="store_true", help="print the table only")
     parser.add_argument("--remove-trees", action="store_true", help="delete the trees after")
+    parser.add_argument(
+        "--s5cmd-up-to",
+        type=int,
+        default=10**9,
+        help="run s5cmd on trees of at most this many files (an object each: slow)",
+    )
     args = parser.parse_args()
     counts = [int(n) for n in args.files.split(",")]
     args.work.mkdir(parents=True, exist_ok=True)
@@ -328,7 +343,7 @@ def main() -> None:
         env["S3XFER_STATE_DIR"] = str(args.work / "state")  # the journals
         for files in counts:
             print(f"{files:,} files …", file=sys.stderr, flush=True)
-            rows.append(measure(files, work=args.work, env=env))
+            rows.append(measure(files, work=args.work, env=env, s5cmd_up_to=args.s5cmd_up_to))
             kept = keep_results(args.work, rows[-1:], commit=commit)
             print(markdown({str(files): kept[str(files)]}).splitlines()[-1], file=sys.stderr)
     if args.remove_trees:
