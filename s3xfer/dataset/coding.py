@@ -22,6 +22,7 @@ bytes.
 from __future__ import annotations
 
 import base64
+import functools
 import hmac
 import json
 import os
@@ -114,10 +115,14 @@ class FrameKey:
     key: bytes
     key_id: bytes
 
-    @property
+    @functools.cached_property
     def nonce_key(self) -> bytes:
         """The key of the nonces' PRF, derived from the data key (one key, one use)."""
         return hmac.digest(self.key, b"s3xfer-nonce-key/1", "sha256")
+
+    @functools.cached_property
+    def cipher(self) -> AESGCM:
+        return _cipher(self.key)  # made once: every frame of a run shares it
 
     def __repr__(self) -> str:  # never the key itself, in a traceback or a log
         return f"FrameKey(key_id={self.key_id.hex()})"
@@ -221,12 +226,12 @@ def _cipher(key: bytes) -> AESGCM:
     return AESGCM(key)
 
 
-def _opened(key: bytes, nonce: bytes, sealed: bytes, aad: bytes) -> bytes | None:
+def _opened(cipher: AESGCM, nonce: bytes, sealed: bytes | memoryview, aad: bytes) -> bytes | None:
     """AES-GCM's plaintext, or None when the tag does not match."""
     from cryptography.exceptions import InvalidTag
 
     try:
-        return _cipher(key).decrypt(nonce, sealed, aad)
+        return cipher.decrypt(nonce, sealed, aad)
     except InvalidTag:
         return None
 
@@ -246,7 +251,7 @@ def _encode_frame(
             raise EncryptionKeyError(f"{path}: encrypting needs the dataset's key")
         aad = _associated_data(key, path, index, final=final)
         nonce = synthetic_nonce(key, aad, body)
-        body = nonce + _cipher(key.key).encrypt(nonce, body, aad)
+        body = nonce + key.cipher.encrypt(nonce, body, aad)
     if coding.compressed:
         body = struct.pack(">I", len(body)) + body
     return body
@@ -293,17 +298,19 @@ def _corrupt(path: str, index: int, why: str) -> IntegrityError:
     return IntegrityError(f"{path}: stored frame {index} {why}: refusing its bytes")
 
 
-def _open_frame(body: bytes, *, key: FrameKey, path: str, index: int, final: bool) -> bytes:
+def _open_frame(
+    body: bytes | memoryview, *, key: FrameKey, path: str, index: int, final: bool
+) -> bytes:
     if len(body) < SEAL_OVERHEAD:
         raise _corrupt(path, index, "is cut short")
-    nonce, sealed = body[:NONCE_SIZE], body[NONCE_SIZE:]
-    plain = _opened(key.key, nonce, sealed, _associated_data(key, path, index, final=final))
+    nonce, sealed = bytes(body[:NONCE_SIZE]), body[NONCE_SIZE:]
+    plain = _opened(key.cipher, nonce, sealed, _associated_data(key, path, index, final=final))
     if plain is None:
         raise _corrupt(path, index, "fails authentication (changed, moved or cut short)")
     return plain
 
 
-def _inflate(body: bytes, *, path: str, index: int, expected: int) -> bytes:
+def _inflate(body: bytes | memoryview, *, path: str, index: int, expected: int) -> bytes:
     import zstandard
 
     try:
@@ -342,7 +349,7 @@ def decode(
     stop = total if frames is None else first_frame + frames
     if not 0 <= first_frame < stop <= total:
         raise BadValue(f"frames {first_frame}..{stop} outside a file of {total} frames")
-    out: list[bytes] = []
+    out: list[bytes | memoryview] = []
     at = 0
     for index in range(first_frame, stop):
         expected = frame_length(size, index)
@@ -355,7 +362,7 @@ def decode(
             length = expected + SEAL_OVERHEAD
         if len(view) - at < length:
             raise _corrupt(path, index, "is cut short")
-        body = bytes(view[at : at + length])
+        body: bytes | memoryview = view[at : at + length]  # no copy: AES-GCM reads the view
         at += length
         if coding.encrypted:
             assert key is not None
@@ -367,7 +374,7 @@ def decode(
         out.append(body)
     if at != len(view):
         raise _corrupt(path, stop, "follows the file's end")
-    return b"".join(out)
+    return bytes(out[0]) if len(out) == 1 else b"".join(out)
 
 
 def decode_range(
@@ -483,7 +490,7 @@ def new_data_key(user_key: bytes) -> tuple[FrameKey, WrappedKey]:
 def unwrap(wrapped: WrappedKey, user_key: bytes) -> FrameKey:
     """The dataset's data key; a user key that did not wrap it is an EncryptionKeyError."""
     check_user_key(user_key)
-    key = _opened(user_key, wrapped.nonce, wrapped.sealed, _WRAP_AAD + wrapped.key_id)
+    key = _opened(_cipher(user_key), wrapped.nonce, wrapped.sealed, _WRAP_AAD + wrapped.key_id)
     if key is None:
         raise EncryptionKeyError(
             "wrong encryption key: it is not the key this dataset was encrypted with"

@@ -46,12 +46,12 @@ def block_starts(records: Sequence[ManifestRecord], *, block_bytes: int, gap: in
             and previous.packed
             and (record.key, record.etag) == (previous.key, previous.etag)
             and end <= record.offset <= end + gap
-            and record.offset + record.size - first_offset <= block_bytes
+            and record.offset + record.stored - first_offset <= block_bytes
         )
         if not joins:
             starts.append(index)
             first_offset = record.offset
-        end = record.offset + record.size
+        end = record.offset + record.stored  # a coded file's bytes in the shard
         previous = record
     starts.append(len(records))
     return starts

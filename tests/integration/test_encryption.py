@@ -21,6 +21,7 @@ from s3xfer.dataset.manifest import Manifest
 from s3xfer.errors import EncryptionKeyError
 from s3xfer.locals3 import LocalS3Info
 from s3xfer.read.reader import Dataset
+from s3xfer.read.sync import SyncDataset
 
 from .helpers import connection, list_keys, read_object, run_cli
 
@@ -362,3 +363,21 @@ def test_download_decrypts_the_tree_and_resumes_nothing_left(
         assert (out / rel).stat().st_mtime_ns == (src / rel).stat().st_mtime_ns, rel
     again = cli(s3_env, *args, "--encryption-key", str(key_file))
     assert json.loads(again.stdout)["files_skipped"] == len(TREE), again.stdout
+
+
+def test_sync_dataset_reads_and_iterates_an_epoch_with_the_key(
+    encrypted: tuple[Path, dict[str, bytes], str], s3_env: LocalS3Info, key_file: Path
+) -> None:
+    _, contents, bucket = encrypted
+    url = f"s3://{bucket}/ds"
+    with SyncDataset(
+        url, connection=connection(s3_env), encryption_key=key_file.read_bytes()
+    ) as ds:
+        assert ds.read("odd\nname.txt") == contents["odd\nname.txt"]
+        assert ds.stat("big/video.bin").size == len(contents["big/video.bin"])  # the original's
+        seen = dict(ds.iter_epoch(seed=7, block_bytes=256 * 1024))
+    assert seen == contents
+    listed = cli(s3_env, "ls", url, "--json")
+    assert listed.returncode == 0, listed.stderr
+    sizes = {row["path"]: row["size"] for row in json.loads(listed.stdout)}
+    assert sizes == {rel: len(data) for rel, data in contents.items()}
