@@ -1,10 +1,11 @@
 """What an engine run did, counted: the one source of every upload report.
 
-`RunCounters.of(engine)` reads the engine's counters (EngineStats), the requests its S3 client
-sent, the most bytes it held and the adaptive window's low point. An upload's report
-(upload.make_report), a slice's result (distributed/slices.py) and a distributed unit's result
-(distributed/jobs.py) are all built from it, and the runs of many slices or units merge into
-one (`RunCounters.merged`) the same way.
+`EngineStats` are the engine's live counters (progress displays read them as it runs).
+`RunCounters.of(engine)` reads them, the requests its S3 client sent, the most bytes it held
+and the adaptive window's low point. An upload's report (upload.make_report), a slice's result
+(distributed/slices.py) and a distributed unit's result (distributed/units.py) are all built
+from it, and the runs of many slices or units merge into one (`RunCounters.merged`) the same
+way.
 """
 
 from __future__ import annotations
@@ -13,10 +14,30 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
+from ..transport.retry import RetryCount
+
 if TYPE_CHECKING:
     from ..dataset.manifest import ManifestRecord, ShardRecord
     from ..transport.s3 import S3
     from .engine import Engine
+
+
+@dataclass
+class EngineStats:
+    """Live counters, read by progress displays, reports and tests."""
+
+    files_done: int = 0
+    bytes_done: int = 0  # sent and acknowledged
+    bytes_reused: int = 0  # parts found already uploaded by an interrupted run, not sent again
+    uploads_resumed: int = 0
+    uploads_kept: int = 0  # multipart uploads left open on interruption, for the next run
+    files_failed: int = 0
+    files_unchanged: int = 0  # found stored once their shard was laid out as they are now
+    shards_done: int = 0
+    retried: RetryCount = field(default_factory=RetryCount)  # requests retried, throttled
+    in_flight: int = 0
+    peak_in_flight: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

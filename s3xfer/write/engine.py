@@ -24,9 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-from array import array
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +38,7 @@ from ..config import MiB, TransferConfig
 from ..dataset.coding import FileCoder, FrameKey
 from ..dataset.keys import S3Url
 from ..dataset.manifest import Manifest, ManifestRecord, ShardRecord
-from ..dataset.tarpack import FilePiece, FixedPiece, ShardLayout
+from ..dataset.tarpack import FixedPiece
 from ..errors import MemberChangedError, NoSuchUploadError, S3XferError, SourceError
 from ..localfs import (
     FileIdentity,
@@ -58,9 +56,11 @@ from ..localfs import (
 from ..malloc import return_large_buffers_promptly
 from ..planning.plan import FileUnit, Kind, Part, ShardUnit, UploadKeys, parts_of
 from ..planning.survey import FileEntry
-from ..transport.retry import RetryCount, RetryPolicy, call_with_retries
+from ..transport.retry import RetryPolicy, call_with_retries
 from ..transport.s3 import S3, ObjectAttributes
+from .counters import EngineStats
 from .incomplete import incomplete_uploads
+from .inflight import Multipart, PartJob, PutJob, ShardBuild
 from .journal import FSYNC_INTERVAL, Journal
 
 ProgressCallback = Callable[[int, int], None]  # (bytes done, files done) increments
@@ -73,130 +73,6 @@ READ_TOGETHER_BYTES = 4 * MiB
 # Layouts of one shard before its members that keep changing fail with it: each layout leaves
 # out every member seen changing, so more than a couple means a tree rewritten as it is read.
 MAX_SHARD_LAYOUTS = 4
-
-
-@dataclass
-class EngineStats:
-    """Live counters, read by progress displays, reports and tests."""
-
-    files_done: int = 0
-    bytes_done: int = 0  # sent and acknowledged
-    bytes_reused: int = 0  # parts found already uploaded by an interrupted run, not sent again
-    uploads_resumed: int = 0
-    uploads_kept: int = 0  # multipart uploads left open on interruption, for the next run
-    files_failed: int = 0
-    files_unchanged: int = 0  # found stored once their shard was laid out as they are now
-    shards_done: int = 0
-    retried: RetryCount = field(default_factory=RetryCount)  # requests retried, throttled
-    in_flight: int = 0
-    peak_in_flight: int = 0
-    failures: list[tuple[str, str]] = field(default_factory=list)
-
-
-@dataclass(eq=False)
-class _ShardBuild:
-    """What the parts of one shard share: its members as they were found before it was laid
-    out, member CRC pieces, the index once known, and the members seen changing."""
-
-    unit: ShardUnit  # as laid out now (ShardUnit.relaid of the planned one)
-    planned: ShardUnit
-    identities: Identities  # of unit.members, taken before the layout
-    layout: ShardLayout
-    data_parts_left: int
-    layouts: int = 1  # this is the shard's n-th layout in this run
-    data_ready: anyio.Event = field(default_factory=anyio.Event)
-    read_crcs: MemberCrcs = field(init=False)  # of every member, as its parts are read
-    crcs: array[int] | None = None  # of every member, once all are read
-    index: bytes | None = None
-    failed: bool = False
-    # Members (by index) that changed while the shard was read. When the shard failed only
-    # for them, it is laid out again without them.
-    changed: dict[int, str] = field(default_factory=dict)
-    relayable: bool = False
-
-    def __post_init__(self) -> None:
-        self.read_crcs = MemberCrcs(self.unit.members)
-
-
-class MemberCrcs:
-    """The CRC32 of each member of a shard, from the CRCs of the pieces its parts read: 4
-    bytes a member read whole by one part (almost every small file), the pieces kept only for
-    the few a part boundary splits. A dict of piece lists per member cost about 300 bytes a
-    member (30 MB a shard of 100,000) while the shard was uploaded."""
-
-    def __init__(self, members: Sequence[FileEntry]) -> None:
-        self._members = members
-        self._whole = array("I", bytes(4 * len(members)))
-        self._read_whole = bytearray(len(members))
-        self._split: dict[int, list[tuple[int, int, int]]] = {}
-
-    def add(self, piece: FilePiece, crc: int) -> None:
-        """The CRC32 of `piece` (a member's bytes [offset, offset + length)), as read."""
-        if piece.offset == 0 and piece.length == self._members[piece.member].size:
-            self._whole[piece.member] = crc
-            self._read_whole[piece.member] = 1
-        else:
-            self._split.setdefault(piece.member, []).append((piece.offset, crc, piece.length))
-
-    def pieces_held(self) -> int:
-        return len(self._split)
-
-    def final(self) -> array[int]:
-        """Every member's CRC32, once all its bytes were read (S3XferError if not)."""
-        crcs = array("I", self._whole)
-        for n, member in enumerate(self._members):
-            if self._read_whole[n]:
-                continue
-            pieces = sorted(self._split.get(n, []))
-            covered = sum(length for _offset, _crc, length in pieces)
-            if covered != member.size:
-                raise S3XferError(f"{member.path}: {covered} of {member.size} bytes read")
-            crcs[n] = combine_parts((crc, length) for _offset, crc, length in pieces)
-        return crcs
-
-
-@dataclass(eq=False)  # identity semantics: kept in a set of open uploads
-class _Multipart:
-    """Shared state of one object's multipart upload while its parts are in flight."""
-
-    key: str
-    remaining: int
-    file: FileUnit | None = None
-    shard: _ShardBuild | None = None
-    upload_id: str | None = None
-    error: str | None = None
-    done: dict[int, tuple[str, int, int]] = field(default_factory=dict)  # number → etag, crc, len
-    # A coded file's parts: the CRC32 and length of the original bytes each part holds (the
-    # record's crc32 is the original file's; `done` has the stored bytes' for S3).
-    original: dict[int, tuple[int, int]] = field(default_factory=dict)
-    reused: set[int] = field(default_factory=set)  # parts that were already there (not sent)
-    listed: dict[int, dict[str, Any]] = field(default_factory=dict)  # parts S3 has, on resume
-    lock: anyio.Lock = field(default_factory=anyio.Lock)
-    identity: FileIdentity | None = None  # of the file, taken before its first part is read
-    # A shard's own handle on the job stream, kept open until the shard is settled: a shard
-    # laid out again sends its new parts through it.
-    jobs: MemoryObjectSendStream[_PutJob | _PartJob] | None = None
-
-    @property
-    def paths(self) -> list[str]:
-        if self.shard is not None:
-            return [m.path for m in self.shard.unit.members]
-        assert self.file is not None
-        return [self.file.path]
-
-
-@dataclass(frozen=True, slots=True)
-class _PutJob:
-    unit: FileUnit
-    # A small file read already, with others (its bytes held in the budget), or its error;
-    # None: the worker reads it.
-    read: tuple[bytes, int] | SourceError | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _PartJob:
-    upload: _Multipart
-    part: Part
 
 
 class Engine:
@@ -227,7 +103,7 @@ class Engine:
         self.shard_records: list[ShardRecord] = []
         self._policy = RetryPolicy(max_attempts=config.max_attempts)
         self._on_progress = on_progress or (lambda _b, _f: None)
-        self._open_uploads: set[_Multipart] = set()
+        self._open_uploads: set[Multipart] = set()
         self.journal = journal
         self.prefix = prefix  # of every key this run writes, to find uploads it left behind
         # Without a journal (a unit redelivered to another machine): continue any incomplete
@@ -237,7 +113,7 @@ class Engine:
         # stored already (by an earlier run of the same plan).
         self.stored = stored
         self._group: TaskGroup | None = None
-        self._job_streams: set[MemoryObjectSendStream[_PutJob | _PartJob]] = set()
+        self._job_streams: set[MemoryObjectSendStream[PutJob | PartJob]] = set()
 
     def __repr__(self) -> str:
         s = self.stats
@@ -264,7 +140,7 @@ class Engine:
 
     async def _run(self, units: list[FileUnit], shards: list[ShardUnit]) -> None:
         await self._abort_stale_uploads(units, shards)
-        send, receive = anyio.create_memory_object_stream[_PutJob | _PartJob](0)
+        send, receive = anyio.create_memory_object_stream[PutJob | PartJob](0)
         try:
             async with anyio.create_task_group() as group:
                 self._group = group
@@ -282,9 +158,9 @@ class Engine:
                     for unit in units:
                         if unit.kind is Kind.MULTIPART:
                             parts = list(parts_of(unit.size, unit.part_size))
-                            upload = _Multipart(unit.key, remaining=len(parts), file=unit)
+                            upload = Multipart(unit.key, remaining=len(parts), file=unit)
                             for part in parts:
-                                await send.send(_PartJob(upload, part))
+                                await send.send(PartJob(upload, part))
                         elif unit.size < READ_TOGETHER_SIZE:
                             if small and (
                                 len(small) == READ_TOGETHER_FILES
@@ -295,7 +171,7 @@ class Engine:
                             small.append(unit)
                             small_bytes += unit.size
                         else:
-                            await send.send(_PutJob(unit))
+                            await send.send(PutJob(unit))
                     await self._send_read(small, send)
         finally:
             self._group = None
@@ -317,7 +193,7 @@ class Engine:
         *,
         found_before: Sequence[FileIdentity] | None,
         layouts: int = 1,
-    ) -> _ShardBuild | None:
+    ) -> ShardBuild | None:
         """Look at `members` (one worker-thread call for them all) and lay the shard out from
         those that can be packed; the others fail alone. Without `found_before` (the first
         layout) a member that changed since planning is packed as it is now, unless it grew
@@ -363,30 +239,30 @@ class Engine:
             self.stats.files_unchanged += len(kept)
             self._on_progress(0, len(kept))
             return None
-        return _ShardBuild(unit, planned, identities, unit.layout(), 0, layouts=layouts)
+        return ShardBuild(unit, planned, identities, unit.layout(), 0, layouts=layouts)
 
     async def _send_shard(
-        self, build: _ShardBuild, jobs: MemoryObjectSendStream[_PutJob | _PartJob]
+        self, build: ShardBuild, jobs: MemoryObjectSendStream[PutJob | PartJob]
     ) -> None:
         layout = build.layout
         parts = list(parts_of(layout.size, build.unit.part_size))
         build.data_parts_left = sum(p.offset < layout.index_header_offset for p in parts)
         if build.data_parts_left == 0:
             build.data_ready.set()
-        upload = _Multipart(build.unit.key, remaining=len(parts), shard=build, jobs=jobs.clone())
+        upload = Multipart(build.unit.key, remaining=len(parts), shard=build, jobs=jobs.clone())
         assert upload.jobs is not None
         self._job_streams.add(upload.jobs)
         for part in parts:
-            await jobs.send(_PartJob(upload, part))
+            await jobs.send(PartJob(upload, part))
 
-    def _settle(self, jobs: MemoryObjectSendStream[_PutJob | _PartJob] | None) -> None:
+    def _settle(self, jobs: MemoryObjectSendStream[PutJob | PartJob] | None) -> None:
         """A shard is done with the job stream: once every shard is, the workers stop."""
         if jobs is not None:
             jobs.close()
             self._job_streams.discard(jobs)
 
     async def _lay_out_again(
-        self, build: _ShardBuild, jobs: MemoryObjectSendStream[_PutJob | _PartJob]
+        self, build: ShardBuild, jobs: MemoryObjectSendStream[PutJob | PartJob]
     ) -> None:
         """The shard failed only because members changed while it was read: they fail alone,
         and the shard is laid out again without them (and without any other member that is no
@@ -456,10 +332,10 @@ class Engine:
             for key, upload_id in stale:
                 group.start_soon(abort, key, upload_id)
 
-    async def _worker(self, jobs: ObjectReceiveStream[_PutJob | _PartJob]) -> None:
+    async def _worker(self, jobs: ObjectReceiveStream[PutJob | PartJob]) -> None:
         async with jobs:
             async for job in jobs:
-                if isinstance(job, _PutJob):
+                if isinstance(job, PutJob):
                     await self._put(job.unit, job.read)
                 else:
                     await self._upload_part(job.upload, job.part)
@@ -476,7 +352,7 @@ class Engine:
             self.stats.in_flight -= 1
 
     async def _send_read(
-        self, units: list[FileUnit], jobs: MemoryObjectSendStream[_PutJob | _PartJob]
+        self, units: list[FileUnit], jobs: MemoryObjectSendStream[PutJob | PartJob]
     ) -> None:
         """Small files read in one worker-thread call, then handed out one PUT each; their
         bytes are taken from the budget here and given back by each PUT."""
@@ -485,7 +361,7 @@ class Engine:
         await self.budget.acquire(sum(unit.size for unit in units))
         reads = await read_whole_files([(self.source / u.path, u.size, u.mtime_ns) for u in units])
         for unit, read in zip(units, reads, strict=True):
-            await jobs.send(_PutJob(unit, read))
+            await jobs.send(PutJob(unit, read))
 
     def _fail(self, paths: list[str], reason: str) -> None:
         self.stats.files_failed += len(paths)
@@ -532,7 +408,7 @@ class Engine:
         self.stats.files_done += 1
         self._on_progress(unit.size, 1)
 
-    async def _read_part(self, upload: _Multipart, part: Part) -> tuple[bytes | bytearray, int]:
+    async def _read_part(self, upload: Multipart, part: Part) -> tuple[bytes | bytearray, int]:
         if upload.file is not None:
             unit = upload.file
             body, crc, _identity = await read_range(
@@ -589,7 +465,7 @@ class Engine:
                     position += final.length
         return buffer, await buffer_crc32(buffer)
 
-    async def _upload_part(self, upload: _Multipart, part: Part) -> None:
+    async def _upload_part(self, upload: Multipart, part: Part) -> None:
         try:
             if upload.error is None:
                 await self._ensure_created(upload)
@@ -647,7 +523,7 @@ class Engine:
         if upload.remaining == 0:
             await self._finish(upload)
 
-    async def _ensure_created(self, upload: _Multipart) -> None:
+    async def _ensure_created(self, upload: Multipart) -> None:
         async with upload.lock:
             if upload.upload_id is not None:
                 return
@@ -688,7 +564,7 @@ class Engine:
                 newest = (listed["Initiated"], str(listed["UploadId"]))
         return newest[1] if newest is not None else None
 
-    async def _resume(self, upload: _Multipart) -> bool:
+    async def _resume(self, upload: Multipart) -> bool:
         """Take over the journaled upload of this very file version, if S3 still has it; its
         parts are then checked against the file's bytes as they are read (see _upload_part)."""
         unit = upload.file
@@ -726,7 +602,7 @@ class Engine:
         self.stats.uploads_resumed += 1
         return True
 
-    async def _check_sources(self, upload: _Multipart) -> None:
+    async def _check_sources(self, upload: Multipart) -> None:
         """The re-stat after the last part: the file, or every member of the shard, must still
         be what was read, or the object would claim bytes the files no longer hold."""
         try:
@@ -743,7 +619,7 @@ class Engine:
         except S3XferError as error:
             upload.error = str(error)
 
-    async def _finish(self, upload: _Multipart) -> None:
+    async def _finish(self, upload: Multipart) -> None:
         if upload.error is None:
             await self._check_sources(upload)
         if upload.error is None:
@@ -794,7 +670,7 @@ class Engine:
         self._fail(upload.paths, f"{upload.error or 'failed'}{where}")
         self._settle(upload.jobs)
 
-    async def _finish_shard(self, build: _ShardBuild, etag: str) -> None:
+    async def _finish_shard(self, build: ShardBuild, etag: str) -> None:
         """The shard is complete: store its index beside it and record every member."""
         assert build.index is not None
         index = build.index
@@ -833,7 +709,7 @@ class Engine:
         self.stats.shards_done += 1
         self._on_progress(0, len(build.unit.members))
 
-    async def _abort(self, upload: _Multipart) -> None:
+    async def _abort(self, upload: Multipart) -> None:
         if upload.upload_id is None or upload not in self._open_uploads:
             return
         self._open_uploads.discard(upload)

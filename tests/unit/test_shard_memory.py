@@ -17,7 +17,7 @@ from s3xfer.errors import S3XferError
 from s3xfer.localfs import FileIdentity, Identities, _fill_part, _identify_members
 from s3xfer.planning.plan import ShardUnit, parts_of
 from s3xfer.planning.survey import FileEntry
-from s3xfer.write.engine import MemberCrcs
+from s3xfer.write.inflight import MemberCrcs
 from tests.unit.test_shard_layout import streamed
 
 
