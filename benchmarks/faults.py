@@ -67,9 +67,8 @@ TREE: dict[str, int] = {
     **{f"loose/{n}.dat": 1536 * 1024 + n for n in range(20)},
     **{f"small/{n // 200:02d}/{n:05d}.txt": 4000 + n % 8000 for n in range(3000)},
 }
-CONFIG = TransferConfig(
-    concurrency=8, part_size=5 * MiB, multipart_threshold=8 * MiB, shard_size=5 * MiB
-)
+CONFIG = TransferConfig(part_size=5 * MiB, multipart_threshold=8 * MiB, shard_size=5 * MiB)
+LIMITS = RunLimits(concurrency=8)
 CLI_SIZES = ["--part-size", "5MiB", "--multipart-threshold", "8MiB", "--shard-size", "5MiB"]
 FAULTS = FaultPlan(
     seed=2026,
@@ -121,6 +120,7 @@ def fault_runs(info: LocalS3Info, src: Path, work: Path, client: Any) -> list[di
                     make_plan(survey(src), url, CONFIG),
                     connection(info, proxy.endpoint_url),
                     state_dir=work / "state",
+                    limits=LIMITS,
                 )
                 up_seconds = time.perf_counter() - started
                 up_faults = dict(proxy.injected)
@@ -130,7 +130,7 @@ def fault_runs(info: LocalS3Info, src: Path, work: Path, client: Any) -> list[di
                     url,
                     work / f"out-{bucket}",
                     connection=connection(info, proxy.endpoint_url),
-                    limits=RunLimits(concurrency=8),
+                    limits=LIMITS,
                     range_size=4 * MiB,
                 )
                 return {
@@ -245,7 +245,7 @@ def render(faults: list[dict[str, Any]], crashes: list[dict[str, Any]]) -> str:
         down = ", ".join(f"{k} {v}" for k, v in sorted(r["download_faults"].items())) or "none"
         lines.append(
             f"| {r['run']} | {r['upload_seconds']} | {up} | {r['upload_retries']} "
-            f"| {r['throttled']} | {r['lowest_concurrency']} of {CONFIG.concurrency} "
+            f"| {r['throttled']} | {r['lowest_concurrency']} of {LIMITS.concurrency} "
             f"| {r['download_seconds']} | {down} | {r['download_retries']} "
             f"| {r['upload_failed'] + r['download_failed']} | {r['data_lost']} files |"
         )

@@ -204,12 +204,13 @@ def parse_metadata(items: tuple[str, ...] | list[str]) -> tuple[tuple[str, str],
 
 @dataclass(frozen=True, slots=True)
 class TransferConfig:
-    """How an upload is shaped and bounded. Validated on construction."""
+    """What an upload sends, and how it is shaped: the settings a plan is made with (and
+    saved in it). Validated on construction."""
 
-    concurrency: int = DEFAULT_CONCURRENCY
-    # Requests in flight found during the transfer (AUTO_CONCURRENCY_START up to the
-    # ceiling) instead of `concurrency`: the CLI's default when --concurrency is not given.
-    auto_concurrency: bool = False
+    # The memory budget parts are fitted to: no part is planned larger. How a run is bounded
+    # (requests in flight, the budget it runs with, attempts) is limits.RunLimits, kept out
+    # of the plan; plan files that still carry `concurrency` or `max_attempts` have them
+    # ignored (from_json).
     max_memory: int = DEFAULT_MAX_MEMORY
     part_size: int = DEFAULT_PART_SIZE
     multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD
@@ -217,13 +218,10 @@ class TransferConfig:
     pack: bool = True
     pack_threshold: int = DEFAULT_PACK_THRESHOLD
     shard_size: int = DEFAULT_SHARD_SIZE
-    max_attempts: int = 10  # as s5cmd and rclone: throttling can last a while
     prices: PriceTable = field(default_factory=PriceTable)
     objects: ObjectOptions = field(default_factory=ObjectOptions)
 
     def __post_init__(self) -> None:
-        if not 1 <= self.concurrency <= 1024:
-            raise UsageError(f"concurrency must be between 1 and 1024, got {self.concurrency}")
         if not MIN_PART_SIZE <= self.part_size <= MAX_PART_SIZE:
             raise UsageError(
                 f"part size must be between 5 MiB and 5 GiB, got {format_size(self.part_size)}"
@@ -241,13 +239,6 @@ class TransferConfig:
         if not MIN_PART_SIZE <= self.shard_size <= MAX_PARTS * self.part_size:
             size = format_size(self.shard_size)
             raise UsageError(f"shard size must be between 5 MiB and 10,000 parts, got {size}")
-        if not 1 <= self.max_attempts <= 100:
-            raise UsageError("max attempts must be between 1 and 100")
-
-    @property
-    def most_in_flight(self) -> int:
-        """The most requests ever in flight: workers and connection pools are sized to it."""
-        return AUTO_CONCURRENCY_CEILING if self.auto_concurrency else self.concurrency
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

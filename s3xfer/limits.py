@@ -11,7 +11,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .config import DEFAULT_CONCURRENCY, DEFAULT_MAX_MEMORY, MIN_PART_SIZE, format_size
+from .config import (
+    AUTO_CONCURRENCY_CEILING,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_MAX_MEMORY,
+    MIN_PART_SIZE,
+    format_size,
+)
 from .errors import UsageError
 
 MAX_CONCURRENCY = 1024
@@ -27,10 +33,14 @@ class RunLimits:
 
     - concurrency: requests in flight at once (also the size of the connection pool). Large
       parts and ranges are held to what max_memory holds whole.
+    - auto_concurrency: an upload finds its requests in flight during the transfer instead
+      (transport/throttle.py, from AUTO_CONCURRENCY_START up to the ceiling): the CLI's
+      upload without --concurrency.
     - max_memory: file bytes held in memory at once (parts, ranges, small files read ahead).
     - max_attempts: tries of one request before it fails (throttling, 5xx, timeouts)."""
 
     concurrency: int = DEFAULT_CONCURRENCY
+    auto_concurrency: bool = False
     max_memory: int = DEFAULT_MAX_MEMORY
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
 
@@ -47,8 +57,18 @@ class RunLimits:
         if not 1 <= self.max_attempts <= 100:
             raise UsageError(f"max attempts must be between 1 and 100, got {self.max_attempts}")
 
+    @property
+    def most_in_flight(self) -> int:
+        """The most requests ever in flight: workers and connection pools are sized to it."""
+        return AUTO_CONCURRENCY_CEILING if self.auto_concurrency else self.concurrency
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunLimits:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
 
     def memory_for(self, whole: int, *, what: str) -> Budget:
         """The byte budget of a run in which one item of `whole` bytes must be held whole

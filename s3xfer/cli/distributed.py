@@ -10,6 +10,7 @@ import click
 
 from .. import runner
 from ..errors import UsageError
+from ..limits import RunLimits
 from ..transport.s3 import Connection
 from .output import TransferProgress
 from .render import _printable, human_bytes
@@ -31,6 +32,7 @@ def check_broker(broker: str, slice_text: str | None) -> None:
 
 def upload_with_broker(
     plan: Plan,
+    limits: RunLimits,
     connection: Connection,
     broker: str,
     progress: TransferProgress,
@@ -57,6 +59,7 @@ def upload_with_broker(
             on_notice=notice,
             keep_deleted=keep_deleted,
             break_lease=break_lease,
+            limits=limits,
         )
 
     try:

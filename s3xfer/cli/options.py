@@ -79,19 +79,25 @@ def memory_option(function: F) -> F:
     return option(function)
 
 
-def make_limits(*, concurrency: int = DEFAULT_CONCURRENCY, max_memory: int) -> RunLimits:
+def make_limits(
+    *, concurrency: int = DEFAULT_CONCURRENCY, max_memory: int, auto_concurrency: bool = False
+) -> RunLimits:
     """The RunLimits of a command, from its concurrency_option and memory_option."""
-    return RunLimits(concurrency=concurrency, max_memory=max_memory)
+    return RunLimits(
+        concurrency=concurrency, auto_concurrency=auto_concurrency, max_memory=max_memory
+    )
+
+
+def given(name: str) -> bool:
+    """Whether the option `name` of the running command was given (not its default)."""
+    source = click.get_current_context().get_parameter_source(name)
+    return source is not None and source is not click.core.ParameterSource.DEFAULT
 
 
 def plan_options(function: F) -> F:
-    """Options that shape a plan, shared by `plan` and `upload` (with the run's limits)."""
+    """Options that shape a plan, shared by `plan` and `upload`: --max-memory among them
+    (parts are fitted to it; for upload, it is also the run's budget)."""
     options = [
-        concurrency_option(
-            "Requests in flight at once (also the connection pool size); parts of large "
-            "files only as many as --max-memory holds. Without it, found during the upload.",
-            tuned=True,
-        ),
         memory_option,
         click.option(
             "--part-size",

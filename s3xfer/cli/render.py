@@ -4,12 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..config import (
-    AUTO_CONCURRENCY_CEILING,
-    AUTO_CONCURRENCY_START,
-    TransferConfig,
-    format_size,
-)
+from ..config import format_size
 
 if TYPE_CHECKING:  # what is rendered; loading the modules is left to the commands that use them
     from ..planning.plan import Plan
@@ -164,8 +159,8 @@ def render_plan(plan: Plan) -> str:
         " per 1,000 PUTs",
         f"  storage cost      ${e.storage_cost_usd_month:>11.4f}  per month at "
         f"${plan.config.prices.storage_gb_month} per GB-month",
-        f"  settings          concurrency {render_concurrency_setting(plan.config)}, memory budget "
-        f"{format_size(plan.config.max_memory)}, part size {format_size(plan.config.part_size)}, "
+        f"  settings          memory budget {format_size(plan.config.max_memory)}, "
+        f"part size {format_size(plan.config.part_size)}, "
         f"multipart from {format_size(plan.config.multipart_threshold)}, "
         f"key prefix {plan.config.key_prefix}, "
         + (
@@ -245,12 +240,6 @@ def render_report(report: UploadReport) -> str:
         lines.append(f"  … and {len(report.problems) - 20} more skipped paths")
     lines.extend(f"  FAILED {_printable(path)}: {error}" for path, error in report.failures)
     return "\n".join(lines)
-
-
-def render_concurrency_setting(config: TransferConfig) -> str:
-    if config.auto_concurrency:
-        return f"auto (from {AUTO_CONCURRENCY_START}, at most {AUTO_CONCURRENCY_CEILING})"
-    return str(config.concurrency)
 
 
 def render_concurrency_choice(choice: dict[str, Any]) -> str:

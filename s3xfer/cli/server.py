@@ -25,6 +25,7 @@ def demo_command() -> None:
     survey, plan, upload with progress, a re-run that sends nothing, one file fetched with
     a ranged GET and verified, and a short throughput probe. Everything is removed at the end.
     """
+    from ..limits import DEFAULT_LIMITS
     from .demo import run_demo
     from .output import upload_progress
     from .upload import run_upload
@@ -32,7 +33,7 @@ def demo_command() -> None:
     def upload_with_progress(plan: Plan, connection: Connection) -> UploadReport:
         progress = upload_progress(quiet=False)
         try:
-            return runner.run(run_upload, plan, connection, progress)
+            return runner.run(run_upload, plan, DEFAULT_LIMITS, connection, progress)
         finally:
             progress.close()
 

@@ -3,7 +3,6 @@ run in slices)."""
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,6 +15,7 @@ from .. import runner
 from ..config import ObjectOptions, PriceTable, TransferConfig, parse_metadata
 from ..dataset.keys import S3Url
 from ..errors import UsageError
+from ..limits import RunLimits
 from ..planning.globs import NO_FILTER, PathFilter
 from ..transport.s3 import Connection
 from .distributed import check_broker, upload_with_broker, workers_summary
@@ -23,9 +23,12 @@ from .options import (
     apply_bench_profile,
     break_lease_option,
     client_key_option,
+    concurrency_option,
     connection_options,
     encryption_options,
+    given,
     make_connection,
+    make_limits,
     make_selection,
     plan_options,
     selection_options,
@@ -41,16 +44,22 @@ if TYPE_CHECKING:
 
 def concurrency_is_given() -> bool:
     """--concurrency N, or a --bench-profile, fixes the requests in flight; without either
-    the transfer tunes them (TransferConfig.auto_concurrency)."""
+    the transfer tunes them (RunLimits.auto_concurrency)."""
     context = click.get_current_context()
-    given = context.get_parameter_source("concurrency") is not click.core.ParameterSource.DEFAULT
-    return given or bool(context.params.get("bench_profile"))
+    return given("concurrency") or bool(context.params.get("bench_profile"))
+
+
+def upload_limits(options: dict[str, Any], *, max_memory: int) -> RunLimits:
+    """The run limits of `upload`: --concurrency (tuned when not given) and `max_memory`."""
+    return make_limits(
+        concurrency=options["concurrency"],
+        auto_concurrency=not concurrency_is_given(),
+        max_memory=max_memory,
+    )
 
 
 def make_config(**options: Any) -> TransferConfig:
     return TransferConfig(
-        concurrency=options["concurrency"],
-        auto_concurrency=not concurrency_is_given(),
         max_memory=options["max_memory"],
         part_size=options["part_size"],
         multipart_threshold=options["multipart_threshold"],
@@ -89,8 +98,6 @@ _PLAN_ONLY = (
     "price_storage",
     "bench_profile",
 )
-# What bounds a run, not what it sends: given with `upload --plan`, they replace the plan's.
-_RUN_LIMITS = ("concurrency", "max_memory")
 
 
 @contextmanager
@@ -207,6 +214,11 @@ def plan_command(
     type=click.Path(path_type=Path, dir_okay=False),
     help="Execute a plan saved by `s3xfer plan --output` instead of PATH DEST.",
 )
+@concurrency_option(
+    "Requests in flight at once (also the connection pool size); parts of large files only "
+    "as many as --max-memory holds. Without it, found during the upload.",
+    tuned=True,
+)
 @plan_options
 @selection_options
 @connection_options
@@ -313,31 +325,21 @@ def upload_command(
     if plan_file is not None:
         if path is not None or dest is not None:
             raise UsageError("give either PATH DEST or --plan, not both")
-        context = click.get_current_context()
-        given = [
-            name
-            for name in _PLAN_ONLY
-            if context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
-        ]
-        if given:
-            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        reshaping = [name for name in _PLAN_ONLY if given(name)]
+        if reshaping:
+            flags = ", ".join("--" + name.replace("_", "-") for name in reshaping)
             raise UsageError(f"{flags}: give them to `s3xfer plan`, the plan keeps them")
         plan = load_plan(plan_file)
-        limits = {
-            name: options[name]
-            for name in _RUN_LIMITS
-            if context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
-        }
-        if "concurrency" in limits:
-            limits["auto_concurrency"] = False
-        if limits:
-            plan = dataclasses.replace(plan, config=dataclasses.replace(plan.config, **limits))
+        # The budget the plan's parts were fitted to, unless one is given for this run.
+        max_memory = options["max_memory"] if given("max_memory") else plan.config.max_memory
+        limits = upload_limits(options, max_memory=max_memory)
     else:
         if path is None or dest is None:
             raise UsageError("missing PATH and DEST (or --plan FILE); see s3xfer upload --help")
         url = S3Url.parse(dest)
         apply_bench_profile(options, command="upload")
         config = make_config(**options)
+        limits = upload_limits(options, max_memory=options["max_memory"])
         if broker is None and slice_text is None and encryption_key is None:
             # Nothing changed since the last upload? Told by one walk beside the manifest,
             # before planning anything (write/rerun.py); else planned and uploaded as usual.
@@ -348,6 +350,7 @@ def upload_command(
                 path,
                 url,
                 config,
+                limits,
                 connection,
                 selection,
                 keep_deleted,
@@ -363,6 +366,7 @@ def upload_command(
         if broker is not None:
             report = upload_with_broker(
                 plan,
+                limits,
                 connection,
                 broker,
                 progress,
@@ -374,12 +378,13 @@ def upload_command(
                 raise UsageError("--slice needs --plan: every job of the array must run one plan")
             index, count = parse_slice(slice_text)
             report = runner.run(
-                run_upload_slice, plan, connection, progress, state_dir, index, count
+                run_upload_slice, plan, limits, connection, progress, state_dir, index, count
             )
         else:
             report = runner.run(
                 run_upload,
                 plan,
+                limits,
                 connection,
                 progress,
                 state_dir,
@@ -425,6 +430,7 @@ async def run_unchanged_upload(
     path: Path,
     dest: S3Url,
     config: TransferConfig,
+    limits: RunLimits,
     connection: Connection,
     selection: PathFilter,
     keep_deleted: bool,
@@ -440,11 +446,13 @@ async def run_unchanged_upload(
         selection=selection,
         keep_deleted=keep_deleted,
         state_dir=state_dir,
+        limits=limits,
     )
 
 
 async def run_upload_slice(
     plan: Plan,
+    limits: RunLimits,
     connection: Connection,
     progress: TransferProgress,
     state_dir: Path | None,
@@ -461,6 +469,7 @@ async def run_upload_slice(
         on_start=progress.start,
         on_progress=progress.advance,
         state_dir=state_dir,
+        limits=limits,
     )
 
 
@@ -518,6 +527,7 @@ def finalize_command(
 
 async def run_upload(
     plan: Plan,
+    limits: RunLimits,
     connection: Connection,
     progress: TransferProgress,
     state_dir: Path | None = None,
@@ -536,4 +546,5 @@ async def run_upload(
         keep_deleted=keep_deleted,
         break_lease=break_lease,
         encryption_key=encryption_key,
+        limits=limits,
     )

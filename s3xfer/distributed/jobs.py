@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import anyio
 
 from ..errors import BrokerError, JobBusyError
+from ..limits import RunLimits
 from ..planning.plan import Kind, Plan, UploadKeys, WorkUnit, work_units
 from ..transport.retry import RetryCount, RetryPolicy
 from ..transport.s3 import S3, Connection, open_s3
@@ -130,12 +131,14 @@ class _Job:
         client: redis.Redis,
         *,
         plan: Plan,
+        limits: RunLimits,
         connection: Connection,
         work: list[WorkUnit],
     ) -> None:
         self.app = app
         self.client = client
         self.plan = plan
+        self.limits = limits
         self.connection = connection
         self.id = job_id(plan, work)
         self.work = work
@@ -229,6 +232,7 @@ class _Job:
                     job=self.id,
                     index=index,
                     plan=self.plan,
+                    limits=self.limits,
                     connection=self.connection,
                     unit=self.work[index],
                 )
@@ -352,7 +356,7 @@ async def _wait_for_units(
             await anyio.sleep(poll_interval)
 
 
-async def _abort_leftovers(s3: S3, plan: Plan, work: list[WorkUnit]) -> int:
+async def _abort_leftovers(s3: S3, plan: Plan, work: list[WorkUnit], *, limits: RunLimits) -> int:
     """Incomplete multipart uploads of this job's keys, once every unit has a result: left
     by a worker that died mid-unit (a shard is rebuilt under a new upload, and a large
     file's newest upload only is adopted) or by a second delivery of a unit. Aborted."""
@@ -360,7 +364,7 @@ async def _abort_leftovers(s3: S3, plan: Plan, work: list[WorkUnit]) -> int:
     keys |= {f.key for u in work for f in u.files if f.kind is Kind.MULTIPART}
     if not keys:
         return 0
-    policy = RetryPolicy(max_attempts=plan.config.max_attempts)
+    policy = RetryPolicy(max_attempts=limits.max_attempts)
     found = await incomplete_uploads(s3, plan.dest, policy=policy, keys=UploadKeys(frozenset(keys)))
     return len(await abort_uploads(s3, plan.dest.bucket, found, policy=policy))
 
@@ -377,14 +381,17 @@ async def upload_with_workers(
     notice_after: float = NOTICE_AFTER,
     keep_deleted: bool = False,
     break_lease: bool = False,
+    limits: RunLimits | None = None,
 ) -> UploadReport:
     """Upload a plan with the workers listening on `broker`: check the bucket and manifest
     here, enqueue what changed as work units, follow their progress, and write the manifest
     and catalog once every unit has a result, the dataset made equal to the plan's tree as
     one machine's upload would (unless `keep_deleted`). Run again after the producer died, it
     waits for the same units (their results are kept in Redis) instead of sending them again.
-    Holds the prefix's lease throughout when it may write, as upload.execute_plan does."""
+    Holds the prefix's lease throughout when it may write, as upload.execute_plan does.
+    `limits`: as upload's; the workers run each unit with them (or their --concurrency)."""
     started = time.perf_counter()
+    limits = limits or RunLimits(max_memory=plan.config.max_memory)
     connection = connection or Connection()
     client = await _blocking(connect, broker)
     app = make_app(broker)
@@ -398,11 +405,12 @@ async def upload_with_workers(
             keep_deleted=keep_deleted,
             break_lease=break_lease,
             retries=retries,
+            limits=limits,
         )
         work = work_units(prepared.todo, prepared.shards_todo)
         if on_start is not None:
             on_start(prepared.files_todo, prepared.bytes_todo, prepared.files_unchanged)
-        job = _Job(app, client, plan=plan, connection=connection, work=work)
+        job = _Job(app, client, plan=plan, limits=limits, connection=connection, work=work)
         results: dict[int, UnitResult] = {}
         aborted = 0
         if work:
@@ -422,7 +430,7 @@ async def upload_with_workers(
             finally:
                 with anyio.CancelScope(shield=True):
                     await _blocking(job.unlock)
-            aborted = await _abort_leftovers(s3, plan, work)
+            aborted = await _abort_leftovers(s3, plan, work, limits=limits)
         merged = merge_results(results.values())
         if held is not None:
             await held.confirm()
@@ -436,6 +444,7 @@ async def upload_with_workers(
             plan,
             prepared,
             merged.counters.with_requests_of(s3),
+            limits=limits,
             started=started,
             committed=committed,
             objects_deleted=deleted,

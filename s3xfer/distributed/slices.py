@@ -21,6 +21,7 @@ from ..dataset import validate
 from ..dataset.keys import META_DIR, S3Url
 from ..dataset.manifest import Manifest, ManifestRecord, ShardRecord, parse_rows
 from ..errors import BadValue, MissingSlicesError
+from ..limits import DEFAULT_LIMITS, RunLimits
 from ..planning.plan import Plan, slice_of, work_units
 from ..transport.retry import RetryCount, RetryPolicy
 from ..transport.s3 import Connection, open_s3
@@ -134,11 +135,14 @@ async def upload_slice(
     on_start: StartCallback | None = None,
     on_progress: ProgressCallback | None = None,
     state_dir: Path | None = None,
+    limits: RunLimits | None = None,
 ) -> UploadReport:
     """Upload slice `index` of `count` (from 1) of the plan's work units, and store its result
-    for `finalize`. The catalog is not written: finalize does it once, for all slices."""
+    for `finalize`. The catalog is not written: finalize does it once, for all slices.
+    `limits`: as upload's (default: the memory budget the plan was made with)."""
     started = time.perf_counter()
-    policy = RetryPolicy(max_attempts=plan.config.max_attempts)
+    limits = limits or RunLimits(max_memory=plan.config.max_memory)
+    policy = RetryPolicy(max_attempts=limits.max_attempts)
     identity = plan_id(plan)
     key = slice_key(plan.dest, identity, index, count)
     journal = await open_journal(
@@ -146,12 +150,12 @@ async def upload_slice(
     )
     finished = False
     try:
-        async with open_s3_for(plan, connection or Connection()) as s3:
+        async with open_s3_for(limits, connection or Connection()) as s3:
             await s3.check_bucket(plan.dest.bucket)
             raw = await get_if_present(s3, plan.dest.bucket, key, policy=policy)
             earlier = SliceResult.from_bytes(raw, where=key) if raw is not None else None
             done = earlier.as_manifest(plan.dest) if earlier is not None else None
-            prepared = await prepare(s3, plan, journal=journal, done=done)
+            prepared = await prepare(s3, plan, journal=journal, done=done, limits=limits)
             mine = slice_of(work_units(plan.units, plan.shards), index, count)
             my_paths = {f.path for unit in mine for f in unit.files}
             my_shards = {s.key for unit in mine for s in unit.shards}
@@ -162,7 +166,12 @@ async def upload_slice(
             if on_start is not None:
                 on_start(prepared.files_todo, prepared.bytes_todo, 0)
             engine = make_engine(
-                s3, plan, on_progress=on_progress, journal=journal, stored=prepared.manifest
+                s3,
+                plan,
+                limits=limits,
+                on_progress=on_progress,
+                journal=journal,
+                stored=prepared.manifest,
             )
             await engine.run(prepared.todo, prepared.shards_todo)
             # Everything this slice has done, whichever run did it.
@@ -190,6 +199,7 @@ async def upload_slice(
                 plan,
                 prepared,
                 RunCounters.of(engine),
+                limits=limits,
                 started=started,
                 committed=NOT_COMMITTED,
                 warnings=list(journal.warnings),
@@ -206,6 +216,7 @@ async def finalize(
     *,
     keep_deleted: bool = False,
     break_lease: bool = False,
+    limits: RunLimits = DEFAULT_LIMITS,
 ) -> UploadReport:
     """Merge every slice's result into the manifest and catalog, the dataset made equal to
     the plan's tree as one upload of the plan would (unless `keep_deleted`): files no longer
@@ -213,7 +224,7 @@ async def finalize(
     written. Refuses, naming them, when slices are missing; files a slice failed are reported
     (exit 1), the rest catalogued. It holds the prefix's lease throughout (see lease.py)."""
     started = time.perf_counter()
-    policy = RetryPolicy(max_attempts=plan.config.max_attempts)
+    policy = RetryPolicy(max_attempts=limits.max_attempts)
     identity = plan_id(plan)
     retries = RetryCount()  # of the metadata and lease requests
     async with (
@@ -227,7 +238,7 @@ async def finalize(
             on_retry=retries,
         ) as held,
     ):
-        prepared = await prepare(s3, plan, metadata_retries=retries)
+        prepared = await prepare(s3, plan, metadata_retries=retries, limits=limits)
         found: dict[int, SliceResult] = {}
         counts: set[int] = set()
         prefix = slices_prefix(plan.dest, identity)
@@ -271,6 +282,7 @@ async def finalize(
             plan,
             prepared,
             counters.with_requests_of(s3),
+            limits=limits,
             started=started,
             committed=committed,
             objects_deleted=deleted,

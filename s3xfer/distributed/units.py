@@ -17,6 +17,7 @@ from typing import Any
 
 from ..dataset.manifest import ManifestRecord, ShardRecord
 from ..errors import S3XferError, UnitFailed, UsageError
+from ..limits import RunLimits
 from ..planning.plan import Plan, WorkUnit
 from ..transport.s3 import Connection
 from ..write.counters import RunCounters
@@ -130,8 +131,16 @@ def current_key(source: str, dest: str) -> str:
 
 
 def unit_payload(
-    *, job: str, index: int, plan: Plan, connection: Connection, unit: WorkUnit
+    *,
+    job: str,
+    index: int,
+    plan: Plan,
+    limits: RunLimits,
+    connection: Connection,
+    unit: WorkUnit,
 ) -> dict[str, Any]:
+    """A unit as a worker receives it: what to send (the plan's part of it) and how (the
+    producer's limits; a worker's --concurrency replaces theirs)."""
     return {
         "version": PAYLOAD_VERSION,
         "job": job,
@@ -139,6 +148,7 @@ def unit_payload(
         "source": str(plan.source),
         "dest": str(plan.dest),
         "config": plan.config.to_json(),
+        "limits": limits.to_json(),
         "connection": connection_to_json(connection),
         "unit": unit.to_json(),
     }

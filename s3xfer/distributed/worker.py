@@ -24,6 +24,7 @@ from .. import runner
 from ..config import TransferConfig
 from ..dataset.keys import S3Url
 from ..errors import S3XferError, UnitFailed, first_error
+from ..limits import RunLimits
 from ..planning.plan import Plan, WorkUnit
 from ..transport.s3 import Connection
 from ..write.counters import RunCounters
@@ -247,8 +248,10 @@ def execute_unit(
     if worker.on_start is not None:
         worker.on_start(job, index, unit, redelivered)
     config = TransferConfig.from_json(payload["config"])
+    # A payload of an s3xfer before RunLimits carries none: its config's memory budget then.
+    limits = RunLimits.from_json(payload.get("limits", {"max_memory": config.max_memory}))
     if worker.concurrency is not None:
-        config = replace(config, concurrency=worker.concurrency)
+        limits = replace(limits, concurrency=worker.concurrency, auto_concurrency=False)
     plan = Plan(
         source=Path(payload["source"]),
         dest=S3Url.parse(payload["dest"]),
@@ -273,7 +276,7 @@ def execute_unit(
     started = time.perf_counter()
     try:
         with first_error():
-            result: UnitResult = runner.run(_upload_unit, plan, unit, connection, reporter)
+            result: UnitResult = runner.run(_upload_unit, plan, limits, unit, connection, reporter)
     except S3XferError as error:
         result = UnitResult(job, index, worker.worker_id, error=str(error))
     return replace(
@@ -288,11 +291,13 @@ def execute_unit(
 
 
 async def _upload_unit(
-    plan: Plan, unit: WorkUnit, connection: Connection, reporter: _Reporter
+    plan: Plan, limits: RunLimits, unit: WorkUnit, connection: Connection, reporter: _Reporter
 ) -> UnitResult:
-    async with open_s3_for(plan, connection) as s3:
+    async with open_s3_for(limits, connection) as s3:
         await s3.check_bucket(plan.dest.bucket)
-        engine = make_engine(s3, plan, on_progress=reporter.advance, adopt_uploads=True)
+        engine = make_engine(
+            s3, plan, limits=limits, on_progress=reporter.advance, adopt_uploads=True
+        )
         async with anyio.create_task_group() as group:
             group.start_soon(reporter.run)
             try:

@@ -79,7 +79,7 @@ class RunCounters:
             requests=s3.requests,
             write_requests=s3.writes,
             peak_buffered_bytes=engine.budget.peak,
-            lowest_concurrency=s3.gate.window.lowest if s3.gate else engine.config.concurrency,
+            lowest_concurrency=s3.gate.window.lowest if s3.gate else engine.limits.concurrency,
             failures=tuple(stats.failures),
             concurrency_choice=s3.gate.summary() if s3.gate else {},
         )

@@ -1,10 +1,11 @@
 """Executes plan units against S3: one task group, bounded requests, a hard byte budget.
 
-`concurrency` workers pull jobs (single PUTs, and parts of multipart uploads of large files
+`limits.concurrency` workers pull jobs (single PUTs, and parts of multipart uploads of large files
 and of tar shards) from one unbuffered stream, so parts of different objects interleave and a
 slow part never stalls the others. Before reading any bytes a worker reserves them from the
 ByteBudget; they are released once S3 has acknowledged them. Requests in flight are therefore
-at most `concurrency`, and file bytes buffered at most `max_memory`.
+at most `limits.concurrency`, and file bytes buffered at most `limits.max_memory` (or one
+part, when the plan's parts are larger: run_budget in upload.py says so).
 
 A shard's parts are built independently from its layout (tarpack.ShardLayout): each reads
 just the member ranges it covers. The part that holds the shard's index waits until every
@@ -40,6 +41,7 @@ from ..dataset.keys import S3Url
 from ..dataset.manifest import Manifest, ManifestRecord, ShardRecord
 from ..dataset.tarpack import FixedPiece
 from ..errors import MemberChangedError, NoSuchUploadError, S3XferError, SourceError
+from ..limits import DEFAULT_LIMITS, RunLimits
 from ..localfs import (
     FileIdentity,
     Identities,
@@ -83,6 +85,8 @@ class Engine:
         bucket: str,
         source: Path,
         config: TransferConfig,
+        limits: RunLimits = DEFAULT_LIMITS,
+        max_memory: int | None = None,
         on_progress: ProgressCallback | None = None,
         journal: Journal | None = None,
         prefix: str | None = None,
@@ -96,12 +100,14 @@ class Engine:
         self.s3 = s3
         self.bucket = bucket
         self.source = source
-        self.config = config
-        self.budget = ByteBudget(config.max_memory)
+        self.config = config  # the plan's: what is sent
+        self.limits = limits  # how: requests in flight, memory, attempts
+        # max_memory: the budget, limits.max_memory or more (make_engine's run_budget).
+        self.budget = ByteBudget(max_memory or limits.max_memory)
         self.stats = EngineStats()
         self.records: list[ManifestRecord] = []
         self.shard_records: list[ShardRecord] = []
-        self._policy = RetryPolicy(max_attempts=config.max_attempts)
+        self._policy = RetryPolicy(max_attempts=limits.max_attempts)
         self._on_progress = on_progress or (lambda _b, _f: None)
         self._open_uploads: set[Multipart] = set()
         self.journal = journal
@@ -145,7 +151,7 @@ class Engine:
             async with anyio.create_task_group() as group:
                 self._group = group
                 async with receive:
-                    for _ in range(self.config.most_in_flight):
+                    for _ in range(self.limits.most_in_flight):
                         group.start_soon(self._worker, receive.clone())
                 async with send:
                     # Shards first: each is many files, and their parts keep every worker busy.
@@ -322,7 +328,7 @@ class Engine:
                 keys=UploadKeys(frozenset(keys)),
             )
             stale += [(u.key, u.upload_id) for u in listed if u.upload_id not in state.uploads]
-        limiter = anyio.CapacityLimiter(self.config.most_in_flight)
+        limiter = anyio.CapacityLimiter(self.limits.most_in_flight)
 
         async def abort(key: str, upload_id: str) -> None:
             async with limiter:

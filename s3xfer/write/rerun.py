@@ -34,6 +34,7 @@ from ..dataset.keys import S3Url, manifest_key
 from ..dataset.manifest import ManifestRecord, ManifestRows
 from ..dataset.tarpack import member_data_offset
 from ..errors import CorruptMetadataError
+from ..limits import DEFAULT_LIMITS, RunLimits
 from ..planning.globs import NO_FILTER, PathFilter
 from ..planning.plan import Kind, classify, plan_file, shard_groups, shard_key
 from ..planning.survey import FileEntry, base_dir, scan
@@ -199,6 +200,7 @@ async def unchanged_upload(
     keep_deleted: bool = False,
     resume: bool = True,
     state_dir: Path | None = None,
+    limits: RunLimits = DEFAULT_LIMITS,
 ) -> UploadReport | None:
     """The report of uploading `root` to `dest` when nothing would be sent or written (see the
     module's docstring), decided by walking the tree once beside the manifest; None when
@@ -207,7 +209,7 @@ async def unchanged_upload(
     started = time.perf_counter()
     if resume and await anyio.to_thread.run_sync(_journal_exists, root, dest, state_dir):
         return None  # an interrupted run to finish (or its uploads to abort)
-    policy = RetryPolicy(max_attempts=config.max_attempts)
+    policy = RetryPolicy(max_attempts=limits.max_attempts)
     retries = RetryCount()
     async with open_s3(connection, max_pool_connections=4) as s3:
         key = manifest_key(dest)
@@ -254,6 +256,6 @@ async def unchanged_upload(
         extra={"shards_uploaded": 0, "compared_while_walking": True},
         files_kept_deleted=found.kept_deleted,
         files_not_selected=found.not_selected,
-        concurrency=config.concurrency,
-        lowest_concurrency=config.concurrency,
+        concurrency=limits.concurrency,
+        lowest_concurrency=limits.concurrency,
     )

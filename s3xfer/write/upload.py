@@ -14,12 +14,14 @@ from typing import Any
 import anyio
 
 from ..checksums import crc32, crc32_to_base64
+from ..config import format_size
 from ..dataset import catalog
 from ..dataset.coding import ENCRYPTED, Coding
 from ..dataset.keys import S3Url, manifest_key, sync_deletable
 from ..dataset.manifest import Manifest, ManifestRecord, ShardRecord
 from ..errors import CorruptMetadataError, EncryptionKeyError, NoSuchKeyError, S3XferError
-from ..planning.plan import FileUnit, Plan, ShardUnit
+from ..limits import DEFAULT_LIMITS, Budget, RunLimits
+from ..planning.plan import FileUnit, Kind, Plan, ShardUnit
 from ..planning.survey import Problem
 from ..transport.retry import RetryCount, RetryPolicy, call_with_retries
 from ..transport.s3 import MAX_DELETE_KEYS, S3, Connection, open_s3
@@ -270,13 +272,14 @@ async def prepare(
     done: Manifest | None = None,
     metadata_retries: RetryCount | None = None,
     check_bucket: bool = True,
+    limits: RunLimits = DEFAULT_LIMITS,
 ) -> Prepared:
     """Check the bucket, read the manifest and the catalog's state (at once), and split the
     plan into work and no work. `done`: work finished but not in the destination's manifest
     yet (a slice's earlier result). `metadata_retries`: where to count the retries of
     metadata requests (one counter for an upload that prepares twice and holds a lease, so
     that its report counts them all). `check_bucket`: False when this run checked it."""
-    policy = RetryPolicy(max_attempts=plan.config.max_attempts)
+    policy = RetryPolicy(max_attempts=limits.max_attempts)
     metadata_retries = metadata_retries if metadata_retries is not None else RetryCount()
     _, (old, old_sha256), catalog_state = await concurrently(
         (lambda: s3.check_bucket(plan.dest.bucket)) if check_bucket else _nothing,
@@ -437,11 +440,12 @@ async def prepare_to_write(
     break_lease: bool,
     retries: RetryCount,
     journal: Journal | None = None,
+    limits: RunLimits = DEFAULT_LIMITS,
 ) -> tuple[Prepared, lease.Lease | None]:
     """prepare(); then, when the upload may write, the prefix's lease taken (held by `stack`
     until it closes) and prepare() again under it: the dataset as the last writer left it.
     The lease is None for an upload with nothing to write, which takes none."""
-    prepared = await prepare(s3, plan, journal=journal, metadata_retries=retries)
+    prepared = await prepare(s3, plan, journal=journal, metadata_retries=retries, limits=limits)
     if not may_write(prepared, plan, keep_deleted=keep_deleted):
         return prepared, None
     held = await stack.enter_async_context(
@@ -454,7 +458,14 @@ async def prepare_to_write(
             on_retry=retries,
         )
     )
-    again = await prepare(s3, plan, journal=journal, metadata_retries=retries, check_bucket=False)
+    again = await prepare(
+        s3,
+        plan,
+        journal=journal,
+        metadata_retries=retries,
+        check_bucket=False,
+        limits=limits,
+    )
     return again, held
 
 
@@ -502,10 +513,22 @@ def refuse_plain_into_encrypted(manifest: Manifest | None) -> None:
         )
 
 
+def run_budget(plan: Plan, limits: RunLimits) -> Budget:
+    """The byte budget a run of `plan` needs: limits.max_memory, or the plan's largest part
+    (or single PUT) when that is larger: a saved plan's parts are what it was made with, and
+    each is held whole while it is sent. Budget.raised says so."""
+    largest = max(
+        (u.part_size if u.kind is Kind.MULTIPART else u.size for u in plan.units), default=0
+    )
+    largest = max(largest, max((s.part_size for s in plan.shards), default=0))
+    return limits.memory_for(largest, what=f"one part of {format_size(largest)} of the plan")
+
+
 def make_engine(
     s3: S3,
     plan: Plan,
     *,
+    limits: RunLimits = DEFAULT_LIMITS,
     on_progress: ProgressCallback | None = None,
     journal: Journal | None = None,
     adopt_uploads: bool = False,
@@ -518,6 +541,8 @@ def make_engine(
         bucket=plan.dest.bucket,
         source=plan.source,
         config=plan.config,
+        limits=limits,
+        max_memory=run_budget(plan, limits).capacity,
         on_progress=on_progress,
         journal=journal,
         prefix=plan.dest.prefix,
@@ -526,11 +551,18 @@ def make_engine(
     )
 
 
+def _raised(plan: Plan, limits: RunLimits) -> list[str]:
+    """The notice of a budget raised to hold the plan's largest part, if it was."""
+    raised = run_budget(plan, limits).raised
+    return [raised] if raised else []
+
+
 def make_report(
     plan: Plan,
     prepared: Prepared,
     counters: RunCounters,
     *,
+    limits: RunLimits = DEFAULT_LIMITS,
     started: float,
     committed: Committed,
     objects_deleted: int = 0,
@@ -564,11 +596,11 @@ def make_report(
         bytes_reused=counters.bytes_reused,
         uploads_resumed=counters.uploads_resumed,
         uploads_kept=counters.uploads_kept,
-        warnings=[*(warnings or []), *committed.warnings],
-        concurrency=counters.concurrency_choice.get("final", plan.config.concurrency)
-        if plan.config.auto_concurrency
-        else plan.config.concurrency,
-        lowest_concurrency=counters.lowest_concurrency or plan.config.concurrency,
+        warnings=[*_raised(plan, limits), *(warnings or []), *committed.warnings],
+        concurrency=counters.concurrency_choice.get("final", limits.concurrency)
+        if limits.auto_concurrency
+        else limits.concurrency,
+        lowest_concurrency=counters.lowest_concurrency or limits.concurrency,
         concurrency_choice=dict(counters.concurrency_choice),
     )
 
@@ -583,6 +615,7 @@ async def execute_plan(
     keep_deleted: bool = False,
     break_lease: bool = False,
     encryption_key: bytes | None = None,
+    limits: RunLimits = DEFAULT_LIMITS,
 ) -> UploadReport:
     """Upload what changed since the last run of this plan's destination, with a client given,
     and make the dataset equal the tree (files no longer in it leave the manifest, objects
@@ -600,7 +633,7 @@ async def execute_plan(
     retries = RetryCount()  # of the metadata and lease requests
     frame_key = None
     if encryption_key is not None:
-        policy = RetryPolicy(max_attempts=plan.config.max_attempts)
+        policy = RetryPolicy(max_attempts=limits.max_attempts)
         frame_key = await open_or_create_data_key(s3, plan.dest, encryption_key, policy=policy)
         plan = plan.coded(ENCRYPTED)
     async with contextlib.AsyncExitStack() as stack:
@@ -613,13 +646,19 @@ async def execute_plan(
             break_lease=break_lease,
             retries=retries,
             journal=journal,
+            limits=limits,
         )
         if frame_key is None:
             refuse_plain_into_encrypted(prepared.old)
         if on_start is not None:
             on_start(prepared.files_todo, prepared.bytes_todo, prepared.files_unchanged)
         engine = make_engine(
-            s3, plan, on_progress=on_progress, journal=journal, stored=prepared.manifest
+            s3,
+            plan,
+            limits=limits,
+            on_progress=on_progress,
+            journal=journal,
+            stored=prepared.manifest,
         )
         engine.frame_key = frame_key
         await engine.run(prepared.todo, prepared.shards_todo)
@@ -643,6 +682,7 @@ async def execute_plan(
         plan,
         prepared,
         RunCounters.of(engine),
+        limits=limits,
         started=started,
         committed=committed,
         objects_deleted=deleted,
@@ -694,13 +734,15 @@ async def save_catalog(
     await put(manifest_key(dest), manifest_bytes)
 
 
-def open_s3_for(plan: Plan, connection: Connection) -> contextlib.AbstractAsyncContextManager[S3]:
-    """The client of an upload of `plan`: its requests in flight fixed at the plan's
-    concurrency, or tuned during the transfer (auto_concurrency), the pools sized to match."""
+def open_s3_for(
+    limits: RunLimits, connection: Connection
+) -> contextlib.AbstractAsyncContextManager[S3]:
+    """The client of an upload: its requests in flight fixed at limits.concurrency, or tuned
+    during the transfer (auto_concurrency), the pools sized to match."""
     return open_s3(
         connection,
-        max_pool_connections=plan.config.concurrency,
-        tuner=TunerSettings() if plan.config.auto_concurrency else None,
+        max_pool_connections=limits.concurrency,
+        tuner=TunerSettings() if limits.auto_concurrency else None,
     )
 
 
@@ -715,19 +757,22 @@ async def upload(
     keep_deleted: bool = False,
     break_lease: bool = False,
     encryption_key: bytes | None = None,
+    limits: RunLimits | None = None,
 ) -> UploadReport:
-    """Execute a plan: one client, its connection pool sized to the plan's concurrency. The
+    """Execute a plan: one client, its connection pool sized to limits.concurrency. The
     dataset is made equal to the plan's tree, unless `keep_deleted`; `break_lease` takes the
-    prefix's lease even from another writer (see execute_plan).
+    prefix's lease even from another writer (see execute_plan). `limits`: how the run is
+    bounded (default: RunLimits with the memory budget the plan was made with).
 
     With `resume` (the default) progress is journaled under the state directory, and a run
     interrupted at any point is resumed by running the same upload again."""
+    limits = limits or RunLimits(max_memory=plan.config.max_memory)
     journal = None
     if resume:
         journal = await open_journal(plan, state_dir=state_dir, name=str(plan.dest))
     finished = False
     try:
-        async with open_s3_for(plan, connection or Connection()) as s3:
+        async with open_s3_for(limits, connection or Connection()) as s3:
             report = await execute_plan(
                 s3,
                 plan,
@@ -737,6 +782,7 @@ async def upload(
                 keep_deleted=keep_deleted,
                 break_lease=break_lease,
                 encryption_key=encryption_key,
+                limits=limits,
             )
         finished = report.uploads_kept == 0
         return report

@@ -16,6 +16,7 @@ import pytest
 
 from s3xfer.config import MiB, TransferConfig
 from s3xfer.dataset.keys import S3Url
+from s3xfer.limits import RunLimits
 from s3xfer.locals3 import LocalS3Info
 from s3xfer.planning.plan import make_plan
 from s3xfer.planning.survey import survey
@@ -27,14 +28,14 @@ from ..integration.redis_server import redis_url_fixture  # noqa: F401  (the `re
 from ..integration.test_distributed import database, workers
 from .helpers import journal_events, upload_holding
 
-CONFIG = TransferConfig(
-    concurrency=2, part_size=5 * MiB, multipart_threshold=8 * MiB, shard_size=5 * MiB
-)
+CONFIG = TransferConfig(part_size=5 * MiB, multipart_threshold=8 * MiB, shard_size=5 * MiB)
+LIMITS = RunLimits(concurrency=2)
 
 
 def run_upload(src: Path, url: str, info: LocalS3Info) -> UploadReport:
     async def main() -> UploadReport:
-        return await upload(make_plan(survey(src), S3Url.parse(url), CONFIG), connection(info))
+        plan = make_plan(survey(src), S3Url.parse(url), CONFIG)
+        return await upload(plan, connection(info), limits=LIMITS)
 
     return anyio.run(main)
 

@@ -32,13 +32,9 @@ TREE: dict[str, int] = {
     **{f"small/{n // 50}/{n}.txt": 2000 + n for n in range(400)},
 }
 CONFIG = TransferConfig(
-    concurrency=8,
-    part_size=5 * MiB,
-    multipart_threshold=8 * MiB,
-    shard_size=5 * MiB,
-    max_memory=64 * MiB,
-    max_attempts=10,
+    part_size=5 * MiB, multipart_threshold=8 * MiB, shard_size=5 * MiB, max_memory=64 * MiB
 )
+LIMITS = RunLimits(concurrency=8, max_memory=64 * MiB, max_attempts=10)
 EVERY_FAULT = FaultPlan(
     seed=3,
     slowdown=0.06,
@@ -66,11 +62,16 @@ def through(proxy: FaultProxy, info: LocalS3Info) -> Connection:
 
 
 async def upload_through(
-    plan: FaultPlan, src: Path, url: str, info: LocalS3Info, config: TransferConfig = CONFIG
+    plan: FaultPlan,
+    src: Path,
+    url: str,
+    info: LocalS3Info,
+    config: TransferConfig = CONFIG,
+    limits: RunLimits = LIMITS,
 ) -> tuple[UploadReport, Counter[str]]:
     async with FaultProxy(info.endpoint_url, plan) as proxy:
         report = await upload(
-            make_plan(survey(src), S3Url.parse(url), config), through(proxy, info)
+            make_plan(survey(src), S3Url.parse(url), config), through(proxy, info), limits=limits
         )
         return report, proxy.injected
 
@@ -114,7 +115,7 @@ def test_an_upload_and_a_download_survive_every_kind_of_fault(
     certain = injected["slowdown"] + injected["error500"] + injected["stall"]
     assert certain <= report.retries <= sum(injected.values())
     assert report.throttled == injected["slowdown"]
-    assert report.lowest_concurrency < CONFIG.concurrency  # the window came down
+    assert report.lowest_concurrency < LIMITS.concurrency  # the window came down
 
     out = tmp_path / "out"
     restored, injected = anyio.run(download_through, DOWNLOAD_FAULTS, url, out, local_s3)
@@ -130,11 +131,14 @@ def test_a_file_out_of_attempts_fails_alone_with_a_clear_message(
 ) -> None:
     src = tmp_path / "src"
     write_tree(src, {f"f{n:02d}.bin": 1100 * 1024 for n in range(30)}, seed=5)
-    config = dataclasses.replace(CONFIG, max_attempts=3, pack=False)
+    config = dataclasses.replace(CONFIG, pack=False)
+    limits = dataclasses.replace(LIMITS, max_attempts=3)
     # Five files answered 500 on every attempt; the rest of the run is not faulted.
     plan = FaultPlan(error500=1.0, targets=r"/p/f0[0-4]\.bin")
 
-    report, injected = anyio.run(upload_through, plan, src, f"s3://{bucket}/p", local_s3, config)
+    report, injected = anyio.run(
+        upload_through, plan, src, f"s3://{bucket}/p", local_s3, config, limits
+    )
 
     assert report.files_failed == 5 and report.files_uploaded == 25
     assert sorted(path for path, _ in report.failures) == [f"f0{n}.bin" for n in range(5)]
@@ -149,10 +153,13 @@ def test_throttling_alone_lowers_the_window_then_completes(
 ) -> None:
     src = tmp_path / "src"
     write_tree(src, {f"f{n:03d}": 3000 for n in range(300)}, seed=2)
-    config = dataclasses.replace(CONFIG, pack=False, concurrency=32)
+    config = dataclasses.replace(CONFIG, pack=False)
+    limits = dataclasses.replace(LIMITS, concurrency=32)
     plan = FaultPlan(seed=4, slowdown=0.1, slowdown_burst=3, skip_first=2)
 
-    report, injected = anyio.run(upload_through, plan, src, f"s3://{bucket}/t", local_s3, config)
+    report, injected = anyio.run(
+        upload_through, plan, src, f"s3://{bucket}/t", local_s3, config, limits
+    )
 
     assert report.ok and report.files_uploaded == 300
     assert report.throttled == injected["slowdown"] > 0
@@ -166,11 +173,14 @@ def test_a_body_the_server_stops_taking_is_cut_and_sent_again(
     # writes block (no read timeout can see that) until the body watchdog gives up on it.
     src = tmp_path / "src"
     contents = write_tree(src, {"big.bin": 100 * MiB}, seed=9)
-    config = dataclasses.replace(CONFIG, part_size=64 * MiB, max_memory=128 * MiB, concurrency=2)
+    config = dataclasses.replace(CONFIG, part_size=64 * MiB, max_memory=128 * MiB)
+    limits = RunLimits(concurrency=2, max_memory=128 * MiB)
     stall = FaultPlan(stall_request=1.0, stall_seconds=60.0, max_faults=1, targets=r"partNumber=1&")
     started = time.monotonic()
 
-    report, injected = anyio.run(upload_through, stall, src, f"s3://{bucket}/w", local_s3, config)
+    report, injected = anyio.run(
+        upload_through, stall, src, f"s3://{bucket}/w", local_s3, config, limits
+    )
 
     assert injected == {"stall_request": 1}
     assert report.ok and report.files_uploaded == 1 and report.retries == 1

@@ -30,7 +30,6 @@ from s3xfer.write.upload import UploadReport
 from .helpers import connection, run_cli, write_tree
 
 SHAPED = TransferConfig(
-    concurrency=8,
     max_memory=64 * MiB,
     part_size=5 * MiB,
     multipart_threshold=8 * MiB,

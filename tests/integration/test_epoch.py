@@ -33,7 +33,6 @@ from .helpers import connection, write_tree
 from .test_sync import spoil_crc32
 
 SHAPED = TransferConfig(
-    concurrency=8,
     max_memory=64 * MiB,
     part_size=5 * MiB,
     multipart_threshold=8 * MiB,

@@ -156,3 +156,68 @@ def test_download_says_when_max_memory_is_raised_to_hold_one_range(
     assert again.returncode == 0, again.stderr
     assert warnings(again.stderr) == []
     assert json.loads(again.stdout)["max_memory"] == 16 * MiB
+
+
+def test_a_plan_keeps_no_run_limits_and_an_old_plans_are_ignored(
+    tmp_path: Path, s3_env: LocalS3Info, bucket: str
+) -> None:
+    write_tree(tmp_path / "src", {"a.txt": 100, "b.txt": 200})
+    plan_path = tmp_path / "plan.json"
+    url = f"s3://{bucket}/old"
+    planned = run_cli("plan", str(tmp_path / "src"), url, "-o", str(plan_path), "--json")
+    assert planned.returncode == 0, planned.stderr
+    config = json.loads(planned.stdout)["config"]
+    assert "concurrency" not in config and "max_attempts" not in config
+    # `plan` has no --concurrency to ignore.
+    refused = run_cli("plan", str(tmp_path / "src"), url, "--concurrency", "4")
+    assert refused.returncode == 2 and "--concurrency" in refused.stderr
+
+    # A plan written by an earlier s3xfer, with its concurrency and attempts: the run's own.
+    saved = json.loads(plan_path.read_text())
+    saved["config"] |= {"concurrency": 3, "auto_concurrency": False, "max_attempts": 6}
+    plan_path.write_text(json.dumps(saved))
+    result = run_cli("upload", "--plan", str(plan_path), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["concurrency"]["mode"] == "auto"
+
+
+def test_a_saved_plan_runs_under_a_smaller_budget_than_its_parts_and_says_so(
+    tmp_path: Path, s3_env: LocalS3Info, bucket: str
+) -> None:
+    contents = write_tree(tmp_path / "src", {"big.bin": 20 * MiB})
+    plan_path = tmp_path / "plan.json"
+    url = f"s3://{bucket}/budget"
+    planned = run_cli("plan", str(tmp_path / "src"), url, "-o", str(plan_path), "--quiet")
+    assert planned.returncode == 0, planned.stderr  # parts of 16 MiB
+
+    result = run_cli("upload", "--plan", str(plan_path), "--max-memory", "8MiB", "--json")
+    assert result.returncode == 0, result.stderr
+    notice = "--max-memory 8 MiB raised to 16 MiB: one part of 16 MiB of the plan is held whole"
+    assert warnings(result.stderr) == [f"s3xfer: warning: {notice}"]
+    report = json.loads(result.stdout)
+    assert notice in report["warnings"] and report["files_uploaded"] == 1
+    assert 0 < report["peak_buffered_bytes"] <= 16 * MiB
+    restored = run_cli("download", url, str(tmp_path / "out"), "--quiet")
+    assert restored.returncode == 0, restored.stderr
+    assert (tmp_path / "out/big.bin").read_bytes() == contents["big.bin"]
+
+
+def test_slices_run_with_their_own_concurrency_are_found_by_finalize(
+    tmp_path: Path, s3_env: LocalS3Info, bucket: str
+) -> None:
+    # The limits of a slice are not part of the plan's identity (they once were: finalize
+    # then found no result of a slice run with --concurrency).
+    write_tree(tmp_path / "src", {f"f{n}.txt": 100 + n for n in range(4)})
+    plan_path = tmp_path / "plan.json"
+    url = f"s3://{bucket}/sliced"
+    planned = run_cli("plan", str(tmp_path / "src"), url, "-o", str(plan_path), "--quiet")
+    assert planned.returncode == 0, planned.stderr
+    env = {"S3XFER_STATE_DIR": str(tmp_path / "state")}
+    for index, options in (("1/2", ["--concurrency", "3"]), ("2/2", [])):
+        sliced = run_cli(
+            "upload", "--plan", str(plan_path), "--slice", index, *options, "--quiet", env=env
+        )
+        assert sliced.returncode == 0, sliced.stderr
+    finalized = run_cli("finalize", "--plan", str(plan_path), "--json", env=env)
+    assert finalized.returncode == 0, finalized.stderr
+    assert json.loads(finalized.stdout)["files_uploaded"] == 4

@@ -40,7 +40,6 @@ from .helpers import connection
 from .test_sync import keys_under, referenced_keys, tree_of
 
 CONFIG = TransferConfig(
-    concurrency=4,
     max_memory=32 * MiB,
     part_size=5 * MiB,
     multipart_threshold=2 * MiB,

@@ -15,6 +15,7 @@ import pytest
 
 from s3xfer.config import MiB, TransferConfig
 from s3xfer.dataset.keys import S3Url, hashed_prefix
+from s3xfer.limits import RunLimits
 from s3xfer.locals3 import LocalS3Info
 from s3xfer.planning.plan import Kind, Plan, make_plan
 from s3xfer.planning.survey import survey
@@ -24,7 +25,7 @@ from .helpers import connection, list_keys, read_object, run_cli, write_tree
 
 # A small multipart threshold so that multipart uploads stay cheap in tests.
 SMALL = TransferConfig(
-    concurrency=8, max_memory=32 * MiB, part_size=5 * MiB, multipart_threshold=6 * MiB, pack=False
+    max_memory=32 * MiB, part_size=5 * MiB, multipart_threshold=6 * MiB, pack=False
 )
 
 MIXED_TREE = {
@@ -41,12 +42,18 @@ MIXED_TREE = {
 
 
 def do_upload(
-    src: Path, url: str, info: LocalS3Info, config: TransferConfig = SMALL
+    src: Path,
+    url: str,
+    info: LocalS3Info,
+    config: TransferConfig = SMALL,
+    limits: RunLimits | None = None,
 ) -> tuple[Plan, UploadReport]:
+    """`limits`: by default, 8 in flight and the config's memory budget."""
     plan = make_plan(survey(src), S3Url.parse(url), config)
+    limits = limits or RunLimits(concurrency=8, max_memory=config.max_memory)
 
     async def main() -> UploadReport:
-        return await upload(plan, connection(info))
+        return await upload(plan, connection(info), limits=limits)
 
     return plan, anyio.run(main)
 
@@ -224,9 +231,9 @@ def test_memory_budget_holds_with_parts_of_many_files_interleaved(
     tmp_path: Path, s3_env: LocalS3Info, bucket: str, concurrency: int
 ) -> None:
     write_tree(tmp_path / "src", {f"f{n}": 7 * MiB for n in range(3)} | {"s": 3})
-    config = TransferConfig(
-        concurrency=concurrency, max_memory=12 * MiB, part_size=5 * MiB, multipart_threshold=6 * MiB
-    )
-    _, report = do_upload(tmp_path / "src", f"s3://{bucket}/m{concurrency}", s3_env, config)
+    config = TransferConfig(max_memory=12 * MiB, part_size=5 * MiB, multipart_threshold=6 * MiB)
+    limits = RunLimits(concurrency=concurrency, max_memory=12 * MiB)
+    url = f"s3://{bucket}/m{concurrency}"
+    _, report = do_upload(tmp_path / "src", url, s3_env, config, limits)
     assert report.ok, (report.failures, report.problems)
     assert 0 < report.peak_buffered_bytes <= 12 * MiB

@@ -20,7 +20,7 @@ def profile_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("S3XFER_HOME", str(home))
     recommendation = Recommendation(
         concurrency={"put": 12, "multipart": 24, "get": 6},
-        part_size=16 * MiB,
+        part_size=8 * MiB,
         range_size=4 * MiB,
         knees=(Knee("multipart", 16 * MiB, 24, 200.0, 12.5), Knee("put", MiB, 12, 80.0, 80.0)),
         tolerance=0.05,
@@ -37,7 +37,8 @@ def test_plan_takes_the_profile_and_estimates_time(profile_home: Path, tmp_path:
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["config"]["concurrency"] == 24 and summary["config"]["part_size"] == 16 * MiB
+    # A plan takes the profile's part size (its concurrency is upload's: a run limit).
+    assert summary["config"]["part_size"] == 8 * MiB
     assert summary["estimated_seconds"] == pytest.approx((40 * MiB + 10) / 200e6, abs=0.1)
     explicit = run_cli(
         "plan",
@@ -45,12 +46,12 @@ def test_plan_takes_the_profile_and_estimates_time(profile_home: Path, tmp_path:
         "s3://bkt/p",
         "--bench-profile",
         "lab",
-        "-c",
-        "3",
+        "--part-size",
+        "32MiB",
         "--json",
         env=env,
     )
-    assert json.loads(explicit.stdout)["config"]["concurrency"] == 3  # explicit wins
+    assert json.loads(explicit.stdout)["config"]["part_size"] == 32 * MiB  # explicit wins
 
 
 def test_unknown_profile_is_one_clear_line(profile_home: Path, tmp_path: Path) -> None:

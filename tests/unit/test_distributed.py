@@ -17,6 +17,7 @@ from s3xfer.dataset.manifest import ManifestRecord, ShardRecord
 from s3xfer.distributed import units as d
 from s3xfer.distributed.worker import make_app
 from s3xfer.errors import S3XferError, UnitFailed, UsageError
+from s3xfer.limits import RunLimits
 from s3xfer.planning.plan import FileUnit, Kind, Plan, ShardUnit, WorkUnit
 from s3xfer.planning.survey import FileEntry
 from s3xfer.transport.s3 import Connection
@@ -36,7 +37,7 @@ def sample_plan(work: list[WorkUnit]) -> Plan:
     return Plan(
         source=Path("/data/src"),
         dest=S3Url.parse("s3://bucket/ds"),
-        config=TransferConfig(concurrency=8),
+        config=TransferConfig(part_size=8 * 1024 * 1024),
         units=[f for u in work for f in u.files],
         shards=[s for u in work for s in u.shards],
     )
@@ -56,15 +57,22 @@ def test_a_unit_payload_carries_no_credentials_and_round_trips() -> None:
         read_timeout=4.0,
         unsigned=True,
     )
+    limits = RunLimits(concurrency=8, max_attempts=3)
     payload = d.unit_payload(
-        job="j", index=1, plan=sample_plan(work), connection=connection, unit=work[1]
+        job="j",
+        index=1,
+        plan=sample_plan(work),
+        limits=limits,
+        connection=connection,
+        unit=work[1],
     )
     text = json.dumps(payload)  # JSON only: the only serializer the app accepts
     for secret in (SECRET, "AKIAEXAMPLEEXAMPLE", "prod-admin"):
         assert secret not in text
     back = json.loads(text)
     assert WorkUnit.from_json(back["unit"]) == work[1]
-    assert TransferConfig.from_json(back["config"]) == TransferConfig(concurrency=8)
+    assert TransferConfig.from_json(back["config"]) == TransferConfig(part_size=8 * 1024 * 1024)
+    assert RunLimits.from_json(back["limits"]) == limits
     assert d.connection_from_json(back["connection"]) == Connection(
         endpoint_url="http://127.0.0.1:9000",
         region="eu-west-1",

@@ -72,7 +72,6 @@ def test_format_size() -> None:
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"concurrency": 0},
         {"part_size": MiB},
         {"max_memory": MiB},
         {"key_prefix": "random"},
@@ -85,7 +84,7 @@ def test_invalid_settings_are_refused(kwargs: dict[str, object]) -> None:
 
 
 def test_settings_round_trip() -> None:
-    config = TransferConfig(concurrency=7, key_prefix="hash")
+    config = TransferConfig(max_memory=64 * 1024 * 1024, key_prefix="hash")
     assert TransferConfig.from_json(config.to_json()) == config
 
 

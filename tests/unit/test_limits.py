@@ -4,6 +4,7 @@ raised only with a notice that says so."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 
@@ -22,9 +23,13 @@ def test_the_defaults_are_the_configured_ones() -> None:
     assert limits == DEFAULT_LIMITS
     assert limits.to_json() == {
         "concurrency": DEFAULT_CONCURRENCY,
+        "auto_concurrency": False,
         "max_memory": DEFAULT_MAX_MEMORY,
         "max_attempts": 10,
     }
+    assert RunLimits.from_json(limits.to_json()) == limits
+    assert limits.most_in_flight == DEFAULT_CONCURRENCY
+    assert RunLimits(auto_concurrency=True).most_in_flight == 512
 
 
 @pytest.mark.parametrize(
@@ -36,7 +41,7 @@ def test_the_defaults_are_the_configured_ones() -> None:
         ({"max_attempts": 0}, "max attempts must be between 1 and 100, got 0"),
     ],
 )
-def test_values_out_of_range_are_refused(values: dict[str, int], message: str) -> None:
+def test_values_out_of_range_are_refused(values: dict[str, Any], message: str) -> None:
     with pytest.raises(UsageError, match=message):
         RunLimits(**values)
 
