@@ -28,6 +28,7 @@ from ..checksums import crc32, crc32_to_base64
 from ..config import MiB, format_size
 from ..dataset.keys import S3Url, is_reserved_path, manifest_key, unfinished_upload
 from ..dataset.manifest import Manifest
+from ..destination import SafeDestination, Staging, make_directory, staging_in, used_by
 from ..errors import (
     DestinationError,
     DiskFullError,
@@ -42,7 +43,6 @@ from ..errors import (
     first_error,
 )
 from ..limits import DEFAULT_LIMITS, RunLimits
-from ..localfs import SafeDestination, Staging, make_directory, staging_in, used_by
 from ..malloc import return_large_buffers_promptly
 from ..planning.globs import PathFilter
 from ..transport.retry import RetryCount, RetryPolicy, call_with_retries

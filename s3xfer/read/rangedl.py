@@ -2,7 +2,7 @@
 written at their offsets into a preallocated partial file, resumable after a kill, and renamed
 into place only when complete and verified.
 
-The partial file is `job.partial`, in the destination's staging directory (localfs.Staging,
+The partial file is `job.partial`, in the destination's staging directory (destination.Staging,
 never beside a user's file); beside it, while the download is unfinished, its sidecar
 (`<hash>.json`: which ranges are written, and their CRC32s). The sidecar is replaced
 atomically after each range, and only ever lists ranges whose bytes were written before, so
@@ -29,8 +29,8 @@ import anyio
 from ..budget import ByteBudget
 from ..checksums import combine_parts, crc32, crc32_from_base64, crc32_to_base64
 from ..dataset.validate import restored_mode
+from ..destination import destination_error, move_into_place
 from ..errors import IntegrityError, TransientError, UsageError, first_error
-from ..localfs import destination_error, move_into_place
 from ..transport.retry import RetryPolicy, call_with_retries
 from .ranges import RangeGet, check_ranged_response
 

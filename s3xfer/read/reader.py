@@ -39,6 +39,7 @@ from ..dataset.keys import (
     unfinished_upload,
 )
 from ..dataset.manifest import Manifest, ManifestRecord
+from ..destination import SafeDestination, make_directory, staging_in, used_by
 from ..errors import (
     IntegrityError,
     NoDatasetError,
@@ -52,7 +53,6 @@ from ..errors import (
     first_error,
 )
 from ..limits import RunLimits
-from ..localfs import SafeDestination, make_directory, staging_in, used_by
 from ..planning.globs import path_matcher
 from ..transport.retry import RetryPolicy, call_with_retries
 from ..transport.s3 import S3, Connection, open_s3

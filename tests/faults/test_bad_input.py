@@ -50,7 +50,7 @@ DATASET_FILES = {
     "big/blob.bin": 3 * 1024 * 1024,
 }
 SOURCE_FILES = {"a.txt": 10, "sub/b.txt": 1_000, "sub/c.json": 200}
-TEMPORARY_NAMES = (".s3xfer-*",)  # s3xfer's staging directories (localfs.Staging)
+TEMPORARY_NAMES = (".s3xfer-*",)  # s3xfer's staging directories (destination.Staging)
 SMALL_DISK = "1m"  # tmpfs size for the disk-full cases: smaller than the dataset
 PLAIN_OBJECTS = 40  # of 64 KiB in the shared plain prefix: 2.5 MiB, more than SMALL_DISK
 

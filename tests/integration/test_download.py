@@ -19,7 +19,7 @@ import pytest
 from s3xfer import S3Url, TransferConfig, make_plan, survey, upload
 from s3xfer.checksums import crc32, crc32_to_base64
 from s3xfer.config import MiB
-from s3xfer.localfs import STAGING_DIR, partial_name
+from s3xfer.destination import STAGING_DIR, partial_name
 from s3xfer.locals3 import LocalS3Info
 from s3xfer.read import download as download_module
 from s3xfer.read import rangedl as rangedl_module

@@ -46,7 +46,7 @@ def put(client: Any, bucket: str, data: bytes) -> str:
 
 def partial_of(dest: Path) -> Path:
     """The test's partial file, in a staging directory of its own (download.py uses the
-    destination's, localfs.Staging)."""
+    destination's, destination.Staging)."""
     return dest.parent / ".staging" / f"{dest.name}.part"
 
 

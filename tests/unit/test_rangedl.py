@@ -146,7 +146,7 @@ class ScriptedS3:
 
 def partial_of(dest: Path) -> Path:
     """Where a test's partial file goes: a staging directory of its own (download.py uses
-    the destination's, localfs.Staging)."""
+    the destination's, destination.Staging)."""
     return dest.parent / ".staging" / f"{dest.name}.part"
 
 

@@ -13,10 +13,9 @@ from typing import Any
 
 import pytest
 
-from s3xfer import localfs
+from s3xfer import destination
 from s3xfer.dataset.keys import is_reserved_path
-from s3xfer.errors import DestinationError, SourceError
-from s3xfer.localfs import (
+from s3xfer.destination import (
     STAGING_DIR,
     STAGING_MARK,
     SafeDestination,
@@ -25,6 +24,7 @@ from s3xfer.localfs import (
     staging_names,
     used_by,
 )
+from s3xfer.errors import DestinationError, SourceError
 from s3xfer.planning.plan import FileUnit
 from s3xfer.planning.survey import RESERVED, FileEntry, Problem, scan
 
@@ -209,7 +209,7 @@ def test_a_target_on_another_file_system_gets_a_copy(
     partial = staging.partial("m/big.bin")
     partial.write_bytes(b"big")
     os.utime(partial, ns=(7, 7))
-    localfs.move_into_place(partial, tmp_path / "m" / "big.bin")
+    destination.move_into_place(partial, tmp_path / "m" / "big.bin")
     staging.close()
     info = (tmp_path / "m" / "a.txt").stat()
     assert (info.st_mtime_ns, stat.S_IMODE(info.st_mode)) == (5_000_000_000, 0o604)
