@@ -1,8 +1,8 @@
 """The pure parts of a distributed upload: the job's names and timings, a unit's payload and
 result (built from the engine's counters, merged into one upload's), and the decisions the
 producer takes from what Redis shows (progress, silent workers, lost and finished units).
-No celery, no redis: `jobs.py` does the talking, and tests/unit/test_distributed.py checks
-these with plain values.
+No celery, no redis: `jobs.py` and `worker.py` do the talking; tests/unit/test_distributed.py
+checks these with plain values.
 """
 
 from __future__ import annotations

@@ -44,6 +44,7 @@ from .journal import journal_path
 from .upload import UploadReport, concurrently, get_if_present, load_catalog_state
 
 
+# Private, not in errors.py: control flow of the merge-join, caught in this module.
 class _Differs(Exception):
     """The tree is not the manifest's: the usual upload decides what to do (never raised out
     of this module)."""
