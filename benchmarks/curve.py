@@ -10,11 +10,16 @@ growing with concurrency where the path, not this 2-core machine's CPU, is full)
 emulator runs in a process of its own, so the sweep (in this
 process) and the `s3xfer upload` child go through the same path and neither shares its
 interpreter with the proxy. The sweep is `s3xfer bench`'s engine: PUT of 1 MiB
-objects at concurrency 1..64. Then `s3xfer upload --no-pack --concurrency <knee>` sends 400
-files of 1 MiB through the path, and its own MB/s (bytes over the seconds in its report,
-which include checking the bucket, reading the manifest and writing the catalog) is
-compared with the best point of the sweep. The target is at least 90 %; the result is
-reported as measured, met or not.
+objects at concurrency 1..64. Then `s3xfer upload --no-pack` sends 400 files of 1 MiB
+through the path, with `--concurrency <knee>`, `--concurrency <best point>` and without
+`--concurrency` (the tuner finds its own: issue 14; its choice is taken from the report), and
+its own MB/s (bytes over the seconds in its report, which include checking the bucket,
+reading the manifest and writing the catalog) is compared with the best point of the sweep.
+The target is at least 90 %; the result is reported as measured, met or not.
+
+    # the latency-only path, small objects: where requests in flight decide
+    .venv/bin/python benchmarks/curve.py --link-mbps 0 --object-kib 16 --files 3000 \
+        --concurrencies 16,32,64,128,256,512 --png docs/bench-curve-small.png --append
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from s3xfer.bench.results import BenchResult, write_plot
 from s3xfer.bench.settings import BenchSettings
 from s3xfer.bench.stats import MIB, OP_PUT, Point, find_knee
 from s3xfer.bench.sweep import bench
+from s3xfer.config import format_size
 from s3xfer.dataset.keys import S3Url
 from s3xfer.locals3 import LocalS3, LocalS3Info
 from s3xfer.transport.s3 import Connection
@@ -59,11 +65,12 @@ TARGET = 0.90  # upload at the recommended concurrency vs the best point of the 
 
 @dataclass(frozen=True)
 class UploadRun:
-    concurrency: int
+    concurrency: int | None  # None: not given, tuned during the upload
     seconds: float  # as the upload report gives them
     wall_seconds: float  # the whole child process, start-up included
     bytes: int
     files: int
+    choice: dict[str, Any]  # the report's `concurrency`: what was chosen and why
 
     @property
     def mb_per_s(self) -> float:
@@ -109,14 +116,21 @@ def stop_proxy(proxy: subprocess.Popen[str]) -> None:
         proxy.wait()
 
 
-def run_sweep(endpoint_url: str, info: LocalS3Info, point_seconds: float) -> BenchResult:
+def run_sweep(
+    endpoint_url: str,
+    info: LocalS3Info,
+    point_seconds: float,
+    *,
+    object_size: int,
+    concurrencies: tuple[int, ...],
+) -> BenchResult:
     settings = BenchSettings(
         url=S3Url(BUCKET, "sweep"),
         ops=(OP_PUT,),
-        sizes=(OBJECT_SIZE,),
-        concurrencies=CONCURRENCIES,
+        sizes=(object_size,),
+        concurrencies=concurrencies,
         point_seconds=point_seconds,
-        max_seconds=len(CONCURRENCIES) * (point_seconds * 4 + 5),
+        max_seconds=len(concurrencies) * (point_seconds * 4 + 5),
         seed=SEED,
     )
     connection = Connection(
@@ -132,15 +146,15 @@ def run_sweep(endpoint_url: str, info: LocalS3Info, point_seconds: float) -> Ben
     return anyio.run(main, backend="asyncio")
 
 
-def make_files(root: Path, count: int) -> None:
+def make_files(root: Path, count: int, size: int) -> None:
     rng = random.Random(SEED)
     root.mkdir(parents=True, exist_ok=True)
     for n in range(count):
-        (root / f"f{n:04d}.bin").write_bytes(rng.randbytes(OBJECT_SIZE))
+        (root / f"f{n:04d}.bin").write_bytes(rng.randbytes(size))
 
 
 def upload_once(
-    source: Path, endpoint_url: str, info: LocalS3Info, *, concurrency: int, prefix: str
+    source: Path, endpoint_url: str, info: LocalS3Info, *, concurrency: int | None, prefix: str
 ) -> UploadRun:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(info.env())
@@ -150,8 +164,10 @@ def upload_once(
     env["AWS_SHARED_CREDENTIALS_FILE"] = str(missing / "credentials")
     argv = [
         sys.executable, "-m", "s3xfer", "upload", str(source), f"s3://{BUCKET}/{prefix}",
-        "--no-pack", "--concurrency", str(concurrency), "--json",
+        "--no-pack", "--json",
     ]  # fmt: skip
+    if concurrency is not None:
+        argv += ["--concurrency", str(concurrency)]
     started = time.perf_counter()
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, check=False)
     wall = time.perf_counter() - started
@@ -166,6 +182,7 @@ def upload_once(
         wall_seconds=wall,
         bytes=int(report["bytes_uploaded"]),
         files=int(report["files_uploaded"]),
+        choice=report.get("concurrency", {}),
     )
 
 
@@ -184,23 +201,26 @@ def machine() -> str:
 
 def markdown(
     result: BenchResult,
-    uploads: dict[int, UploadRun],
+    uploads: dict[int | None, UploadRun],
     *,
     recommended: int,
     best: Point,
     rtt_ms: float,
     link_mbps: float,
+    object_size: int,
     files: int,
     repeat: int,
     machine_text: str,
     command: str,
     fixed_seconds: float,
+    png_name: str,
+    heading: str,
 ) -> str:
-    upload = uploads[recommended]
-    ratio = upload.mb_per_s / best.mb_per_s
+    size = format_size(object_size)
+    ratio = uploads[None].mb_per_s / best.mb_per_s
     verdict = "met" if ratio >= TARGET else "NOT met"
     lines = [
-        "# Throughput against parallelism over an emulated 30 ms path",
+        heading,
         "",
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by `{command}` (benchmarks/curve.py).",
         f"Machine: {machine_text}.",
@@ -212,7 +232,7 @@ def markdown(
             if link_mbps
             else "no bandwidth cap. "
         )
-        + "`s3xfer bench` engine, PUT of 1 MiB objects; each point runs "
+        + f"`s3xfer bench` engine, PUT of {size} objects; each point runs "
         f"until stable or {result.plan.point_seconds:g} s (warm-up excluded). "
         f"Knee: smallest concurrency within {result.settings.tolerance:.0%} of the best.",
         "",
@@ -231,23 +251,34 @@ def markdown(
         )
     lines += [
         "",
-        "![throughput and p99 latency against concurrency](bench-curve.png)",
+        f"![throughput and p99 latency against concurrency]({png_name})",
         "",
         f"Knee: {knee.concurrency}. Recommended concurrency: **{recommended}** (the knee plus "
         "one measured step while still within the tolerance of the best: a real upload has "
         "gaps between requests that the sweep's steady stream has not; see docs/bench.md). "
         f"Best point of the sweep: {best.mb_per_s:.1f} MB/s at concurrency {best.concurrency}.",
         "",
-        f"`s3xfer upload --no-pack` of {files} files × 1 MiB through the same path "
+        f"`s3xfer upload --no-pack` of {files} files × {size} through the same path "
         f"(median of {repeat}; MB/s = bytes over the seconds in the upload's report, which "
-        "include checking the bucket, reading the manifest and writing the catalog):",
+        "include checking the bucket, reading the manifest and writing the catalog); "
+        "without `--concurrency` the upload tunes it (issue 14), and its report says what it "
+        "chose (the median run's):",
         "",
         "| --concurrency | MB/s | vs best sweep point | seconds | wall seconds (with start-up) "
         "| MB/s without the fixed part |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    for concurrency, run in sorted(uploads.items()):
-        label = f"{concurrency} (recommended)" if concurrency == recommended else str(concurrency)
+    for concurrency, run in sorted(uploads.items(), key=lambda item: item[0] or 10**6):
+        if concurrency is None:
+            c = run.choice
+            label = (
+                f"not given: tuned, {c.get('final')} at the end ({c.get('peak')} at most, "
+                f"{c.get('backoffs')} backoffs; {c.get('reason')})"
+            )
+        elif concurrency == recommended:
+            label = f"{concurrency} (recommended)"
+        else:
+            label = str(concurrency)
         moving = run.bytes / max(run.seconds - fixed_seconds, 1e-9) / 1e6
         lines.append(
             f"| {label} | {run.mb_per_s:.1f} | {run.mb_per_s / best.mb_per_s:.0%} | "
@@ -260,8 +291,8 @@ def markdown(
         "round trips that any upload pays, whatever its size). The last column subtracts it; "
         "it is context, not the measure of the target.",
         "",
-        f"Target: upload at the recommended concurrency reaches at least {TARGET:.0%} of the "
-        f"best sweep throughput. Result: **{ratio:.0%} — {verdict}**.",
+        f"Target: upload with the concurrency it tunes itself reaches at least {TARGET:.0%} of "
+        f"the best sweep throughput. Result: **{ratio:.0%} — {verdict}**.",
         "",
     ]
     return "\n".join(lines)
@@ -278,6 +309,13 @@ def main() -> None:
         help="capacity of the emulated link in MB/s each way, shared by all connections (0: none)",
     )
     parser.add_argument("--files", type=int, default=400)
+    parser.add_argument("--object-kib", type=int, default=OBJECT_SIZE // 1024)
+    parser.add_argument(
+        "--concurrencies", default=",".join(map(str, CONCURRENCIES)), help="of the sweep"
+    )
+    parser.add_argument(
+        "--append", action="store_true", help="add this path's section to --md, keep the rest"
+    )
     parser.add_argument("--repeat", type=int, default=5, help="upload runs per concurrency")
     parser.add_argument("--serve-proxy", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--md", type=Path, default=DOCS_MD)
@@ -288,17 +326,25 @@ def main() -> None:
         return
     command = "python benchmarks/curve.py " + " ".join(sys.argv[1:])
     machine_text = machine()
+    object_size = args.object_kib * 1024
+    concurrencies = tuple(int(c) for c in args.concurrencies.split(","))
 
     with tempfile.TemporaryDirectory(prefix="s3xfer-curve-") as work_dir:
         work = Path(work_dir)
-        make_files(work / "files", args.files)
+        make_files(work / "files", args.files, object_size)
         with LocalS3(work / "server", buckets=[BUCKET]) as info:
             upstream_port = urlsplit(info.endpoint_url).port
             assert upstream_port is not None
             endpoint_url, proxy = start_proxy(upstream_port, args.rtt_ms / 1000, args.link_mbps)
             try:
-                log(f"sweep: PUT 1 MiB at {CONCURRENCIES} through {args.rtt_ms:g} ms RTT")
-                result = run_sweep(endpoint_url, info, args.point_seconds)
+                log(f"sweep: PUT {args.object_kib} KiB at {concurrencies}, {args.rtt_ms:g} ms RTT")
+                result = run_sweep(
+                    endpoint_url,
+                    info,
+                    args.point_seconds,
+                    object_size=object_size,
+                    concurrencies=concurrencies,
+                )
                 for measured in result.points:
                     p = measured.point
                     log(f"  c={p.concurrency:<3} {p.mb_per_s:8.1f} MB/s  {measured.stop}")
@@ -317,25 +363,27 @@ def main() -> None:
                     for n in range(args.repeat)
                 )
                 log(f"upload of one 1-byte file: {fixed:.2f} s")
-                uploads: dict[int, UploadRun] = {}
+                uploads: dict[int | None, UploadRun] = {}
                 # The best point's concurrency too, to tell a knee set too low from upload's
-                # own overhead when the target is missed.
-                for concurrency in sorted({recommended, best.concurrency}):
+                # own overhead when the target is missed; None: tuned by the upload itself.
+                settings: list[int | None] = [*sorted({recommended, best.concurrency}), None]
+                for concurrency in settings:
                     runs = [
                         upload_once(
                             work / "files",
                             endpoint_url,
                             info,
                             concurrency=concurrency,
-                            prefix=f"upload-c{concurrency}-{n}",
+                            prefix=f"upload-c{concurrency or 'auto'}-{n}",
                         )
                         for n in range(args.repeat)
                     ]
                     uploads[concurrency] = median_run(runs)
                     log(
-                        f"upload --concurrency {concurrency}: "
+                        f"upload --concurrency {concurrency or 'tuned'}: "
                         + ", ".join(f"{r.mb_per_s:.1f}" for r in runs)
                         + f" MB/s (median {statistics.median(r.mb_per_s for r in runs):.1f})"
+                        + "".join(f"\n    {r.choice}" for r in runs if concurrency is None)
                     )
             finally:
                 stop_proxy(proxy)
@@ -343,7 +391,8 @@ def main() -> None:
     write_plot(
         [m.point for m in result.points],
         args.png,
-        title=f"PUT 1 MiB over an emulated {args.rtt_ms:g} ms, {args.link_mbps:g} MB/s path",
+        title=f"PUT {format_size(object_size)} over an emulated {args.rtt_ms:g} ms, "
+        + (f"{args.link_mbps:g} MB/s path" if args.link_mbps else "uncapped path"),
         tolerance=result.settings.tolerance,
     )
     text = markdown(
@@ -353,13 +402,24 @@ def main() -> None:
         best=best,
         rtt_ms=args.rtt_ms,
         link_mbps=args.link_mbps,
+        object_size=object_size,
         files=args.files,
         repeat=args.repeat,
         machine_text=machine_text,
         command=command.strip(),
         fixed_seconds=fixed,
+        png_name=args.png.name,
+        heading=(
+            f"## {args.rtt_ms:g} ms, "
+            + (f"{args.link_mbps:g} MB/s link" if args.link_mbps else "no bandwidth cap")
+            + f": PUT of {format_size(object_size)}"
+        ),
     )
-    args.md.write_text(text)
+    title = "# Throughput against parallelism over an emulated path\n\n"
+    if args.append and args.md.exists():
+        args.md.write_text(args.md.read_text().rstrip("\n") + "\n\n" + text)
+    else:
+        args.md.write_text(title + text)
     print(text)
 
 

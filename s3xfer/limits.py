@@ -35,7 +35,7 @@ class RunLimits:
       parts and ranges are held to what max_memory holds whole.
     - auto_concurrency: an upload finds its requests in flight during the transfer instead
       (transport/throttle.py, from AUTO_CONCURRENCY_START up to the ceiling): the CLI's
-      upload without --concurrency.
+      upload or download without --concurrency.
     - max_memory: file bytes held in memory at once (parts, ranges, small files read ahead).
     - max_attempts: tries of one request before it fails (throttling, 5xx, timeouts)."""
 

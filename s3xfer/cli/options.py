@@ -79,6 +79,13 @@ def memory_option(function: F) -> F:
     return option(function)
 
 
+def concurrency_is_given() -> bool:
+    """--concurrency N, or a --bench-profile, fixes the requests in flight; without either
+    the transfer tunes them (RunLimits.auto_concurrency)."""
+    context = click.get_current_context()
+    return given("concurrency") or bool(context.params.get("bench_profile"))
+
+
 def make_limits(
     *, concurrency: int = DEFAULT_CONCURRENCY, max_memory: int, auto_concurrency: bool = False
 ) -> RunLimits:

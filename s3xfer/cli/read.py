@@ -21,6 +21,7 @@ from .options import (
     TIMEOUTS_PER_READ,
     apply_bench_profile,
     client_key_option,
+    concurrency_is_given,
     concurrency_option,
     connection_options,
     deadline_option,
@@ -32,7 +33,7 @@ from .options import (
     within,
 )
 from .output import TransferProgress, emit, emit_json
-from .render import _printable, human_bytes
+from .render import _printable, human_bytes, render_concurrency_choice
 
 if TYPE_CHECKING:
     from ..read.download import DownloadReport
@@ -364,7 +365,9 @@ def _print_prefix_get(report: DownloadReport, *, as_json: bool) -> None:
 )
 @click.option("--overwrite", is_flag=True, help="Replace existing files that differ.")
 @concurrency_option(
-    "GETs in flight at once (ranges of large objects: only as many as --max-memory holds whole)."
+    "GETs in flight at once (ranges of large objects: only as many as --max-memory holds "
+    "whole). Without it, found during the download.",
+    tuned=True,
 )
 @memory_option
 @click.option(
@@ -422,7 +425,11 @@ def download_command(
         "bench_profile": bench_profile,
     }
     apply_bench_profile(tuned, command="download")
-    limits = make_limits(concurrency=tuned["concurrency"], max_memory=max_memory)
+    limits = make_limits(
+        concurrency=tuned["concurrency"],
+        max_memory=max_memory,
+        auto_concurrency=not concurrency_is_given(),
+    )
     range_size = tuned["range_size"]
     connection = make_connection()
     progress = TransferProgress(
@@ -465,6 +472,8 @@ def download_command(
             f"{report.requests:,}, retries {report.retries:,}, failed "
             f"{report.files_failed:,}, refused {len(report.refused):,}"
         )
+        if report.concurrency.get("mode") == "auto":
+            click.echo(render_concurrency_choice(report.concurrency))
         if report.files_downloaded == 0 and report.ok:
             click.echo("  everything was already here: nothing transferred")
     for path, reason in report.refused:

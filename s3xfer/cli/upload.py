@@ -23,6 +23,7 @@ from .options import (
     apply_bench_profile,
     break_lease_option,
     client_key_option,
+    concurrency_is_given,
     concurrency_option,
     connection_options,
     encryption_options,
@@ -40,13 +41,6 @@ if TYPE_CHECKING:
     from ..planning.plan import Plan
     from ..planning.survey import Survey
     from ..write.upload import UploadReport
-
-
-def concurrency_is_given() -> bool:
-    """--concurrency N, or a --bench-profile, fixes the requests in flight; without either
-    the transfer tunes them (RunLimits.auto_concurrency)."""
-    context = click.get_current_context()
-    return given("concurrency") or bool(context.params.get("bench_profile"))
 
 
 def upload_limits(options: dict[str, Any], *, max_memory: int) -> RunLimits:

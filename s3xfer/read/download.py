@@ -47,6 +47,7 @@ from ..malloc import return_large_buffers_promptly
 from ..planning.globs import PathFilter
 from ..transport.retry import RetryCount, RetryPolicy, call_with_retries
 from ..transport.s3 import S3, Connection, open_s3
+from ..transport.throttle import TunerSettings
 from .decoding import DecodingSource, RecordDecoder
 from .rangedl import RangedDownload, RangeSource, download_ranges
 from .ranges import DEFAULT_GAP, RangeGet, Wanted, check_ranged_response, coalesce
@@ -98,6 +99,8 @@ class DownloadReport:
     peak_buffered_bytes: int
     max_memory: int  # the budget it ran with: --max-memory, or more when a range needed it
     warnings: list[str] = field(default_factory=list)  # e.g. --max-memory raised, and why
+    # What the gate chose and why (AdaptiveGate.summary), as an upload's report says it.
+    concurrency: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -288,7 +291,7 @@ class _Restorer:
         self.s3 = s3
         self.url = url
         self.staging = staging
-        self.concurrency = limits.concurrency
+        self.concurrency = limits.most_in_flight
         self.range_size = range_size
         self.gap = gap
         self.budget = ByteBudget(max_memory)
@@ -296,7 +299,9 @@ class _Restorer:
         # each at a time; large objects' ranges by their own tasks, fewer. (Every request also
         # passes the S3 gate, which holds the whole download to `concurrency` in flight.)
         self.limiter = anyio.CapacityLimiter(
-            large_ranges_at_once(limits.concurrency, max_memory=max_memory, range_size=range_size)
+            large_ranges_at_once(
+                limits.most_in_flight, max_memory=max_memory, range_size=range_size
+            )
         )
         self._received = _Received()
         # One batch of small files written at a time: creating files in one directory takes
@@ -585,7 +590,11 @@ async def download(
     started = time.perf_counter()
     policy = RetryPolicy(max_attempts=limits.max_attempts)
     looked_up = RetryCount()  # retries of the manifest read and the listing, in the report too
-    async with open_s3(connection or Connection(), max_pool_connections=limits.concurrency) as s3:
+    async with open_s3(
+        connection or Connection(),
+        max_pool_connections=limits.concurrency,
+        tuner=TunerSettings() if limits.auto_concurrency else None,
+    ) as s3:
         await s3.prepare_reads(url.bucket)
         try:
             raw = await call_with_retries(
@@ -674,4 +683,5 @@ async def download(
             peak_buffered_bytes=restorer.budget.peak,
             max_memory=budget.capacity,
             warnings=[budget.raised] if budget.raised else [],
+            concurrency=s3.gate.summary() if s3.gate else {},
         )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import anyio
@@ -78,6 +78,9 @@ class TunerSettings:
 
     start: int = AUTO_CONCURRENCY_START
     ceiling: int = AUTO_CONCURRENCY_CEILING
+    # Large requests (parts, large objects and ranges) start lower: a few already fill a
+    # link, each holds its bytes in the memory budget, and the tuner grows them if they gain.
+    large_start: int = 8
     minimum: int = 1
     round_seconds: float = 0.25
     gain: float = 0.10
@@ -96,14 +99,15 @@ class ConcurrencyTuner:
     signal (with the time, so tests script them without sleeping).
 
     Slow start: double the limit after every round whose throughput grew by `gain` over the
-    round before. The first round that does not grow (or whose latency rose `latency_rise`
-    times over the lowest seen without more throughput) is the knee: back to the best limit
-    and hold. While holding, every `probe_every` rounds try a quarter more, kept only if
-    throughput grows; a latency `latency_rise` times the lowest seen takes a quarter off.
-    SlowDown or a timed-out request halves the limit (once per cooldown), and from then on
-    steps up are additive (a quarter), never doublings. A round whose requests never filled
-    the limit says nothing about it (the work, the memory budget or the client held them
-    back): it is not judged."""
+    round before (the first full round at each new limit settles and is not measured). The
+    first round that does not grow (or whose latency rose `latency_rise` times over the
+    lowest seen without more throughput) is the knee: back to the best limit and hold. While
+    holding, every `probe_every` rounds try a quarter more, kept only if throughput grows; a
+    latency `latency_rise` times the lowest seen takes a quarter off. SlowDown or a timed-out
+    request halves the limit (once per cooldown), and from then on steps up are additive (a
+    quarter), never doublings. A round whose requests never filled the limit says nothing
+    about it (the work, the memory budget or the client held them back): it is not
+    judged."""
 
     settings: TunerSettings = field(default_factory=TunerSettings)
     limit: int = 0
@@ -117,6 +121,7 @@ class ConcurrencyTuner:
     _best_limit: int = 0
     _held_rate: float = 0.0
     _held_rounds: int = 0
+    _settling: bool = True  # the next full round follows a change: not measured
     _base_latency: float = float("inf")
     _round_start: float | None = None
     _done: int = 0
@@ -181,6 +186,12 @@ class ConcurrencyTuner:
         self._base_latency = min(self._base_latency, latency)
         if not filled:
             return
+        if self._settling:
+            # The first full round at a new limit holds the change: the answers of requests
+            # sent before it, and a round trip before the new ones answer (at the start,
+            # connections opened too). Its throughput says little about the new limit.
+            self._settling = False
+            return
         s = self.settings
         queueing = latency > s.latency_rise * self._base_latency
         if self._probing:
@@ -227,6 +238,7 @@ class ConcurrencyTuner:
         self.reason = reason
 
     def _set(self, limit: int, reason: str) -> None:
+        self._settling = self._settling or limit != self.limit
         self.limit = limit
         self.peak = max(self.peak, limit)
         self.lowest = min(self.lowest, limit)
@@ -293,7 +305,8 @@ class AdaptiveGate:
             self._small = self._large = _Lane(AimdWindow(maximum, cooldown=cooldown))
         else:
             self._small = _Lane(ConcurrencyTuner(tuner))
-            self._large = _Lane(ConcurrencyTuner(tuner))
+            large_start = max(tuner.minimum, min(tuner.large_start, tuner.start))
+            self._large = _Lane(ConcurrencyTuner(replace(tuner, start=large_start)))
 
     @property
     def window(self) -> Window:

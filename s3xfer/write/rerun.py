@@ -213,10 +213,10 @@ async def unchanged_upload(
     policy = RetryPolicy(max_attempts=limits.max_attempts)
     retries = RetryCount()
     async with open_s3(connection, max_pool_connections=4) as s3:
+        await s3.check_bucket(dest.bucket)
         key = manifest_key(dest)
-        # At once: one round trip, not four, before a first upload goes on to plan.
-        _, raw, catalog = await concurrently(
-            lambda: s3.check_bucket(dest.bucket),
+        # At once: one round trip, not three, before a first upload goes on to plan.
+        raw, catalog = await concurrently(
             lambda: get_if_present(s3, dest.bucket, key, policy=policy, on_retry=retries),
             lambda: load_catalog_state(s3, dest, policy, on_retry=retries),
         )

@@ -180,15 +180,10 @@ async def load_catalog_state(
     return catalog.CatalogState(root, listed)
 
 
-async def _nothing() -> None:
-    pass
-
-
 async def concurrently(*calls: Callable[[], Awaitable[Any]]) -> list[Any]:
     """The calls' results, in order, their round trips overlapping (over a long path the
-    reads an upload starts with cost one round trip, not four). When any fails, the error of
-    the first in the order given that failed, whatever failed first in time: the bucket
-    check's clear line rather than what a read of a missing bucket says."""
+    reads an upload starts with cost one round trip, not three). When any fails, the error
+    of the first in the order given that failed, whatever failed first in time."""
     results: list[Any] = [None] * len(calls)
     errors: list[Exception | None] = [None] * len(calls)
 
@@ -274,15 +269,16 @@ async def prepare(
     check_bucket: bool = True,
     limits: RunLimits = DEFAULT_LIMITS,
 ) -> Prepared:
-    """Check the bucket, read the manifest and the catalog's state (at once), and split the
-    plan into work and no work. `done`: work finished but not in the destination's manifest
+    """Check the bucket, then read the manifest and the catalog's state (at once), and split
+    the plan into work and no work. `done`: work finished but not in the destination's manifest
     yet (a slice's earlier result). `metadata_retries`: where to count the retries of
     metadata requests (one counter for an upload that prepares twice and holds a lease, so
     that its report counts them all). `check_bucket`: False when this run checked it."""
     policy = RetryPolicy(max_attempts=limits.max_attempts)
     metadata_retries = metadata_retries if metadata_retries is not None else RetryCount()
-    _, (old, old_sha256), catalog_state = await concurrently(
-        (lambda: s3.check_bucket(plan.dest.bucket)) if check_bucket else _nothing,
+    if check_bucket:  # first and alone: not retried, its failure is one clear line at once
+        await s3.check_bucket(plan.dest.bucket)
+    (old, old_sha256), catalog_state = await concurrently(
         lambda: load_manifest(s3, plan, policy, on_retry=metadata_retries),
         lambda: load_catalog_state(s3, plan.dest, policy, on_retry=metadata_retries),
     )

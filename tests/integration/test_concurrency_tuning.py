@@ -23,7 +23,7 @@ from tests.faultproxy import FaultPlan, FaultProxy
 from .helpers import run_cli, write_tree
 
 # Small files, one PUT each (--no-pack): what the requests in flight decide over a long path.
-TREE = {f"d{n % 10}/f{n:04}.bin": 1024 for n in range(900)}
+TREE = {f"d{n % 10}/f{n:04}.bin": 1024 for n in range(1500)}
 
 
 @pytest.fixture
@@ -33,10 +33,11 @@ def env(s3_env: LocalS3Info, tmp_path: Path) -> dict[str, str]:
 
 @pytest.fixture
 def long_path(local_s3: LocalS3Info) -> Iterator[str]:
-    """The local server 300 ms of round trip away: AUTO_CONCURRENCY_START requests in flight
-    move about 200 a second, twice as many 400, well within the server's reach."""
+    """The local server 500 ms of round trip away: AUTO_CONCURRENCY_START requests in flight
+    move about 130 a second, twice as many 260, four times 520: within the server's reach
+    even on a loaded machine."""
     host, port = local_s3.endpoint_url.removeprefix("http://").split(":")
-    url, stop = start_in_thread(host, int(port), rtt=0.300)
+    url, stop = start_in_thread(host, int(port), rtt=0.500)
     try:
         yield url
     finally:
@@ -68,8 +69,8 @@ def test_without_concurrency_a_long_path_raises_requests_in_flight(
     report = upload(tmp_path / "src", f"s3://{bucket}/auto", long_path, env)
     chosen = report["concurrency"]
     assert chosen["mode"] == "auto" and chosen["start"] == AUTO_CONCURRENCY_START
-    # The first round doubles what it started with; a second step up is taken only when
-    # throughput grew with it (300 ms away, twice as many in flight move twice as much).
+    # The first measured round doubles what it started with; a second step up is taken only
+    # when throughput grew with it (500 ms away, twice as many in flight move twice as much).
     assert 2 * AUTO_CONCURRENCY_START < chosen["peak"] <= chosen["ceiling"], chosen
     assert chosen["reason"]
     assert "large" not in chosen  # no large request was sent: nothing tuned for them
@@ -145,3 +146,33 @@ def test_an_upload_reads_the_manifest_and_the_catalog_state_at_once(
     assert overlapped, "the catalog's root was read only after the manifest"
     assert process.returncode == 0, stderr
     assert json.loads(stdout)["files_uploaded"] == 2
+
+
+def test_a_download_tunes_its_gets_too_and_keeps_an_explicit_concurrency(
+    local_s3: LocalS3Info,
+    long_path: str,
+    env: dict[str, str],
+    bucket: str,
+    sync_s3_client: Any,
+    tmp_path: Path,
+) -> None:
+    # A plain prefix (no manifest), one GET per object, as another tool leaves it.
+    for name in TREE:
+        sync_s3_client.put_object(Bucket=bucket, Key=f"plain/{name}", Body=b"x" * 1024)
+    url = f"s3://{bucket}/plain"
+    tuned = run_cli(
+        "download", url, str(tmp_path / "tuned"), "--endpoint-url", long_path, "--json", env=env
+    )
+    assert tuned.returncode == 0, tuned.stderr
+    report = json.loads(tuned.stdout)
+    assert report["files_downloaded"] == len(TREE)
+    chosen = report["concurrency"]
+    assert chosen["mode"] == "auto"
+    assert 2 * AUTO_CONCURRENCY_START < chosen["peak"] <= chosen["ceiling"], chosen
+    fixed = run_cli(
+        "download", url, str(tmp_path / "fixed"), "--endpoint-url", local_s3.endpoint_url,
+        "--json", "-c", "8", env=env,
+    )  # fmt: skip
+    assert fixed.returncode == 0, fixed.stderr
+    chosen = json.loads(fixed.stdout)["concurrency"]
+    assert chosen["mode"] == "fixed" and chosen["final"] == chosen["peak"] == 8

@@ -41,7 +41,7 @@ def test_every_transfer_command_shows_the_same_default_limits(command: str) -> N
     shown = " ".join(run_cli(command, "--help").stdout.split())
     assert "--max-memory SIZE Hard budget for file bytes held in memory" in shown
     assert f"[default: {format_size(DEFAULT_MAX_MEMORY)}]" in shown
-    if command == "upload":  # found during the upload unless given
+    if command in ("upload", "download"):  # found during the transfer unless given
         assert "-c, --concurrency INTEGER RANGE" in shown
         assert "[default: (tuned from 64 to 512); 1<=x<=1024]" in shown
     elif command != "cat":  # one request at a time
