@@ -317,7 +317,7 @@ def _fill_part(
     identities: Sequence[FileIdentity],
     length: int,
     make_pieces: Callable[[], Iterable[FixedPiece | FilePiece]],
-    coder: FileCoder | None = None,
+    coder_of: Callable[[int], tuple[FileCoder, int] | None] | None = None,
 ) -> tuple[bytearray, list[FilePiece], list[int]]:
     from .dataset.tarpack import FilePiece, FixedPiece  # here: only shard uploads need tarpack
 
@@ -337,12 +337,13 @@ def _fill_part(
         member = members[piece.member]
         target = view[position : position + piece.length]
         try:
-            if coder is None:
+            coded = coder_of(piece.member) if coder_of is not None else None
+            if coded is None:
                 _read_into(base + member.path, target, piece.offset, identities[piece.member])
                 crcs.append(crc32(target))
                 file_pieces.append(piece)
             else:
-                crc = _read_coded_into(root, member.path, target, piece, identities, coder)
+                crc = _read_coded_into(root, member.path, target, piece, identities, *coded)
                 crcs.append(crc)  # of the whole original file, so the piece is made whole:
                 file_pieces.append(FilePiece(piece.member, 0, identities[piece.member].size))
         except FileChangedError as exc:
@@ -360,6 +361,7 @@ def _read_coded_into(
     piece: FilePiece,
     identities: Sequence[FileIdentity],
     coder: FileCoder,
+    stored_size: int,
 ) -> int:
     """A piece of a coded member (its stored bytes, in the shard's coordinates): the whole
     file is read and coded (a member is small) and the piece cut from it; coding is
@@ -369,6 +371,11 @@ def _read_coded_into(
     original = bytearray(identity.size)
     _read_into(f"{root}/{relative}", memoryview(original), 0, identity)
     stored = coder.encode(relative, original)
+    if len(stored) != stored_size:  # compressed: not the file it was measured as
+        raise FileChangedError(
+            f"{root}/{relative}: changed since it was measured (compresses to "
+            f"{len(stored):,} bytes, not {stored_size:,})"
+        )
     target[:] = memoryview(stored)[piece.offset : piece.offset + piece.length]
     return crc32(original)
 
@@ -387,17 +394,18 @@ async def fill_part(
     length: int,
     make_pieces: Callable[[], Iterable[FixedPiece | FilePiece]],
     *,
-    coder: FileCoder | None = None,
+    coder_of: Callable[[int], tuple[FileCoder, int] | None] | None = None,
 ) -> tuple[bytearray, list[FilePiece], list[int]]:
     """A shard part of `length` bytes built in one buffer, member ranges read straight into
     it (one allocation, no small chunks): the buffer, its FilePieces and their CRC32s. Each
     member must still be the file of its identity (taken before the shard was laid out);
     MemberChangedError names the one that is not. Laying out the pieces (tar headers) happens
-    in the same worker-thread call, off the event loop, each written as it is made. With a
-    `coder`, members are stored coded: each piece is cut from its coded member, and its CRC32
-    is the whole original file's (given for a piece of the member's whole length)."""
+    in the same worker-thread call, off the event loop, each written as it is made.
+    `coder_of(n)`: member n's coder and stored size when it is stored coded: each piece is cut
+    from its coded member, and its CRC32 is the whole original file's (given for a piece of
+    the member's whole length); a member that codes to another size has changed."""
     return await anyio.to_thread.run_sync(
-        _fill_part, root, members, identities, length, make_pieces, coder
+        _fill_part, root, members, identities, length, make_pieces, coder_of
     )
 
 

@@ -13,6 +13,7 @@ import click
 
 from .. import runner
 from ..config import ObjectOptions, PriceTable, TransferConfig, parse_metadata
+from ..dataset.coding import CompressMode
 from ..dataset.keys import S3Url
 from ..errors import UsageError
 from ..limits import RunLimits
@@ -219,6 +220,16 @@ def plan_command(
 @encryption_options
 @client_key_option
 @click.option(
+    "--compress",
+    type=click.Choice([m.value for m in CompressMode]),
+    default=CompressMode.NONE.value,
+    show_default=True,
+    help="zstd: store every shard member and single-PUT file compressed (files of a "
+    "multipart upload stay as they are); auto: only those whose first 64 KiB shrink by a "
+    "tenth or more (text, JSON, CSV; not JPEG, zip or random bytes). Each file is read and "
+    "compressed once before the upload starts, to lay out its shard.",
+)
+@click.option(
     "--state-dir",
     type=click.Path(path_type=Path, file_okay=False),
     envvar="S3XFER_STATE_DIR",
@@ -268,6 +279,7 @@ def upload_command(
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     encryption_key: bytes | None,
+    compress: str,
     **options: Any,
 ) -> None:
     """Upload PATH to DEST (s3://bucket/prefix), or execute a saved --plan.
@@ -304,8 +316,9 @@ def upload_command(
     connection = make_connection(sse=sse, sse_kms_key_id=sse_kms_key_id)
     if broker is not None:
         check_broker(broker, slice_text)
-    if encryption_key is not None and (broker is not None or slice_text is not None):
-        raise UsageError("--encryption-key does not work with --broker or --slice yet")
+    coded = encryption_key is not None or compress != CompressMode.NONE
+    if coded and (broker is not None or slice_text is not None):
+        raise UsageError("--encryption-key and --compress do not work with --broker or --slice yet")
     if keep_deleted and slice_text is not None:
         raise UsageError(
             "--keep-deleted applies where the manifest is written: give it to `s3xfer finalize`"
@@ -385,6 +398,7 @@ def upload_command(
                 keep_deleted,
                 break_lease,
                 encryption_key,
+                CompressMode(compress),
             )
     except KeyboardInterrupt:
         progress.close()
@@ -528,6 +542,7 @@ async def run_upload(
     keep_deleted: bool = False,
     break_lease: bool = False,
     encryption_key: bytes | None = None,
+    compress: CompressMode = CompressMode.NONE,
 ) -> UploadReport:
     from ..write.upload import upload
 
@@ -541,4 +556,5 @@ async def run_upload(
         break_lease=break_lease,
         encryption_key=encryption_key,
         limits=limits,
+        compress=compress,
     )

@@ -175,7 +175,7 @@ def stored_span(start: int, end: int, *, size: int, stored: int, coding: Coding)
         return StoredSpan(0, 1, start, end, 0)
     if coding.compressed:
         return StoredSpan(0, frame_count(size), 0, stored, start)
-    first = start // FRAME_SIZE
+    first = min(start // FRAME_SIZE, frame_count(size) - 1)  # an empty range at the end too
     last = frame_count(size) if end == size else max(-(-end // FRAME_SIZE), first + 1)
     stride = FRAME_SIZE + SEAL_OVERHEAD
     return StoredSpan(
@@ -540,3 +540,25 @@ def parse_key_record(raw: bytes, *, where: str) -> WrappedKey:
         return WrappedKey.from_bytes(raw)
     except BadValue as exc:
         raise corrupt("keys record", where, exc) from exc
+
+
+class CompressMode(StrEnum):
+    NONE = "none"
+    ZSTD = "zstd"
+    AUTO = "auto"
+
+
+def choose_coding(
+    data: bytes | bytearray | memoryview, *, mode: CompressMode, base: Coding
+) -> Coding:
+    """How a file that may be compressed is stored: `base` (its encryption) with zstd when
+    `mode` says so; `auto` compresses what its first SAMPLE_SIZE bytes say shrinks, and what
+    then shrinks as a whole."""
+    if mode is CompressMode.NONE:
+        return base
+    compressed = Coding(Compression.ZSTD, base.encryption)
+    if mode is CompressMode.ZSTD:
+        return compressed
+    if not worth_compressing(memoryview(data)[:SAMPLE_SIZE]):
+        return base
+    return compressed if coded_size(data, coding=compressed) < len(data) else base

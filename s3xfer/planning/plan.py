@@ -8,7 +8,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
@@ -64,8 +64,10 @@ class FileUnit:
     mtime_ns: int
     mode: int
     part_size: int  # 0 for a single PUT
-    # How the file is stored: chosen when the upload runs (--encryption-key), not planned.
+    # How the file is stored: chosen when the upload runs (--encryption-key, --compress), not
+    # planned; and its stored size when that depends on its content (compressed), else -1.
     coding: Coding = IDENTITY
+    stored_size: int = -1
 
     @property
     def part_count(self) -> int:
@@ -155,9 +157,15 @@ class _ShardMembers(Sequence[ShardMember]):
     """A shard's FileEntry list seen as the ShardMembers its layout needs, each made when
     asked (the tar header's mtime is whole seconds)."""
 
-    def __init__(self, entries: Sequence[FileEntry], coding: Coding = IDENTITY) -> None:
+    def __init__(
+        self,
+        entries: Sequence[FileEntry],
+        coding: Coding = IDENTITY,
+        compressed: Mapping[str, tuple[Coding, int]] | None = None,
+    ) -> None:
         self._entries = entries
         self._coding = coding
+        self._compressed = compressed or {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -177,9 +185,13 @@ class _ShardMembers(Sequence[ShardMember]):
     def _member(self, entry: FileEntry) -> ShardMember:
         # A coded member's tar entry holds its stored bytes (coding.py): its size follows
         # from the original's when the coding does not compress.
-        size = entry.size if self._coding.identity else stored_size(entry.size, self._coding)
+        measured = self._compressed.get(entry.path)
+        if measured is not None:  # compressed when the upload began: its size as measured
+            size: int | None = measured[1]
+        else:
+            size = entry.size if self._coding.identity else stored_size(entry.size, self._coding)
         if size is None:
-            raise UsageError("compressed shard members are not supported yet")
+            raise UsageError(f"{entry.path}: a compressed member needs its measured size")
         return ShardMember(entry.path, size, entry.mtime_ns // 1_000_000_000, entry.mode)
 
 
@@ -190,15 +202,27 @@ class ShardUnit:
     key: str
     part_size: int
     members: list[FileEntry]
-    # How members are stored: chosen when the upload runs (--encryption-key), not planned.
+    # How members are stored: chosen when the upload runs (--encryption-key), not planned;
+    # the members compressed (--compress), by path: their coding and measured stored size.
     coding: Coding = IDENTITY
+    compressed: Mapping[str, tuple[Coding, int]] = field(default_factory=dict)
+
+    def coding_of(self, path: str) -> Coding:
+        measured = self.compressed.get(path)
+        return self.coding if measured is None else measured[0]
+
+    @property
+    def coded(self) -> bool:
+        return not self.coding.identity or bool(self.compressed)
 
     def layout(self) -> ShardLayout:
         """The shard's byte layout: a header size and offset per member, so it is not kept
         on the unit (a plan of a million files would hold one per file for the whole run):
         who needs it (the engine, while the shard is uploaded) holds it. Its members are a
         view of this unit's, not a ShardMember object each (14 MB a shard of 100,000)."""
-        return ShardLayout(_ShardMembers(self.members, self.coding), shard_key=self.key)
+        return ShardLayout(
+            _ShardMembers(self.members, self.coding, self.compressed), shard_key=self.key
+        )
 
     @property
     def size(self) -> int:
@@ -225,18 +249,31 @@ class ShardUnit:
         if members == self.members:
             return self
         key = f"{self.key.removesuffix('.tar')}-{_content_digest(members)}.tar"
-        size = ShardUnit("", 0, members, self.coding).layout().size
+        # A compressed member that changed since it was measured is stored uncompressed.
+        planned = set(self.members) if self.compressed else set()
+        compressed = {
+            m.path: self.compressed[m.path]
+            for m in members
+            if m in planned and m.path in self.compressed
+        }
+        size = ShardUnit("", 0, members, self.coding, compressed).layout().size
         part_size = fit_part_size(size, preferred=self.part_size, max_memory=max_memory)
-        return ShardUnit(key, part_size, members, self.coding)
+        return ShardUnit(key, part_size, members, self.coding, compressed)
 
-    def coded(self, coding: Coding) -> ShardUnit:
-        """This shard with its members stored under `coding`, named apart from the shard of
-        the same members stored otherwise (the planned key with a digest of the members and
-        the coding, the way `relaid` names): one never writes over the other."""
-        if coding == self.coding:
+    def with_coding(
+        self, coding: Coding, compressed: Mapping[str, tuple[Coding, int]] | None = None
+    ) -> ShardUnit:
+        """This shard with its members stored under `coding` (or as `compressed` says, for
+        the members it names), named apart from the shard of the same members stored
+        otherwise (the planned key with a digest of the members and their codings, the way
+        `relaid` names): one never writes over the other."""
+        table = compressed or {}
+        mine = {m.path: table[m.path] for m in self.members if m.path in table}
+        if coding == self.coding and mine == self.compressed:
             return self
-        key = f"{self.key.removesuffix('.tar')}-{_content_digest(self.members, coding)}.tar"
-        return ShardUnit(key, self.part_size, self.members, coding)
+        digest = _content_digest(self.members, coding, mine)
+        key = f"{self.key.removesuffix('.tar')}-{digest}.tar"
+        return ShardUnit(key, self.part_size, self.members, coding, mine)
 
     def to_json(self) -> list[Any]:
         return [self.key, self.part_size, [m.to_json() for m in self.members]]
@@ -272,10 +309,17 @@ def shard_key(dest: S3Url, members: Iterable[FileEntry]) -> str:
     return dest.key(f"{META_DIR}/shards/{name[:4]}/{name}.tar")
 
 
-def _content_digest(members: Iterable[FileEntry], coding: Coding = IDENTITY) -> str:
+def _content_digest(
+    members: Iterable[FileEntry],
+    coding: Coding = IDENTITY,
+    compressed: Mapping[str, tuple[Coding, int]] | None = None,
+) -> str:
     digest = hashlib.blake2b(digest_size=8)
     if not coding.identity:
         digest.update(f"coding {coding.to_json()}\n".encode("ascii"))
+    for path, (member_coding, size) in sorted((compressed or {}).items()):
+        line = json.dumps([path, member_coding.to_json(), size], ensure_ascii=False)
+        digest.update(f"compressed {line}\n".encode())
     for member in members:
         path = member.path
         if path.isascii() and path.isprintable() and '"' not in path and "\\" not in path:
@@ -439,18 +483,29 @@ class Plan:
     def estimate(self) -> Estimate:
         return estimate(self.units, self.shards, self.config)
 
-    def coded(self, coding: Coding) -> Plan:
-        """The plan with every file stored under `coding` (docs/format.md, "Coded files")."""
-        if coding.identity:
+    def coded(
+        self, coding: Coding, compressed: Mapping[str, tuple[Coding, int]] | None = None
+    ) -> Plan:
+        """The plan with every file stored under `coding`, but for those `compressed` names,
+        stored as it says (their coding and measured stored size; docs/format.md, "Coded
+        files")."""
+        compressed = compressed or {}
+        if coding.identity and not compressed:
             return self
-        units = [replace(unit, coding=coding) for unit in self.units]
+        units = [
+            replace(unit, coding=compressed[unit.path][0], stored_size=compressed[unit.path][1])
+            if unit.path in compressed
+            else replace(unit, coding=coding)
+            for unit in self.units
+        ]
         for unit in units:
             if unit.kind is Kind.MULTIPART and unit.part_size % FRAME_SIZE:
                 raise UsageError(
                     f"{unit.path}: parts of {unit.part_size:,} bytes are not whole frames of "
                     f"{FRAME_SIZE:,}: plan again"
                 )
-        return replace(self, units=units, shards=[s.coded(coding) for s in self.shards])
+        shards = [s.with_coding(coding, compressed) for s in self.shards]
+        return replace(self, units=units, shards=shards)
 
     def to_json(self) -> dict[str, Any]:
         data = {

@@ -40,7 +40,13 @@ from ..dataset.coding import FileCoder, FrameKey
 from ..dataset.keys import S3Url
 from ..dataset.manifest import Manifest, ManifestRecord, ShardRecord
 from ..dataset.tarpack import FixedPiece
-from ..errors import MemberChangedError, NoSuchUploadError, S3XferError, SourceError
+from ..errors import (
+    FileChangedError,
+    MemberChangedError,
+    NoSuchUploadError,
+    S3XferError,
+    SourceError,
+)
 from ..limits import DEFAULT_LIMITS, RunLimits
 from ..localfs import (
     FileIdentity,
@@ -393,6 +399,11 @@ class Engine:
             checksum = stored_checksum = crc32_to_base64(crc)
             if not unit.coding.identity:
                 body = await anyio.to_thread.run_sync(self._coder(unit).encode, unit.path, body)
+                if 0 <= unit.stored_size != len(body):
+                    raise FileChangedError(
+                        f"{self.source / unit.path}: changed since it was measured (compresses "
+                        f"to {len(body):,} bytes, not {unit.stored_size:,})"
+                    )
                 stored_checksum = crc32_to_base64(crc32(body))
             attributes = self._attributes(unit.path)
             etag = await self._request(
@@ -446,7 +457,7 @@ class Engine:
             build.identities,
             part.length,
             lambda: layout.iter_pieces(start, end, index=placeholder),
-            coder=None if build.unit.coding.identity else self._coder(build.unit),
+            coder_of=self._member_coders(build) if build.unit.coded else None,
         )
         for piece, crc in zip(file_pieces, crcs, strict=True):
             build.read_crcs.add(piece, crc)
@@ -687,7 +698,7 @@ class Engine:
         crcs = build.crcs
         assert crcs is not None
         content_type_of = self.config.objects.content_type_of
-        coding = build.unit.coding.to_json()
+        coding_of = build.unit.coding_of
         stored = build.layout.members  # a coded member's tar entry holds its stored bytes
         members = [
             ManifestRecord(
@@ -701,8 +712,8 @@ class Engine:
                 offset=build.layout.data_offset(n),
                 etag=etag,
                 content_type=content_type_of(member.path),
-                coding=coding,
-                stored_size=stored[n].size if coding else -1,
+                coding=coding_of(member.path).to_json(),
+                stored_size=-1 if coding_of(member.path).identity else stored[n].size,
             )
             for n, member in enumerate(build.unit.members)
         ]
@@ -741,6 +752,18 @@ class Engine:
     def _coder(self, unit: FileUnit | ShardUnit) -> FileCoder:
         return FileCoder(unit.coding, self.frame_key)
 
+    def _member_coders(self, build: ShardBuild) -> Callable[[int], tuple[FileCoder, int] | None]:
+        """Member n's coder and stored size (its tar entry's), None when stored as it is."""
+        members, layout = build.unit.members, build.layout
+
+        def coder_of(n: int) -> tuple[FileCoder, int] | None:
+            coding = build.unit.coding_of(members[n].path)
+            if coding.identity:
+                return None
+            return FileCoder(coding, self.frame_key), layout.members[n].size
+
+        return coder_of
+
     def _attributes(self, path: str | None) -> ObjectAttributes:
         """What the object of the file at `path` carries (--content-type, --storage-class,
         --metadata), or a shard's (path None): application/x-tar."""
@@ -763,7 +786,11 @@ class Engine:
             etag=etag,
             content_type=self.config.objects.content_type_of(unit.path),
             coding=unit.coding.to_json(),
-            stored_size=-1 if unit.coding.identity else self._coder(unit).stored_size(unit.size),
+            stored_size=(
+                unit.stored_size
+                if unit.coding.identity or unit.stored_size >= 0
+                else self._coder(unit).stored_size(unit.size)
+            ),
         )
         self.records.append(record)
         if self.journal is not None:

@@ -16,7 +16,7 @@ import anyio
 from ..checksums import crc32, crc32_to_base64
 from ..config import format_size
 from ..dataset import catalog
-from ..dataset.coding import ENCRYPTED, Coding
+from ..dataset.coding import ENCRYPTED, IDENTITY, Coding, CompressMode
 from ..dataset.keys import S3Url, manifest_key, sync_deletable
 from ..dataset.manifest import Manifest, ManifestRecord, ShardRecord
 from ..errors import CorruptMetadataError, EncryptionKeyError, NoSuchKeyError, S3XferError
@@ -27,6 +27,7 @@ from ..transport.retry import RetryCount, RetryPolicy, call_with_retries
 from ..transport.s3 import MAX_DELETE_KEYS, S3, Connection, open_s3
 from ..transport.throttle import TunerSettings
 from . import lease
+from .compress import measure_compression
 from .counters import RunCounters
 from .datakey import open_or_create_data_key
 from .engine import Engine, ProgressCallback
@@ -612,6 +613,7 @@ async def execute_plan(
     break_lease: bool = False,
     encryption_key: bytes | None = None,
     limits: RunLimits = DEFAULT_LIMITS,
+    compress: CompressMode = CompressMode.NONE,
 ) -> UploadReport:
     """Upload what changed since the last run of this plan's destination, with a client given,
     and make the dataset equal the tree (files no longer in it leave the manifest, objects
@@ -628,10 +630,13 @@ async def execute_plan(
     started = time.perf_counter()
     retries = RetryCount()  # of the metadata and lease requests
     frame_key = None
+    base = IDENTITY
     if encryption_key is not None:
         policy = RetryPolicy(max_attempts=limits.max_attempts)
         frame_key = await open_or_create_data_key(s3, plan.dest, encryption_key, policy=policy)
-        plan = plan.coded(ENCRYPTED)
+        base = ENCRYPTED
+    compressed, _summary = await measure_compression(plan, compress, base=base)
+    plan = plan.coded(base, compressed)
     async with contextlib.AsyncExitStack() as stack:
         prepared, held = await prepare_to_write(
             s3,
@@ -754,6 +759,7 @@ async def upload(
     break_lease: bool = False,
     encryption_key: bytes | None = None,
     limits: RunLimits | None = None,
+    compress: CompressMode = CompressMode.NONE,
 ) -> UploadReport:
     """Execute a plan: one client, its connection pool sized to limits.concurrency. The
     dataset is made equal to the plan's tree, unless `keep_deleted`; `break_lease` takes the
@@ -779,6 +785,7 @@ async def upload(
                 break_lease=break_lease,
                 encryption_key=encryption_key,
                 limits=limits,
+                compress=compress,
             )
         finished = report.uploads_kept == 0
         return report

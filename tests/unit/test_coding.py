@@ -233,3 +233,16 @@ def test_a_frame_coded_twice_is_the_same_bytes_and_nonces_never_repeat() -> None
     ]
     nonces = {a[:12]} | {other[:12] for other in others}
     assert len(nonces) == 5
+
+
+def test_an_empty_range_at_the_end_of_a_file_of_whole_frames() -> None:
+    """Found by Hypothesis: [size, size) of a file of exactly two frames."""
+    plain = os.urandom(2 * FRAME_SIZE)
+    stored = encode(plain, coding=AES, path="p", key=KEY)
+    size = len(plain)
+    span = stored_span(size, size, size=size, stored=len(stored), coding=AES)
+    got = decode_range(
+        stored[span.start : span.end], span, start=size, end=size, coding=AES, path="p",
+        size=size, key=KEY,
+    )  # fmt: skip
+    assert got == b""
