@@ -23,7 +23,6 @@ laid out again without it (at most MAX_SHARD_LAYOUTS times).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -41,7 +40,6 @@ from ..dataset.keys import S3Url
 from ..dataset.manifest import Manifest, ManifestRecord, ShardRecord
 from ..dataset.tarpack import FixedPiece
 from ..errors import (
-    FileChangedError,
     MemberChangedError,
     NoSuchUploadError,
     S3XferError,
@@ -66,6 +64,7 @@ from ..planning.plan import FileUnit, Kind, Part, ShardUnit, UploadKeys, parts_o
 from ..planning.survey import FileEntry
 from ..transport.retry import RetryPolicy, call_with_retries
 from ..transport.s3 import S3, ObjectAttributes
+from .coded import encode_file, encode_part, member_coders
 from .counters import EngineStats
 from .incomplete import incomplete_uploads
 from .inflight import Multipart, PartJob, PutJob, ShardBuild
@@ -398,12 +397,7 @@ class Engine:
                 body, crc = read
             checksum = stored_checksum = crc32_to_base64(crc)
             if not unit.coding.identity:
-                body = await anyio.to_thread.run_sync(self._coder(unit).encode, unit.path, body)
-                if 0 <= unit.stored_size != len(body):
-                    raise FileChangedError(
-                        f"{self.source / unit.path}: changed since it was measured (compresses "
-                        f"to {len(body):,} bytes, not {unit.stored_size:,})"
-                    )
+                body = await encode_file(unit, body, key=self.frame_key, source=self.source)
                 stored_checksum = crc32_to_base64(crc32(body))
             attributes = self._attributes(unit.path)
             etag = await self._request(
@@ -438,11 +432,7 @@ class Engine:
             )
             if not unit.coding.identity:
                 upload.original[part.number] = (crc, part.length)
-                coder = self._coder(unit)
-                encode = functools.partial(
-                    coder.encode_part, unit.path, body, offset=part.offset, size=unit.size
-                )
-                body = await anyio.to_thread.run_sync(encode)
+                body = await encode_part(unit, part, body, key=self.frame_key)
                 crc = await buffer_crc32(body)
             return body, crc
         build = upload.shard
@@ -457,7 +447,7 @@ class Engine:
             build.identities,
             part.length,
             lambda: layout.iter_pieces(start, end, index=placeholder),
-            coder_of=self._member_coders(build) if build.unit.coded else None,
+            coder_of=member_coders(build, self.frame_key) if build.unit.coded else None,
         )
         for piece, crc in zip(file_pieces, crcs, strict=True):
             build.read_crcs.add(piece, crc)
@@ -751,18 +741,6 @@ class Engine:
 
     def _coder(self, unit: FileUnit | ShardUnit) -> FileCoder:
         return FileCoder(unit.coding, self.frame_key)
-
-    def _member_coders(self, build: ShardBuild) -> Callable[[int], tuple[FileCoder, int] | None]:
-        """Member n's coder and stored size (its tar entry's), None when stored as it is."""
-        members, layout = build.unit.members, build.layout
-
-        def coder_of(n: int) -> tuple[FileCoder, int] | None:
-            coding = build.unit.coding_of(members[n].path)
-            if coding.identity:
-                return None
-            return FileCoder(coding, self.frame_key), layout.members[n].size
-
-        return coder_of
 
     def _attributes(self, path: str | None) -> ObjectAttributes:
         """What the object of the file at `path` carries (--content-type, --storage-class,
