@@ -103,11 +103,11 @@ class ConcurrencyTuner:
     first round that does not grow (or whose latency rose `latency_rise` times over the
     lowest seen without more throughput) is the knee: back to the best limit and hold. While
     holding, every `probe_every` rounds try a quarter more, kept only if throughput grows; a
-    latency `latency_rise` times the lowest seen takes a quarter off. SlowDown or a timed-out
-    request halves the limit (once per cooldown), and from then on steps up are additive (a
-    quarter), never doublings. A round whose requests never filled the limit says nothing
-    about it (the work, the memory budget or the client held them back): it is not
-    judged."""
+    latency `latency_rise` times the lowest seen takes a quarter off (not below the start).
+    SlowDown or a timed-out request halves the limit (once per cooldown), and from then on
+    steps up are additive (a quarter), never doublings. A round whose requests never filled
+    the limit says nothing about it (the work, the memory budget or the client held them
+    back): it is not judged."""
 
     settings: TunerSettings = field(default_factory=TunerSettings)
     limit: int = 0
@@ -214,13 +214,15 @@ class ConcurrencyTuner:
             self._hold(self._best_rate, self.reason)
             return
         self._held_rounds += 1
-        if queueing and self.limit > s.minimum:
+        if queueing and self.limit > s.start:
             # Requests queue somewhere (the server, a link shared with others): fewer in
-            # flight move as much, until the latency is back near the path's own.
+            # flight move as much, until the latency is back near the path's own. Never below
+            # the start on latency alone: a busy server's latency rises whoever sends, and
+            # fewer requests would only get a smaller share (SlowDown and timeouts may).
             self.backoffs += 1
             self._held_rounds = 0
             self._set(
-                max(s.minimum, self.limit * 3 // 4),
+                max(s.start, self.limit * 3 // 4),
                 f"latency rose {latency / self._base_latency:.1f}x over the path's lowest",
             )
             self._held_rate = rate

@@ -170,9 +170,9 @@ def test_a_timed_out_request_halves_it_too() -> None:
     assert tuner.limit == 1  # never below the minimum
 
 
-def test_when_the_path_gets_slower_the_held_limit_comes_down() -> None:
+def test_when_the_path_gets_slower_the_held_limit_comes_down_to_the_start_at_most() -> None:
     path = ScriptedPath(base=0.030, capacity=5000.0)
-    tuner = ConcurrencyTuner(TunerSettings(start=64, ceiling=512))
+    tuner = ConcurrencyTuner(TunerSettings(start=16, ceiling=512))
     path.run(tuner, seconds=5.0)
     held = tuner.limit
     # Another tenant takes most of the server: latency rises, throughput falls.
@@ -181,6 +181,10 @@ def test_when_the_path_gets_slower_the_held_limit_comes_down() -> None:
     assert tuner.limit < held and tuner.backoffs >= 1
     # Down to where the latency is near the path's own again (knee: 30 in flight).
     assert tuner.limit <= 2 * 30 and path.rate(tuner.limit) >= 0.9 * path.capacity
+    # A server busy with others: latency rises whatever is sent; never below the start.
+    path.capacity = 100.0
+    path.run(tuner, seconds=20.0)
+    assert tuner.limit >= 16 and tuner.lowest >= 16
 
 
 def test_when_the_path_gets_faster_a_probe_finds_more() -> None:
