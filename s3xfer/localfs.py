@@ -235,6 +235,28 @@ def _read_whole_files(
     return results
 
 
+def _read_heads(files: Sequence[tuple[Path, int, int]], length: int) -> list[bytes | SourceError]:
+    results: list[bytes | SourceError] = []
+    for path, size, mtime_ns in files:
+        try:
+            data, _crc, _identity = _read_range(
+                path, 0, min(length, size), size, mtime_ns, None, False
+            )
+        except SourceError as error:
+            results.append(error)
+        else:
+            results.append(data)
+    return results
+
+
+async def read_heads(
+    files: Sequence[tuple[Path, int, int]], length: int
+) -> list[bytes | SourceError]:
+    """The first `length` bytes of each file (path, planned size, planned mtime), checked as
+    read_range checks a first read, in one worker-thread call: bytes, or the file's error."""
+    return await anyio.to_thread.run_sync(_read_heads, files, length)
+
+
 async def read_whole_files(
     files: Sequence[tuple[Path, int, int]],
 ) -> list[tuple[bytes, int] | SourceError]:

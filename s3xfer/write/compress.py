@@ -11,9 +11,16 @@ from dataclasses import dataclass
 
 import anyio
 
-from ..dataset.coding import Coding, CompressMode, choose_coding, coded_size
+from ..dataset.coding import (
+    SAMPLE_SIZE,
+    Coding,
+    CompressMode,
+    choose_coding,
+    coded_size,
+    worth_compressing,
+)
 from ..errors import SourceError
-from ..localfs import read_whole_files
+from ..localfs import read_heads, read_whole_files
 from ..planning.plan import Kind, Plan
 
 BATCH_FILES = 64  # files read and compressed in one worker-thread call
@@ -55,6 +62,22 @@ def _choose(
     return chosen
 
 
+def _worth(heads: list[bytes | SourceError]) -> list[bool]:
+    return [not isinstance(head, SourceError) and worth_compressing(head) for head in heads]
+
+
+async def _candidates_to_read(
+    plan: Plan, batch: list[tuple[str, int, int]], mode: CompressMode
+) -> list[tuple[str, int, int]]:
+    """`auto` reads each file's first SAMPLE_SIZE bytes first: only those that shrink are
+    read whole (an incompressible tree costs a small read per file, not a second pass)."""
+    if mode is not CompressMode.AUTO:
+        return batch
+    heads = await read_heads([(plan.source / p, s, m) for p, s, m in batch], SAMPLE_SIZE)
+    worth = await anyio.to_thread.run_sync(_worth, heads)
+    return [candidate for candidate, yes in zip(batch, worth, strict=True) if yes]
+
+
 async def measure_compression(
     plan: Plan, mode: CompressMode, *, base: Coding
 ) -> tuple[dict[str, tuple[Coding, int]], CompressionSummary]:
@@ -67,6 +90,8 @@ async def measure_compression(
 
     async def flush() -> None:
         nonlocal batch, held
+        if batch:
+            batch = await _candidates_to_read(plan, batch, mode)
         if batch:
             reads = await read_whole_files([(plan.source / p, s, m) for p, s, m in batch])
             chosen.update(await anyio.to_thread.run_sync(_choose, batch, reads, mode, base))
