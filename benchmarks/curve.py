@@ -275,6 +275,12 @@ def markdown(
                 f"not given: tuned, {c.get('final')} at the end ({c.get('peak')} at most, "
                 f"{c.get('backoffs')} backoffs; {c.get('reason')})"
             )
+            large = c.get("large")
+            if large:  # objects of 1 MiB or more: the large requests' tuner decides
+                label += (
+                    f"; large requests {large.get('final')} at the end ({large.get('peak')} at "
+                    f"most; {large.get('reason')})"
+                )
         elif concurrency == recommended:
             label = f"{concurrency} (recommended)"
         else:
