@@ -3,7 +3,9 @@
 - `main.py`: the command group, `entry()`, errors to exit codes; loads each command's module
   only when it runs (COMMANDS).
 - `options.py`: the option blocks shared by several commands (connection, encryption, plan
-  shaping, --include/--exclude, --unfinished, --deadline), each defined once.
+  shaping, the run limits --concurrency and --max-memory, --include/--exclude, --unfinished,
+  --deadline), each defined once, and the values read back from them (make_connection,
+  make_limits).
 - `upload.py`: `survey`, `plan`, `upload`, `finalize`.
 - `read.py`: `ls`, `cat`, `get`, `download`.
 - `distributed.py`: `worker`, and the producer's side of `upload --broker`.
