@@ -23,6 +23,9 @@ END_OF_ARCHIVE: Final = bytes(2 * BLOCK)
 INDEX_MEMBER_NAME: Final = ".s3xfer-index.json"
 INDEX_FORMAT: Final = "s3xfer-shard-index"
 INDEX_VERSION: Final = 1
+# Version 2: entries of coded members (docs/format.md, "Coded files") also name their coding
+# and original size; written only when some member is coded.
+CODED_INDEX_VERSION: Final = 2
 
 # Largest values the ustar octal fields hold (11 digits for size/mtime, 7 for mode).
 _MAX_USTAR_SIZE: Final = 8**11 - 1
@@ -228,10 +231,12 @@ class IndexEntry:
     size: int
     mtime: int  # seconds, as given to the writer (the tar header holds clamp_mtime of it)
     mode: int
-    crc32: int  # CRC32 (zlib's) of the member's data
+    crc32: int  # CRC32 (zlib's) of the member's data (of the original file, when coded)
+    coding: str = ""  # a coded member: its coding; `size` is then its stored size
+    original_size: int = -1
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "path": self.path,
             "header_offset": self.header_offset,
             "data_offset": self.data_offset,
@@ -242,12 +247,16 @@ class IndexEntry:
             # a shard's layout, the index member included, is planned from names and sizes.
             "crc32": f"{self.crc32:08x}",
         }
+        if self.coding:
+            data |= {"coding": self.coding, "original_size": self.original_size}
+        return data
 
     @classmethod
     def from_json(cls, data: Any) -> IndexEntry:
         """Raises BadValue on anything but the exact shape to_json produces, with values in
         range (see validate.py)."""
-        if not isinstance(data, dict) or set(data) != set(cls.__dataclass_fields__):
+        plain = set(cls.__dataclass_fields__) - {"coding", "original_size"}
+        if not isinstance(data, dict) or set(data) not in (plain, set(cls.__dataclass_fields__)):
             raise BadValue(f"shard index entry has the wrong fields: {data!r:.200}")
         path = validate.relative_path(data["path"], "shard index entry path")
         what = f"shard index entry {path!r}:"
@@ -268,15 +277,32 @@ class IndexEntry:
             mtime=validate.mtime_seconds(data["mtime"], f"{what} mtime"),
             mode=validate.mode(data["mode"], f"{what} mode"),
             crc32=crc_value,
+            coding=_entry_coding(data.get("coding", ""), what),
+            original_size=(
+                validate.size(data["original_size"], f"{what} original_size")
+                if "coding" in data
+                else -1
+            ),
         )
 
 
-def _index_head(shard_key: str) -> str:
+def _entry_coding(value: Any, what: str) -> str:
+    from .coding import Coding  # the index of an uncoded shard never needs it
+
+    if value == "":
+        return ""
+    if Coding.from_json(value).identity:
+        raise BadValue(f"{what} a coded entry names no coding")
+    return str(value)
+
+
+def _index_head(shard_key: str, *, coded: bool = False) -> str:
     # The envelope with its members left out: "members" is its last field, so the index is
-    # this text up to "[", the members joined by ",", and "]}".
-    envelope = {
+    # this text up to "[", the members joined by ",", and "]}". (Either version is one digit:
+    # the index's size does not depend on it.)
+    envelope: dict[str, Any] = {
         "format": INDEX_FORMAT,
-        "version": INDEX_VERSION,
+        "version": CODED_INDEX_VERSION if coded else INDEX_VERSION,
         "shard_key": shard_key,
         "members": [],
     }
@@ -287,7 +313,7 @@ def _entry_text(entry: IndexEntry) -> str:
     """json.dumps(entry.to_json(), separators=(",", ":")), written out directly for a path
     JSON leaves as it is (most): a tenth of the time, for every member of every shard."""
     path = entry.path
-    if not (path.isascii() and path.isprintable()) or '"' in path or "\\" in path:
+    if entry.coding or not (path.isascii() and path.isprintable()) or '"' in path or "\\" in path:
         return json.dumps(entry.to_json(), separators=(",", ":"))
     return (
         f'{{"path":"{path}","header_offset":{entry.header_offset:d},'
@@ -300,8 +326,16 @@ def index_to_bytes(entries: Iterable[IndexEntry], *, shard_key: str) -> bytes:
     """The shard index as JSON (ASCII: lone surrogates in names survive as \\udcxx escapes),
     exactly as json.dumps writes the whole envelope, encoded member by member: a shard of
     100,000 members holds its members' text, not a dict per member (about 90 MB more)."""
-    members = ",".join(_entry_text(entry) for entry in entries)
-    return f"{_index_head(shard_key)}{members}]}}".encode("ascii")
+    coded = False
+
+    def texts() -> Iterator[str]:
+        nonlocal coded
+        for entry in entries:
+            coded = coded or bool(entry.coding)
+            yield _entry_text(entry)
+
+    members = ",".join(texts())
+    return f"{_index_head(shard_key, coded=coded)}{members}]}}".encode("ascii")
 
 
 def index_size(entries: Iterable[IndexEntry], *, shard_key: str) -> int:
@@ -353,7 +387,9 @@ def index_from_bytes(
     where = repr(shard_key) if shard_key is not None else "(of an unnamed shard)"
     try:
         envelope = validate.json_object(data)
-        validate.envelope(envelope, format=INDEX_FORMAT, version=INDEX_VERSION)
+        validate.envelope(
+            envelope, format=INDEX_FORMAT, version=(INDEX_VERSION, CODED_INDEX_VERSION)
+        )
         key = validate.object_key(envelope.get("shard_key"), "shard_key")
         if shard_key is not None and key != shard_key:
             raise BadValue(f"shard index belongs to {key!r}, not {shard_key!r}")
@@ -511,9 +547,11 @@ class ShardWriter:
 @dataclass(frozen=True, slots=True)
 class ShardMember:
     path: str
-    size: int
+    size: int  # of its tar entry: the stored size of a coded member
     mtime: int  # seconds
     mode: int
+    coding: str = ""  # coded members only (docs/format.md, "Coded files")
+    original_size: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -584,6 +622,8 @@ class ShardLayout:
                 mtime=m.mtime,
                 mode=m.mode & 0o7777,
                 crc32=crc,
+                coding=m.coding,
+                original_size=m.original_size,
             )
 
     def index_bytes(self, crcs: Sequence[int]) -> bytes:

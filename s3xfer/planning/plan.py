@@ -186,13 +186,17 @@ class _ShardMembers(Sequence[ShardMember]):
         # A coded member's tar entry holds its stored bytes (coding.py): its size follows
         # from the original's when the coding does not compress.
         measured = self._compressed.get(entry.path)
+        coding = self._coding if measured is None else measured[0]
         if measured is not None:  # compressed when the upload began: its size as measured
             size: int | None = measured[1]
         else:
-            size = entry.size if self._coding.identity else stored_size(entry.size, self._coding)
+            size = entry.size if coding.identity else stored_size(entry.size, coding)
         if size is None:
             raise UsageError(f"{entry.path}: a compressed member needs its measured size")
-        return ShardMember(entry.path, size, entry.mtime_ns // 1_000_000_000, entry.mode)
+        mtime = entry.mtime_ns // 1_000_000_000
+        if coding.identity:
+            return ShardMember(entry.path, size, mtime, entry.mode)
+        return ShardMember(entry.path, size, mtime, entry.mode, coding.to_json(), entry.size)
 
 
 @dataclass(frozen=True)  # no slots: the size is cached on the instance

@@ -4,7 +4,10 @@ and `auto`'s choice."""
 
 from __future__ import annotations
 
+import json
 import os
+
+import pytest
 
 from s3xfer.config import MiB
 from s3xfer.dataset.coding import (
@@ -17,6 +20,8 @@ from s3xfer.dataset.coding import (
     Encryption,
     choose_coding,
 )
+from s3xfer.dataset.tarpack import index_from_bytes
+from s3xfer.errors import CorruptMetadataError
 from s3xfer.planning.plan import ShardUnit
 from s3xfer.planning.survey import FileEntry
 
@@ -62,3 +67,19 @@ def test_auto_compresses_what_shrinks() -> None:
     assert choose_coding(noise, mode=CompressMode.AUTO, base=IDENTITY) == IDENTITY
     assert choose_coding(noise, mode=CompressMode.ZSTD, base=IDENTITY) == ZSTD
     assert choose_coding(text, mode=CompressMode.NONE, base=ENCRYPTED) == ENCRYPTED
+
+
+def test_the_index_of_a_coded_shard_names_each_coded_members_coding_and_original_size() -> None:
+    coded = SHARD.with_coding(IDENTITY, {"m/1.txt": (ZSTD, 77)})
+    layout = coded.layout()
+    raw = layout.index_bytes([7] * len(MEMBERS))
+    assert len(raw) == layout.index_size  # known before any byte is read, as for any shard
+    entries = index_from_bytes(raw, shard_key=coded.key)
+    assert json.loads(raw)["version"] == 2
+    assert (entries[1].coding, entries[1].size, entries[1].original_size) == ("zstd", 77, 1001)
+    assert (entries[0].coding, entries[0].original_size) == ("", -1)
+    plain = SHARD.layout().index_bytes([7] * len(MEMBERS))
+    assert json.loads(plain)["version"] == 1 and b"coding" not in plain
+    hostile = raw.replace(b'"coding":"zstd"', b'"coding":"rot13"')
+    with pytest.raises(CorruptMetadataError):
+        index_from_bytes(hostile, shard_key=coded.key)

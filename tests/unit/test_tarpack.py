@@ -431,7 +431,7 @@ def _with_entry(i: int, **changes: Any) -> list[dict[str, Any]]:
         b"\xff\xfe",
         b"[]",
         json.dumps(_envelope(format="other")).encode(),
-        json.dumps(_envelope(version=2)).encode(),
+        json.dumps(_envelope(version=3)).encode(),
         json.dumps(_envelope(version="1")).encode(),
         json.dumps(_envelope(shard_key=None)).encode(),
         json.dumps(_envelope(members={})).encode(),
