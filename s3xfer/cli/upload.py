@@ -13,7 +13,7 @@ import click
 
 from .. import runner
 from ..config import ObjectOptions, PriceTable, TransferConfig, parse_metadata
-from ..dataset.coding import CompressMode
+from ..dataset.coding import IDENTITY, CompressMode
 from ..dataset.keys import S3Url
 from ..errors import UsageError
 from ..limits import RunLimits
@@ -41,6 +41,7 @@ from .render import _printable, human_bytes, render_plan, render_report, render_
 if TYPE_CHECKING:
     from ..planning.plan import Plan
     from ..planning.survey import Survey
+    from ..write.compress import CompressionSummary
     from ..write.upload import UploadReport
 
 
@@ -153,6 +154,14 @@ def survey_command(
     type=click.Path(path_type=Path, dir_okay=False),
     help="Write the plan to this file (gzip when it ends in .gz) for `upload --plan`.",
 )
+@click.option(
+    "--compress",
+    type=click.Choice([m.value for m in CompressMode]),
+    default=CompressMode.NONE.value,
+    show_default=True,
+    help="Show what `upload --compress` would store: reads and compresses the files it would "
+    "(the plan file does not keep it: give --compress to upload).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan summary as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 def plan_command(
@@ -161,6 +170,7 @@ def plan_command(
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     output: Path | None,
+    compress: str,
     as_json: bool,
     quiet: bool,
     **options: Any,
@@ -180,6 +190,17 @@ def plan_command(
     selection = make_selection(include, exclude)
     plan = make_plan(run_survey(path, quiet=quiet or as_json, selection=selection), url, config)
     seconds = plan.estimate.bytes / (rate * 1e6) if rate else None
+    saving = None
+    if compress != CompressMode.NONE:
+        from ..write.compress import measure_compression
+
+        async def measure() -> CompressionSummary:
+            _chosen, summary = await measure_compression(
+                plan, CompressMode(compress), base=IDENTITY
+            )
+            return summary
+
+        saving = runner.run(measure)
     if output is not None:
         save_plan(plan, output)
     if as_json:
@@ -188,9 +209,23 @@ def plan_command(
         del summary["shards"]
         summary["output"] = str(output) if output else None
         summary["estimated_seconds"] = round(seconds, 1) if seconds is not None else None
+        if saving is not None:
+            summary["compression"] = {
+                "mode": compress,
+                "files": saving.files,
+                "original_bytes": saving.original_bytes,
+                "stored_bytes": saving.stored_bytes,
+            }
         emit_json(summary)
     else:
         click.echo(render_plan(plan))
+        if saving is not None:
+            ratio = saving.original_bytes / saving.stored_bytes if saving.stored_bytes else 1.0
+            click.echo(
+                f"  --compress {compress:<6} {saving.files:>11,} files compressed, "
+                f"{human_bytes(saving.original_bytes)} -> {human_bytes(saving.stored_bytes)} "
+                f"({ratio:.1f}x smaller)"
+            )
         if seconds is not None:
             click.echo(
                 f"  estimated time    {seconds:>11.1f} s at {rate:.0f} MB/s "

@@ -117,3 +117,18 @@ def run_cli_bytes(env: dict[str, str], *args: str) -> bytes:
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+def test_plan_shows_the_expected_saving(tmp_path: Path) -> None:
+    files = text_tree(tmp_path / "src")
+    shape = SHAPE[:-2]  # without --concurrency: how to run, not what to plan
+    result = run_cli(
+        "plan", str(tmp_path / "src"), "s3://bucket/p", *shape, "--compress", "auto", "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    saving = json.loads(result.stdout)["compression"]
+    assert saving["mode"] == "auto" and saving["files"] >= 120
+    assert saving["original_bytes"] >= 3 * saving["stored_bytes"] > 0
+    assert saving["original_bytes"] < sum(len(d) for d in files.values())  # not the noise
+    text = run_cli("plan", str(tmp_path / "src"), "s3://bucket/p", *shape, "--compress", "auto")
+    assert "--compress auto" in text.stdout and "x smaller" in text.stdout, text.stdout
