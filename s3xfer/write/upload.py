@@ -270,8 +270,8 @@ async def prepare(
     check_bucket: bool = True,
     limits: RunLimits = DEFAULT_LIMITS,
 ) -> Prepared:
-    """Check the bucket, then read the manifest and the catalog's state (at once), and split
-    the plan into work and no work. `done`: work finished but not in the destination's manifest
+    """Check the bucket, read the manifest and the catalog's state, and split the plan into
+    work and no work. `done`: work finished but not in the destination's manifest
     yet (a slice's earlier result). `metadata_retries`: where to count the retries of
     metadata requests (one counter for an upload that prepares twice and holds a lease, so
     that its report counts them all). `check_bucket`: False when this run checked it."""
@@ -279,10 +279,11 @@ async def prepare(
     metadata_retries = metadata_retries if metadata_retries is not None else RetryCount()
     if check_bucket:  # first and alone: not retried, its failure is one clear line at once
         await s3.check_bucket(plan.dest.bucket)
-    (old, old_sha256), catalog_state = await concurrently(
-        lambda: load_manifest(s3, plan, policy, on_retry=metadata_retries),
-        lambda: load_catalog_state(s3, plan.dest, policy, on_retry=metadata_retries),
-    )
+    # The manifest, then the catalog's state (its root and listing at once). Reading the
+    # manifest beside them made tests/faults/test_faults.py's throttling test fail 2 runs in
+    # 3 (a catalog piece out of attempts at the end): not understood yet, so not done.
+    old, old_sha256 = await load_manifest(s3, plan, policy, on_retry=metadata_retries)
+    catalog_state = await load_catalog_state(s3, plan.dest, policy, on_retry=metadata_retries)
     manifest = Manifest(str(plan.dest), dict(old.records), dict(old.shards)) if old else None
     manifest = manifest or Manifest(str(plan.dest), {})
     known_keys = manifest.object_keys()
