@@ -18,11 +18,11 @@ from s3xfer.dataset.tarpack import (
     FixedPiece,
     ShardLayout,
     ShardMember,
-    ShardWriter,
     index_from_bytes,
     index_size,
     index_to_bytes,
 )
+from tests.shardwriter import ShardWriter
 
 names = st.lists(
     st.text(

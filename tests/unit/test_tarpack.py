@@ -25,7 +25,6 @@ from s3xfer.dataset.tarpack import (
     BLOCK,
     INDEX_MEMBER_NAME,
     IndexEntry,
-    ShardWriter,
     clamp_mtime,
     index_from_bytes,
     index_to_bytes,
@@ -35,6 +34,7 @@ from s3xfer.dataset.tarpack import (
     shard_size_estimate,
 )
 from s3xfer.errors import IntegrityError, SourceError, UsageError
+from tests.shardwriter import ShardWriter
 
 GNU_TAR = "/usr/bin/tar"
 MiB = 1024 * 1024
