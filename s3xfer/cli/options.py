@@ -451,6 +451,14 @@ def apply_bench_profile(options: dict[str, Any], *, command: str) -> float | Non
     return max(rates) if rates else None
 
 
+# `get` and `download`: what a saved profile sets for reads (apply_bench_profile reads it).
+read_bench_profile_option = click.option(
+    "--bench-profile",
+    metavar="NAME",
+    default=None,
+    help="Take concurrency (and range size) from a `s3xfer bench --save NAME` profile.",
+)
+
 unfinished_option = click.option(
     "--unfinished",
     is_flag=True,

@@ -28,6 +28,7 @@ from .options import (
     make_connection,
     make_limits,
     memory_option,
+    read_bench_profile_option,
     unfinished_hint,
     unfinished_option,
     within,
@@ -234,12 +235,7 @@ def cat_command(
 @concurrency_option("GETs in flight at once.")
 @memory_option
 @click.option("--overwrite", is_flag=True, help="Replace files that already exist in DEST.")
-@click.option(
-    "--bench-profile",
-    metavar="NAME",
-    default=None,
-    help="Take concurrency (and range size) from a `s3xfer bench --save NAME` profile.",
-)
+@read_bench_profile_option
 @connection_options
 @client_key_option
 @deadline_option
@@ -377,12 +373,7 @@ def _print_prefix_get(report: DownloadReport, *, as_json: bool) -> None:
     show_default=True,
     help="Size of the ranged GETs of large objects and shards.",
 )
-@click.option(
-    "--bench-profile",
-    metavar="NAME",
-    default=None,
-    help="Take concurrency (and range size) from a `s3xfer bench --save NAME` profile.",
-)
+@read_bench_profile_option
 @connection_options
 @client_key_option
 @click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON.")
