@@ -16,7 +16,7 @@ import anyio
 from ..checksums import crc32, crc32_to_base64
 from ..config import format_size
 from ..dataset import catalog
-from ..dataset.coding import ENCRYPTED, IDENTITY, Coding, CompressMode
+from ..dataset.coding import ENCRYPTED, IDENTITY, Coding, CompressMode, FrameKey
 from ..dataset.keys import S3Url, manifest_key, sync_deletable
 from ..dataset.manifest import Manifest, ManifestRecord, ShardRecord
 from ..errors import CorruptMetadataError, EncryptionKeyError, NoSuchKeyError, S3XferError
@@ -531,9 +531,11 @@ def make_engine(
     journal: Journal | None = None,
     adopt_uploads: bool = False,
     stored: Manifest | None = None,
+    frame_key: FrameKey | None = None,
 ) -> Engine:
     """The engine of a plan; `stored`: what the destination holds (the manifest an upload
-    starts from), so that a shard laid out again as its files are now is not sent twice."""
+    starts from), so that a shard laid out again as its files are now is not sent twice;
+    `frame_key`: the dataset's key when files are encrypted."""
     return Engine(
         s3,
         bucket=plan.dest.bucket,
@@ -546,6 +548,7 @@ def make_engine(
         prefix=plan.dest.prefix,
         adopt_uploads=adopt_uploads,
         stored=stored,
+        frame_key=frame_key,
     )
 
 
@@ -661,8 +664,8 @@ async def execute_plan(
             on_progress=on_progress,
             journal=journal,
             stored=prepared.manifest,
+            frame_key=frame_key,
         )
-        engine.frame_key = frame_key
         await engine.run(prepared.todo, prepared.shards_todo)
         warnings = list(journal.warnings) if journal is not None else []
         if held is not None:
